@@ -1,0 +1,74 @@
+# Cyberdesk: the two commands a newcomer needs are `make run` and `make test`.
+# Every target that needs the toolchain depends on `setup`, which is quick when nothing changed.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+SYSTEM_PACKAGES := bubblewrap redis-server xvfb xdotool
+AGAINST ?= HEAD~1
+PYTEST_ARGS ?=
+
+.PHONY: setup system proto proto-check lint format test run bench breaking clean
+
+setup: system $(STAMP)
+
+# Debian packages the stack runs: bubblewrap (sandboxes), redis-server, Xvfb and xdotool (desktops).
+system:
+	@missing=""; \
+	for pair in bwrap:bubblewrap redis-server:redis-server Xvfb:xvfb xdotool:xdotool; do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "missing system packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+proto: setup
+	$(PY) tools/gen_proto.py
+	$(BIN)/buf format -w
+	$(BIN)/buf lint
+
+proto-check: setup
+	$(BIN)/buf lint
+	$(BIN)/buf format --exit-code --diff >/dev/null || { echo "buf format would change proto/; run make proto"; exit 1; }
+	$(PY) tools/gen_proto.py --check
+
+lint: proto-check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/buf format -w
+
+test: proto-check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Wire-incompatible changes of the API against a git ref (default: the previous commit).
+breaking: setup
+	$(BIN)/buf breaking --against '.git#ref=$(AGAINST)'
+
+run: setup
+	$(PY) tools/stack.py
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

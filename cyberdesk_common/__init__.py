@@ -1,0 +1,1 @@
+"""Code shared by every Cyberdesk service: configuration, logging, tracing, gRPC bootstrap, status."""

@@ -1,0 +1,77 @@
+"""Configuration from environment variables.
+
+Every service reads its settings through these helpers so that names, defaults and error messages
+look the same everywhere: `CYBERDESK_<NAME>`, with a default that works on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PREFIX = "CYBERDESK_"
+
+
+class ConfigError(ValueError):
+    """A setting is present but unusable; the message names the variable and the expected form."""
+
+
+def _raw(name: str) -> str | None:
+    value = os.environ.get(PREFIX + name)
+    return value if value not in (None, "") else None
+
+
+def env_str(name: str, default: str) -> str:
+    """The string value of CYBERDESK_<name>, or `default`."""
+    value = _raw(name)
+    return default if value is None else value
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    """The integer value of CYBERDESK_<name>, or `default`."""
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{name}={value!r} is not an integer") from None
+    if minimum is not None and parsed < minimum:
+        raise ConfigError(f"{PREFIX}{name}={parsed} is below the minimum {minimum}")
+    return parsed
+
+
+def env_float(name: str, default: float) -> float:
+    """The float value of CYBERDESK_<name>, or `default`."""
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{name}={value!r} is not a number") from None
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """The boolean value of CYBERDESK_<name> (1/0, true/false, yes/no, on/off), or `default`."""
+    value = _raw(name)
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{PREFIX}{name}={value!r} is not a boolean (use true or false)")
+
+
+def state_dir() -> Path:
+    """The platform's state directory (databases, keys, instance directories).
+
+    Defaults to ~/.local/state/cyberdesk, never inside the checkout, so that a sandbox that can see
+    the checkout still cannot see the platform's state.
+    """
+    default = Path.home() / ".local" / "state" / "cyberdesk"
+    path = Path(env_str("STATE_DIR", str(default))).expanduser()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path

@@ -1,0 +1,34 @@
+"""The start-up sequence every service's `__main__` shares."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from cyberdesk_common.config import ConfigError, env_str
+from cyberdesk_common.grpc_server import RunningServer, ServerSpec, serve
+from cyberdesk_common.log import setup_logging
+from cyberdesk_common.telemetry import setup_tracing
+
+
+def run(
+    name: str,
+    build: Callable[[], ServerSpec],
+    on_started: Callable[[RunningServer], Awaitable[None]] | None = None,
+    on_stopping: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Set up logging and tracing, build the server spec, serve until SIGTERM. Returns an exit code."""
+    log = setup_logging(name, env_str("LOG_LEVEL", "INFO"))
+    provider = setup_tracing(name)
+    try:
+        spec = build()
+    except (ConfigError, OSError) as err:
+        log.error("bad configuration", extra={"error": str(err)})
+        return 2
+    try:
+        asyncio.run(serve(spec, on_started, on_stopping))
+    finally:
+        provider.shutdown()
+        logging.shutdown()
+    return 0

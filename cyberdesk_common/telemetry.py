@@ -1,0 +1,34 @@
+"""OpenTelemetry setup shared by the services.
+
+Tracing is always wired (spans are cheap without an exporter); spans leave the process only when
+OTEL_EXPORTER_OTLP_ENDPOINT is set and the OTLP exporter package is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+_log = logging.getLogger(__name__)
+
+
+def setup_tracing(service: str) -> TracerProvider:
+    """Install a global TracerProvider named after `service` and return it."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if endpoint:
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter,
+            )
+        except ImportError:
+            _log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is not installed")
+        else:
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    trace.set_tracer_provider(provider)
+    return provider

@@ -1,0 +1,32 @@
+"""Wiring of the guest agent's gRPC server."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
+from cyberdesk_common.grpc_server import ServerSpec
+from guest_agent.agent_info import AgentInfoServicer
+from guest_agent.auth import TokenInterceptor
+from guest_agent.config import AgentConfig
+from guest_agent.identity import Identity
+
+
+def build_spec(config: AgentConfig, identity: Identity) -> ServerSpec:
+    """The server of one agent: its services behind the token check."""
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentInfoServicer(identity), server)
+        return [agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name]
+
+    return ServerSpec(
+        name="guest_agent",
+        addresses=[config.listen],
+        register=register,
+        grace_seconds=config.grace_seconds,
+        tls_cert_chain=config.tls_cert,
+        tls_private_key=config.tls_key,
+        interceptors=[TokenInterceptor(config.token)],
+    )

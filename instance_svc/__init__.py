@@ -1,0 +1,1 @@
+"""instance_svc: instance lifecycle: state machine, timeouts, quotas, snapshots, warm pool, runtimes."""

@@ -1,0 +1,19 @@
+"""Wiring of instance_svc's gRPC server."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from cyberdesk_common.config import env_str
+from cyberdesk_common.grpc_server import ServerSpec
+
+
+def build_spec() -> ServerSpec:
+    """The server of instance_svc, listening on CYBERDESK_INSTANCE_ADDR (default 127.0.0.1:50061)."""
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        return []
+
+    return ServerSpec(name="instance_svc", addresses=[env_str("INSTANCE_ADDR", "127.0.0.1:50061")], register=register)
