@@ -1,0 +1,1 @@
+"""Runtimes run instances: `local` (bubblewrap sandboxes, the default) and `kubevirt` (a later issue)."""
