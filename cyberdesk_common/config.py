@@ -7,6 +7,7 @@ look the same everywhere: `CYBERDESK_<NAME>`, with a default that works on one m
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 PREFIX = "CYBERDESK_"
@@ -75,3 +76,31 @@ def state_dir() -> Path:
     path = Path(env_str("STATE_DIR", str(default))).expanduser()
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
+
+
+INTERNAL_TOKEN_METADATA = "x-cyberdesk-internal-token"
+TENANT_METADATA = "x-cyberdesk-tenant"
+
+
+def internal_token(base: Path | None = None) -> str:
+    """The secret that our own services present to each other (gateway -> instance_svc).
+
+    CYBERDESK_INTERNAL_TOKEN when set; else the file <state_dir>/internal_token, created with
+    mode 0600 on first use so that every service of one machine shares it without configuration.
+    """
+    value = _raw("INTERNAL_TOKEN")
+    if value is not None:
+        return value
+    path = (base or state_dir()) / "internal_token"
+    try:
+        # O_EXCL: two services starting at once cannot both write a different secret.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token = path.read_text().strip()
+        if len(token) < 32:
+            raise ConfigError(f"{path} holds no usable internal token; delete it to create a new one") from None
+        return token
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    return token

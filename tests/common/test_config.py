@@ -1,5 +1,7 @@
 """Configuration helpers: defaults, parsing, and errors that name the variable."""
 
+from pathlib import Path
+
 import pytest
 
 from cyberdesk_common.config import ConfigError, env_bool, env_int, env_str
@@ -34,3 +36,15 @@ def test_redact_masks_secrets_but_not_ids() -> None:
     assert redact("authorization", "Bearer x") == "***"
     assert redact("key_id", "k-1") == "k-1"
     assert redact("method", "/x") == "/x"
+
+
+def test_internal_token_is_created_once_0600(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cyberdesk_common.config import internal_token
+
+    monkeypatch.delenv("CYBERDESK_INTERNAL_TOKEN", raising=False)
+    first = internal_token(tmp_path)
+    assert len(first) >= 32
+    assert internal_token(tmp_path) == first
+    assert (tmp_path / "internal_token").stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("CYBERDESK_INTERNAL_TOKEN", "from-env")
+    assert internal_token(tmp_path) == "from-env"
