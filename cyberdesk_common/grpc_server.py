@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cyberdesk_common.status import RpcError
+from cyberdesk_common.tracing import TracingServerInterceptor
 
 _log = logging.getLogger("cyberdesk.rpc")
 
@@ -168,7 +169,8 @@ DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
 async def start(spec: ServerSpec) -> RunningServer:
     """Build and start the server described by `spec`."""
     server = grpc.aio.server(
-        interceptors=[CallInterceptor(), *spec.interceptors],
+        # Tracing outermost: the span covers the access log, the error mapping and the handler.
+        interceptors=[TracingServerInterceptor(), CallInterceptor(), *spec.interceptors],
         options=[*DEFAULT_OPTIONS, *spec.options],
     )
     names = list(spec.register(server))

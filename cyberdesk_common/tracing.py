@@ -1,0 +1,138 @@
+"""W3C trace context over gRPC metadata: one trace across gateway, instance_svc and the agents.
+
+- `TracingServerInterceptor` (installed by `grpc_server.start()` for every service) reads
+  `traceparent`/`tracestate` from the call's metadata and runs the handler inside a SERVER span
+  that is a child of the caller's span.
+- `inject_metadata()` adds the current span's `traceparent` to outgoing metadata (for code that
+  builds metadata itself, like the gateway's proxy); `TracingClientInterceptor` does the same for
+  every call of a grpc.aio channel (`grpc.aio.insecure_channel(..., interceptors=[TracingClientInterceptor()])`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+_TRACE_KEYS = ("traceparent", "tracestate")
+_SKIP = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class _MetadataGetter(Getter[Sequence[tuple[str, Any]]]):
+    def get(self, carrier: Sequence[tuple[str, Any]], key: str) -> list[str] | None:
+        values = [v.decode() if isinstance(v, bytes) else str(v) for k, v in carrier if k == key]
+        return values or None
+
+    def keys(self, carrier: Sequence[tuple[str, Any]]) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+_GETTER = _MetadataGetter()
+
+
+def inject_metadata(metadata: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """`metadata` without any incoming trace headers, plus those of the current span."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return [(k, v) for k, v in metadata if k not in _TRACE_KEYS] + list(carrier.items())
+
+
+def _span_name(method: str) -> str:
+    # "/cyberdesk.v1.ProcessService/StartProcess" -> "cyberdesk.v1.ProcessService/StartProcess"
+    return method.lstrip("/")
+
+
+def _finish(span: trace.Span, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+
+
+def _wrap(method: str, fn: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    tracer = trace.get_tracer("cyberdesk.grpc")
+    attributes = {"rpc.system": "grpc", "rpc.method": method}
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
+        carrier: Sequence[tuple[str, Any]] = tuple(context.invocation_metadata() or ())
+        parent = propagate.extract(carrier, getter=_GETTER)
+        with tracer.start_as_current_span(
+            _span_name(method), context=parent, kind=SpanKind.SERVER, attributes=attributes
+        ) as span:
+            try:
+                return await fn(request, context)
+            finally:
+                _finish(span, context)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
+        carrier: Sequence[tuple[str, Any]] = tuple(context.invocation_metadata() or ())
+        parent = propagate.extract(carrier, getter=_GETTER)
+        with tracer.start_as_current_span(
+            _span_name(method), context=parent, kind=SpanKind.SERVER, attributes=attributes
+        ) as span:
+            try:
+                async for item in fn(request, context):
+                    yield item
+            finally:
+                _finish(span, context)
+
+    return stream if streaming else unary
+
+
+class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """A SERVER span per call, child of the caller's `traceparent` when there is one."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_SKIP):
+            return handler
+        rd, rs = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap(method, handler.unary_unary, False), rd, rs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap(method, handler.stream_unary, False), rd, rs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap(method, handler.unary_stream, True), rd, rs)
+        return grpc.stream_stream_rpc_method_handler(_wrap(method, handler.stream_stream, True), rd, rs)
+
+
+def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    metadata = inject_metadata(tuple(details.metadata or ()))
+    return grpc.aio.ClientCallDetails(
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*metadata),
+        details.credentials,
+        details.wait_for_ready,
+    )
+
+
+class TracingClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds the current span's `traceparent` to every outgoing call of a channel."""
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(_with_trace(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(_with_trace(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(_with_trace(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(_with_trace(client_call_details), request_iterator)
