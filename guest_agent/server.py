@@ -7,10 +7,12 @@ from collections.abc import Sequence
 import grpc
 
 from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
+from cyberdesk.v1 import filesystem_pb2, filesystem_pb2_grpc
 from cyberdesk_common.grpc_server import ServerSpec
 from guest_agent.agent_info import AgentInfoServicer
 from guest_agent.auth import TokenInterceptor
 from guest_agent.config import AgentConfig
+from guest_agent.files import FilesystemServicer
 from guest_agent.identity import Identity
 
 
@@ -19,7 +21,11 @@ def build_spec(config: AgentConfig, identity: Identity) -> ServerSpec:
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentInfoServicer(identity), server)
-        return [agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name]
+        filesystem_pb2_grpc.add_FilesystemServiceServicer_to_server(FilesystemServicer(identity), server)
+        return [
+            agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+            filesystem_pb2.DESCRIPTOR.services_by_name["FilesystemService"].full_name,
+        ]
 
     return ServerSpec(
         name="guest_agent",
