@@ -1,0 +1,1 @@
+"""REST transcoding: `google.api.http` routes, path templates, JSON mapping and HTTP errors (pure code)."""
