@@ -1,0 +1,123 @@
+"""Validation of a CreateInstanceRequest into a plain spec (pure: no I/O, no clock)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from cyberdesk.v1 import instance_pb2
+from instance_svc.expiry import DEFAULT_TIMEOUT_US, US, TimeoutAction, check_timeout
+
+TEMPLATES = ("base", "desktop")
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{0,63}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_LABELS = 64
+MAX_ENV = 256
+MAX_ENV_VALUE = 32 * 1024
+DEFAULT_SCREEN = (1280, 800)
+
+
+class InvalidRequest(ValueError):
+    """The request is malformed; the message names the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class MachineLimits:
+    """The largest instance this deployment offers."""
+
+    max_vcpus: int = 8
+    max_memory_mib: int = 16384
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    """A validated create request."""
+
+    template: str
+    vcpus: int
+    memory_mib: int
+    timeout_us: int
+    timeout_action: TimeoutAction
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    desktop: tuple[int, int] | None = None
+    internet: bool = False
+    snapshot_id: str = ""
+    request_id: str = ""
+
+
+def check_labels(labels: dict[str, str], field_name: str = "labels") -> None:
+    """Raise InvalidRequest unless every key and value is a sane label."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidRequest(f"{field_name}: at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels.items():
+        if not _LABEL_KEY.match(key):
+            raise InvalidRequest(
+                f"{field_name}: key {key!r} must start with a lowercase letter and hold at most 63 of a-z 0-9 _ . -"
+            )
+        if not _LABEL_VALUE.match(value):
+            raise InvalidRequest(f"{field_name}[{key}]: value {value!r} must hold at most 63 of A-Z a-z 0-9 _ . -")
+
+
+def validate_create(request: instance_pb2.CreateInstanceRequest, limits: MachineLimits) -> CreateSpec:
+    """A CreateSpec with defaults applied, or InvalidRequest naming the first bad field."""
+    template = request.template or "base"
+    if template not in TEMPLATES:
+        raise InvalidRequest(f"template {template!r} is unknown; use one of {', '.join(TEMPLATES)}")
+    vcpus = request.vcpus or 1
+    if not 1 <= vcpus <= limits.max_vcpus:
+        raise InvalidRequest(f"vcpus must be between 1 and {limits.max_vcpus}, got {vcpus}")
+    memory = request.memory_mib or 512
+    if not 128 <= memory <= limits.max_memory_mib:
+        raise InvalidRequest(f"memory_mib must be between 128 and {limits.max_memory_mib}, got {memory}")
+    timeout_us = DEFAULT_TIMEOUT_US
+    if request.HasField("timeout"):
+        timeout_us = request.timeout.seconds * US + request.timeout.nanos // 1000
+        problem = check_timeout(timeout_us)
+        if problem:
+            raise InvalidRequest(problem)
+    try:
+        action = TimeoutAction(request.timeout_action or TimeoutAction.TERMINATE.value)
+    except ValueError:
+        raise InvalidRequest(f"timeout_action {request.timeout_action} is unknown; use TERMINATE or PAUSE") from None
+    env = dict(request.env)
+    if len(env) > MAX_ENV:
+        raise InvalidRequest(f"env: at most {MAX_ENV} variables, got {len(env)}")
+    for name, value in env.items():
+        if not _ENV_NAME.match(name):
+            raise InvalidRequest(f"env: {name!r} is not a valid variable name (letters, digits, _; not first a digit)")
+        if name.upper().startswith("CYBERDESK_"):
+            raise InvalidRequest(f"env: {name} is reserved (names starting with CYBERDESK_ belong to the platform)")
+        if "\0" in value or len(value) > MAX_ENV_VALUE:
+            raise InvalidRequest(f"env[{name}]: value must hold no NUL byte and at most {MAX_ENV_VALUE} characters")
+    labels = dict(request.labels)
+    check_labels(labels)
+    desktop: tuple[int, int] | None = None
+    if template == "desktop" or request.desktop.enabled:
+        width = request.desktop.width or DEFAULT_SCREEN[0]
+        height = request.desktop.height or DEFAULT_SCREEN[1]
+        if not (320 <= width <= 7680 and 240 <= height <= 4320):
+            raise InvalidRequest(f"desktop: screen {width}x{height} must be within 320x240 and 7680x4320")
+        desktop = (width, height)
+    if request.network not in (
+        instance_pb2.NETWORK_MODE_UNSPECIFIED,
+        instance_pb2.NETWORK_MODE_NONE,
+        instance_pb2.NETWORK_MODE_INTERNET,
+    ):
+        raise InvalidRequest(f"network {request.network} is unknown; use NONE or INTERNET")
+    if len(request.request_id) > 128:
+        raise InvalidRequest("request_id must hold at most 128 characters")
+    return CreateSpec(
+        template=template,
+        vcpus=vcpus,
+        memory_mib=memory,
+        timeout_us=timeout_us,
+        timeout_action=action,
+        env=env,
+        labels=labels,
+        desktop=desktop,
+        internet=request.network == instance_pb2.NETWORK_MODE_INTERNET,
+        snapshot_id=request.snapshot_id,
+        request_id=request.request_id,
+    )
