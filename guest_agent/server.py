@@ -14,6 +14,7 @@ from guest_agent.auth import TokenInterceptor
 from guest_agent.config import AgentConfig
 from guest_agent.files import FilesystemServicer
 from guest_agent.identity import Identity
+from guest_agent.process import PROCESS_SERVICE, ProcessServicer
 
 
 def build_spec(config: AgentConfig, identity: Identity) -> ServerSpec:
@@ -22,9 +23,11 @@ def build_spec(config: AgentConfig, identity: Identity) -> ServerSpec:
     def register(server: grpc.aio.Server) -> Sequence[str]:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentInfoServicer(identity), server)
         filesystem_pb2_grpc.add_FilesystemServiceServicer_to_server(FilesystemServicer(identity), server)
+        ProcessServicer(identity).register(server)
         return [
             agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
             filesystem_pb2.DESCRIPTOR.services_by_name["FilesystemService"].full_name,
+            PROCESS_SERVICE,
         ]
 
     return ServerSpec(

@@ -1,0 +1,168 @@
+"""Output fan-out of one process: a bounded replay ring and bounded per-subscriber queues.
+
+Pure data structures (no I/O, no sockets), driven by the event loop thread only, so no locks.
+
+Rules
+-----
+* The ring keeps the most recent output (at most `ring_bytes` of payload, oldest chunks dropped
+  first) so that a late `ConnectProcess` / PTY attach can replay what scrolled by.
+* Every subscriber has its own queue bounded in bytes. `push` never blocks: a subscriber whose
+  queue would grow past its limit is marked `overflowed` and receives nothing more; its stream
+  ends with RESOURCE_EXHAUSTED (the client may reattach and replay the ring). A slow consumer
+  therefore never blocks the process nor the other consumers.
+* One subscriber may be the *pacer* (the foreground `StartProcess` stream): the process's reader
+  asks `should_pause()` after each chunk and stops reading the pipe while the pacer's queue is
+  above its high-water mark, which applies back-pressure to the process itself through the pipe
+  instead of dropping bytes. The pacer never overflows.
+* The terminal event (`Exited`) is always delivered, beyond any limit, and is the last one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+STDOUT = 1
+STDERR = 2
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Bytes a process wrote on `fd` (STDOUT or STDERR; a terminal's output counts as STDOUT)."""
+
+    fd: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Exited:
+    """How a process ended; always the last event of a subscription."""
+
+    exit_code: int
+    signal: int
+    timed_out: bool
+    error: str
+    end_time: float
+
+
+Event = Chunk | Exited
+
+
+class Ring:
+    """The last `limit` bytes of output, kept as whole chunks (the oldest chunk goes first)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._chunks: deque[Chunk] = deque()
+        self._size = 0
+
+    def append(self, chunk: Chunk) -> None:
+        """Keep `chunk`, dropping the oldest chunks beyond the limit."""
+        if self._limit <= 0:
+            return
+        if len(chunk.data) > self._limit:
+            chunk = Chunk(chunk.fd, chunk.data[-self._limit :])
+        self._chunks.append(chunk)
+        self._size += len(chunk.data)
+        while self._size > self._limit:
+            self._size -= len(self._chunks.popleft().data)
+
+    def snapshot(self) -> list[Chunk]:
+        """The buffered chunks, oldest first."""
+        return list(self._chunks)
+
+    @property
+    def size(self) -> int:
+        """Bytes currently buffered."""
+        return self._size
+
+
+class Subscriber:
+    """One consumer's queue of events, bounded in bytes (see the module rules)."""
+
+    def __init__(self, limit: int, *, pacer: bool = False) -> None:
+        self.limit = limit
+        self.pacer = pacer
+        self.overflowed = False
+        self._events: deque[Event] = deque()
+        self._pending = 0
+        self._finished = False
+        self.closed = False
+        self._failure: BaseException | None = None
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Payload bytes queued and not yet taken."""
+        return self._pending
+
+    def push(self, event: Event) -> None:
+        """Queue `event` without ever blocking; overflow marks the subscriber and stops delivery."""
+        if self._finished or self.overflowed:
+            return
+        if isinstance(event, Exited):
+            self._events.append(event)
+            self._finished = True
+        else:
+            if not self.pacer and self._pending + len(event.data) > self.limit:
+                self.overflowed = True
+                self._events.clear()
+                self._pending = 0
+                self._wake.set()
+                self._drained.set()
+                return
+            self._events.append(event)
+            self._pending += len(event.data)
+        self._wake.set()
+
+    def close(self) -> None:
+        """The consumer left: release a reader waiting for it to drain."""
+        self.closed = True
+        self._drained.set()
+
+    def interrupt(self, error: BaseException) -> None:
+        """End the subscription early: the next `get` raises `error` (e.g. a bad client message)."""
+        self._failure = error
+        self._wake.set()
+
+    def above_high_water(self) -> bool:
+        """True while a pacer's queue holds more than its limit: the reader should pause."""
+        return self.pacer and self._pending > self.limit
+
+    async def wait_drained(self) -> None:
+        """Wait until the queue is at or below half its limit (or the subscriber is done)."""
+        while self._pending > self.limit // 2 and not self.overflowed and not self.closed:
+            self._drained.clear()
+            await self._drained.wait()
+
+    async def get(self, idle_seconds: float) -> Event | None:
+        """The next event, or None after `idle_seconds` of silence (time for a keepalive).
+
+        Raises `Overflow` once the subscriber fell behind.
+        """
+        if self._failure is not None:
+            raise self._failure
+        if self.overflowed:
+            raise Overflow
+        if not self._events:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), idle_seconds)
+            except TimeoutError:
+                return None
+            if self._failure is not None:
+                raise self._failure
+            if self.overflowed:
+                raise Overflow
+        event = self._events.popleft()
+        if isinstance(event, Chunk):
+            self._pending -= len(event.data)
+            if self._pending <= self.limit // 2:
+                self._drained.set()
+        return event
+
+
+class Overflow(Exception):
+    """A subscriber fell further behind than its queue allows and was cut off."""

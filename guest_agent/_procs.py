@@ -1,0 +1,543 @@
+"""The processes the agent runs: spawning, output fan-out, stdin, signals, timeouts, and the table.
+
+Everything here runs on the event loop thread; nothing blocks it (pipes are non-blocking and
+watched with `add_reader` / `add_writer`), and no state is shared with other threads.
+
+Life of a process
+-----------------
+1. `ProcessTable.spawn` / `spawn_pty` starts it in a new session (so it leads its own process
+   group: timeouts and signals reach grandchildren too), registers its pid with the reaper and
+   starts reading its output, all synchronously: a subscriber added right after cannot miss a byte.
+2. Output chunks (at most `chunk_bytes` each, raw bytes) go to the replay ring and to every
+   subscriber (see `_fanout` for the back-pressure rule).
+3. The process is *finished* once the reaper delivered the leader's exit status AND its output
+   reached end-of-file. Descendants that keep the pipe open (a daemon started with `&`) would
+   otherwise hold the stream forever, so once the leader is gone we stop waiting after the pipe
+   stayed silent for `drain_seconds` and close our end.
+4. A finished process stays in the table `exit_retention_seconds` (at least 60 s by default) so a
+   late reattach still sees how it ended, then it is forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from cyberdesk_common.config import env_float, env_int
+from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found
+from guest_agent._fanout import STDERR, STDOUT, Chunk, Exited, Ring, Subscriber
+from guest_agent._reaper import Reaper
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Buffer sizes and delays; each one can be set by an environment variable (tests shorten them)."""
+
+    chunk_bytes: int = 64 * 1024
+    ring_bytes: int = 1024 * 1024
+    subscriber_bytes: int = 4 * 1024 * 1024
+    keepalive_seconds: float = 15.0
+    exit_retention_seconds: float = 60.0
+    kill_grace_seconds: float = 2.0
+    drain_seconds: float = 0.5
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        """Read CYBERDESK_AGENT_RING_BYTES, _SUBSCRIBER_BYTES, _KEEPALIVE_SECONDS, _EXIT_RETENTION_SECONDS,
+        _KILL_GRACE_SECONDS and _DRAIN_SECONDS."""
+        d = cls()
+        return cls(
+            ring_bytes=env_int("AGENT_RING_BYTES", d.ring_bytes, minimum=0),
+            subscriber_bytes=env_int("AGENT_SUBSCRIBER_BYTES", d.subscriber_bytes, minimum=d.chunk_bytes),
+            keepalive_seconds=env_float("AGENT_KEEPALIVE_SECONDS", d.keepalive_seconds),
+            exit_retention_seconds=env_float("AGENT_EXIT_RETENTION_SECONDS", d.exit_retention_seconds),
+            kill_grace_seconds=env_float("AGENT_KILL_GRACE_SECONDS", d.kill_grace_seconds),
+            drain_seconds=env_float("AGENT_DRAIN_SECONDS", d.drain_seconds),
+        )
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to run: a validated request of StartProcess or PtyOpen."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: str
+    tag: str = ""
+    background: bool = False
+    stdin: bytes = b""
+    keep_stdin_open: bool = False
+    timeout: float | None = None
+    pty_size: tuple[int, int] | None = None  # (cols, rows) for a terminal
+
+
+# Runs in the child of a terminal session: the new session leader takes the terminal as its
+# controlling tty (so Ctrl-C reaches the foreground job and the shell gets job control), then
+# becomes the real program. subprocess cannot do this itself, and fork() without exec in a
+# threaded gRPC server is not safe, hence a tiny exec'd helper.
+_CTTY_HELPER = (
+    "import fcntl,os,sys,termios\n"
+    "fcntl.ioctl(0,termios.TIOCSCTTY,0)\n"
+    "try:\n"
+    " os.execvp(sys.argv[1],sys.argv[1:])\n"
+    "except OSError as e:\n"
+    " sys.stderr.write('cyberdesk: cannot run %s: %s\\r\\n'%(sys.argv[1],e.strerror))\n"
+    " sys.exit(127 if isinstance(e,FileNotFoundError) else 126)\n"
+)
+
+
+def _set_winsize(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class ManagedProcess:
+    """One process (or terminal session) started by the agent, with its output and exit."""
+
+    def __init__(self, table: ProcessTable, spec: Spec, pid: int, pty: bool) -> None:
+        self.table = table
+        self.spec = spec
+        self.pid = pid
+        self.pty = pty
+        self.start_time = time.time()
+        self.exited: Exited | None = None
+        self.ring = Ring(table.limits.ring_bytes)
+        self.subscribers: set[Subscriber] = set()
+        self._loop = table.loop
+        self._outputs: dict[int, int] = {}  # our read end -> STDOUT / STDERR
+        self._paused = False
+        self._status: int | None = None
+        self._timed_out = False
+        self._kill_reason = ""
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._timeout_timer: asyncio.TimerHandle | None = None
+        self._stdin_fd: int | None = None
+        self._stdin_queue: asyncio.Queue[tuple[bytes | None, asyncio.Future[None]]] = asyncio.Queue()
+        self._stdin_task: asyncio.Task[None] | None = None
+        self.done = self._loop.create_future()
+
+    # -- wiring, called by the table right after the spawn -------------------------------------
+
+    def _attach(self, outputs: dict[int, int], stdin_fd: int | None) -> None:
+        self._outputs = dict(outputs)
+        for fd in self._outputs:
+            os.set_blocking(fd, False)
+            self._loop.add_reader(fd, self._on_readable, fd)
+        if stdin_fd is not None:
+            os.set_blocking(stdin_fd, False)
+            self._stdin_fd = stdin_fd
+            self._stdin_task = self._loop.create_task(self._stdin_writer())
+            if self.spec.stdin:
+                self._enqueue(self.spec.stdin)
+            if not self.spec.keep_stdin_open and not self.pty:
+                self._enqueue(None)
+        if self.spec.timeout is not None:
+            self._timeout_timer = self._loop.call_later(self.spec.timeout, self._on_timeout)
+        self.table.reaper.watch(self.pid, self._on_exit_status)
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def _on_readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, self.table.limits.chunk_bytes)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            if err.errno != errno.EIO:  # EIO: a terminal whose last slave end was closed
+                raise
+            data = b""
+        if not data:
+            self._close_output(fd)
+            return
+        chunk = Chunk(self._outputs[fd], data)
+        self.ring.append(chunk)
+        for sub in self.subscribers:
+            sub.push(chunk)
+        if self._drain_timer is not None:
+            self._arm_drain()
+        pacer = next((s for s in self.subscribers if s.above_high_water()), None)
+        if pacer is not None:
+            self._pause(pacer)
+
+    def _pause(self, pacer: Subscriber) -> None:
+        self._paused = True
+        for fd in self._outputs:
+            self._loop.remove_reader(fd)
+
+        async def resume() -> None:
+            await pacer.wait_drained()
+            self._paused = False
+            for fd in self._outputs:
+                self._loop.add_reader(fd, self._on_readable, fd)
+
+        self.table.keep(self._loop.create_task(resume()))
+
+    def _close_output(self, fd: int) -> None:
+        if fd == self._stdin_fd:  # a terminal's master is both; never write to a closed (reused) fd
+            self._stdin_fd = None
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        del self._outputs[fd]
+        self._maybe_finish()
+
+    def _arm_drain(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._drain_timer = self._loop.call_later(self.table.limits.drain_seconds, self._on_drain_timeout)
+
+    def _on_drain_timeout(self) -> None:
+        if self._paused:  # a slow consumer, not a silent pipe: keep waiting
+            self._arm_drain()
+            return
+        for fd in list(self._outputs):
+            self._close_output(fd)
+
+    # -- exit -----------------------------------------------------------------------------------
+
+    def _on_exit_status(self, status: int) -> None:
+        self._status = status
+        if self._outputs:
+            self._arm_drain()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._status is None or self._outputs or self.exited is not None:
+            return
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+        code = os.waitstatus_to_exitcode(self._status)
+        error = self._kill_reason
+        if self._timed_out:
+            error = f"timed out after {self.spec.timeout:g} s; its process group was killed"
+        elif code < 0 and not error:
+            error = f"killed by signal {signal.Signals(-code).name}"
+        self.exited = Exited(
+            exit_code=code if code >= 0 else -1,
+            signal=-code if code < 0 else 0,
+            timed_out=self._timed_out,
+            error=error,
+            end_time=time.time(),
+        )
+        self._close_stdin_now()
+        for sub in self.subscribers:
+            sub.push(self.exited)
+        self.done.set_result(None)
+        self.table._finished(self)
+
+    # -- control --------------------------------------------------------------------------------
+
+    def _on_timeout(self) -> None:
+        if self.exited is None:
+            self._timed_out = True
+            self.kill_group()
+
+    def kill_group(self, reason: str = "") -> None:
+        """SIGTERM to the process group, SIGKILL after the grace period (grandchildren included)."""
+        if self.exited is not None:
+            return
+        if reason and not self._kill_reason:
+            self._kill_reason = reason
+        first = signal.SIGHUP if self.pty else signal.SIGTERM
+        groups = self._groups()
+        for pgid in groups:
+            _killpg(pgid, first)
+            if self.pty:
+                _killpg(pgid, signal.SIGCONT)  # a stopped job must run to see its SIGHUP
+
+        def finish_off() -> None:
+            for pgid in groups:
+                _killpg(pgid, signal.SIGKILL)
+
+        self._loop.call_later(self.table.limits.kill_grace_seconds, finish_off)
+
+    def _groups(self) -> list[int]:
+        groups = [self.pid]
+        fg = self.foreground_group()
+        if fg and fg != self.pid:
+            groups.append(fg)
+        return groups
+
+    def foreground_group(self) -> int:
+        """The foreground process group of a terminal (its job in front), else the leader's group."""
+        if self.pty:
+            for fd in self._outputs:
+                with contextlib.suppress(OSError):
+                    return os.tcgetpgrp(fd)
+        return self.pid
+
+    def send_signal(self, sig: int, *, foreground: bool = False) -> None:
+        """Send `sig` to the whole process group (or a terminal's foreground group)."""
+        if self.exited is not None:
+            raise failed_precondition(f"process {self.pid} has already exited")
+        _killpg(self.foreground_group() if foreground else self.pid, sig)
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set a terminal's window size; the kernel tells the foreground job with SIGWINCH."""
+        if not self.pty:
+            raise failed_precondition(f"process {self.pid} has no terminal to resize")
+        for fd in self._outputs:
+            with contextlib.suppress(OSError):
+                _set_winsize(fd, cols, rows)
+
+    # -- stdin ----------------------------------------------------------------------------------
+
+    @property
+    def stdin_open(self) -> bool:
+        """Whether input can still be written."""
+        return self._stdin_fd is not None and self.exited is None
+
+    def _enqueue(self, data: bytes | None) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._stdin_queue.put_nowait((data, future))
+        return future
+
+    async def write(self, data: bytes) -> None:
+        """Write `data` to stdin after every earlier write (order is kept); waits until written."""
+        if not self.stdin_open:
+            raise failed_precondition(self._stdin_closed_message())
+        await self._enqueue(data)
+
+    async def close_stdin(self) -> None:
+        """Close stdin after the pending writes, so the process reads end-of-file."""
+        if self.pty:
+            raise failed_precondition(f"process {self.pid} runs on a terminal: send Ctrl-D (\\x04) as input instead")
+        if not self.stdin_open:
+            raise failed_precondition(self._stdin_closed_message())
+        await self._enqueue(None)
+
+    def _stdin_closed_message(self) -> str:
+        if self.exited is not None:
+            return f"process {self.pid} has exited; its stdin is closed"
+        return f"the stdin of process {self.pid} is closed (start it with keep_stdin_open to send input later)"
+
+    async def _stdin_writer(self) -> None:
+        while True:
+            data, future = await self._stdin_queue.get()
+            fd = self._stdin_fd
+            try:
+                if fd is None:
+                    raise failed_precondition(self._stdin_closed_message())
+                if data is None:
+                    if not self.pty:
+                        self._stdin_fd = None
+                        os.close(fd)
+                else:
+                    await self._write_all(fd, data)
+            except RpcError as err:
+                future.set_exception(err)
+            except OSError as err:
+                self._close_stdin_now()
+                future.set_exception(failed_precondition(f"process {self.pid} closed its stdin ({err.strerror})"))
+            else:
+                future.set_result(None)
+
+    async def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(fd, view)
+            except BlockingIOError:
+                ready: asyncio.Future[None] = self._loop.create_future()
+                self._loop.add_writer(fd, _set_once, ready)
+                try:
+                    await ready
+                finally:
+                    self._loop.remove_writer(fd)
+                continue
+            view = view[written:]
+
+    def _close_stdin_now(self) -> None:
+        if self._stdin_fd is not None and not self.pty:
+            with contextlib.suppress(OSError):
+                os.close(self._stdin_fd)
+        self._stdin_fd = None
+        if self._stdin_task is not None and self.exited is not None:
+            self._stdin_task.cancel()
+            while not self._stdin_queue.empty():
+                _, future = self._stdin_queue.get_nowait()
+                if not future.done():
+                    future.set_exception(failed_precondition(self._stdin_closed_message()))
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    def subscribe(self, *, replay: bool, pacer: bool = False) -> Subscriber:
+        """A new consumer of the output; with `replay`, it starts with the buffered output."""
+        sub = Subscriber(self.table.limits.subscriber_bytes, pacer=pacer)
+        if replay:
+            for chunk in self.ring.snapshot():
+                sub.push(chunk)
+        if self.exited is not None:
+            sub.push(self.exited)
+        else:
+            self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        """The consumer left (a paused reader waiting on it resumes)."""
+        sub.close()
+        self.subscribers.discard(sub)
+
+
+class ProcessTable:
+    """Every process the agent started, by pid and by tag (running ones, then recent exits)."""
+
+    def __init__(self, limits: Limits, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.limits = limits
+        self.loop = loop or asyncio.get_running_loop()
+        self.reaper = Reaper()
+        self.reaper.start(self.loop)
+        self._by_pid: dict[int, ManagedProcess] = {}
+        self._running_tags: dict[str, ManagedProcess] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a reference to a fire-and-forget task until it ends."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def all(self) -> list[ManagedProcess]:
+        """Known processes, oldest first."""
+        return sorted(self._by_pid.values(), key=lambda p: p.start_time)
+
+    def find(self, pid: int, tag: str) -> ManagedProcess:
+        """The process with `pid`, or the running (else most recent) one with `tag`."""
+        if pid:
+            proc = self._by_pid.get(pid)
+            if proc is None:
+                raise not_found(f"no process with pid {pid} (it never ran here or exited over a minute ago)")
+            return proc
+        if tag:
+            proc = self._running_tags.get(tag)
+            if proc is None:
+                tagged = [p for p in self._by_pid.values() if p.spec.tag == tag]
+                if not tagged:
+                    raise not_found(f"no process tagged {tag!r}")
+                proc = max(tagged, key=lambda p: p.start_time)
+            return proc
+        raise invalid_argument("selector: give a pid or a tag")
+
+    def _check_tag(self, tag: str) -> None:
+        if tag and tag in self._running_tags:
+            other = self._running_tags[tag]
+            raise RpcError(
+                grpc.StatusCode.ALREADY_EXISTS, f"tag {tag!r} is already used by running process {other.pid}"
+            )
+
+    def _register(self, proc: ManagedProcess) -> None:
+        self._by_pid[proc.pid] = proc
+        if proc.spec.tag:
+            self._running_tags[proc.spec.tag] = proc
+
+    def _finished(self, proc: ManagedProcess) -> None:
+        if self._running_tags.get(proc.spec.tag) is proc:
+            del self._running_tags[proc.spec.tag]
+
+        def forget() -> None:
+            if self._by_pid.get(proc.pid) is proc:
+                del self._by_pid[proc.pid]
+
+        self.loop.call_later(self.limits.exit_retention_seconds, forget)
+
+    def spawn(self, spec: Spec) -> ManagedProcess | Exited:
+        """Start a process on pipes; a program that cannot be started gives an `Exited` (127/126)."""
+        self._check_tag(spec.tag)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r, in_w = os.pipe() if (spec.stdin or spec.keep_stdin_open) else (None, None)
+        try:
+            popen = subprocess.Popen(
+                list(spec.argv),
+                stdin=in_r if in_r is not None else subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=spec.cwd,
+                env=dict(spec.env),
+                start_new_session=True,
+            )
+        except OSError as err:
+            for fd in (out_r, err_r, in_w):
+                if fd is not None:
+                    os.close(fd)
+            return _not_started(spec.argv[0], err)
+        finally:
+            for fd in (out_w, err_w, in_r):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        # Our reaper collects the status; tell subprocess not to try (its own waitpid would race us).
+        popen.returncode = 0
+        proc = ManagedProcess(self, spec, popen.pid, pty=False)
+        self._register(proc)
+        proc._attach({out_r: STDOUT, err_r: STDERR}, in_w)
+        return proc
+
+    def spawn_pty(self, spec: Spec) -> ManagedProcess:
+        """Start a terminal session: the program gets a new pty as its controlling terminal."""
+        self._check_tag(spec.tag)
+        master, slave = os.openpty()
+        cols, rows = spec.pty_size or (80, 24)
+        _set_winsize(master, cols, rows)
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-S", "-E", "-c", _CTTY_HELPER, *spec.argv],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=spec.cwd,
+                env=dict(spec.env),
+                start_new_session=True,
+            )
+        except OSError:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        popen.returncode = 0
+        proc = ManagedProcess(self, spec, popen.pid, pty=True)
+        self._register(proc)
+        proc._attach({master: STDOUT}, master)
+        return proc
+
+    async def close(self) -> None:
+        """Stop reaping (at shutdown)."""
+        self.reaper.stop()
+
+
+def _not_started(program: str, err: OSError) -> Exited:
+    if isinstance(err, FileNotFoundError):
+        code, text = 127, f"command not found: {program}"
+    elif isinstance(err, PermissionError):
+        code, text = 126, f"permission denied: {program}"
+    else:
+        code, text = 126, f"cannot run {program}: {err.strerror or err}"
+    return Exited(exit_code=code, signal=0, timed_out=False, error=text, end_time=time.time())
+
+
+def login_shell() -> list[str]:
+    """The default program of a terminal: a login bash (or sh where bash is missing)."""
+    return ["bash", "-l"] if shutil.which("bash") else ["sh", "-l"]
