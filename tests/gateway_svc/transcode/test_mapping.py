@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import grpc
@@ -120,15 +121,15 @@ def test_bad_query_parameters_name_the_field(test_table: RouteTable, query: str,
 def test_nested_path_variable_and_additional_binding(test_table: RouteTable) -> None:
     msg = decode(test_table, "GET", "/t/inner/deep%20name/things/7", "inner.depth=3")
     assert as_dict(msg) == {"id": "7", "inner": {"name": "deep name", "depth": 3}}
-    with pytest.raises(RpcError, match="inner.name is already given in the path"):
+    with pytest.raises(RpcError, match=re.escape("inner.name is already given in the path")):
         decode(test_table, "GET", "/t/inner/a/things/7", "inner.name=b")
-    with pytest.raises(RpcError, match="inner.name is already given in the path"):
+    with pytest.raises(RpcError, match=re.escape("inner.name is already given in the path")):
         decode(test_table, "GET", "/t/inner/a/things/7", "inner=b")
 
 
 def test_path_variable_types_are_converted(test_table: RouteTable) -> None:
     assert decode(test_table, "REPORT", "/t/watch/true").inner.leaf.flag is True
-    with pytest.raises(RpcError, match="path variable inner.leaf.flag: 'maybe' is not a boolean"):
+    with pytest.raises(RpcError, match=re.escape("path variable inner.leaf.flag: 'maybe' is not a boolean")):
         decode(test_table, "REPORT", "/t/watch/maybe")
 
 
@@ -147,7 +148,8 @@ def test_body_star(test_table: RouteTable) -> None:
     assert as_dict(decode(test_table, "POST", "/t/things/x:touch", body=b"")) == {"id": "x"}
     # The same id in the body and the path is fine; a different one is refused.
     assert decode(test_table, "POST", "/t/things/x:touch", body=b'{"id": "x"}').id == "x"
-    assert "the path says 'x' but the body says 'y'" in bad(test_table, "POST", "/t/things/x:touch", body=b'{"id": "y"}')
+    message = bad(test_table, "POST", "/t/things/x:touch", body=b'{"id": "y"}')
+    assert "the path says 'x' but the body says 'y'" in message
 
 
 BAD_BODIES: list[tuple[bytes, str]] = [
