@@ -1,19 +1,118 @@
-"""Wiring of gateway_svc's gRPC server."""
+"""Wiring of gateway_svc: one port for the public services and the key-management service."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Sequence
 
 import grpc
 
-from cyberdesk_common.config import env_str
-from cyberdesk_common.grpc_server import ServerSpec
+from cyberdesk.internal.v1 import auth_pb2, auth_pb2_grpc
+from cyberdesk_common.grpc_server import RunningServer, ServerSpec
+from cyberdesk_common.tracing import TracingClientInterceptor
+from gateway_svc.auth import Authenticator, KeyBackend
+from gateway_svc.config import GatewayConfig
+from gateway_svc.gate import Gate
+from gateway_svc.keys_api import AuthServicer
+from gateway_svc.keystore import KeyStore
+from gateway_svc.proxy import Proxy, public_service_names
+from gateway_svc.ratelimit import RateLimiter
+from gateway_svc.routing import CHANNEL_OPTIONS, Router, follow_events
+from gateway_svc.unkey_backend import UnkeyBackend
+
+_log = logging.getLogger("gateway_svc")
 
 
-def build_spec() -> ServerSpec:
+def key_store_path(config: GatewayConfig) -> str:
+    """Where the local key store lives."""
+    return str(config.state_dir / "gateway_keys.sqlite3")
+
+
+class Gateway:
+    """The gateway's parts, created inside the event loop (channels and clients are loop-bound)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.store: KeyStore | None = None
+        self.unkey: UnkeyBackend | None = None
+        self.router: Router | None = None
+        self.limiter: RateLimiter | None = None
+        self.instance_channel: grpc.aio.Channel | None = None
+        self._stop = asyncio.Event()
+        self._events: asyncio.Task[None] | None = None
+
+    def register(self, server: grpc.aio.Server) -> Sequence[str]:
+        """Build the parts and add the proxy and AuthService to `server`."""
+        config = self.config
+        backend: KeyBackend
+        if config.unkey_root_key:
+            self.unkey = backend = UnkeyBackend(
+                config.unkey_root_key, config.unkey_api_id, config.unkey_server_url, config.unkey_keyspace
+            )
+        else:
+            from pathlib import Path
+
+            self.store = backend = KeyStore(Path(key_store_path(config)))
+        self.limiter = RateLimiter(config.redis_url)
+        gate = Gate(
+            Authenticator(backend, ttl=config.auth_cache_seconds, max_entries=config.auth_cache_size),
+            self.limiter,
+            config.default_limit,
+        )
+        self.instance_channel = grpc.aio.insecure_channel(
+            config.instance_target,
+            options=list(CHANNEL_OPTIONS),
+            interceptors=[TracingClientInterceptor()],  # type: ignore[list-item]
+        )
+        self.router = Router(self.instance_channel, config.internal_token, ttl=config.route_cache_seconds)
+        server.add_generic_rpc_handlers((Proxy(gate, self.router, self.instance_channel, config.internal_token),))
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(gate, self.store), server)
+        return [*public_service_names(), auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name]
+
+    async def on_started(self, running: RunningServer) -> None:
+        """Start following lifecycle events (route cache invalidation)."""
+        assert self.router is not None
+        self._events = asyncio.create_task(follow_events(self.router, self.config.redis_url, self._stop))
+        _log.info(
+            "gateway ready",
+            extra={
+                "key_backend": "unkey" if self.unkey else "local",
+                "instance_svc": self.config.instance_target,
+                "default_rate_limit": str(self.config.default_limit),
+            },
+        )
+
+    async def on_stopping(self) -> None:
+        """Stop following events; channels close with the process after the drain."""
+        self._stop.set()
+        if self._events is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._events, 3.0)
+
+    async def close(self) -> None:
+        """Release every client (used by in-process tests; a process just exits)."""
+        await self.on_stopping()
+        if self.router is not None:
+            await self.router.pool.close()
+        if self.instance_channel is not None:
+            await self.instance_channel.close(grace=None)
+        if self.limiter is not None:
+            await self.limiter.close()
+        if self.unkey is not None:
+            await self.unkey.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def build_spec(gateway: Gateway | None = None) -> ServerSpec:
     """The server of gateway_svc, listening on CYBERDESK_GATEWAY_ADDR (default 127.0.0.1:50051)."""
-
-    def register(server: grpc.aio.Server) -> Sequence[str]:
-        return []
-
-    return ServerSpec(name="gateway_svc", addresses=[env_str("GATEWAY_ADDR", "127.0.0.1:50051")], register=register)
+    gw = gateway or Gateway(GatewayConfig.from_env())
+    return ServerSpec(
+        name="gateway_svc",
+        addresses=[gw.config.addr],
+        register=gw.register,
+        tls_cert_chain=gw.config.tls_cert,
+        tls_private_key=gw.config.tls_key,
+    )

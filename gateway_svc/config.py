@@ -1,0 +1,64 @@
+"""gateway_svc settings, read once from the environment (CYBERDESK_<NAME>)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cyberdesk_common.config import ConfigError, env_float, env_int, env_str, internal_token, state_dir
+from gateway_svc.ratelimit import Limit, parse_limit
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the gateway needs to serve: where it listens, whom it trusts, where it forwards."""
+
+    addr: str
+    tls_cert: bytes | None
+    tls_key: bytes | None
+    instance_target: str
+    internal_token: str
+    redis_url: str
+    state_dir: Path
+    default_limit: Limit
+    auth_cache_seconds: float
+    auth_cache_size: int
+    route_cache_seconds: float
+    unkey_root_key: str
+    unkey_api_id: str
+    unkey_server_url: str
+    unkey_keyspace: str
+
+    @classmethod
+    def from_env(cls) -> GatewayConfig:
+        """Read and check the configuration; a bad value raises ConfigError naming the variable."""
+        cert_file, key_file = env_str("GATEWAY_TLS_CERT", ""), env_str("GATEWAY_TLS_KEY", "")
+        if bool(cert_file) != bool(key_file):
+            raise ConfigError("set both CYBERDESK_GATEWAY_TLS_CERT and CYBERDESK_GATEWAY_TLS_KEY, or neither")
+        base = state_dir()
+        root_key, api_id = env_str("UNKEY_ROOT_KEY", ""), env_str("UNKEY_API_ID", "")
+        if bool(root_key) != bool(api_id):
+            raise ConfigError("set both CYBERDESK_UNKEY_ROOT_KEY and CYBERDESK_UNKEY_API_ID to use Unkey, or neither")
+        try:
+            limit = parse_limit(env_str("RATE_LIMIT", "100/1s"))
+        except ValueError as err:
+            raise ConfigError(f"CYBERDESK_RATE_LIMIT: {err}") from None
+        return cls(
+            addr=env_str("GATEWAY_ADDR", "127.0.0.1:50051"),
+            tls_cert=Path(cert_file).read_bytes() if cert_file else None,
+            tls_key=Path(key_file).read_bytes() if key_file else None,
+            instance_target=env_str("INSTANCE_ADDR", "127.0.0.1:50061"),
+            internal_token=internal_token(base),
+            # tools/stack.py hands every service REDIS_URL; CYBERDESK_REDIS_URL wins when both are set.
+            redis_url=env_str("REDIS_URL", os.environ.get("REDIS_URL") or "redis://127.0.0.1:6390/0"),
+            state_dir=base,
+            default_limit=limit,
+            auth_cache_seconds=env_float("AUTH_CACHE_SECONDS", 5.0),
+            auth_cache_size=env_int("AUTH_CACHE_SIZE", 10_000, minimum=1),
+            route_cache_seconds=env_float("ROUTE_CACHE_SECONDS", 5.0),
+            unkey_root_key=root_key,
+            unkey_api_id=api_id,
+            unkey_server_url=env_str("UNKEY_SERVER_URL", ""),
+            unkey_keyspace=env_str("UNKEY_KEYSPACE", ""),
+        )

@@ -1,0 +1,239 @@
+"""The proxy: every public `cyberdesk.v1` method, forwarded as raw bytes to instance_svc or an agent.
+
+Handlers are registered as one generic handler with identity (de)serializers: request and
+response messages stay `bytes` end to end. Only field 1 (`instance_id`) of the first request
+message is read, to route the call (see routing.read_instance_id).
+
+Flow and lifetime rules:
+- One message at a time: each message is awaited on one side before the next is read from the
+  other, so a slow reader makes gRPC flow control push back on the writer; the gateway holds at
+  most one message per direction per call, never a queue.
+- The upstream call gets the caller's remaining time as its deadline; when the caller cancels,
+  the handler task is cancelled and the `finally` cancels the upstream call; an upstream error
+  reaches the caller with the same code, details and trailers (status details included).
+- Metadata: the caller's API key and any `x-cyberdesk-*` header are stripped (a caller must not
+  be able to claim a tenant); instance_svc gets the verified tenant and the internal token, an
+  agent gets its own bearer token; `traceparent` is replaced by the gateway's span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from cyberdesk.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
+from cyberdesk_common.status import invalid_argument
+from cyberdesk_common.tracing import inject_metadata
+from gateway_svc.auth import SCOPE_INSTANCES
+from gateway_svc.gate import Gate
+from gateway_svc.routing import (
+    INTERNAL_TOKEN_HEADER,
+    TENANT_HEADER,
+    Router,
+    WireError,
+    read_instance_id,
+)
+
+_FILES = (instance_pb2, process_pb2, filesystem_pb2, desktop_pb2)
+INSTANCE_SERVICE = "cyberdesk.v1.InstanceService"
+# Services whose calls go to the instance's agent; InstanceService goes to instance_svc.
+AGENT_SERVICES = frozenset(
+    {"cyberdesk.v1.ProcessService", "cyberdesk.v1.FilesystemService", "cyberdesk.v1.DesktopService"}
+)
+
+# Never forwarded upstream: credentials of the caller, headers only our services may set, trace
+# headers (replaced), and transport headers gRPC sets itself.
+_STRIP_EXACT = frozenset(
+    {"authorization", "x-api-key", "traceparent", "tracestate", "user-agent", "content-type", "te"}
+)
+_STRIP_PREFIX = ("x-cyberdesk-", "grpc-", ":")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A public method: its full path, service and streaming shape."""
+
+    path: str
+    service: str
+    client_streaming: bool
+    server_streaming: bool
+
+
+def public_methods() -> dict[str, MethodInfo]:
+    """Every method of the public services, keyed by its path ("/pkg.Service/Method"), from the descriptors."""
+    methods: dict[str, MethodInfo] = {}
+    for module in _FILES:
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                path = f"/{service.full_name}/{method.name}"
+                methods[path] = MethodInfo(path, service.full_name, method.client_streaming, method.server_streaming)
+    return methods
+
+
+def public_service_names() -> list[str]:
+    """Full names of the public services (for health and reflection)."""
+    return sorted({info.service for info in public_methods().values()})
+
+
+def forwardable(metadata: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The caller's metadata that may travel upstream (see the module docstring)."""
+    return [(k, v) for k, v in metadata if k not in _STRIP_EXACT and not k.startswith(_STRIP_PREFIX)]
+
+
+@dataclass
+class _Upstream:
+    channel: grpc.aio.Channel
+    metadata: tuple[tuple[str, Any], ...]
+    timeout: float | None
+    instance_id: str = ""
+
+
+class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """Generic handler serving every public method by forwarding it upstream."""
+
+    def __init__(self, gate: Gate, router: Router, instance_channel: grpc.aio.Channel, internal_token: str) -> None:
+        self._gate = gate
+        self._router = router
+        self._instance_channel = instance_channel
+        self._internal_token = internal_token
+        self._methods = public_methods()
+        self._handlers = {path: self._handler(info) for path, info in self._methods.items()}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
+        """The forwarding handler of a public method; None (UNIMPLEMENTED) for any other path."""
+        return self._handlers.get(handler_call_details.method)
+
+    # -- routing -----------------------------------------------------------------------------
+
+    async def _upstream(self, info: MethodInfo, context: grpc.aio.ServicerContext, first: bytes) -> _Upstream:  # type: ignore[type-arg]
+        incoming: tuple[tuple[str, str | bytes], ...] = tuple(context.invocation_metadata() or ())
+        principal = await self._gate.admit(incoming, SCOPE_INSTANCES)
+        timeout = context.time_remaining()
+        base = forwardable(incoming)
+        if info.service not in AGENT_SERVICES:
+            metadata = [*base, (TENANT_HEADER, principal.tenant_id), (INTERNAL_TOKEN_HEADER, self._internal_token)]
+            return _Upstream(self._instance_channel, tuple(inject_metadata(metadata)), timeout)
+        try:
+            instance_id = read_instance_id(first)
+        except WireError as err:
+            raise invalid_argument(f"the request is not a valid protobuf message: {err}") from None
+        if not instance_id:
+            raise invalid_argument("instance_id (field 1 of the first request message) is required")
+        route = await self._router.resolve(principal.tenant_id, instance_id, timeout)
+        metadata = [*base, ("authorization", f"Bearer {route.token}")]
+        return _Upstream(self._router.pool.get(route), tuple(inject_metadata(metadata)), timeout, instance_id)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, up: _Upstream, err: grpc.aio.AioRpcError) -> None:  # type: ignore[type-arg]
+        """End the call with the upstream's status, details and trailers."""
+        code, details = err.code(), err.details() or ""
+        if code is grpc.StatusCode.UNAVAILABLE and up.instance_id:
+            # The agent went away: forget its route so the next call asks instance_svc again.
+            self._router.invalidate(up.instance_id)
+            details = f"the agent of instance {up.instance_id} is unreachable ({details})"
+        trailers = err.trailing_metadata()
+        if trailers:
+            context.set_trailing_metadata(tuple(trailers))  # type: ignore[arg-type]
+        await context.abort(code, details)
+
+    # -- the four shapes -------------------------------------------------------------------------
+
+    def _handler(self, info: MethodInfo) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+        path = info.path
+
+        async def unary_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+            up = await self._upstream(info, context, request)
+            call = up.channel.unary_unary(path, None, None)(request, metadata=up.metadata, timeout=up.timeout)
+            try:
+                response: bytes = await call
+            except grpc.aio.AioRpcError as err:
+                await self._fail(context, up, err)
+                raise
+            finally:
+                call.cancel()  # no-op when done; cancels upstream when the caller went away
+            _copy_trailers(context, await call.trailing_metadata())
+            return response
+
+        async def unary_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # type: ignore[type-arg]
+            up = await self._upstream(info, context, request)
+            call = up.channel.unary_stream(path, None, None)(request, metadata=up.metadata, timeout=up.timeout)
+            try:
+                async for message in _relay(call, context):
+                    yield message
+            except grpc.aio.AioRpcError as err:
+                await self._fail(context, up, err)
+            finally:
+                call.cancel()
+
+        async def stream_unary(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+            first = await _first(requests)
+            up = await self._upstream(info, context, first)
+            call = up.channel.stream_unary(path, None, None)(
+                _chain(first, requests), metadata=up.metadata, timeout=up.timeout
+            )
+            try:
+                response: bytes = await call
+            except grpc.aio.AioRpcError as err:
+                await self._fail(context, up, err)
+                raise
+            finally:
+                call.cancel()
+            _copy_trailers(context, await call.trailing_metadata())
+            return response
+
+        async def stream_stream(
+            requests: AsyncIterator[bytes],
+            context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        ) -> AsyncIterator[bytes]:
+            first = await _first(requests)
+            up = await self._upstream(info, context, first)
+            call = up.channel.stream_stream(path, None, None)(
+                _chain(first, requests), metadata=up.metadata, timeout=up.timeout
+            )
+            try:
+                async for message in _relay(call, context):
+                    yield message
+            except grpc.aio.AioRpcError as err:
+                await self._fail(context, up, err)
+            finally:
+                call.cancel()
+
+        if info.client_streaming and info.server_streaming:
+            return grpc.stream_stream_rpc_method_handler(stream_stream)
+        if info.client_streaming:
+            return grpc.stream_unary_rpc_method_handler(stream_unary)
+        if info.server_streaming:
+            return grpc.unary_stream_rpc_method_handler(unary_stream)
+        return grpc.unary_unary_rpc_method_handler(unary_unary)
+
+
+async def _first(requests: AsyncIterator[bytes]) -> bytes:
+    try:
+        return await anext(requests)
+    except StopAsyncIteration:
+        raise invalid_argument("the stream ended before its first message (which names the instance)") from None
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    # grpc.aio writes each item upstream and awaits the write before pulling the next, so this
+    # generator never runs ahead of the upstream's flow-control window.
+    yield first
+    async for message in rest:
+        yield message
+
+
+async def _relay(call: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # type: ignore[type-arg]
+    """The upstream's responses, one at a time; then its trailers onto the caller's call."""
+    initial = await call.initial_metadata()
+    if initial:
+        await context.send_initial_metadata(tuple(forwardable(initial)))
+    async for message in call:
+        yield message
+    _copy_trailers(context, await call.trailing_metadata())
+
+
+def _copy_trailers(context: grpc.aio.ServicerContext, trailers: Any) -> None:  # type: ignore[type-arg]
+    if trailers:
+        context.set_trailing_metadata(tuple(trailers))
