@@ -1,19 +1,90 @@
-"""Wiring of instance_svc's gRPC server."""
+"""Wiring of instance_svc: store, runtime, warm pool, event publisher, lifecycle, gRPC servicers."""
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 
-from cyberdesk_common.config import env_str
-from cyberdesk_common.grpc_server import ServerSpec
+from cyberdesk.internal.v1 import routing_pb2, routing_pb2_grpc
+from cyberdesk.v1 import instance_pb2, instance_pb2_grpc
+from cyberdesk_common.config import ConfigError, env_int, env_str, internal_token, state_dir
+from cyberdesk_common.grpc_server import RunningServer, ServerSpec
+from instance_svc.events import Publisher
+from instance_svc.lifecycle import Lifecycle
+from instance_svc.pool import WarmPool, parse_sizes
+from instance_svc.quotas import QuotaTable
+from instance_svc.runtime.base import Runtime
+from instance_svc.servicer import InstanceServicer, RoutingServicer
+from instance_svc.store import Store
+from instance_svc.validation import MachineLimits
+
+
+def make_runtime(name: str) -> Runtime:
+    """The runtime named by CYBERDESK_RUNTIME ("local"; "kubevirt" in a later issue)."""
+    if name == "local":
+        module = importlib.import_module("instance_svc.runtime.local")
+        runtime: Runtime = module.LocalRuntime(state_dir() / "instances")
+        return runtime
+    raise ConfigError(f"CYBERDESK_RUNTIME={name!r} is not available; use local")
+
+
+@dataclass
+class App:
+    """Everything instance_svc runs, built before the event loop starts."""
+
+    spec: ServerSpec
+    lifecycle: Lifecycle
+    running: RunningServer | None = None
+
+    async def on_started(self, running: RunningServer) -> None:
+        """Reconcile and start background work (calls wait for `lifecycle.ready`)."""
+        self.running = running
+        await self.lifecycle.start()
+
+    async def on_stopping(self) -> None:
+        """Stop accepting calls first, then background work; sandboxes keep running."""
+        if self.running is not None:
+            await self.running.stop(self.spec.grace_seconds)
+        await self.lifecycle.stop()
+
+
+def build_app() -> App:
+    """Build instance_svc from the environment."""
+    base = state_dir()
+    store = Store(base / "instance_svc.db")
+    runtime = make_runtime(env_str("RUNTIME", "local"))
+    redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    lifecycle = Lifecycle(
+        store=store,
+        runtime=runtime,
+        quotas=QuotaTable.from_env(),
+        publisher=Publisher(store, redis_url),
+        pool=WarmPool(runtime, parse_sizes(env_str("WARM_POOL", "base=2,desktop=0"))),
+        snapshot_dir=base / "snapshots",
+    )
+    limits = MachineLimits(
+        max_vcpus=env_int("MAX_VCPUS", 8, minimum=1), max_memory_mib=env_int("MAX_MEMORY_MIB", 16384, minimum=128)
+    )
+    token = internal_token(base)
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        instance_pb2_grpc.add_InstanceServiceServicer_to_server(
+            InstanceServicer(lifecycle, token, limits, redis_url), server
+        )
+        routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(lifecycle, token), server)
+        return [
+            instance_pb2.DESCRIPTOR.services_by_name["InstanceService"].full_name,
+            routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name,
+        ]
+
+    spec = ServerSpec(name="instance_svc", addresses=[env_str("INSTANCE_ADDR", "127.0.0.1:50061")], register=register)
+    return App(spec, lifecycle)
 
 
 def build_spec() -> ServerSpec:
     """The server of instance_svc, listening on CYBERDESK_INSTANCE_ADDR (default 127.0.0.1:50061)."""
-
-    def register(server: grpc.aio.Server) -> Sequence[str]:
-        return []
-
-    return ServerSpec(name="instance_svc", addresses=[env_str("INSTANCE_ADDR", "127.0.0.1:50061")], register=register)
+    return build_app().spec

@@ -1,0 +1,384 @@
+"""The orchestration of instances: create, delete, pause, resume, deadlines, snapshots, start-up.
+
+Concurrency: every operation that changes an instance holds that instance's asyncio lock for
+its whole duration (including the runtime call), so a delete racing an expiry or a resume runs
+after it and sees its result. A create takes the lock of its new id before the record exists,
+so nothing can act on a PENDING instance. Quota and idempotency checks are atomic in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found, resource_exhausted
+from instance_svc import expiry
+from instance_svc.events import Publisher
+from instance_svc.pool import WarmPool
+from instance_svc.quotas import QuotaTable
+from instance_svc.runtime.base import Runtime, SandboxInfo, SandboxSpec, Unsupported
+from instance_svc.scheduler import Scheduler, now_us
+from instance_svc.states import IllegalRequest, Request, State, check_request
+from instance_svc.store import InstanceRecord, QuotaExceeded, SnapshotRecord, Store
+from instance_svc.validation import CreateSpec
+
+_log = logging.getLogger("instance_svc.lifecycle")
+
+VANISHED = "sandbox vanished while instance_svc was down"
+INTERRUPTED = "instance_svc stopped while the instance was starting"
+
+
+@contextlib.contextmanager
+def _precondition() -> Iterator[None]:
+    try:
+        yield
+    except IllegalRequest as err:
+        raise failed_precondition(err.message) from None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An instance and, when it is RUNNING, its agent."""
+
+    record: InstanceRecord
+    sandbox: SandboxInfo | None
+
+
+class Lifecycle:
+    """Owns the instances of one instance_svc: records, sandboxes, deadlines and events."""
+
+    def __init__(
+        self,
+        store: Store,
+        runtime: Runtime,
+        quotas: QuotaTable,
+        publisher: Publisher,
+        pool: WarmPool,
+        snapshot_dir: Path,
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.quotas = quotas
+        self.publisher = publisher
+        self.pool = pool
+        self.snapshot_dir = snapshot_dir
+        self.scheduler = Scheduler(self._on_deadline)
+        self.ready = asyncio.Event()
+        # Agent endpoints (with their tokens) live only in memory; runtime.list() restores them.
+        self._sandboxes: dict[str, SandboxInfo] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._starting: dict[str, asyncio.Future[None]] = {}
+
+    # --- start and stop ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Reconcile records with the sandboxes that exist, re-arm deadlines, start background tasks."""
+        self.publisher.start()
+        await self._reconcile()
+        self.scheduler.start()
+        self.pool.start()
+        self.ready.set()
+
+    async def stop(self) -> None:
+        """Stop background work. Instance sandboxes keep running; the next start re-adopts them."""
+        await self.scheduler.stop()
+        await self.pool.stop()
+        await self.publisher.stop()
+        await self.runtime.close()
+
+    async def _reconcile(self) -> None:
+        existing = {info.sandbox_id: info for info in await self.runtime.list()}
+        kept: set[str] = set()
+        for rec in self.store.live():
+            info = existing.get(rec.sandbox_id) if rec.sandbox_id else None
+            if rec.state in (State.RUNNING, State.PAUSED):
+                if info is not None and info.running:
+                    kept.add(info.sandbox_id)
+                    self._sandboxes[rec.id] = info
+                    self.scheduler.arm(rec.id, rec.expire_time_us)
+                    _log.info("re-adopted", extra={"instance_id": rec.id, "state": rec.state.name})
+                else:
+                    self._set(rec.id, State.FAILED, VANISHED)
+            elif rec.state in (State.PENDING, State.STARTING):
+                self._set(rec.id, State.FAILED, INTERRUPTED)
+            elif rec.state is State.STOPPING:
+                if rec.sandbox_id:
+                    await self.runtime.delete(rec.sandbox_id)
+                self._set(rec.id, State.TERMINATED, "deleted")
+        for sandbox_id in existing.keys() - kept:
+            # A warm-pool sandbox of the previous run, or one whose instance ended meanwhile.
+            _log.info("deleting orphan sandbox", extra={"sandbox_id": sandbox_id})
+            try:
+                await self.runtime.delete(sandbox_id)
+            except Exception as err:
+                _log.warning("orphan sandbox not deleted", extra={"sandbox_id": sandbox_id, "error": str(err)})
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _set(self, instance_id: str, state: State, message: str | None = None, **changes: object) -> InstanceRecord:
+        rec = self.store.transition(instance_id, state, now_us(), message, **changes)
+        self.publisher.kick()
+        return rec
+
+    def owned(self, tenant: str, instance_id: str) -> InstanceRecord:
+        """The tenant's instance, or NOT_FOUND (also when another tenant owns it)."""
+        if not instance_id:
+            raise invalid_argument("instance_id is required")
+        rec = self.store.get(instance_id)
+        if rec is None or rec.tenant != tenant:
+            raise not_found(f"instance {instance_id} not found")
+        return rec
+
+    def owned_snapshot(self, tenant: str, snapshot_id: str) -> SnapshotRecord:
+        """The tenant's snapshot, or NOT_FOUND."""
+        if not snapshot_id:
+            raise invalid_argument("snapshot_id is required")
+        snap = self.store.get_snapshot(snapshot_id)
+        if snap is None or snap.tenant != tenant:
+            raise not_found(f"snapshot {snapshot_id} not found")
+        return snap
+
+    async def _settled(self, rec: InstanceRecord) -> InstanceRecord:
+        """The instance once its create has finished (a retried create waits for the first)."""
+        pending = self._starting.get(rec.id)
+        if pending is not None:
+            await asyncio.shield(pending)
+        fresh = self.store.get(rec.id)
+        assert fresh is not None
+        return fresh
+
+    # --- create ------------------------------------------------------------------------------
+
+    async def create(self, tenant: str, spec: CreateSpec) -> InstanceRecord:
+        """Create an instance and return it RUNNING, or FAILED with the runtime's reason."""
+        snapshot: SnapshotRecord | None = None
+        template = spec.template
+        if spec.snapshot_id:
+            snapshot = self.owned_snapshot(tenant, spec.snapshot_id)
+            template = snapshot.template
+        if spec.request_id:
+            earlier = self.store.by_request_id(tenant, spec.request_id)
+            if earlier is not None:
+                return await self._settled(earlier)
+        instance_id = "i-" + secrets.token_hex(6)
+        now = now_us()
+        rec = InstanceRecord(
+            id=instance_id,
+            tenant=tenant,
+            template=template,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            state=State.PENDING,
+            create_time_us=now,
+            expire_time_us=expiry.deadline(now, spec.timeout_us),
+            timeout_us=spec.timeout_us,
+            timeout_action=spec.timeout_action,
+            runtime=self.runtime.name,
+            labels=spec.labels,
+            desktop=spec.desktop,
+            internet=spec.internet,
+            source_snapshot_id=spec.snapshot_id,
+            request_id=spec.request_id or None,
+        )
+        async with self._locks[instance_id]:
+            try:
+                rec, created = self.store.insert_within_quota(rec, self.quotas.for_tenant(tenant))
+            except QuotaExceeded as err:
+                raise resource_exhausted(str(err)) from None
+            if not created:
+                return await self._settled(rec)
+            done = asyncio.get_running_loop().create_future()
+            self._starting[instance_id] = done
+            self.publisher.kick()
+            try:
+                return await self._start(rec, spec, snapshot)
+            finally:
+                done.set_result(None)
+                del self._starting[instance_id]
+
+    async def _start(self, rec: InstanceRecord, spec: CreateSpec, snapshot: SnapshotRecord | None) -> InstanceRecord:
+        self._set(rec.id, State.STARTING)
+        sandbox_id = "sb-" + rec.id.removeprefix("i-")
+        try:
+            info = await self.pool.claim(spec, rec.id)
+            if info is None:
+                info = await self.runtime.create(
+                    SandboxSpec(
+                        sandbox_id=sandbox_id,
+                        template=rec.template,
+                        vcpus=rec.vcpus,
+                        memory_mib=rec.memory_mib,
+                        instance_id=rec.id,
+                        env=spec.env,
+                        desktop=spec.desktop,
+                        internet=spec.internet,
+                        restore_from=Path(snapshot.path) if snapshot else None,
+                    )
+                )
+        except Exception as err:
+            _log.warning("create failed", extra={"instance_id": rec.id, "error": str(err)})
+            with contextlib.suppress(Exception):
+                await self.runtime.delete(sandbox_id)
+            # FAILED is terminal: the quota slot is free again from this commit on.
+            return self._set(rec.id, State.FAILED, f"the runtime could not start the instance: {err}")
+        self._sandboxes[rec.id] = info
+        limits = [(lim.name, lim.value, lim.mechanism) for lim in info.limits]
+        done = self._set(rec.id, State.RUNNING, "", sandbox_id=info.sandbox_id, limits=limits)
+        self.scheduler.arm(rec.id, done.expire_time_us)
+        return done
+
+    # --- delete and deadlines ----------------------------------------------------------------
+
+    async def delete(self, tenant: str, instance_id: str) -> InstanceRecord:
+        """Terminate the instance; a terminated (or failed) one is returned unchanged."""
+        self.owned(tenant, instance_id)
+        async with self._locks[instance_id]:
+            return await self._terminate(instance_id, "deleted")
+
+    async def _terminate(self, instance_id: str, message: str) -> InstanceRecord:
+        rec = self.store.get(instance_id)
+        assert rec is not None
+        if rec.state.terminal:
+            return rec
+        if rec.state is not State.STOPPING:
+            self._set(instance_id, State.STOPPING)
+        self.scheduler.cancel(instance_id)
+        self._sandboxes.pop(instance_id, None)
+        if rec.sandbox_id:
+            try:
+                await self.runtime.delete(rec.sandbox_id)
+            except Exception as err:
+                return self._set(instance_id, State.FAILED, f"the runtime could not delete the sandbox: {err}")
+        return self._set(instance_id, State.TERMINATED, message)
+
+    async def _on_deadline(self, instance_id: str) -> None:
+        async with self._locks[instance_id]:
+            rec = self.store.get(instance_id)
+            if rec is None or rec.state not in (State.RUNNING, State.PAUSED):
+                return
+            now = now_us()
+            if rec.expire_time_us > now:  # moved meanwhile
+                self.scheduler.arm(instance_id, rec.expire_time_us)
+                return
+            action = expiry.effective_action(rec.timeout_action, self.runtime.supports_pause)
+            if action is expiry.TimeoutAction.PAUSE:
+                if rec.state is State.PAUSED:
+                    return
+                try:
+                    await self.runtime.pause(rec.sandbox_id)
+                    self._set(instance_id, State.PAUSED, "paused at its deadline")
+                    return
+                except Unsupported as err:
+                    _log.info("pause unsupported; terminating", extra={"instance_id": instance_id, "error": str(err)})
+            await self._terminate(instance_id, "expired at its deadline")
+
+    async def set_timeout(self, tenant: str, instance_id: str, timeout_us: int) -> InstanceRecord:
+        """Move the deadline to now + timeout."""
+        problem = expiry.check_timeout(timeout_us)
+        if problem:
+            raise invalid_argument(problem)
+        self.owned(tenant, instance_id)
+        async with self._locks[instance_id]:
+            rec = self.store.get(instance_id)
+            assert rec is not None
+            with _precondition():
+                check_request(instance_id, rec.state, Request.SET_TIMEOUT)
+            rec = self.store.update(
+                instance_id, expire_time_us=expiry.deadline(now_us(), timeout_us), timeout_us=timeout_us
+            )
+            if rec.state in (State.RUNNING, State.PAUSED):
+                self.scheduler.arm(instance_id, rec.expire_time_us)
+            return rec
+
+    # --- pause and resume --------------------------------------------------------------------
+
+    async def pause(self, tenant: str, instance_id: str) -> InstanceRecord:
+        """Freeze a RUNNING instance (where the runtime can)."""
+        self.owned(tenant, instance_id)
+        async with self._locks[instance_id]:
+            rec = self.store.get(instance_id)
+            assert rec is not None
+            with _precondition():
+                check_request(instance_id, rec.state, Request.PAUSE)
+            if not self.runtime.supports_pause:
+                raise failed_precondition(f"the {self.runtime.name} runtime cannot pause instances on this host")
+            try:
+                await self.runtime.pause(rec.sandbox_id)
+            except Unsupported as err:
+                raise failed_precondition(f"instance {instance_id} cannot be paused: {err}") from None
+            return self._set(instance_id, State.PAUSED, "paused")
+
+    async def resume(self, tenant: str, instance_id: str) -> InstanceRecord:
+        """Thaw a PAUSED instance; one paused by its deadline gets its timeout again from now."""
+        self.owned(tenant, instance_id)
+        async with self._locks[instance_id]:
+            rec = self.store.get(instance_id)
+            assert rec is not None
+            with _precondition():
+                check_request(instance_id, rec.state, Request.RESUME)
+            try:
+                await self.runtime.resume(rec.sandbox_id)
+            except Unsupported as err:
+                raise failed_precondition(f"instance {instance_id} cannot be resumed: {err}") from None
+            new_deadline = expiry.resume_deadline(rec.expire_time_us, now_us(), rec.timeout_us)
+            rec = self._set(instance_id, State.RUNNING, "", expire_time_us=new_deadline)
+            self.scheduler.arm(instance_id, rec.expire_time_us)
+            return rec
+
+    # --- routing -----------------------------------------------------------------------------
+
+    def resolve(self, tenant: str, instance_id: str) -> Resolved:
+        """The instance and, when RUNNING, its agent endpoint."""
+        rec = self.owned(tenant, instance_id)
+        return Resolved(rec, self._sandboxes.get(instance_id) if rec.state is State.RUNNING else None)
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    async def snapshot(self, tenant: str, instance_id: str, display_name: str) -> SnapshotRecord:
+        """Archive the instance's files (the runtime pauses it meanwhile)."""
+        if len(display_name) > 200:
+            raise invalid_argument("display_name must hold at most 200 characters")
+        self.owned(tenant, instance_id)
+        async with self._locks[instance_id]:
+            rec = self.store.get(instance_id)
+            assert rec is not None
+            with _precondition():
+                check_request(instance_id, rec.state, Request.SNAPSHOT)
+            snapshot_id = "s-" + secrets.token_hex(6)
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            dest = self.snapshot_dir / f"{snapshot_id}.tar"
+            try:
+                result = await self.runtime.snapshot(rec.sandbox_id, dest)
+            except Unsupported as err:
+                raise failed_precondition(f"instance {instance_id} cannot be snapshotted: {err}") from None
+            except Exception as err:
+                dest.unlink(missing_ok=True)
+                message = f"the runtime could not snapshot {instance_id}: {err}"
+                raise RpcError(grpc.StatusCode.INTERNAL, message) from None
+            snap = SnapshotRecord(
+                id=snapshot_id,
+                tenant=tenant,
+                instance_id=instance_id,
+                create_time_us=now_us(),
+                size_bytes=result.size_bytes,
+                includes_memory=result.includes_memory,
+                template=rec.template,
+                display_name=display_name,
+                path=str(result.path),
+            )
+            self.store.add_snapshot(snap)
+            return snap
+
+    def delete_snapshot(self, tenant: str, snapshot_id: str) -> None:
+        """Delete a snapshot and its archive."""
+        snap = self.owned_snapshot(tenant, snapshot_id)
+        Path(snap.path).unlink(missing_ok=True)
+        self.store.delete_snapshot(snapshot_id)
