@@ -255,13 +255,11 @@ def test_missing_program_in_a_terminal(agent: RunningAgent) -> None:
         term.close()
 
 
-def test_terminal_open_after_agent_restart_is_clean(tmp_path: Path) -> None:
-    # A second agent (fresh state) serves terminals too: nothing depends on module-level state.
-    with running_agent(tmp_path, FAST) as other:
-        term = Terminal(other, open_request(argv=["sh", "-c", "printf 'a\\377b'"]))
-        try:
-            term.started()
-            assert term.wait_exit().exit_code == 0
-            assert term.output == b"a\xffb"
-        finally:
-            term.close()
+def test_terminal_output_is_raw_bytes(agent: RunningAgent) -> None:
+    term = Terminal(agent, open_request(argv=["sh", "-c", "printf 'a\\377b'"]))
+    try:
+        term.started()
+        assert term.wait_exit().exit_code == 0
+        assert term.output == b"a\xffb"
+    finally:
+        term.close()
