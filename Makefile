@@ -39,6 +39,7 @@ $(STAMP): pyproject.toml
 
 proto: setup
 	$(PY) tools/gen_proto.py
+	$(PY) tools/gen_openapi.py
 	$(BIN)/buf format -w
 	$(BIN)/buf lint
 
@@ -46,6 +47,7 @@ proto-check: setup
 	$(BIN)/buf lint
 	$(BIN)/buf format --exit-code --diff >/dev/null || { echo "buf format would change proto/; run make proto"; exit 1; }
 	$(PY) tools/gen_proto.py --check
+	$(PY) tools/gen_openapi.py --check
 
 lint: proto-check
 	$(BIN)/ruff check .
