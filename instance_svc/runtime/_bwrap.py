@@ -54,6 +54,17 @@ AGENT_DIR = "/opt/cyberdesk"
 SOCK_DIR = "/run/cyberdesk"
 # Writable dirs of the per-instance layer, bound at the same path inside.
 LAYER_DIRS = ("etc", "home", "root", "tmp", "var", "opt", "srv")
+# Host /etc trees bound read-only over the layer's /etc (not /etc/ssl/private: only the certificates).
+ETC_READONLY = (
+    "ssl/certs",
+    "ssl/openssl.cnf",
+    "ca-certificates",
+    "alternatives",
+    "fonts",
+    "X11",
+    "ld.so.conf.d",
+    "profile.d",
+)
 _ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 
@@ -102,6 +113,8 @@ def argv(launch: Launch) -> list[str]:
     layer = staged(launch.layer)
     for name in LAYER_DIRS:
         bw += ["--bind", f"{layer}/{name}", f"/{name}"]
+    for name in ETC_READONLY:
+        bw += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     bw += ["--tmpfs", "/run", "--bind", staged(launch.sock_dir), SOCK_DIR]
     if not str(launch.python_prefix).startswith("/usr/"):
         bw += ["--ro-bind", staged(launch.python_prefix), str(launch.python_prefix)]
