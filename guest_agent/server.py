@@ -7,11 +7,12 @@ from collections.abc import Sequence
 import grpc
 
 from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
-from cyberdesk.v1 import filesystem_pb2, filesystem_pb2_grpc
+from cyberdesk.v1 import desktop_pb2, desktop_pb2_grpc, filesystem_pb2, filesystem_pb2_grpc
 from cyberdesk_common.grpc_server import ServerSpec
 from guest_agent.agent_info import AgentInfoServicer
 from guest_agent.auth import TokenInterceptor
 from guest_agent.config import AgentConfig
+from guest_agent.desktop import DesktopServicer
 from guest_agent.files import FilesystemServicer
 from guest_agent.identity import Identity
 from guest_agent.process import PROCESS_SERVICE, ProcessServicer
@@ -23,10 +24,12 @@ def build_spec(config: AgentConfig, identity: Identity) -> ServerSpec:
     def register(server: grpc.aio.Server) -> Sequence[str]:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentInfoServicer(identity), server)
         filesystem_pb2_grpc.add_FilesystemServiceServicer_to_server(FilesystemServicer(identity), server)
+        desktop_pb2_grpc.add_DesktopServiceServicer_to_server(DesktopServicer(identity), server)
         ProcessServicer(identity).register(server)
         return [
             agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
             filesystem_pb2.DESCRIPTOR.services_by_name["FilesystemService"].full_name,
+            desktop_pb2.DESCRIPTOR.services_by_name["DesktopService"].full_name,
             PROCESS_SERVICE,
         ]
 
