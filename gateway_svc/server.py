@@ -78,7 +78,7 @@ class Gateway:
         _log.info(
             "gateway ready",
             extra={
-                "key_backend": "unkey" if self.unkey else "local",
+                "auth_backend": "unkey" if self.unkey else "local",
                 "instance_svc": self.config.instance_target,
                 "default_rate_limit": str(self.config.default_limit),
             },

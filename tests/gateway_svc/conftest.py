@@ -1,0 +1,136 @@
+"""A running stack for the gateway tests: stand-in instance_svc and agent processes, the real gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.support.procs import ROOT, Service, free_port, service
+
+INTERNAL_TOKEN = "internal-" + "i" * 40
+AGENT_TOKEN = "agent-" + "a" * 40
+
+
+@dataclass
+class Stack:
+    """Where everything listens, and how to change the world behind the gateway."""
+
+    tmp: Path
+    state: Path
+    gateway: str
+    routes_path: Path
+    markers: Path
+    redis_url: str
+    routes: dict[str, dict[str, str]] = field(default_factory=dict)
+    agents: dict[str, Service] = field(default_factory=dict)
+
+    def set_route(self, instance_id: str, tenant: str, state: str, target: str) -> None:
+        self.routes[instance_id] = {"tenant": tenant, "state": state, "target": target, "token": AGENT_TOKEN}
+        self.routes_path.write_text(json.dumps(self.routes))
+
+    def cli(self, *args: str) -> str:
+        """Run `python -m gateway_svc keys ...` against this stack's state dir; returns stdout."""
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway_svc", "keys", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "CYBERDESK_STATE_DIR": str(self.state)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout
+
+    def new_key(self, tenant: str, admin: bool = False, rate_limit: str | None = None) -> str:
+        args = ["create", "--tenant", tenant, "--name", "test"]
+        if admin:
+            args.append("--admin")
+        if rate_limit:
+            args += ["--rate-limit", rate_limit]
+        line = next(line for line in self.cli(*args).splitlines() if line.startswith("secret"))
+        return line.split()[1]
+
+
+@contextmanager
+def agent(tmp: Path, markers: Path, name: str) -> Iterator[Service]:
+    """A stand-in agent process on its own unix socket."""
+    sock = tmp / f"{name}.sock"
+    target = f"unix://{sock}"
+    env = {"UPSTREAM_ADDR": target, "UPSTREAM_TOKEN": AGENT_TOKEN, "UPSTREAM_MARKERS": str(markers)}
+    with _upstream("agent", target, env, tmp / name) as svc:
+        yield svc
+
+
+@contextmanager
+def _upstream(role: str, target: str, env: dict[str, str], tmp: Path) -> Iterator[Service]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    # tests.support.procs.service runs `python -m <module>`; the role goes in through a wrapper module name.
+    with service(f"tests.gateway_svc.upstream_{role}", target, env, tmp) as svc:
+        yield svc
+
+
+def gateway_env(stack_state: Path, instance_addr: str, redis_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "CYBERDESK_STATE_DIR": str(stack_state),
+        "CYBERDESK_INSTANCE_ADDR": instance_addr,
+        "CYBERDESK_INTERNAL_TOKEN": INTERNAL_TOKEN,
+        "CYBERDESK_REDIS_URL": redis_url,
+        "CYBERDESK_RATE_LIMIT": "1000/1s",
+        "CYBERDESK_AUTH_CACHE_SECONDS": "1",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("gw")
+    state = tmp / "state"
+    markers = tmp / "markers"
+    markers.mkdir()
+    routes_path = tmp / "routes.json"
+    routes_path.write_text("{}")
+    instance_addr = f"127.0.0.1:{free_port()}"
+    gw_addr = f"127.0.0.1:{free_port()}"
+    with ExitStack() as stack_ctx:
+        stack_ctx.enter_context(
+            _upstream(
+                "instance",
+                instance_addr,
+                {
+                    "UPSTREAM_ADDR": instance_addr,
+                    "UPSTREAM_ROUTES": str(routes_path),
+                    "CYBERDESK_INTERNAL_TOKEN": INTERNAL_TOKEN,
+                },
+                tmp / "instance",
+            )
+        )
+        main_agent = stack_ctx.enter_context(agent(tmp, markers, "agent-main"))
+        stack_ctx.enter_context(
+            service(
+                "gateway_svc",
+                gw_addr,
+                gateway_env(state, instance_addr, redis_url, CYBERDESK_GATEWAY_ADDR=gw_addr),
+                tmp,
+            )
+        )
+        st = Stack(tmp, state, gw_addr, routes_path, markers, redis_url)
+        st.agents["main"] = main_agent
+        st.instance_addr = instance_addr  # type: ignore[attr-defined]
+        st.set_route("i-a", "tenant-a", "RUNNING", main_agent.target)
+        st.set_route("i-paused", "tenant-a", "PAUSED", main_agent.target)
+        st.set_route("i-b", "tenant-b", "RUNNING", main_agent.target)
+        yield st
+
+
+@pytest.fixture
+def channel(stack: Stack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(stack.gateway) as ch:
+        yield ch

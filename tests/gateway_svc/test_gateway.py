@@ -1,0 +1,342 @@
+"""The gateway as a process, in front of real upstream processes and a real redis-server."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from cyberdesk.internal.v1 import auth_pb2, auth_pb2_grpc
+from cyberdesk.v1 import (
+    filesystem_pb2,
+    filesystem_pb2_grpc,
+    instance_pb2,
+    instance_pb2_grpc,
+    process_pb2,
+    process_pb2_grpc,
+)
+from cyberdesk_common.status import decode_details
+from tests.gateway_svc.conftest import Stack, agent
+
+
+def _auth(key: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def _get(
+    channel: grpc.Channel, instance_id: str, metadata: tuple[tuple[str, str], ...]
+) -> instance_pb2.GetInstanceResponse:
+    stub = instance_pb2_grpc.InstanceServiceStub(channel)
+    reply: instance_pb2.GetInstanceResponse = stub.GetInstance(
+        instance_pb2.GetInstanceRequest(instance_id=instance_id), metadata=metadata, timeout=10
+    )
+    return reply
+
+
+def _code(fn: object, *args: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        fn(*args)  # type: ignore[operator]
+    except grpc.RpcError as err:
+        return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def _until(predicate: object, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.1)
+
+
+# -- authentication ------------------------------------------------------------------------------
+
+
+def test_missing_malformed_and_wrong_keys_are_unauthenticated(stack: Stack, channel: grpc.Channel) -> None:
+    for metadata in ((), (("authorization", "Basic abc"),), _auth("cd_not-a-key"), (("x-api-key", "nope"),)):
+        code, details = _code(_get, channel, "i-a", metadata)
+        assert code is grpc.StatusCode.UNAUTHENTICATED, details
+    code, details = _code(_get, channel, "i-a", ())
+    assert "authorization: Bearer" in details
+
+
+def test_valid_key_by_either_header_reaches_instance_svc_with_the_tenant(stack: Stack, channel: grpc.Channel) -> None:
+    key = stack.new_key("tenant-a")
+    assert _get(channel, "i-a", _auth(key)).instance.instance_id == "i-a"
+    assert _get(channel, "i-a", (("x-api-key", key),)).instance.state == instance_pb2.INSTANCE_STATE_RUNNING
+    # A caller cannot claim another tenant: its x-cyberdesk-* metadata is stripped.
+    forged = (*_auth(key), ("x-cyberdesk-tenant", "tenant-b"), ("x-cyberdesk-internal-token", "guess"))
+    assert _code(_get, channel, "i-b", forged)[0] is grpc.StatusCode.NOT_FOUND
+
+
+def test_key_management_needs_admin_and_revocation_takes_effect(stack: Stack, channel: grpc.Channel) -> None:
+    admin = stack.new_key("ops", admin=True)
+    user = stack.new_key("tenant-a")
+    keys = auth_pb2_grpc.AuthServiceStub(channel)
+    request = auth_pb2.CreateKeyRequest(tenant_id="tenant-a", name="ci")
+    code, _ = _code(keys.CreateKey, request, 5, _auth(user))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    code, details = _code(
+        keys.CreateKey, auth_pb2.CreateKeyRequest(tenant_id="t", name="x", scopes=["root"]), 5, _auth(admin)
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "root" in details
+    created = keys.CreateKey(request, timeout=5, metadata=_auth(admin))
+    assert created.secret.startswith("cd_") and created.api_key.prefix == created.secret[:8]
+    listed = keys.ListKeys(auth_pb2.ListKeysRequest(tenant_id="tenant-a"), timeout=5, metadata=_auth(admin))
+    assert created.api_key.key_id in [k.key_id for k in listed.api_keys]
+    assert all(created.secret not in str(k) for k in listed.api_keys)
+    assert _get(channel, "i-a", _auth(created.secret)).instance.instance_id == "i-a"
+    keys.RevokeKey(auth_pb2.RevokeKeyRequest(key_id=created.api_key.key_id), timeout=5, metadata=_auth(admin))
+    # The gateway caches a verified key for CYBERDESK_AUTH_CACHE_SECONDS (1 s here), then refuses it.
+    _until(lambda: _code(_get, channel, "i-a", _auth(created.secret))[0] is grpc.StatusCode.UNAUTHENTICATED)
+    code, _ = _code(keys.RevokeKey, auth_pb2.RevokeKeyRequest(key_id="k-missing"), 5, _auth(admin))
+    assert code is grpc.StatusCode.NOT_FOUND
+
+
+def test_instance_scope_is_required(stack: Stack, channel: grpc.Channel) -> None:
+    admin = stack.new_key("ops", admin=True)
+    keys = auth_pb2_grpc.AuthServiceStub(channel)
+    only_admin_scope = keys.CreateKey(
+        auth_pb2.CreateKeyRequest(tenant_id="tenant-a", name="x", scopes=["admin"]), timeout=5, metadata=_auth(admin)
+    )
+    # admin implies every scope; a key with no usable scope does not exist through the API, so check the rule
+    # through a key with "instances" only calling the admin API instead.
+    assert _get(channel, "i-a", _auth(only_admin_scope.secret)).instance.instance_id == "i-a"
+    user = stack.new_key("tenant-a")
+    code, details = _code(keys.ListKeys, auth_pb2.ListKeysRequest(tenant_id="tenant-a"), 5, _auth(user))
+    assert code is grpc.StatusCode.PERMISSION_DENIED and "admin" in details
+
+
+# -- rate limits ---------------------------------------------------------------------------------
+
+
+def test_rate_limit_reached_then_recovered(stack: Stack, channel: grpc.Channel) -> None:
+    key = stack.new_key("tenant-a", rate_limit="3/2s")
+    for _ in range(3):
+        _get(channel, "i-a", _auth(key))
+    stub = instance_pb2_grpc.InstanceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetInstance(instance_pb2.GetInstanceRequest(instance_id="i-a"), metadata=_auth(key), timeout=5)
+    err = caught.value
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(err.trailing_metadata())
+    assert int(trailers["retry-after"]) >= 1
+    status = decode_details(tuple(err.trailing_metadata()))
+    assert status is not None
+    info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info)
+    delay = info.retry_delay.ToNanoseconds() / 1e9
+    assert 0 < delay <= 2.0
+    time.sleep(delay + 0.05)
+    assert _get(channel, "i-a", _auth(key)).instance.instance_id == "i-a"
+
+
+# -- tenant isolation and routing ---------------------------------------------------------------------
+
+
+def test_other_tenants_instance_is_not_found(stack: Stack, channel: grpc.Channel) -> None:
+    key_a = stack.new_key("tenant-a")
+    code, _ = _code(_get, channel, "i-b", _auth(key_a))
+    assert code is grpc.StatusCode.NOT_FOUND
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(
+            procs.StartProcess(
+                process_pb2.StartProcessRequest(instance_id="i-b", command="id"), metadata=_auth(key_a), timeout=10
+            )
+        )
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_not_running_and_missing_instance_id(stack: Stack, channel: grpc.Channel) -> None:
+    key = stack.new_key("tenant-a")
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(
+            procs.StartProcess(
+                process_pb2.StartProcessRequest(instance_id="i-paused", command="id"), metadata=_auth(key), timeout=10
+            )
+        )
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "PAUSED" in (caught.value.details() or "")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(procs.StartProcess(process_pb2.StartProcessRequest(command="id"), metadata=_auth(key), timeout=10))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "instance_id" in (caught.value.details() or "")
+
+
+# -- proxying ------------------------------------------------------------------------------------
+
+
+def test_exec_through_the_gateway(stack: Stack, channel: grpc.Channel) -> None:
+    key = stack.new_key("tenant-a")
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+    events = list(
+        procs.StartProcess(
+            process_pb2.StartProcessRequest(instance_id="i-a", command="echo hi"), metadata=_auth(key), timeout=10
+        )
+    )
+    assert events[0].event.HasField("started")
+    assert b"".join(e.event.stdout for e in events) == b"hi\n"
+    assert events[-1].event.exited.exit_code == 0
+
+
+def test_upload_and_download_through_the_gateway(stack: Stack, channel: grpc.Channel, tmp_path: Path) -> None:
+    key = stack.new_key("tenant-a")
+    files = filesystem_pb2_grpc.FilesystemServiceStub(channel)
+    payload = os.urandom(5 * 1024 * 1024 + 123)
+    target = tmp_path / "up.bin"
+
+    def chunks() -> Iterator[filesystem_pb2.UploadFileRequest]:
+        yield filesystem_pb2.UploadFileRequest(
+            instance_id="i-a", header=filesystem_pb2.UploadFileHeader(path=str(target))
+        )
+        for off in range(0, len(payload), 1 << 20):
+            yield filesystem_pb2.UploadFileRequest(chunk=payload[off : off + (1 << 20)])
+
+    reply = files.UploadFile(chunks(), metadata=_auth(key), timeout=30)
+    assert reply.size == len(payload) and reply.sha256 == hashlib.sha256(payload).hexdigest()
+    assert target.read_bytes() == payload
+    parts = list(
+        files.DownloadFile(
+            filesystem_pb2.DownloadFileRequest(instance_id="i-a", path=str(target)), metadata=_auth(key), timeout=30
+        )
+    )
+    assert b"".join(p.chunk for p in parts) == payload and parts[-1].sha256 == reply.sha256
+    with pytest.raises(grpc.RpcError) as caught:
+        list(
+            files.DownloadFile(
+                filesystem_pb2.DownloadFileRequest(instance_id="i-a", path=str(tmp_path / "nope")),
+                metadata=_auth(key),
+                timeout=10,
+            )
+        )
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND and "nope" in (caught.value.details() or "")
+
+
+def test_shell_through_the_gateway(stack: Stack, channel: grpc.Channel) -> None:
+    key = stack.new_key("tenant-a")
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+
+    def keys() -> Iterator[process_pb2.ConnectPtyRequest]:
+        yield process_pb2.ConnectPtyRequest(instance_id="i-a", open=process_pb2.PtyOpen())
+        for ch in b"ls\n":
+            yield process_pb2.ConnectPtyRequest(input=bytes([ch]))
+
+    replies = list(procs.ConnectPty(keys(), metadata=_auth(key), timeout=10))
+    assert replies[0].HasField("started")
+    assert b"".join(r.output for r in replies) == b"ls\n"
+    assert replies[-1].HasField("exited")
+
+
+def test_trace_context_reaches_the_upstream(stack: Stack, channel: grpc.Channel) -> None:
+    key = stack.new_key("tenant-a")
+    caller_trace = "0af7651916cd43dd8448eb211c80319c"
+    traceparent = f"00-{caller_trace}-b7ad6b7169203331-01"
+    stub = instance_pb2_grpc.InstanceServiceStub(channel)
+    _, call = stub.GetInstance.with_call(
+        instance_pb2.GetInstanceRequest(instance_id="i-a"),
+        metadata=(*_auth(key), ("traceparent", traceparent)),
+        timeout=5,
+    )
+    seen = dict(call.trailing_metadata())["x-seen-traceparent"]
+    # Same trace, but the parent is now the gateway's own span, not the caller's.
+    assert seen.startswith(f"00-{caller_trace}-") and "b7ad6b7169203331" not in seen
+
+
+# -- failures mid-stream ------------------------------------------------------------------------------
+
+
+def test_agent_killed_mid_stream_gives_unavailable(stack: Stack, channel: grpc.Channel) -> None:
+    key = stack.new_key("tenant-a")
+    with agent(stack.tmp, stack.markers, "agent-doomed") as doomed:
+        stack.set_route("i-doomed", "tenant-a", "RUNNING", doomed.target)
+        procs = process_pb2_grpc.ProcessServiceStub(channel)
+        stream = procs.StartProcess(
+            process_pb2.StartProcessRequest(instance_id="i-doomed", command="echo ready; sleep 60"),
+            metadata=_auth(key),
+            timeout=60,
+        )
+        assert next(stream).event.HasField("started")
+        assert next(stream).event.stdout == b"ready\n"
+        doomed.proc.send_signal(signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream)
+        # UNAVAILABLE, not the 60 s DEADLINE_EXCEEDED: the gateway noticed the agent went away.
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        assert "i-doomed" in (caught.value.details() or "")
+
+
+def test_caller_cancel_reaches_the_agent(stack: Stack, channel: grpc.Channel) -> None:
+    key = stack.new_key("tenant-a")
+    marker = stack.markers / "cancelled"
+    marker.unlink(missing_ok=True)
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+    stream = procs.StartProcess(
+        process_pb2.StartProcessRequest(instance_id="i-a", command="echo ready; sleep 60"),
+        metadata=_auth(key),
+        timeout=60,
+    )
+    next(stream)
+    assert next(stream).event.stdout == b"ready\n"
+    stream.cancel()
+    _until(marker.exists)
+
+
+def test_deadline_propagates(stack: Stack, channel: grpc.Channel) -> None:
+    key = stack.new_key("tenant-a")
+    marker = stack.markers / "cancelled"
+    marker.unlink(missing_ok=True)
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(
+            procs.StartProcess(
+                process_pb2.StartProcessRequest(instance_id="i-a", command="sleep 60"), metadata=_auth(key), timeout=1.0
+            )
+        )
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    # The agent's call ended with the caller's deadline too (it was cancelled, its process killed).
+    _until(marker.exists)
+
+
+def test_route_cache_follows_lifecycle_events(stack: Stack, channel: grpc.Channel) -> None:
+    import redis
+
+    key = stack.new_key("tenant-a")
+    stack.set_route("i-life", "tenant-a", "RUNNING", stack.agents["main"].target)
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+    list(
+        procs.StartProcess(
+            process_pb2.StartProcessRequest(instance_id="i-life", command="true"), metadata=_auth(key), timeout=10
+        )
+    )
+    stack.set_route("i-life", "tenant-a", "PAUSED", stack.agents["main"].target)
+    client = redis.Redis.from_url(stack.redis_url)
+
+    def paused_seen() -> bool:
+        # Publish until the gateway (which only reads events newer than its subscription) drops the route.
+        client.xadd("cyberdesk:events", {"instance_id": "i-life", "state": "PAUSED"})
+        try:
+            list(
+                procs.StartProcess(
+                    process_pb2.StartProcessRequest(instance_id="i-life", command="true"),
+                    metadata=_auth(key),
+                    timeout=10,
+                )
+            )
+        except grpc.RpcError as err:
+            return err.code() is grpc.StatusCode.FAILED_PRECONDITION
+        return False
+
+    # The route cache TTL is 5 s by default; the event makes the change visible well before.
+    _until(paused_seen, timeout=4.0)
+    client.close()
+
+
+__all__ = ["threading"]
