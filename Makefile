@@ -7,7 +7,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
-SYSTEM_PACKAGES := bubblewrap redis-server xvfb xdotool
 AGAINST ?= HEAD~1
 PYTEST_ARGS ?=
 
@@ -15,10 +14,12 @@ PYTEST_ARGS ?=
 
 setup: system $(STAMP)
 
-# Debian packages the stack runs: bubblewrap (sandboxes), redis-server, Xvfb and xdotool (desktops).
+# Debian packages the stack runs: bubblewrap (sandboxes), redis-server, and for desktops Xvfb, xdotool,
+# a small window manager (matchbox) and xdpyinfo (x11-utils).
 system:
 	@missing=""; \
-	for pair in bwrap:bubblewrap redis-server:redis-server Xvfb:xvfb xdotool:xdotool; do \
+	for pair in bwrap:bubblewrap redis-server:redis-server Xvfb:xvfb xdotool:xdotool \
+	    matchbox-window-manager:matchbox-window-manager xdpyinfo:x11-utils zstd:zstd; do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
