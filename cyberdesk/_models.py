@@ -1,0 +1,390 @@
+"""Plain data returned by the SDK: frozen dataclasses built from the protobuf messages.
+
+Callers get Python types (bytes, str, datetime) instead of protobuf messages; `raw` keeps the
+message where a caller needs a field the dataclass leaves out.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from google.protobuf import timestamp_pb2
+
+    from cyberdesk.v1 import filesystem_pb2, instance_pb2, process_pb2
+
+
+def _time(stamp: timestamp_pb2.Timestamp, present: bool = True) -> _dt.datetime | None:
+    if not present or (stamp.seconds == 0 and stamp.nanos == 0):
+        return None
+    return _dt.datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, tz=_dt.UTC)
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """The process started (first event of every process stream)."""
+
+    pid: int
+    tag: str = ""
+
+
+@dataclass(frozen=True)
+class Stdout:
+    """Bytes the process wrote to stdout, exactly as written."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Stderr:
+    """Bytes the process wrote to stderr, exactly as written."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Exited:
+    """The process ended (last event). exit_code is -1 when killed by a signal; 127 for a missing command."""
+
+    exit_code: int
+    signal: int = 0
+    timed_out: bool = False
+    error: str = ""
+
+
+ExecEvent = Started | Stdout | Stderr | Exited
+
+
+def event_from_proto(event: process_pb2.ProcessEvent) -> ExecEvent | None:
+    """The SDK event for a ProcessEvent; None for keepalives."""
+    kind = event.WhichOneof("event")
+    if kind == "stdout":
+        return Stdout(event.stdout)
+    if kind == "stderr":
+        return Stderr(event.stderr)
+    if kind == "started":
+        return Started(event.started.pid, event.started.tag)
+    if kind == "exited":
+        return exited_from_proto(event.exited)
+    return None
+
+
+def exited_from_proto(exited: process_pb2.ProcessExited) -> Exited:
+    """The Exited event of a ProcessExited message."""
+    return Exited(exited.exit_code, exited.signal, exited.timed_out, exited.error)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The collected outcome of a command."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    pid: int = 0
+    signal: int = 0
+    timed_out: bool = False
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited with code 0."""
+        return self.exit_code == 0
+
+    @property
+    def stdout_text(self) -> str:
+        """stdout decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def stderr_text(self) -> str:
+        """stderr decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stderr.decode("utf-8", "replace")
+
+
+class ResultCollector:
+    """Folds a stream of events into an ExecResult."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        self.exited: Exited | None = None
+
+    def add(self, event: ExecEvent) -> None:
+        """Take one event into account."""
+        if isinstance(event, Started):
+            self.pid = event.pid
+        elif isinstance(event, Stdout):
+            self._out.append(event.data)
+        elif isinstance(event, Stderr):
+            self._err.append(event.data)
+        else:
+            self.exited = event
+
+    def result(self) -> ExecResult:
+        """The result; a stream that ended without an exit event reports exit_code -1."""
+        ex = self.exited or Exited(-1, error="the stream ended before the process exited")
+        return ExecResult(
+            ex.exit_code, b"".join(self._out), b"".join(self._err), self.pid, ex.signal, ex.timed_out, ex.error
+        )
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process known to the instance's agent."""
+
+    pid: int
+    tag: str
+    argv: list[str]
+    cwd: str
+    pty: bool
+    background: bool
+    exited: Exited | None
+
+    @classmethod
+    def from_proto(cls, info: process_pb2.ProcessInfo) -> ProcessInfo:
+        """Build from a ProcessInfo message."""
+        exited = exited_from_proto(info.exited) if info.HasField("exited") else None
+        return cls(info.pid, info.tag, list(info.argv), info.cwd, info.pty, info.background, exited)
+
+
+# --- files ---------------------------------------------------------------------------------
+
+FileType = Literal["file", "directory", "symlink", "other", "unknown"]
+_FILE_TYPES: dict[int, FileType] = {1: "file", 2: "directory", 3: "symlink", 4: "other"}
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """Metadata of a path inside an instance."""
+
+    path: str
+    name: str
+    type: FileType
+    size: int
+    mode: int
+    modify_time: _dt.datetime | None
+    symlink_target: str = ""
+
+    @property
+    def is_dir(self) -> bool:
+        """True for a directory."""
+        return self.type == "directory"
+
+    @classmethod
+    def from_proto(cls, info: filesystem_pb2.FileInfo) -> FileInfo:
+        """Build from a FileInfo message."""
+        return cls(
+            info.path,
+            info.name,
+            _FILE_TYPES.get(info.type, "unknown"),
+            info.size,
+            info.mode,
+            _time(info.modify_time, info.HasField("modify_time")),
+            info.symlink_target,
+        )
+
+
+FsEventType = Literal["create", "modify", "remove", "rename", "chmod", "unknown"]
+_FS_EVENTS: dict[int, FsEventType] = {1: "create", 2: "modify", 3: "remove", 4: "rename", 5: "chmod"}
+
+
+@dataclass(frozen=True)
+class FsEvent:
+    """One change below a watched directory."""
+
+    type: FsEventType
+    path: str
+    old_path: str
+    is_directory: bool
+    time: _dt.datetime | None
+
+    @classmethod
+    def from_proto(cls, event: filesystem_pb2.FilesystemEvent) -> FsEvent:
+        """Build from a FilesystemEvent message."""
+        return cls(
+            _FS_EVENTS.get(event.type, "unknown"),
+            event.path,
+            event.old_path,
+            event.is_directory,
+            _time(event.event_time, event.HasField("event_time")),
+        )
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """A file written into an instance."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+# --- desktop -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Screenshot:
+    """An encoded screen image."""
+
+    image: bytes
+    format: Literal["png", "jpeg"]
+    width: int
+    height: int
+
+    def save(self, path: str | Path) -> Path:
+        """Write the image to a file and return its path."""
+        target = Path(path)
+        target.write_bytes(self.image)
+        return target
+
+
+# --- instances and snapshots ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved copy of an instance's files."""
+
+    id: str
+    instance_id: str
+    create_time: _dt.datetime | None
+    size_bytes: int
+    template: str
+    display_name: str
+    includes_memory: bool = False
+
+    @classmethod
+    def from_proto(cls, snap: instance_pb2.Snapshot) -> Snapshot:
+        """Build from a Snapshot message."""
+        return cls(
+            snap.snapshot_id,
+            snap.instance_id,
+            _time(snap.create_time, snap.HasField("create_time")),
+            snap.size_bytes,
+            snap.template,
+            snap.display_name,
+            snap.includes_memory,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "snapshot_id": self.id,
+            "instance_id": self.instance_id,
+            "create_time": self.create_time.isoformat() if self.create_time else None,
+            "size_bytes": self.size_bytes,
+            "template": self.template,
+            "display_name": self.display_name,
+            "includes_memory": self.includes_memory,
+        }
+
+
+@dataclass(frozen=True)
+class InstanceData:
+    """The fields of an instance, as last read from the API."""
+
+    id: str
+    state: str
+    template: str
+    vcpus: int
+    memory_mib: int
+    state_message: str
+    create_time: _dt.datetime | None
+    expire_time: _dt.datetime | None
+    end_time: _dt.datetime | None
+    labels: dict[str, str]
+    desktop: bool
+    runtime: str
+    source_snapshot_id: str
+    raw: Any = field(repr=False, compare=False, default=None)
+
+    @classmethod
+    def from_proto(cls, inst: instance_pb2.Instance) -> InstanceData:
+        """Build from an Instance message."""
+        from cyberdesk.v1 import instance_pb2
+
+        state = instance_pb2.InstanceState.Name(inst.state).removeprefix("INSTANCE_STATE_")
+        return cls(
+            inst.instance_id,
+            state,
+            inst.template,
+            inst.vcpus,
+            inst.memory_mib,
+            inst.state_message,
+            _time(inst.create_time, inst.HasField("create_time")),
+            _time(inst.expire_time, inst.HasField("expire_time")),
+            _time(inst.end_time, inst.HasField("end_time")),
+            dict(inst.labels),
+            inst.desktop.enabled,
+            inst.runtime,
+            inst.source_snapshot_id,
+            inst,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+
+        def iso(value: _dt.datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "instance_id": self.id,
+            "state": self.state,
+            "template": self.template,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "state_message": self.state_message,
+            "create_time": iso(self.create_time),
+            "expire_time": iso(self.expire_time),
+            "end_time": iso(self.end_time),
+            "labels": self.labels,
+            "desktop": self.desktop,
+            "runtime": self.runtime,
+            "source_snapshot_id": self.source_snapshot_id,
+        }
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key's record (never its secret)."""
+
+    key_id: str
+    tenant_id: str
+    name: str
+    prefix: str
+    scopes: list[str]
+    create_time: _dt.datetime | None
+    revoke_time: _dt.datetime | None
+
+    @classmethod
+    def from_proto(cls, key: Any) -> ApiKey:
+        """Build from a cyberdesk.internal.v1.ApiKey message."""
+        return cls(
+            key.key_id,
+            key.tenant_id,
+            key.name,
+            key.prefix,
+            list(key.scopes),
+            _time(key.create_time, key.HasField("create_time")),
+            _time(key.revoke_time, key.HasField("revoke_time")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "key_id": self.key_id,
+            "tenant_id": self.tenant_id,
+            "name": self.name,
+            "prefix": self.prefix,
+            "scopes": self.scopes,
+            "create_time": self.create_time.isoformat() if self.create_time else None,
+            "revoke_time": self.revoke_time.isoformat() if self.revoke_time else None,
+        }
