@@ -1,0 +1,287 @@
+"""The gateway's cost: the same calls through gateway_svc and straight to a real guest agent.
+
+- exec `echo hi` (argv, no shell): p50/p99 through the gateway vs the agent directly;
+- upload and download of BENCH_GATEWAY_MIB (default 1024) MiB in 1 MiB chunks, sha256 checked,
+  MB/s through the gateway vs directly;
+- unary GetInstance calls per second through the gateway with auth and rate limiting on (one
+  channel, BENCH_GATEWAY_CONCURRENCY calls in flight).
+
+Behind the gateway: a real guest agent (bench._launch.agent), a real redis-server (rate limits),
+and, for routing and GetInstance, the RoutingService/InstanceService stand-in of the gateway
+tests (tests/gateway_svc/upstream.py): a small real gRPC server reading a routes file. So the
+GetInstance rate measures the gateway plus that stand-in, not instance_svc's own store.
+Not measured here: 1,000 concurrent shells with keystroke echo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench._launch import ROOT, Agent, _free_port, agent
+from bench._report import latency_summary, print_table, report
+from bench.agent_files import chunks
+from cyberdesk.v1 import filesystem_pb2 as fs
+from cyberdesk.v1 import filesystem_pb2_grpc, instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
+
+N = int(os.environ.get("BENCH_N", "300"))
+WARMUP = int(os.environ.get("BENCH_WARMUP", "30"))
+MIB = 1024 * 1024
+TOTAL = int(os.environ.get("BENCH_GATEWAY_MIB", "1024")) * MIB
+CONCURRENCY = int(os.environ.get("BENCH_GATEWAY_CONCURRENCY", "16"))
+UNARY_SECONDS = float(os.environ.get("BENCH_GATEWAY_UNARY_SECONDS", "5"))
+INTERNAL_TOKEN = "bench-internal-" + "x" * 32
+TENANT = "bench-tenant"
+
+
+def _wait(target: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                return
+            except grpc.RpcError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{target} did not start") from None
+                time.sleep(0.05)
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str], log: Path, health: str | None = None) -> Iterator[None]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=out, stderr=out
+        )
+    try:
+        if health:
+            _wait(health, proc)
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def gateway_in_front_of(running: Agent) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
+    """A gateway (with redis and the routing stand-in) routing `running.instance_id` to the agent."""
+    with tempfile.TemporaryDirectory(prefix="cyberdesk-bench-gw-") as tmp, ExitStack() as stack:
+        base = Path(tmp)
+        redis_port = _free_port()
+        redis_bin = shutil.which("redis-server")
+        if redis_bin is None:
+            raise RuntimeError("redis-server is not installed")
+        stack.enter_context(
+            _process([redis_bin, "--port", str(redis_port), "--save", "", "--appendonly", "no"], {}, base / "redis.log")
+        )
+        time.sleep(0.3)
+        token = running.metadata[0][1].removeprefix("Bearer ")
+        routes = base / "routes.json"
+        routes.write_text(
+            json.dumps(
+                {running.instance_id: {"tenant": TENANT, "state": "RUNNING", "target": running.target, "token": token}}
+            )
+        )
+        instance_addr = f"127.0.0.1:{_free_port()}"
+        stack.enter_context(
+            _process(
+                [sys.executable, "-m", "tests.gateway_svc.upstream_instance"],
+                {
+                    "UPSTREAM_ADDR": instance_addr,
+                    "UPSTREAM_ROUTES": str(routes),
+                    "CYBERDESK_INTERNAL_TOKEN": INTERNAL_TOKEN,
+                    "CYBERDESK_LOG_LEVEL": "WARNING",
+                },
+                base / "instance.log",
+                instance_addr,
+            )
+        )
+        state = base / "state"
+        env = {
+            "CYBERDESK_STATE_DIR": str(state),
+            "CYBERDESK_INTERNAL_TOKEN": INTERNAL_TOKEN,
+            "CYBERDESK_INSTANCE_ADDR": instance_addr,
+            "CYBERDESK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "CYBERDESK_RATE_LIMIT": "1000000/1s",
+            "CYBERDESK_LOG_LEVEL": "WARNING",
+        }
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway_svc", "keys", "create", "--tenant", TENANT, "--name", "bench"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        secret = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("secret"))
+        gw_addr = f"127.0.0.1:{_free_port()}"
+        stack.enter_context(
+            _process(
+                [sys.executable, "-m", "gateway_svc"],
+                {**env, "CYBERDESK_GATEWAY_ADDR": gw_addr},
+                base / "gateway.log",
+                gw_addr,
+            )
+        )
+        yield gw_addr, (("authorization", f"Bearer {secret}"),)
+
+
+def _measure(call: Callable[[], None]) -> list[float]:
+    for _ in range(WARMUP):
+        call()
+    samples = []
+    for _ in range(N):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def _exec(channel: grpc.Channel, instance_id: str, metadata: tuple[tuple[str, str], ...]) -> Callable[[], None]:
+    stub = process_pb2_grpc.ProcessServiceStub(channel)
+    request = process_pb2.StartProcessRequest(instance_id=instance_id, argv=["echo", "hi"])
+
+    def call() -> None:
+        out = b"".join(m.event.stdout for m in stub.StartProcess(request, metadata=metadata, timeout=30))
+        if out != b"hi\n":
+            raise RuntimeError(f"unexpected output {out!r}")
+
+    return call
+
+
+def _transfer(
+    channel: grpc.Channel,
+    instance_id: str,
+    metadata: tuple[tuple[str, str], ...],
+    path: str,
+    expected: str,
+    target: str,
+) -> list[dict[str, Any]]:
+    stub = filesystem_pb2_grpc.FilesystemServiceStub(channel)
+
+    def requests() -> Iterator[fs.UploadFileRequest]:
+        yield fs.UploadFileRequest(instance_id=instance_id, header=fs.UploadFileHeader(path=path, overwrite=True))
+        for piece in chunks(TOTAL, MIB):
+            yield fs.UploadFileRequest(chunk=piece)
+
+    start = time.perf_counter()
+    reply = stub.UploadFile(requests(), metadata=metadata, timeout=900)
+    up = time.perf_counter() - start
+    digest = hashlib.sha256()
+    received = 0
+    start = time.perf_counter()
+    for message in stub.DownloadFile(
+        fs.DownloadFileRequest(instance_id=instance_id, path=path), metadata=metadata, timeout=900
+    ):
+        digest.update(message.chunk)
+        received += len(message.chunk)
+    down = time.perf_counter() - start
+    return [
+        {
+            "target": target,
+            "direction": "upload",
+            "MiB": TOTAL // MIB,
+            "seconds": round(up, 3),
+            "MB_s": round(TOTAL / up / 1e6, 1),
+            "sha256_ok": reply.sha256 == expected,
+        },
+        {
+            "target": target,
+            "direction": "download",
+            "MiB": TOTAL // MIB,
+            "seconds": round(down, 3),
+            "MB_s": round(TOTAL / down / 1e6, 1),
+            "sha256_ok": digest.hexdigest() == expected and received == TOTAL,
+        },
+    ]
+
+
+async def _unary_rate(addr: str, instance_id: str, metadata: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = instance_pb2_grpc.InstanceServiceStub(channel)
+        request = instance_pb2.GetInstanceRequest(instance_id=instance_id)
+        for _ in range(WARMUP):
+            await stub.GetInstance(request, metadata=metadata, timeout=10)
+        done = 0
+        stop = time.perf_counter() + UNARY_SECONDS
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                await stub.GetInstance(request, metadata=metadata, timeout=10)
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - start
+    return {
+        "calls": done,
+        "seconds": round(elapsed, 3),
+        "calls_per_s": round(done / elapsed, 1),
+        "in_flight": CONCURRENCY,
+    }
+
+
+def main() -> None:
+    """Run the benchmark and write bench/results/gateway_proxy.json."""
+    expected = hashlib.sha256(b"".join(chunks(TOTAL, MIB))).hexdigest() if TOTAL <= 64 * MIB else None
+    if expected is None:
+        digest = hashlib.sha256()
+        for piece in chunks(TOTAL, MIB):
+            digest.update(piece)
+        expected = digest.hexdigest()
+    exec_rows: list[dict[str, Any]] = []
+    file_rows: list[dict[str, Any]] = []
+    with agent() as running, gateway_in_front_of(running) as (gw_addr, gw_meta):
+        path = str(running.workdir / "bench.bin")
+        with grpc.insecure_channel(running.target) as direct, grpc.insecure_channel(gw_addr) as via:
+            exec_rows.append(
+                {
+                    "target": "agent directly",
+                    **latency_summary(_measure(_exec(direct, running.instance_id, running.metadata))),
+                }
+            )
+            exec_rows.append(
+                {"target": "through gateway", **latency_summary(_measure(_exec(via, running.instance_id, gw_meta)))}
+            )
+            file_rows += _transfer(direct, running.instance_id, running.metadata, path, expected, "agent directly")
+            file_rows += _transfer(via, running.instance_id, gw_meta, path, expected, "through gateway")
+        os.unlink(path)
+        unary = asyncio.run(_unary_rate(gw_addr, running.instance_id, gw_meta))
+    direct_ex, via_ex = exec_rows
+    summary = {
+        "exec_added_p50_ms": round(via_ex["p50_ms"] - direct_ex["p50_ms"], 3),
+        "exec_added_p99_ms": round(via_ex["p99_ms"] - direct_ex["p99_ms"], 3),
+        "upload_ratio": round(file_rows[2]["MB_s"] / file_rows[0]["MB_s"], 3),
+        "download_ratio": round(file_rows[3]["MB_s"] / file_rows[1]["MB_s"], 3),
+        "get_instance_calls_per_s": unary["calls_per_s"],
+        "shells_1000": "not measured",
+    }
+    print_table(file_rows)
+    print_table([{"target": "GetInstance via gateway", **unary}])
+    report("gateway_proxy", exec_rows, transfers=file_rows, unary=unary, summary=summary, calls=N)
+
+
+if __name__ == "__main__":
+    main()
