@@ -17,8 +17,13 @@ from pathlib import Path
 from cyberdesk._errors import ConfigurationError
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
-KEYS = ("endpoint", "http_endpoint", "api_key")
-_ENV = {"endpoint": "CYBERDESK_ENDPOINT", "http_endpoint": "CYBERDESK_HTTP_ENDPOINT", "api_key": "CYBERDESK_API_KEY"}
+KEYS = ("endpoint", "http_endpoint", "api_key", "tenant")
+_ENV = {
+    "endpoint": "CYBERDESK_ENDPOINT",
+    "http_endpoint": "CYBERDESK_HTTP_ENDPOINT",
+    "api_key": "CYBERDESK_API_KEY",
+    "tenant": "CYBERDESK_TENANT",
+}
 
 
 def config_path() -> Path:

@@ -1,0 +1,7 @@
+"""`python -m cyberdesk.cli ...`, the same as the `cyberdesk` command."""
+
+import sys
+
+from cyberdesk.cli.main import main
+
+sys.exit(main())
