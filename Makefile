@@ -68,7 +68,7 @@ breaking: setup
 	$(BIN)/buf breaking --against '.git#ref=$(AGAINST)'
 
 run: setup
-	$(PY) tools/stack.py
+	$(BIN)/cyberdesk up
 
 bench: setup
 	$(PY) -m bench
