@@ -345,6 +345,125 @@ class StartProcessResponse(_message.Message):
 Global___StartProcessResponse: _TypeAlias = StartProcessResponse  # noqa: Y015
 
 @_typing.final
+class RunProcessRequest(_message.Message):
+    """Request of RunProcess. Give either argv or command. Field numbers match StartProcessRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    ARGV_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    CWD_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The instance to run in."""
+    command: _builtins.str
+    """A shell command line, run by `bash -lc`."""
+    cwd: _builtins.str
+    """Working directory (default: the home directory)."""
+    stdin: _builtins.bytes
+    """Bytes written to stdin, then stdin is closed (the process reads end-of-file)."""
+    max_output_bytes: _builtins.int
+    """Keep at most this many bytes of stdout and stderr together; the rest is read and dropped
+    and `truncated` is set. Default and maximum: 15 MiB (15728640), so that the reply fits the
+    16 MiB message limit of the agent and the gateway.
+    """
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Program and arguments, run without a shell. The program is looked up in PATH."""
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra environment variables, on top of the instance's."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Kill the whole process group after this long (no limit when absent)."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+        command: _builtins.str = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        cwd: _builtins.str = ...,
+        stdin: _builtins.bytes = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        max_output_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "command", b"command", "cwd", b"cwd", "env", b"env", "instance_id", b"instance_id", "max_output_bytes", b"max_output_bytes", "stdin", b"stdin", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunProcessRequest: _TypeAlias = RunProcessRequest  # noqa: Y015
+
+@_typing.final
+class RunProcessResponse(_message.Message):
+    """Response of RunProcess: how the process ended and everything it wrote (up to the cap)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    EXITED_FIELD_NUMBER: _builtins.int
+    STDOUT_FIELD_NUMBER: _builtins.int
+    STDERR_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    """The process id inside the instance; 0 when it never started (see exited.error)."""
+    stdout: _builtins.bytes
+    """Bytes written to stdout, exactly as written (never decoded)."""
+    stderr: _builtins.bytes
+    """Bytes written to stderr, exactly as written (never decoded)."""
+    truncated: _builtins.bool
+    """True when output beyond max_output_bytes was dropped."""
+    @_builtins.property
+    def exited(self) -> Global___ProcessExited:
+        """How it ended: exit code (127 when the command does not exist), signal, timeout, error."""
+
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        exited: Global___ProcessExited | None = ...,
+        stdout: _builtins.bytes = ...,
+        stderr: _builtins.bytes = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exited", b"exited"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exited", b"exited", "pid", b"pid", "stderr", b"stderr", "stdout", b"stdout", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunProcessResponse: _TypeAlias = RunProcessResponse  # noqa: Y015
+
+@_typing.final
 class ConnectProcessRequest(_message.Message):
     """Request of ConnectProcess."""
 

@@ -43,6 +43,11 @@ class ProcessServiceStub:
                 request_serializer=cyberdesk_dot_v1_dot_process__pb2.StartProcessRequest.SerializeToString,
                 response_deserializer=cyberdesk_dot_v1_dot_process__pb2.StartProcessResponse.FromString,
                 _registered_method=True)
+        self.RunProcess = channel.unary_unary(
+                '/cyberdesk.v1.ProcessService/RunProcess',
+                request_serializer=cyberdesk_dot_v1_dot_process__pb2.RunProcessRequest.SerializeToString,
+                response_deserializer=cyberdesk_dot_v1_dot_process__pb2.RunProcessResponse.FromString,
+                _registered_method=True)
         self.ConnectProcess = channel.unary_stream(
                 '/cyberdesk.v1.ProcessService/ConnectProcess',
                 request_serializer=cyberdesk_dot_v1_dot_process__pb2.ConnectProcessRequest.SerializeToString,
@@ -90,6 +95,16 @@ class ProcessServiceServicer:
     def StartProcess(self, request, context):
         """Starts a command and streams its output and exit. Cancelling the stream terminates the
         process unless it was started in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunProcess(self, request, context):
+        """Runs a command to completion and returns its output at once: one request, one reply, no
+        stream (the cheapest way to run a short command). At most max_output_bytes of output are
+        kept; the process always runs to its end (or timeout) whatever it writes. Cancelling the
+        call terminates the process. Use StartProcess for long or chatty commands, stdin, or tags.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,6 +170,11 @@ def add_ProcessServiceServicer_to_server(servicer, server):
                     servicer.StartProcess,
                     request_deserializer=cyberdesk_dot_v1_dot_process__pb2.StartProcessRequest.FromString,
                     response_serializer=cyberdesk_dot_v1_dot_process__pb2.StartProcessResponse.SerializeToString,
+            ),
+            'RunProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunProcess,
+                    request_deserializer=cyberdesk_dot_v1_dot_process__pb2.RunProcessRequest.FromString,
+                    response_serializer=cyberdesk_dot_v1_dot_process__pb2.RunProcessResponse.SerializeToString,
             ),
             'ConnectProcess': grpc.unary_stream_rpc_method_handler(
                     servicer.ConnectProcess,
@@ -223,6 +243,33 @@ class ProcessService:
             '/cyberdesk.v1.ProcessService/StartProcess',
             cyberdesk_dot_v1_dot_process__pb2.StartProcessRequest.SerializeToString,
             cyberdesk_dot_v1_dot_process__pb2.StartProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyberdesk.v1.ProcessService/RunProcess',
+            cyberdesk_dot_v1_dot_process__pb2.RunProcessRequest.SerializeToString,
+            cyberdesk_dot_v1_dot_process__pb2.RunProcessResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,12 @@ class ProcessServiceStub:
     """Starts a command and streams its output and exit. Cancelling the stream terminates the
     process unless it was started in the background.
     """
+    RunProcess: _grpc.UnaryUnaryMultiCallable[_process_pb2.RunProcessRequest, _process_pb2.RunProcessResponse]
+    """Runs a command to completion and returns its output at once: one request, one reply, no
+    stream (the cheapest way to run a short command). At most max_output_bytes of output are
+    kept; the process always runs to its end (or timeout) whatever it writes. Cancelling the
+    call terminates the process. Use StartProcess for long or chatty commands, stdin, or tags.
+    """
     ConnectProcess: _grpc.UnaryStreamMultiCallable[_process_pb2.ConnectProcessRequest, _process_pb2.ConnectProcessResponse]
     """Reattaches to a process by pid or tag: replays its buffered output, then streams live until
     it exits. The exit of a process stays known for at least 60 s. Cancelling a reattach never
@@ -75,6 +81,12 @@ class ProcessServiceAsyncStub(ProcessServiceStub):
     StartProcess: _aio.UnaryStreamMultiCallable[_process_pb2.StartProcessRequest, _process_pb2.StartProcessResponse]  # type: ignore[assignment]
     """Starts a command and streams its output and exit. Cancelling the stream terminates the
     process unless it was started in the background.
+    """
+    RunProcess: _aio.UnaryUnaryMultiCallable[_process_pb2.RunProcessRequest, _process_pb2.RunProcessResponse]  # type: ignore[assignment]
+    """Runs a command to completion and returns its output at once: one request, one reply, no
+    stream (the cheapest way to run a short command). At most max_output_bytes of output are
+    kept; the process always runs to its end (or timeout) whatever it writes. Cancelling the
+    call terminates the process. Use StartProcess for long or chatty commands, stdin, or tags.
     """
     ConnectProcess: _aio.UnaryStreamMultiCallable[_process_pb2.ConnectProcessRequest, _process_pb2.ConnectProcessResponse]  # type: ignore[assignment]
     """Reattaches to a process by pid or tag: replays its buffered output, then streams live until
@@ -113,6 +125,18 @@ class ProcessServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_process_pb2.StartProcessResponse], _abc.AsyncIterator[_process_pb2.StartProcessResponse]]:
         """Starts a command and streams its output and exit. Cancelling the stream terminates the
         process unless it was started in the background.
+        """
+
+    @_abc_1.abstractmethod
+    def RunProcess(
+        self,
+        request: _process_pb2.RunProcessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_process_pb2.RunProcessResponse, _abc.Awaitable[_process_pb2.RunProcessResponse]]:
+        """Runs a command to completion and returns its output at once: one request, one reply, no
+        stream (the cheapest way to run a short command). At most max_output_bytes of output are
+        kept; the process always runs to its end (or timeout) whatever it writes. Cancelling the
+        call terminates the process. Use StartProcess for long or chatty commands, stdin, or tags.
         """
 
     @_abc_1.abstractmethod
