@@ -164,5 +164,41 @@ class Subscriber:
         return event
 
 
+class Collector(Subscriber):
+    """A consumer that keeps the whole output instead of queueing events (for run-to-completion calls).
+
+    It keeps at most `limit` bytes of stdout and stderr together and drops the rest (setting
+    `truncated`), so it never pauses the process, never overflows, and its memory is bounded by the
+    cap. `finished` resolves with the exit. Create it on the event loop.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.kept = 0
+        self.truncated = False
+        self.finished: asyncio.Future[Exited] = asyncio.get_running_loop().create_future()
+
+    def push(self, event: Event) -> None:
+        """Keep `event`'s bytes up to the cap; the exit resolves `finished`."""
+        if isinstance(event, Exited):
+            if not self.finished.done():  # a cancelled caller no longer waits
+                self.finished.set_result(event)
+            return
+        data = event.data
+        room = self.limit - self.kept
+        if len(data) > room:
+            data = data[:room]
+            self.truncated = True
+        if data:
+            (self.stdout if event.fd == STDOUT else self.stderr).extend(data)
+            self.kept += len(data)
+
+    def above_high_water(self) -> bool:
+        """Never: a collector drops what exceeds its cap instead of slowing the process."""
+        return False
+
+
 class Overflow(Exception):
     """A subscriber fell further behind than its queue allows and was cut off."""

@@ -39,7 +39,7 @@ import grpc
 
 from cyberdesk_common.config import env_float, env_int
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found
-from guest_agent._fanout import STDERR, STDOUT, Chunk, Exited, Ring, Subscriber
+from guest_agent._fanout import STDERR, STDOUT, Chunk, Collector, Exited, Ring, Subscriber
 from guest_agent._reaper import Reaper
 
 
@@ -391,6 +391,15 @@ class ManagedProcess:
         if replay:
             for chunk in self.ring.snapshot():
                 sub.push(chunk)
+        if self.exited is not None:
+            sub.push(self.exited)
+        else:
+            self.subscribers.add(sub)
+        return sub
+
+    def collect(self, max_bytes: int) -> Collector:
+        """A consumer that keeps all the output from now on (up to `max_bytes`) and the exit."""
+        sub = Collector(max_bytes)
         if self.exited is not None:
             sub.push(self.exited)
         else:

@@ -40,6 +40,10 @@ Context = grpc.aio.ServicerContext[object, object]
 
 PROCESS_SERVICE = process_pb2.DESCRIPTOR.services_by_name["ProcessService"].full_name
 
+# RunProcess keeps at most this much output: the reply must fit the 16 MiB message limit of the
+# agent and the gateway, with room for the rest of the message.
+MAX_RUN_OUTPUT_BYTES = 15 * 1024 * 1024
+
 
 def _event(event: Chunk | Exited | None) -> process_pb2.ProcessEvent:
     if event is None:
@@ -74,7 +78,14 @@ class ProcessServicer(process_pb2_grpc.ProcessServiceServicer):
         _ = self._table
         process_pb2_grpc.add_ProcessServiceServicer_to_server(self, server)
 
-    def _spec(self, request: process_pb2.StartProcessRequest) -> Spec:
+    def _spec(
+        self,
+        request: process_pb2.StartProcessRequest | process_pb2.RunProcessRequest,
+        *,
+        tag: str = "",
+        background: bool = False,
+        keep_stdin_open: bool = False,
+    ) -> Spec:
         if request.argv and request.command:
             raise invalid_argument("give either argv or command, not both")
         if request.command:
@@ -97,10 +108,10 @@ class ProcessServicer(process_pb2_grpc.ProcessServiceServicer):
             argv=argv,
             env=env,
             cwd=resolve_cwd(request.cwd, env),
-            tag=request.tag,
-            background=request.background,
+            tag=tag,
+            background=background,
             stdin=request.stdin,
-            keep_stdin_open=request.keep_stdin_open,
+            keep_stdin_open=keep_stdin_open,
             timeout=timeout,
         )
 
@@ -109,7 +120,9 @@ class ProcessServicer(process_pb2_grpc.ProcessServiceServicer):
     ) -> AsyncIterator[process_pb2.StartProcessResponse]:
         """Run a command; stream started, output chunks, keepalives and the exit."""
         self._identity.check(request.instance_id)
-        spec = self._spec(request)
+        spec = self._spec(
+            request, tag=request.tag, background=request.background, keep_stdin_open=request.keep_stdin_open
+        )
         proc = self._table.spawn(spec)
         if isinstance(proc, Exited):  # never started: no pid to report, only why
             yield process_pb2.StartProcessResponse(event=_event(proc))
@@ -123,6 +136,35 @@ class ProcessServicer(process_pb2_grpc.ProcessServiceServicer):
             proc.unsubscribe(sub)
             if not spec.background:
                 proc.kill_group("the stream that started it ended before the process did")
+
+    async def RunProcess(
+        self, request: process_pb2.RunProcessRequest, context: Context
+    ) -> process_pb2.RunProcessResponse:
+        """Run a command to completion; reply once with its exit and output (capped, see `truncated`)."""
+        self._identity.check(request.instance_id)
+        cap = request.max_output_bytes or MAX_RUN_OUTPUT_BYTES
+        if cap > MAX_RUN_OUTPUT_BYTES:
+            raise invalid_argument(
+                f"max_output_bytes: at most {MAX_RUN_OUTPUT_BYTES} (15 MiB) so the reply fits one message; "
+                "use StartProcess to stream more output"
+            )
+        spec = self._spec(request)
+        proc = self._table.spawn(spec)
+        if isinstance(proc, Exited):  # never started: no pid, only why
+            return process_pb2.RunProcessResponse(exited=exited_pb(proc))
+        collector = proc.collect(cap)
+        try:
+            exited = await collector.finished
+        finally:
+            proc.unsubscribe(collector)
+            proc.kill_group("the call that started it ended before the process did")
+        return process_pb2.RunProcessResponse(
+            pid=proc.pid,
+            exited=exited_pb(exited),
+            stdout=bytes(collector.stdout),
+            stderr=bytes(collector.stderr),
+            truncated=collector.truncated,
+        )
 
     async def ConnectProcess(
         self, request: process_pb2.ConnectProcessRequest, context: Context

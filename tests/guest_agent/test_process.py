@@ -488,3 +488,110 @@ def test_sigterm_drains_an_in_flight_exec(tmp_path: Path) -> None:
         assert result.stdout == b"finished-ok\n"
         assert result.exited is not None and result.exited.exit_code == 0
         assert agent.service.proc.wait(15) == 0
+
+
+# -- RunProcess (unary: run to completion) --------------------------------------------------------
+
+
+def run_once(agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub, **fields: object) -> object:
+    request = process_pb2.RunProcessRequest(instance_id=fields.pop("instance_id", INSTANCE_ID), **fields)  # type: ignore[arg-type]
+    return stub.RunProcess(request, metadata=agent.metadata, timeout=60)
+
+
+def test_run_process_returns_output_and_exit_at_once(
+    agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub
+) -> None:
+    reply = run_once(agent, stub, argv=["sh", "-c", r"printf '\377out'; printf 'err\200' >&2; exit 3"])
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.stdout == b"\xffout" and reply.stderr == b"err\x80"
+    assert reply.exited.exit_code == 3 and reply.exited.signal == 0 and not reply.exited.timed_out
+    assert reply.pid > 0 and not reply.truncated
+    reply = run_once(agent, stub, command='echo "$GREETING"; cat', env={"GREETING": "hi"}, stdin=b"in\n")
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.stdout == b"hi\nin\n" and reply.exited.exit_code == 0
+    # The process is known afterwards like any other (ListProcesses, ConnectProcess replay).
+    listed = stub.ListProcesses(process_pb2.ListProcessesRequest(instance_id=INSTANCE_ID), metadata=agent.metadata)
+    assert any(p.pid == reply.pid and p.exited.exit_code == 0 for p in listed.processes)
+
+
+def test_run_process_missing_command_exits_127(agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub) -> None:
+    reply = run_once(agent, stub, argv=["no-such-program-xyz", "--flag"])
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.exited.exit_code == 127 and reply.pid == 0
+    assert "command not found: no-such-program-xyz" in reply.exited.error
+    reply = run_once(agent, stub, command="no-such-program-xyz")
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.exited.exit_code == 127 and b"not found" in reply.stderr
+
+
+def test_run_process_timeout_kills_the_whole_group(
+    agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub
+) -> None:
+    reply = run_once(agent, stub, command="sleep 100 & echo $!; sleep 100", timeout=duration_pb2.Duration(seconds=1))
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    grandchild = int(reply.stdout.split()[0])
+    assert reply.exited.timed_out and reply.exited.signal == signal.SIGTERM and "timed out" in reply.exited.error
+    wait_until(lambda: not Path(f"/proc/{grandchild}").exists(), "the grandchild to be killed and reaped")
+    assert not alive(reply.pid)
+
+
+def test_run_process_cancelled_call_kills_the_process(
+    agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RunProcess(
+            process_pb2.RunProcessRequest(instance_id=INSTANCE_ID, command=f"echo $$ > {pid_file}; exec sleep 100"),
+            metadata=agent.metadata,
+            timeout=1,
+        )
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    pid = int(pid_file.read_text())
+    wait_until(lambda: not alive(pid), "the process of the abandoned call to be killed")
+
+
+def test_run_process_output_cap_sets_truncated(agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub) -> None:
+    # Far more than the cap (and than a pipe buffer): the process still runs to its end.
+    reply = run_once(agent, stub, command="head -c 300000 /dev/zero; echo tail >&2; exit 4", max_output_bytes=1000)
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.stdout == b"\0" * 1000 and reply.stderr == b"" and reply.truncated
+    assert reply.exited.exit_code == 4
+    # The cap covers stdout and stderr together; output exactly at the cap is not truncated.
+    reply = run_once(agent, stub, argv=["sh", "-c", "printf abc; printf de >&2"], max_output_bytes=5)
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert (reply.stdout, reply.stderr, reply.truncated) == (b"abc", b"de", False)
+    # More than the default 64 KiB read chunk arrives whole.
+    reply = run_once(agent, stub, argv=["head", "-c", "3000000", "/dev/urandom"])
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert len(reply.stdout) == 3_000_000 and not reply.truncated
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "words"),
+    [
+        ({}, grpc.StatusCode.INVALID_ARGUMENT, "argv"),
+        ({"argv": ["true"], "command": "true"}, grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+        ({"argv": [""]}, grpc.StatusCode.INVALID_ARGUMENT, "argv[0] is empty"),
+        (
+            {"argv": ["true"], "max_output_bytes": 16 * 1024 * 1024},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_output_bytes",
+        ),
+        ({"argv": ["true"], "timeout": duration_pb2.Duration(seconds=-1)}, grpc.StatusCode.INVALID_ARGUMENT, "timeout"),
+        ({"argv": ["true"], "cwd": "/no/such/dir"}, grpc.StatusCode.NOT_FOUND, "/no/such/dir"),
+        ({"argv": ["true"], "env": {"A=B": "x"}}, grpc.StatusCode.INVALID_ARGUMENT, "A=B"),
+        ({"argv": ["true"], "instance_id": "i-other"}, grpc.StatusCode.NOT_FOUND, "i-other"),
+        ({"argv": ["true"], "instance_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, "instance_id"),
+    ],
+)
+def test_bad_run_requests(
+    agent: RunningAgent,
+    stub: process_pb2_grpc.ProcessServiceStub,
+    fields: dict[str, object],
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        run_once(agent, stub, **fields)
+    assert err.value.code() == code
+    assert words in (err.value.details() or "")
