@@ -15,6 +15,7 @@ class GatewayConfig:
     """Everything the gateway needs to serve: where it listens, whom it trusts, where it forwards."""
 
     addr: str
+    http_addr: str  # the REST face (HTTP/JSON and WebSocket), host:port
     tls_cert: bytes | None
     tls_key: bytes | None
     instance_target: str
@@ -29,6 +30,8 @@ class GatewayConfig:
     unkey_api_id: str
     unkey_server_url: str
     unkey_keyspace: str
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
@@ -46,6 +49,7 @@ class GatewayConfig:
             raise ConfigError(f"CYBERDESK_RATE_LIMIT: {err}") from None
         return cls(
             addr=env_str("GATEWAY_ADDR", "127.0.0.1:50051"),
+            http_addr=_host_port("GATEWAY_HTTP_ADDR", env_str("GATEWAY_HTTP_ADDR", "127.0.0.1:8080")),
             tls_cert=Path(cert_file).read_bytes() if cert_file else None,
             tls_key=Path(key_file).read_bytes() if key_file else None,
             instance_target=env_str("INSTANCE_ADDR", "127.0.0.1:50061"),
@@ -61,4 +65,13 @@ class GatewayConfig:
             unkey_api_id=api_id,
             unkey_server_url=env_str("UNKEY_SERVER_URL", ""),
             unkey_keyspace=env_str("UNKEY_KEYSPACE", ""),
+            tls_cert_file=cert_file,
+            tls_key_file=key_file,
         )
+
+
+def _host_port(name: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"CYBERDESK_{name} must be host:port (e.g. 127.0.0.1:8080), got {value!r}")
+    return value

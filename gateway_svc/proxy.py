@@ -18,7 +18,7 @@ Flow and lifetime rules:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,30 +26,12 @@ import grpc
 
 from cyberdesk.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 from cyberdesk_common.status import invalid_argument
-from cyberdesk_common.tracing import inject_metadata
-from gateway_svc.auth import SCOPE_INSTANCES
-from gateway_svc.gate import Gate
-from gateway_svc.routing import (
-    INTERNAL_TOKEN_HEADER,
-    TENANT_HEADER,
-    Router,
-    WireError,
-    read_instance_id,
-)
+from gateway_svc.admission import AGENT_SERVICES, INSTANCE_SERVICE, Admission, Target, forwardable
+from gateway_svc.routing import WireError, read_instance_id
+
+__all__ = ["AGENT_SERVICES", "INSTANCE_SERVICE", "MethodInfo", "Proxy", "forwardable", "public_methods"]
 
 _FILES = (instance_pb2, process_pb2, filesystem_pb2, desktop_pb2)
-INSTANCE_SERVICE = "cyberdesk.v1.InstanceService"
-# Services whose calls go to the instance's agent; InstanceService goes to instance_svc.
-AGENT_SERVICES = frozenset(
-    {"cyberdesk.v1.ProcessService", "cyberdesk.v1.FilesystemService", "cyberdesk.v1.DesktopService"}
-)
-
-# Never forwarded upstream: credentials of the caller, headers only our services may set, trace
-# headers (replaced), and transport headers gRPC sets itself.
-_STRIP_EXACT = frozenset(
-    {"authorization", "x-api-key", "traceparent", "tracestate", "user-agent", "content-type", "te"}
-)
-_STRIP_PREFIX = ("x-cyberdesk-", "grpc-", ":")
 
 
 @dataclass(frozen=True)
@@ -78,27 +60,11 @@ def public_service_names() -> list[str]:
     return sorted({info.service for info in public_methods().values()})
 
 
-def forwardable(metadata: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """The caller's metadata that may travel upstream (see the module docstring)."""
-    return [(k, v) for k, v in metadata if k not in _STRIP_EXACT and not k.startswith(_STRIP_PREFIX)]
-
-
-@dataclass
-class _Upstream:
-    channel: grpc.aio.Channel
-    metadata: tuple[tuple[str, Any], ...]
-    timeout: float | None
-    instance_id: str = ""
-
-
 class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Generic handler serving every public method by forwarding it upstream."""
 
-    def __init__(self, gate: Gate, router: Router, instance_channel: grpc.aio.Channel, internal_token: str) -> None:
-        self._gate = gate
-        self._router = router
-        self._instance_channel = instance_channel
-        self._internal_token = internal_token
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
         self._methods = public_methods()
         self._handlers = {path: self._handler(info) for path, info in self._methods.items()}
 
@@ -108,31 +74,22 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     # -- routing -----------------------------------------------------------------------------
 
-    async def _upstream(self, info: MethodInfo, context: grpc.aio.ServicerContext, first: bytes) -> _Upstream:  # type: ignore[type-arg]
+    async def _upstream(self, info: MethodInfo, context: grpc.aio.ServicerContext, first: bytes) -> Target:  # type: ignore[type-arg]
         incoming: tuple[tuple[str, str | bytes], ...] = tuple(context.invocation_metadata() or ())
-        principal = await self._gate.admit(incoming, SCOPE_INSTANCES)
-        timeout = context.time_remaining()
-        base = forwardable(incoming)
-        if info.service not in AGENT_SERVICES:
-            metadata = [*base, (TENANT_HEADER, principal.tenant_id), (INTERNAL_TOKEN_HEADER, self._internal_token)]
-            return _Upstream(self._instance_channel, tuple(inject_metadata(metadata)), timeout)
-        try:
-            instance_id = read_instance_id(first)
-        except WireError as err:
-            raise invalid_argument(f"the request is not a valid protobuf message: {err}") from None
-        if not instance_id:
-            raise invalid_argument("instance_id (field 1 of the first request message) is required")
-        route = await self._router.resolve(principal.tenant_id, instance_id, timeout)
-        metadata = [*base, ("authorization", f"Bearer {route.token}")]
-        return _Upstream(self._router.pool.get(route), tuple(inject_metadata(metadata)), timeout, instance_id)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, up: _Upstream, err: grpc.aio.AioRpcError) -> None:  # type: ignore[type-arg]
+        def instance_id() -> str:
+            try:
+                return read_instance_id(first)
+            except WireError as err:
+                raise invalid_argument(f"the request is not a valid protobuf message: {err}") from None
+
+        return await self._admission.admit(
+            info.service, incoming, instance_id, context.time_remaining(), forward=forwardable(incoming)
+        )
+
+    async def _fail(self, context: grpc.aio.ServicerContext, up: Target, err: grpc.aio.AioRpcError) -> None:  # type: ignore[type-arg]
         """End the call with the upstream's status, details and trailers."""
-        code, details = err.code(), err.details() or ""
-        if code is grpc.StatusCode.UNAVAILABLE and up.instance_id:
-            # The agent went away: forget its route so the next call asks instance_svc again.
-            self._router.invalidate(up.instance_id)
-            details = f"the agent of instance {up.instance_id} is unreachable ({details})"
+        code, details = self._admission.upstream_failed(up, err)
         trailers = err.trailing_metadata()
         if trailers:
             context.set_trailing_metadata(tuple(trailers))  # type: ignore[arg-type]

@@ -1,4 +1,9 @@
-"""Wiring of gateway_svc: one port for the public services and the key-management service."""
+"""Wiring of gateway_svc: the gRPC port (public services, key management) and the REST port.
+
+Both faces run in one event loop and share one `Admission` (key, scope, rate limit, tenant,
+route), one router with its channel pool, and one rate limiter. The REST face is a uvicorn server
+started in-process on CYBERDESK_GATEWAY_HTTP_ADDR once gRPC serves, and stopped before gRPC drains.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,23 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
 from cyberdesk.internal.v1 import auth_pb2, auth_pb2_grpc
 from cyberdesk_common.grpc_server import RunningServer, ServerSpec
 from cyberdesk_common.tracing import TracingClientInterceptor
+from gateway_svc.admission import Admission
 from gateway_svc.auth import Authenticator, KeyBackend
 from gateway_svc.config import GatewayConfig
 from gateway_svc.gate import Gate
+from gateway_svc.http import RestApp
 from gateway_svc.keys_api import AuthServicer
 from gateway_svc.keystore import KeyStore
 from gateway_svc.proxy import Proxy, public_service_names
 from gateway_svc.ratelimit import RateLimiter
+from gateway_svc.rest_upstream import GatewayUpstream
 from gateway_svc.routing import CHANNEL_OPTIONS, Router, follow_events
 from gateway_svc.unkey_backend import UnkeyBackend
 
@@ -42,6 +51,9 @@ class Gateway:
         self.instance_channel: grpc.aio.Channel | None = None
         self._stop = asyncio.Event()
         self._events: asyncio.Task[None] | None = None
+        self.admission: Admission | None = None
+        self.http: Any = None  # uvicorn.Server once the REST face serves
+        self._http_task: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
         """Build the parts and add the proxy and AuthService to `server`."""
@@ -67,7 +79,8 @@ class Gateway:
             interceptors=[TracingClientInterceptor()],  # type: ignore[list-item]
         )
         self.router = Router(self.instance_channel, config.internal_token, ttl=config.route_cache_seconds)
-        server.add_generic_rpc_handlers((Proxy(gate, self.router, self.instance_channel, config.internal_token),))
+        self.admission = Admission(gate, self.router, self.instance_channel, config.internal_token)
+        server.add_generic_rpc_handlers((Proxy(self.admission),))
         auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(gate, self.store), server)
         return [*public_service_names(), auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name]
 
@@ -75,17 +88,56 @@ class Gateway:
         """Start following lifecycle events (route cache invalidation)."""
         assert self.router is not None
         self._events = asyncio.create_task(follow_events(self.router, self.config.redis_url, self._stop))
+        await self.start_http()
         _log.info(
             "gateway ready",
             extra={
                 "auth_backend": "unkey" if self.unkey else "local",
                 "instance_svc": self.config.instance_target,
                 "default_rate_limit": str(self.config.default_limit),
+                "http": self.config.http_addr,
             },
         )
 
+    async def start_http(self) -> None:
+        """Serve the REST face (uvicorn, in this event loop) on CYBERDESK_GATEWAY_HTTP_ADDR."""
+        import uvicorn
+
+        assert self.admission is not None
+        host, _, port = self.config.http_addr.rpartition(":")
+        config = uvicorn.Config(
+            RestApp(GatewayUpstream(self.admission)),
+            host=host.strip("[]"),
+            port=int(port),
+            lifespan="off",
+            log_config=None,  # our structured logging is set up already
+            access_log=False,
+            ws="websockets",
+            ssl_certfile=self.config.tls_cert_file or None,
+            ssl_keyfile=self.config.tls_key_file or None,
+            timeout_graceful_shutdown=5,
+        )
+        server = uvicorn.Server(config)
+        # Not Server.serve(): it installs its own signal handlers; the gRPC side owns SIGTERM.
+        config.load()
+        server.lifespan = config.lifespan_class(config)
+        await server.startup()
+        self.http = server
+        self._http_task = asyncio.create_task(server.main_loop())
+
+    async def stop_http(self) -> None:
+        """Stop accepting HTTP requests and let in-flight ones finish (bounded)."""
+        server, task = self.http, self._http_task
+        self.http, self._http_task = None, None
+        if server is None or task is None:
+            return
+        server.should_exit = True
+        await task
+        await server.shutdown()
+
     async def on_stopping(self) -> None:
-        """Stop following events; channels close with the process after the drain."""
+        """Stop the REST face and following events; channels close with the process after the drain."""
+        await self.stop_http()
         self._stop.set()
         if self._events is not None:
             with contextlib.suppress(asyncio.CancelledError):

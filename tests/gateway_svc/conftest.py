@@ -85,6 +85,8 @@ def gateway_env(stack_state: Path, instance_addr: str, redis_url: str, **extra: 
         "CYBERDESK_REDIS_URL": redis_url,
         "CYBERDESK_RATE_LIMIT": "1000/1s",
         "CYBERDESK_AUTH_CACHE_SECONDS": "1",
+        # The REST face listens too (default 127.0.0.1:8080): a free port, so stacks never clash.
+        "CYBERDESK_GATEWAY_HTTP_ADDR": f"127.0.0.1:{free_port()}",
         **extra,
     }
 

@@ -66,8 +66,9 @@ def test_errors() -> None:
     assert r.status_code == 404 and r.json()["code"] == 5
     r = call("GET", "/v1/instances/%zz")
     assert r.status_code == 400
-    r = call("POST", "/v1/instances/i-1/processes/1:streamInput", content=b"{}")
-    assert r.status_code == 501
+    # The PTY is a WebSocket: a plain GET is told to upgrade (before any upstream call).
+    r = call("GET", "/v1/instances/i-1/pty")
+    assert r.status_code == 426 and r.headers["upgrade"] == "websocket" and r.json()["code"] == 3
 
 
 def test_stream_ndjson_with_error_after_first_message() -> None:

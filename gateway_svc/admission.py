@@ -1,0 +1,97 @@
+"""One path for every public call, gRPC or REST: verify the key, spend the rate limit, pick the upstream.
+
+`Admission.admit` is the only place where a caller becomes a `Target` (a channel plus the
+metadata to send on it). The gRPC proxy (proxy.py) and the REST face (rest_upstream.py) both call
+it, with the caller's credentials as metadata pairs (gRPC metadata or the HTTP headers of the same
+names), so auth, scopes, rate limits, tenant scoping and routing cannot drift between the faces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from cyberdesk_common.status import invalid_argument
+from cyberdesk_common.tracing import inject_metadata
+from gateway_svc.auth import SCOPE_INSTANCES
+from gateway_svc.gate import Gate
+from gateway_svc.routing import INTERNAL_TOKEN_HEADER, TENANT_HEADER, Router
+
+INSTANCE_SERVICE = "cyberdesk.v1.InstanceService"
+# Services whose calls go to the instance's agent; InstanceService goes to instance_svc.
+AGENT_SERVICES = frozenset(
+    {"cyberdesk.v1.ProcessService", "cyberdesk.v1.FilesystemService", "cyberdesk.v1.DesktopService"}
+)
+
+# Never forwarded upstream: credentials of the caller, headers only our services may set, trace
+# headers (replaced), and transport headers gRPC sets itself.
+_STRIP_EXACT = frozenset(
+    {"authorization", "x-api-key", "traceparent", "tracestate", "user-agent", "content-type", "te"}
+)
+_STRIP_PREFIX = ("x-cyberdesk-", "grpc-", ":")
+
+
+def forwardable(metadata: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The caller's metadata that may travel upstream (credentials and internal headers stripped)."""
+    return [(k, v) for k, v in metadata if k not in _STRIP_EXACT and not k.startswith(_STRIP_PREFIX)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an admitted call goes: the channel, the metadata to send and the deadline."""
+
+    channel: grpc.aio.Channel
+    metadata: tuple[tuple[str, Any], ...]
+    timeout: float | None
+    instance_id: str = ""  # set for calls to an agent
+
+
+@dataclass
+class Admission:
+    """Verify key -> check scope -> rate limit -> resolve the upstream (instance_svc or the instance's agent)."""
+
+    gate: Gate
+    router: Router
+    instance_channel: grpc.aio.Channel
+    internal_token: str
+
+    async def admit(
+        self,
+        service: str,
+        metadata: Sequence[tuple[str, str | bytes]],
+        instance_id: Callable[[], str],
+        deadline: float | None,
+        forward: Sequence[tuple[str, Any]] = (),
+    ) -> Target:
+        """The upstream of one call of `service` by the caller that sent `metadata`.
+
+        `instance_id` is called only for agent services (after the key is verified, so an
+        unauthenticated caller learns nothing about its request); it may raise INVALID_ARGUMENT.
+        `deadline` is the caller's remaining time in seconds (None: none). `forward` is the caller's
+        metadata that may travel upstream (see `forwardable`).
+        Raises the precise RpcError: UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
+        INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION or UNAVAILABLE.
+        """
+        principal = await self.gate.admit(metadata, SCOPE_INSTANCES)
+        base = list(forward)
+        if service not in AGENT_SERVICES:
+            upstream_md = [*base, (TENANT_HEADER, principal.tenant_id), (INTERNAL_TOKEN_HEADER, self.internal_token)]
+            return Target(self.instance_channel, tuple(inject_metadata(upstream_md)), deadline)
+        instance = instance_id()
+        if not instance:
+            raise invalid_argument("instance_id (field 1 of the first request message) is required")
+        route = await self.router.resolve(principal.tenant_id, instance, deadline)
+        agent_md = [*base, ("authorization", f"Bearer {route.token}")]
+        return Target(self.router.pool.get(route), tuple(inject_metadata(agent_md)), deadline, instance)
+
+    def upstream_failed(self, target: Target, err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+        """The status a caller gets for an upstream failure; an unreachable agent's route is forgotten."""
+        code, details = err.code(), err.details() or ""
+        if code is grpc.StatusCode.UNAVAILABLE and target.instance_id:
+            # The agent went away: forget its route so the next call asks instance_svc again.
+            self.router.invalidate(target.instance_id)
+            details = f"the agent of instance {target.instance_id} is unreachable ({details})"
+        return code, details

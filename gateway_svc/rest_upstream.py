@@ -1,0 +1,158 @@
+"""The REST face's upstream: HTTP requests become gRPC calls through the gateway's one admission path.
+
+`GatewayUpstream` implements `gateway_svc.http.Upstream`. Each call takes the caller's credentials
+from the HTTP headers (`authorization: Bearer <key>` or `x-api-key: <key>`, the same names as the
+gRPC metadata), runs `Admission.admit` (key, scope, rate limit, tenant, route) exactly as the gRPC
+proxy does, and calls the upstream with typed messages. No other HTTP header travels upstream.
+
+An upstream failure becomes an `RpcError` carrying the upstream's code, message and status
+details (so a RetryInfo still turns into `Retry-After`); an unreachable agent's route is
+forgotten, as on the gRPC path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from cyberdesk_common.status import RpcError, decode_details
+from gateway_svc.admission import Admission, Target
+from gateway_svc.transcode.rules import Route
+
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+
+
+def credentials(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The credential headers of an HTTP request as metadata pairs (nothing else is used)."""
+    return [(name, headers[name]) for name in CREDENTIAL_HEADERS if name in headers]
+
+
+class BidiCall:
+    """An open bidirectional call: write requests, iterate responses, cancel; errors as RpcError."""
+
+    def __init__(self, admission: Admission, target: Target, call: Any) -> None:
+        self._admission = admission
+        self._target = target
+        self._call = call
+
+    async def write(self, message: Message) -> None:
+        """Send one request (waits for flow control)."""
+        try:
+            await self._call.write(message)
+        except grpc.aio.AioRpcError as err:
+            raise _rpc_error(self._admission, self._target, err) from None
+
+    async def done_writing(self) -> None:
+        """No more requests (half-close)."""
+        try:
+            await self._call.done_writing()
+        except grpc.aio.AioRpcError as err:
+            raise _rpc_error(self._admission, self._target, err) from None
+
+    async def responses(self) -> AsyncIterator[Message]:
+        """The responses until the upstream ends the call."""
+        try:
+            async for message in self._call:
+                yield message
+        except grpc.aio.AioRpcError as err:
+            raise _rpc_error(self._admission, self._target, err) from None
+
+    def cancel(self) -> None:
+        """Cancel the upstream call (no-op once it ended)."""
+        self._call.cancel()
+
+
+def _rpc_error(admission: Admission, target: Target, err: grpc.aio.AioRpcError) -> RpcError:
+    code, message = admission.upstream_failed(target, err)
+    trailers: Any = err.trailing_metadata()
+    status = decode_details(tuple(trailers) if trailers else None)
+    return RpcError(code, message, list(status.details) if status is not None else [])
+
+
+class GatewayUpstream:
+    """`http.Upstream` over `Admission`: the REST face reaches instance_svc and agents like gRPC callers do."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    async def _target(self, route: Route, first: Message, headers: Mapping[str, str]) -> Target:
+        def instance_id() -> str:
+            value = getattr(first, "instance_id", "")
+            return value if isinstance(value, str) else ""
+
+        return await self._admission.admit(route.service, credentials(headers), instance_id, None)
+
+    @staticmethod
+    def _multi(route: Route, target: Target, kind: str) -> Any:
+        factory = getattr(target.channel, kind)
+        return factory(route.full_method, lambda m: m.SerializeToString(), route.response_class().FromString)
+
+    async def unary(self, route: Route, request: Message, headers: Mapping[str, str]) -> Message:
+        """One request, one response."""
+        target = await self._target(route, request, headers)
+        call = self._multi(route, target, "unary_unary")(request, metadata=target.metadata, timeout=target.timeout)
+        try:
+            response: Message = await call
+            return response
+        except grpc.aio.AioRpcError as err:
+            raise _rpc_error(self._admission, target, err) from None
+        finally:
+            call.cancel()  # no-op when done; cancels upstream when the HTTP handler was cancelled
+
+    async def server_stream(self, route: Route, request: Message, headers: Mapping[str, str]) -> AsyncIterator[Message]:
+        """One request, a stream of responses; the upstream call is cancelled when the consumer stops."""
+        target = await self._target(route, request, headers)
+        call = self._multi(route, target, "unary_stream")(request, metadata=target.metadata, timeout=target.timeout)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as err:
+            raise _rpc_error(self._admission, target, err) from None
+        finally:
+            call.cancel()
+
+    async def client_stream(
+        self, route: Route, requests: AsyncIterator[Message], headers: Mapping[str, str]
+    ) -> Message:
+        """A stream of requests (the first names the instance), one response.
+
+        Each request is written and its flow-control credit awaited before the next is pulled from
+        `requests`, so a fast HTTP client cannot make the gateway queue its body.
+        """
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the request stream is empty") from None
+        target = await self._target(route, first, headers)
+        call = self._multi(route, target, "stream_unary")(metadata=target.metadata, timeout=target.timeout)
+        try:
+            await call.write(first)
+            async for message in requests:
+                await call.write(message)
+            await call.done_writing()
+            response: Message = await call
+            return response
+        except grpc.aio.AioRpcError as err:
+            raise _rpc_error(self._admission, target, err) from None
+        except asyncio.InvalidStateError:
+            # write() after the upstream ended the call (it failed early): report its status.
+            try:
+                await call
+            except grpc.aio.AioRpcError as err:
+                raise _rpc_error(self._admission, target, err) from None
+            raise
+        finally:
+            call.cancel()
+
+    async def open_bidi(self, route: Route, instance_id: str, headers: Mapping[str, str]) -> BidiCall:
+        """Admit the caller and open a bidirectional call to the agent of `instance_id` (nothing sent yet)."""
+        probe = route.new_request()
+        if "instance_id" in probe.DESCRIPTOR.fields_by_name:
+            setattr(probe, "instance_id", instance_id)  # noqa: B010 - a field of the request, by name
+        target = await self._target(route, probe, headers)
+        call = self._multi(route, target, "stream_stream")(metadata=target.metadata, timeout=target.timeout)
+        return BidiCall(self._admission, target, call)
