@@ -106,6 +106,10 @@ class Lifecycle:
                     self.scheduler.arm(rec.id, rec.expire_time_us)
                     _log.info("re-adopted", extra={"instance_id": rec.id, "state": rec.state.name})
                 else:
+                    _log.warning(
+                        "sandbox vanished",
+                        extra={"instance_id": rec.id, "sandbox_id": rec.sandbox_id, "listed": info is not None},
+                    )
                     self._set(rec.id, State.FAILED, VANISHED)
             elif rec.state in (State.PENDING, State.STARTING):
                 self._set(rec.id, State.FAILED, INTERRUPTED)

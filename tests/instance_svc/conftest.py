@@ -18,7 +18,7 @@ import pytest
 
 from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
 from cyberdesk.internal.v1 import routing_pb2, routing_pb2_grpc
-from cyberdesk.v1 import instance_pb2_grpc
+from cyberdesk.v1 import instance_pb2_grpc, process_pb2, process_pb2_grpc
 from tests.support.procs import ROOT, free_port, wait_healthy
 
 TOKEN = "internal-" + "k" * 40
@@ -92,6 +92,23 @@ class Svc:
                 timeout=10,
             )
 
+    def exec(self, instance_id: str, command: str) -> tuple[int, bytes]:
+        """Run `command` in the instance through its agent's ProcessService; (exit code, stdout)."""
+        resolved = self.resolve(instance_id)
+        out = b""
+        with grpc.insecure_channel(resolved.agent_target) as chan:
+            stub = process_pb2_grpc.ProcessServiceStub(chan)
+            for reply in stub.StartProcess(
+                process_pb2.StartProcessRequest(instance_id=instance_id, command=command),
+                metadata=(("authorization", f"Bearer {resolved.agent_token}"),),
+                timeout=30,
+            ):
+                if reply.event.HasField("stdout"):
+                    out += reply.event.stdout
+                if reply.event.HasField("exited"):
+                    return reply.event.exited.exit_code, out
+        raise AssertionError("the process stream ended without an exit event")
+
 
 def meta(tenant: str = "t1") -> tuple[tuple[str, str], ...]:
     """Metadata the gateway sends."""
@@ -124,6 +141,9 @@ def running(tmp: Path, redis_url: str, **extra: str) -> Iterator[Svc]:
         yield svc
     finally:
         svc.stop()
+        # Shown by pytest when the test failed: what each sandbox's agent said.
+        for log in sorted(state.glob("instances/*/agent.log")):
+            print(f"--- {log.parent.name}/agent.log\n{log.read_text(errors='replace')[-2000:]}")
         _remove_sandboxes(state)
         shutil.rmtree(state, ignore_errors=True)
 
