@@ -113,6 +113,11 @@ def test_kill9_then_restart_readopts_and_keeps_the_deadline(tmp_path: Path, redi
         assert _wait_state(svc, expiring.instance_id, TERMINATED).state == TERMINATED
         got = _wait_state(svc, keep.instance_id, RUNNING)
         assert got.state == RUNNING and got.expire_time == keep.expire_time
+        # A graceful stop (SIGTERM) keeps the sandboxes too.
+        svc.stop()
+        assert svc.proc is not None and svc.proc.returncode == 0
+        svc.start()
+        assert svc.exec(keep.instance_id, "cat /tmp/mark") == (0, b"kept\n")
     assert "re-adopted" in svc.log()
 
 
