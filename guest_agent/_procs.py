@@ -479,15 +479,7 @@ class ProcessTable:
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if (spec.stdin or spec.keep_stdin_open) else (None, None)
         try:
-            popen = subprocess.Popen(
-                list(spec.argv),
-                stdin=in_r if in_r is not None else subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=spec.cwd,
-                env=dict(spec.env),
-                start_new_session=True,
-            )
+            pid = _spawn(spec, in_r, out_w, err_w)
         except OSError as err:
             for fd in (out_r, err_r, in_w):
                 if fd is not None:
@@ -498,9 +490,7 @@ class ProcessTable:
                 if fd is not None:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-        # Our reaper collects the status; tell subprocess not to try (its own waitpid would race us).
-        popen.returncode = 0
-        proc = ManagedProcess(self, spec, popen.pid, pty=False)
+        proc = ManagedProcess(self, spec, pid, pty=False)
         self._register(proc)
         proc._attach({out_r: STDOUT, err_r: STDERR}, in_w)
         return proc
@@ -535,6 +525,55 @@ class ProcessTable:
     async def close(self) -> None:
         """Stop reaping (at shutdown)."""
         self.reaper.stop()
+
+
+# Signals the agent's Python ignores (SIGPIPE, SIGXFSZ) must reach a child at their default
+# disposition, as subprocess's restore_signals does: an ignored signal stays ignored across exec,
+# and `yes | head` would then end with EPIPE errors instead of quietly by SIGPIPE.
+_DEFAULT_IN_CHILD = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _spawn(spec: Spec, stdin_fd: int | None, out_w: int, err_w: int) -> int:
+    """Start `spec.argv` in a new session on the given pipe ends; its pid. OSError when it cannot start.
+
+    posix_spawnp (glibc: a vfork-style clone, then exec; a failed exec is reported back as
+    FileNotFoundError/PermissionError) took 0.16-0.20 ms in the agent where subprocess.Popen took
+    0.22-0.30 ms (median of 500 `echo hi`, measured on the 2-core bench machine). It cannot change
+    directory and searches
+    the agent's own PATH, not the child's, so it is used only when neither differs (the usual case:
+    the agent runs in the home directory, the default cwd); otherwise subprocess does the work. It
+    does not close the agent's other descriptors, which is safe because every one of them is
+    close-on-exec (Python, gRPC, inotify and the X11 library open them so; a test checks that a
+    child sees nothing but 0, 1 and 2).
+    """
+    argv = list(spec.argv)
+    env = dict(spec.env)
+    path = os.environ.get("PATH")
+    try:
+        same_dir = spec.cwd == os.getcwd()
+    except OSError:  # our own working directory was removed
+        same_dir = False
+    if same_dir and path is not None and env.get("PATH") == path:
+        actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+            (os.POSIX_SPAWN_DUP2, stdin_fd, 0)
+            if stdin_fd is not None
+            else (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, err_w, 2),
+        ]
+        return os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_IN_CHILD)
+    popen = subprocess.Popen(
+        argv,
+        stdin=stdin_fd if stdin_fd is not None else subprocess.DEVNULL,
+        stdout=out_w,
+        stderr=err_w,
+        cwd=spec.cwd,
+        env=env,
+        start_new_session=True,
+    )
+    # Our reaper collects the status; tell subprocess not to try (its own waitpid would race us).
+    popen.returncode = 0
+    return popen.pid
 
 
 def _not_started(program: str, err: OSError) -> Exited:

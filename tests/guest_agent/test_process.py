@@ -595,3 +595,57 @@ def test_bad_run_requests(
         run_once(agent, stub, **fields)
     assert err.value.code() == code
     assert words in (err.value.details() or "")
+
+
+# -- the two ways of spawning ---------------------------------------------------------------------
+# The agent spawns with posix_spawn when the process runs in the agent's own working directory
+# with the agent's PATH, and with subprocess otherwise; both must give a child the same start.
+
+
+@pytest.fixture(params=["agent-cwd", "other-cwd"])
+def spawn_cwd(request: pytest.FixtureRequest, agent: RunningAgent) -> str:
+    agent_cwd = os.readlink(f"/proc/{agent.service.proc.pid}/cwd")
+    return agent_cwd if request.param == "agent-cwd" else "/tmp"
+
+
+def test_child_starts_clean_either_way(
+    agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub, spawn_cwd: str
+) -> None:
+    # No descriptor of the agent leaks into the child (ls opens one itself, 3).
+    reply = run_once(agent, stub, argv=["ls", "/proc/self/fd"], cwd=spawn_cwd)
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.stdout.split() == [b"0", b"1", b"2", b"3"]
+    # SIGPIPE and SIGXFSZ are at their defaults, not ignored as in the agent's Python.
+    reply = run_once(agent, stub, argv=["grep", "SigIgn", "/proc/self/status"], cwd=spawn_cwd)
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    ignored = int(reply.stdout.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1))
+    result = run(agent, stub, command="yes | head -c 2; echo ${PIPESTATUS[0]}", cwd=spawn_cwd)
+    assert result.stdout == b"y\n141\n" and result.stderr == b""
+    # A new session and process group of its own, in the asked directory, with stdin at EOF.
+    result = run(agent, stub, argv=["sh", "-c", "ps -o sid=,pgid= -p $$; pwd; cat"], cwd=spawn_cwd)
+    sid, pgid, cwd = result.stdout.split()
+    assert int(sid) == int(pgid) == result.pid and cwd.decode() == spawn_cwd
+    # Missing programs and programs that cannot be run are told apart.
+    reply = run_once(agent, stub, argv=["no-such-program-xyz"], cwd=spawn_cwd)
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.exited.exit_code == 127 and "command not found: no-such-program-xyz" in reply.exited.error
+    reply = run_once(agent, stub, argv=["/etc/hostname"], cwd=spawn_cwd)
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.exited.exit_code == 126 and "/etc/hostname" in reply.exited.error
+
+
+def test_program_is_looked_up_in_the_requested_path(
+    agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub, spawn_cwd: str, tmp_path: Path
+) -> None:
+    tool = tmp_path / "only-here-xyz"
+    tool.write_text("#!/bin/sh\necho found me\n")
+    tool.chmod(0o755)
+    path = f"{tmp_path}:{os.environ['PATH']}"
+    reply = run_once(agent, stub, argv=["only-here-xyz"], env={"PATH": path}, cwd=spawn_cwd)
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.stdout == b"found me\n" and reply.exited.exit_code == 0
+    # With the agent's own PATH it is not found.
+    reply = run_once(agent, stub, argv=["only-here-xyz"], cwd=spawn_cwd)
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.exited.exit_code == 127
