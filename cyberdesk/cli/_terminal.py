@@ -36,11 +36,15 @@ def run_shell(instance: Instance, argv: list[str] | None = None) -> int:
     cols, rows = _size(stdin if interactive else stdout)
     session = instance.shell(cols=cols, rows=rows, argv=argv or None)
     ended = threading.Event()
+    # Input is held back until the remote program has written something (or 3 s went by): a
+    # shell that starts up flushes its terminal's input queue, so earlier keys would be lost.
+    first_output = threading.Event()
 
     def pump_output() -> None:
         try:
             for chunk in session:
                 os.write(stdout, chunk)
+                first_output.set()
         except Exception as err:  # reported after the terminal is restored
             session.error = session.error or _as_error(err)
         finally:
@@ -64,6 +68,7 @@ def run_shell(instance: Instance, argv: list[str] | None = None) -> int:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_int)
         reader.start()
         stdin_open = True
+        first_output.wait(3.0)
         while not ended.is_set():
             if not stdin_open:
                 ended.wait(0.1)
