@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from cyberdesk._errors import DataLoss, InvalidArgument
+from cyberdesk._errors import Cancelled, DataLoss, InvalidArgument
 from cyberdesk._models import FileInfo, FsEvent, UploadResult
 from cyberdesk._requests import CHUNK
 from cyberdesk._transport import Transport, iterate
@@ -215,6 +215,7 @@ class Watch:
     def __init__(self, call: object) -> None:
         self._call = call
         self._events = iterate(call)
+        self._closed = False
 
     def _wait_started(self) -> None:
         for reply in self._events:
@@ -222,12 +223,17 @@ class Watch:
                 return
 
     def __iter__(self) -> Iterator[FsEvent]:
-        for reply in self._events:
-            if reply.WhichOneof("event") == "change":
-                yield FsEvent.from_proto(reply.change)
+        try:
+            for reply in self._events:
+                if reply.WhichOneof("event") == "change":
+                    yield FsEvent.from_proto(reply.change)
+        except Cancelled:
+            if not self._closed:
+                raise
 
     def close(self) -> None:
-        """Stop watching."""
+        """Stop watching; an iteration in progress ends quietly."""
+        self._closed = True
         self._call.cancel()  # type: ignore[attr-defined]
 
     def __enter__(self) -> Watch:

@@ -38,6 +38,10 @@ class StackError(Exception):
     """The stack cannot start; the message says what to do."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM) arrived while the stack was starting."""
+
+
 def _repo_root() -> Path | None:
     """The checkout holding the services, when the package runs from one (editable install)."""
     here = Path(__file__).resolve().parent.parent
@@ -92,6 +96,11 @@ class Stack:
     redis_url: str = ""
     api_key: str = ""
     http_endpoint: str = ""
+    stopping: bool = False
+
+    def _check(self) -> None:
+        if self.stopping:
+            raise Interrupted()
 
     # --- start -----------------------------------------------------------------------------
 
@@ -155,6 +164,7 @@ class Stack:
                     client.ping()
                     return
                 except redis.ConnectionError:
+                    self._check()
                     if child.proc.poll() is not None or time.monotonic() > deadline:
                         raise StackError(f"redis-server did not start on port {port}; see {child.log}") from None
                     time.sleep(0.05)
@@ -169,6 +179,7 @@ class Stack:
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
+                self._check()
                 if child.proc.poll() is not None:
                     raise StackError(f"{child.name} exited with code {child.proc.returncode}:\n{_tail(child.log)}")
                 try:
@@ -197,8 +208,16 @@ class Stack:
         ):
             child = self._spawn(module, [python, "-m", module], env)
             self._wait_healthy(child, target)
-        if _listening(self.options.http_addr):
-            self.http_endpoint = f"http://{self.options.http_addr}"
+        # The gateway's REST face (uvicorn in the same process) may bind a moment after gRPC.
+        deadline = time.monotonic() + 5
+        while True:
+            if _listening(self.options.http_addr):
+                self.http_endpoint = f"http://{self.options.http_addr}"
+                break
+            if time.monotonic() > deadline:
+                break
+            self._check()
+            time.sleep(0.1)
         self.api_key = self._dev_key(env)
 
     def _dev_key(self, env: dict[str, str]) -> str:
@@ -267,9 +286,9 @@ class Stack:
 
     # --- run and stop ----------------------------------------------------------------------
 
-    def watch(self, stop: list[bool]) -> int:
-        """Block until `stop[0]` is set (a signal) or a child dies; the exit code to return."""
-        while not stop[0]:
+    def watch(self) -> int:
+        """Block until a signal sets `stopping` or a child dies; the exit code to return."""
+        while not self.stopping:
             for child in self.children:
                 if child.proc.poll() is not None:
                     print(f"{child.name} exited with code {child.proc.returncode}; stopping the stack", file=sys.stderr)
@@ -352,20 +371,19 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def run(options: StackOptions, out: TextIO = sys.stdout) -> int:
     """Start the stack, serve until SIGINT/SIGTERM or a child dies, stop it cleanly. Returns the exit code."""
-    stop = [False]
+    stack = Stack(options, out)
 
     def _on_signal(signum: int, frame: object) -> None:
-        stop[0] = True
+        stack.stopping = True
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stack = Stack(options, out)
     code = 1
     try:
         stack.start()
-        if stop[0]:
-            return 0
         stack.announce()
-        code = stack.watch(stop)
+        code = stack.watch()
+    except Interrupted:
+        code = 0
     except StackError as err:
         print(f"cyberdesk up: {err}", file=sys.stderr)
         code = 1

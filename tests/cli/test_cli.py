@@ -49,6 +49,8 @@ def test_up_wrote_a_private_config(stack: RunningStack) -> None:
     saved = json.loads(stack.config.read_text())
     assert saved["endpoint"] == stack.gateway
     assert saved["api_key"].startswith("cd_")
+    assert saved["http_endpoint"].startswith("http://127.0.0.1:")  # the gateway's REST face
+    assert _ok(stack.cli("config", "get", "http_endpoint")).strip() == saved["http_endpoint"]
     assert _ok(stack.cli("config", "get", "endpoint")).strip() == stack.gateway
     assert _ok(stack.cli("config", "get", "api_key")).strip() == saved["api_key"]
     assert "gateway (gRPC)" in stack.output.decode()
@@ -79,6 +81,24 @@ def test_exec_timeout_kills_and_exits_124(stack: RunningStack, box: str) -> None
     assert result.returncode == 124
     assert b"never" not in result.stdout
     assert "timeout" in _one_line_error(result)
+
+
+def test_ctrl_c_during_exec_kills_the_remote_command(stack: RunningStack, box: str) -> None:
+    proc = subprocess.Popen(
+        [CLI, "exec", box, "--", "echo started; exec sleep 97"],
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and b"Traceback" not in err
+    deadline = time.monotonic() + 15
+    while b"sleep 97" in stack.cli("exec", box, "--", "ps -eo args").stdout:
+        assert time.monotonic() < deadline, "the remote command outlived the local Ctrl-C"
+        time.sleep(0.2)
 
 
 def test_cp_both_ways_with_checksum(stack: RunningStack, box: str, tmp_path: Path) -> None:
