@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -148,10 +148,10 @@ class RestApp:
             body = await _read_body(receive, MAX_JSON_BODY)
             request = mapping.decode_request(route, found.variables, query, body)
             if route.raw_response_field:
-                await self._download(send, route, request, headers, head=method == "HEAD")
+                await _until_disconnect(receive, self._download(send, route, request, headers, head=method == "HEAD"))
                 return
             if route.server_streaming:
-                await self._stream(send, route, request, headers)
+                await _until_disconnect(receive, self._stream(send, route, request, headers))
                 return
             reply = await self.upstream.unary(route, request, headers)
         except RpcError as exc:
@@ -654,6 +654,31 @@ async def _ws_reject(scope: Scope, send: Send, err: errors.HttpError) -> None:
         await send({"type": "websocket.http.response.body", "body": err.body_bytes()})
         return
     await send({"type": "websocket.close", "code": 1008})
+
+
+async def _until_disconnect(receive: Receive, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` (a streamed response) until it ends or the client disconnects, then cancel it.
+
+    The request body is read already, so the next ASGI message is the disconnect. Without this a
+    stream whose client left would keep its upstream call (e.g. a process's output) open.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+    if task.done() and not task.cancelled():
+        task.result()  # re-raise what the response raised
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -1,0 +1,356 @@
+"""The REST face end to end: httpx and websockets against the gateway process, real instance_svc and sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from gateway_svc.keystore import KeyStore
+from tests.gateway_svc.rest.conftest import OTHER_TENANT, TENANT, RestStack, gateway_process
+
+
+def _lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _events(items: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [item["result"]["event"] for item in items]  # type: ignore[index]
+
+
+# -- instances -------------------------------------------------------------------------------------
+
+
+def test_create_get_list_pages_delete(rest_stack: RestStack) -> None:
+    with rest_stack.client() as c:
+        ids = []
+        for n in range(2):
+            r = c.post("/v1/instances", json={"labels": {"suite": "paging", "n": str(n)}})
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["instance"]["instanceId"])
+        got = c.get(f"/v1/instances/{ids[0]}").json()["instance"]
+        assert got["instanceId"] == ids[0] and got["labels"] == {"suite": "paging", "n": "0"}
+        seen: list[str] = []
+        token = ""
+        pages = 0
+        while True:
+            params = {"pageSize": "1", "labels[suite]": "paging"}
+            if token:
+                params["pageToken"] = token
+            page = c.get("/v1/instances", params=params)
+            assert page.status_code == 200, page.text
+            body = page.json()
+            assert len(body["instances"]) <= 1
+            seen += [i["instanceId"] for i in body["instances"]]
+            pages += 1
+            token = body.get("nextPageToken", "")
+            if not token:
+                break
+        assert sorted(seen) == sorted(ids) and pages >= 2
+        for instance_id in ids:
+            r = c.delete(f"/v1/instances/{instance_id}")
+            assert r.status_code == 200 and r.json()["instance"]["state"] == "INSTANCE_STATE_TERMINATED"
+        # Another tenant's key sees nothing of them.
+    with rest_stack.client("other") as other:
+        r = other.get(f"/v1/instances/{ids[0]}")
+        assert r.status_code == 404 and r.json()["code"] == 5
+
+
+# -- processes ---------------------------------------------------------------------------------------
+
+
+def test_exec_ndjson_and_sse(rest_stack: RestStack, rest_instance: str) -> None:
+    with rest_stack.client() as c:
+        r = c.post(f"/v1/instances/{rest_instance}/processes", json={"command": "echo out; echo err >&2; exit 3"})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+        events = _events(_lines(r.text))
+        assert "started" in events[0] and "exited" in events[-1]
+        assert events[-1]["exited"]["exitCode"] == 3  # type: ignore[index]
+        out = b"".join(base64.b64decode(e["stdout"]) for e in events if "stdout" in e)  # type: ignore[arg-type]
+        err = b"".join(base64.b64decode(e["stderr"]) for e in events if "stderr" in e)  # type: ignore[arg-type]
+        assert out == b"out\n" and err == b"err\n"
+
+        with c.stream(
+            "POST",
+            f"/v1/instances/{rest_instance}/processes",
+            json={"argv": ["printf", "sse"]},
+            headers={"accept": "text/event-stream"},
+        ) as s:
+            assert s.status_code == 200 and s.headers["content-type"] == "text/event-stream"
+            raw = s.read().decode()
+        blocks = [b for b in raw.split("\n\n") if b]
+        assert all(b.startswith("event: result\ndata: ") for b in blocks)
+        sse_events = [json.loads(b.split("data: ", 1)[1])["result"]["event"] for b in blocks]
+        assert base64.b64decode(sse_events[1]["stdout"]) == b"sse"
+        assert sse_events[-1]["exited"]["exitCode"] == 0
+
+
+def test_stream_process_input_ndjson(rest_stack: RestStack, rest_instance: str) -> None:
+    with rest_stack.client() as c:
+        with c.stream(
+            "POST",
+            f"/v1/instances/{rest_instance}/processes",
+            json={"command": "cat > /tmp/stdin.txt", "background": True, "keepStdinOpen": True, "tag": "catter"},
+        ) as start:
+            assert start.status_code == 200
+            # Leaving the stream early cancels the call; a background process keeps running.
+            pid = json.loads(next(start.iter_lines()))["result"]["event"]["started"]["pid"]
+        lines = [json.dumps({"data": base64.b64encode(f"line {n}\n".encode()).decode()}) for n in range(3)]
+        body = "\n".join(lines) + "\n"
+        r = c.post(f"/v1/instances/{rest_instance}/processes/{pid}:streamInput", content=body.encode())
+        assert r.status_code == 200, r.text
+        assert int(r.json()["bytesWritten"]) == 21
+        # A bad line is 400 naming the line (the first, empty, message writes nothing).
+        bad = c.post(f"/v1/instances/{rest_instance}/processes/{pid}:streamInput", content=b'{}\n{"nope": 1}\n')
+        assert bad.status_code == 400 and "request line 2" in bad.json()["message"] and "nope" in bad.json()["message"]
+        assert c.post(f"/v1/instances/{rest_instance}/processes/{pid}:closeStdin", json={}).status_code == 200
+        done = c.post(f"/v1/instances/{rest_instance}/processes/{pid}:connect", json={})
+        assert done.status_code == 200 and "exited" in _events(_lines(done.text))[-1]
+        got = c.get(f"/v1/instances/{rest_instance}/files/tmp/stdin.txt")
+        assert got.status_code == 200 and got.content == b"line 0\nline 1\nline 2\n"
+
+
+# -- files ---------------------------------------------------------------------------------------------
+
+
+def test_file_put_get_range_sha256(rest_stack: RestStack, rest_instance: str) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)  # several upload chunks and an odd tail
+    sha = hashlib.sha256(data).hexdigest()
+    url = f"/v1/instances/{rest_instance}/files/tmp/rest/dir/blob.bin"
+    with rest_stack.client() as c:
+
+        def body() -> object:
+            # A streamed (chunked) request body: the gateway never sees it whole.
+            for i in range(0, len(data), 100_000):
+                yield data[i : i + 100_000]
+
+        r = c.put(url, params={"createParents": "true", "expectedSha256": sha}, content=body())
+        assert r.status_code == 200, r.text
+        assert r.json() == {"path": "/tmp/rest/dir/blob.bin", "size": str(len(data)), "sha256": sha}
+
+        full = c.get(url)
+        assert full.status_code == 200 and full.headers["content-type"] == "application/octet-stream"
+        assert full.headers["content-length"] == str(len(data)) and full.headers["accept-ranges"] == "bytes"
+        assert full.content == data
+
+        head = c.head(url)
+        assert head.status_code == 200 and head.headers["x-cyberdesk-sha256"] == sha
+        assert head.headers["content-length"] == str(len(data)) and not head.content
+        assert head.headers["repr-digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:"
+
+        part = c.get(url, headers={"range": "bytes=1000-1999"})
+        assert part.status_code == 206 and part.content == data[1000:2000]
+        assert part.headers["content-range"] == f"bytes 1000-1999/{len(data)}"
+        ranged_head = c.head(url, headers={"range": "bytes=1000-1999"})
+        assert ranged_head.headers["x-cyberdesk-sha256"] == hashlib.sha256(data[1000:2000]).hexdigest()
+
+        tail = c.get(url, headers={"range": "bytes=-10"})
+        assert tail.status_code == 206 and tail.content == data[-10:]
+        assert tail.headers["content-range"] == f"bytes {len(data) - 10}-{len(data) - 1}/{len(data)}"
+        open_end = c.get(url, headers={"range": f"bytes={len(data) - 5}-"})
+        assert open_end.status_code == 206 and open_end.content == data[-5:]
+        past_end = c.get(url, headers={"range": f"bytes={len(data) - 5}-{len(data) + 100}"})
+        assert past_end.status_code == 206 and past_end.content == data[-5:]
+
+        for unsatisfiable in (f"bytes={len(data)}-", f"bytes={len(data) + 10}-{len(data) + 20}", "bytes=-0"):
+            bad = c.get(url, headers={"range": unsatisfiable})
+            assert bad.status_code == 416, unsatisfiable
+            assert bad.headers["content-range"] == f"bytes */{len(data)}" and bad.json()["code"] == 11
+        ignored = c.get(url, headers={"range": "bytes=5-1"})  # not a valid range: ignored, whole file
+        assert ignored.status_code == 200 and len(ignored.content) == len(data)
+
+        # The upload's header options, short or full names; an existing file is 409 without overwrite.
+        again = c.put(url, content=b"new")
+        assert again.status_code == 409 and again.json()["code"] == 6
+        over = c.put(url, params={"header.overwrite": "true", "mode": "384"}, content=b"new")
+        assert over.status_code == 200 and over.json()["size"] == "3"
+        wrong = c.put(url, params={"overwrite": "true", "expectedSha256": "0" * 64}, content=b"other")
+        assert wrong.status_code == 500 and wrong.json()["code"] == 15  # DATA_LOSS: nothing written
+        assert c.get(url).content == b"new"
+        missing = c.get(f"/v1/instances/{rest_instance}/files/tmp/rest/nope.bin")
+        assert missing.status_code == 404 and missing.json()["code"] == 5
+        empty = c.put(f"/v1/instances/{rest_instance}/files/tmp/rest/empty", content=b"")
+        assert empty.status_code == 200 and empty.json()["size"] == "0"
+        got_empty = c.get(f"/v1/instances/{rest_instance}/files/tmp/rest/empty")
+        assert got_empty.status_code == 200 and got_empty.content == b""
+
+
+# -- desktop -------------------------------------------------------------------------------------------
+
+
+def test_screenshot_of_a_desktop_instance(rest_stack: RestStack) -> None:
+    with rest_stack.client() as c:
+        r = c.post("/v1/instances", json={"template": "desktop", "desktop": {"width": 640, "height": 480}})
+        assert r.status_code == 200, r.text
+        instance_id = r.json()["instance"]["instanceId"]
+        try:
+            assert r.json()["instance"]["state"] == "INSTANCE_STATE_RUNNING", r.text
+            shot = c.post(f"/v1/instances/{instance_id}/desktop:screenshot", json={"format": "IMAGE_FORMAT_PNG"})
+            assert shot.status_code == 200, shot.text
+            body = shot.json()
+            image = base64.b64decode(body["image"])
+            assert image.startswith(b"\x89PNG\r\n\x1a\n")
+            assert (body["width"], body["height"]) == (640, 480)
+            display = c.get(f"/v1/instances/{instance_id}/desktop")
+            assert display.status_code == 200, display.text
+        finally:
+            c.delete(f"/v1/instances/{instance_id}")
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+
+def test_error_classes(rest_stack: RestStack, rest_instance: str) -> None:
+    with rest_stack.client() as c:
+        bad_json = c.post("/v1/instances", content=b'{"labels": ')
+        assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["message"]
+        unknown = c.post("/v1/instances", json={"desktop": {"widht": 3}})
+        assert unknown.status_code == 400 and "unknown field desktop.widht" in unknown.json()["message"]
+        unknown_query = c.get("/v1/instances", params={"bogus": "1"})
+        assert unknown_query.status_code == 400 and "bogus" in unknown_query.json()["message"]
+        not_found = c.get("/v1/instances/i-doesnotexist")
+        assert not_found.status_code == 404 and not_found.json()["code"] == 5
+        no_route = c.get("/v2/nothing")
+        assert no_route.status_code == 404
+        # FAILED_PRECONDITION is 400 by the canonical mapping, code 9 in the body.
+        resume = c.post(f"/v1/instances/{rest_instance}:resume", json={})
+        assert resume.status_code == 400 and resume.json()["code"] == 9, resume.text
+    with rest_stack.client(None) as anon:
+        missing = anon.get(f"/v1/instances/{rest_instance}")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert "missing API key" in missing.json()["message"]
+        wrong = anon.get(f"/v1/instances/{rest_instance}", headers={"x-api-key": "cd_not-a-key"})
+        assert wrong.status_code == 401 and wrong.json()["code"] == 16
+        by_header = anon.get(f"/v1/instances/{rest_instance}", headers={"x-api-key": rest_stack.keys["main"]})
+        assert by_header.status_code == 200
+    # A key without the `instances` scope: 403.
+    store = KeyStore(rest_stack.state / "gateway_keys.sqlite3")
+    try:
+        _, scoped = store.create(TENANT, "billing-only", ["billing"])
+    finally:
+        store.close()
+    forbidden = httpx.get(f"{rest_stack.base_url}/v1/instances", headers={"authorization": f"Bearer {scoped}"})
+    assert forbidden.status_code == 403 and forbidden.json()["code"] == 7
+    # Rate limit: 429 with Retry-After (whole seconds) and a RetryInfo detail.
+    limited = rest_stack.new_key(TENANT, rate_limit="1/60s")
+    with httpx.Client(base_url=rest_stack.base_url, headers={"x-api-key": limited}) as c2:
+        assert c2.get("/v1/instances").status_code == 200
+        over = c2.get("/v1/instances")
+        assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
+        assert over.json()["details"][0]["@type"] == "type.googleapis.com/google.rpc.RetryInfo"
+    # Another tenant's instance does not exist for this key, on the agent routes too.
+    with rest_stack.client("other") as other:
+        hidden = other.post(f"/v1/instances/{rest_instance}/processes", json={"command": "true"})
+        assert (
+            hidden.status_code == 404
+            and other.get(f"/v1/instances/{rest_instance}/files/etc/hostname").status_code == 404
+        )
+
+
+def test_unavailable_instance_service_is_503(rest_stack: RestStack, tmp_path: Path) -> None:
+    # A second gateway over the same key store whose instance_svc address has nothing listening.
+    with gateway_process(tmp_path, rest_stack.state, f"127.0.0.1:{_dead_port()}", rest_stack.redis_url) as gw:
+        url = f"http://{gw.http_addr}"  # type: ignore[attr-defined]
+        headers = {"authorization": f"Bearer {rest_stack.keys['main']}"}
+        r = httpx.get(f"{url}/v1/instances/i-any", headers=headers, timeout=30)
+        assert r.status_code == 503 and r.json()["code"] == 14
+        r = httpx.post(f"{url}/v1/instances/i-any/processes", json={"command": "true"}, headers=headers, timeout=30)
+        assert r.status_code == 503 and "unreachable" in r.json()["message"]
+
+
+def _dead_port() -> int:
+    from tests.support.procs import free_port
+
+    return free_port()
+
+
+# -- WebSocket shell -------------------------------------------------------------------------------------
+
+
+async def _read_until(ws: websockets.ClientConnection, needle: bytes, limit: int = 200) -> bytes:
+    seen = b""
+    for _ in range(limit):
+        frame = await asyncio.wait_for(ws.recv(), 20)
+        if isinstance(frame, bytes):
+            seen += frame
+            if needle in seen:
+                return seen
+    raise AssertionError(f"{needle!r} not seen in {seen[-500:]!r}")
+
+
+def test_websocket_shell_with_resize(rest_stack: RestStack, rest_instance: str) -> None:
+    async def scenario() -> None:
+        url = f"{rest_stack.ws_url}/v1/instances/{rest_instance}/pty"
+        key = rest_stack.keys["main"]
+        async with websockets.connect(url, additional_headers={"authorization": f"Bearer {key}"}) as ws:
+            await ws.send(json.dumps({"type": "open", "cols": 80, "rows": 24, "argv": ["/bin/bash", "--norc", "-i"]}))
+            started = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            assert started["type"] == "started" and started["pid"] > 0
+            await ws.send(b"stty size\n")
+            await _read_until(ws, b"24 80")
+            await ws.send(json.dumps({"type": "resize", "cols": 132, "rows": 43}))
+            await ws.send(b"stty size\n")
+            await _read_until(ws, b"43 132")
+            # A bad control frame is reported; the shell stays usable.
+            await ws.send(json.dumps({"type": "resize", "cols": -1}))
+            err = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            assert err["type"] == "error" and err["code"] == 3 and "cols" in err["message"]
+            await ws.send(b"sleep 30\n")
+            await asyncio.sleep(0.3)
+            await ws.send(json.dumps({"type": "signal", "signal": "SIGINT"}))
+            await ws.send(b"echo after-$((6*7))\n")
+            await _read_until(ws, b"after-42")
+            await ws.send(b"exit 5\n")
+            while True:
+                frame = await asyncio.wait_for(ws.recv(), 20)
+                if isinstance(frame, str):
+                    exited = json.loads(frame)
+                    break
+            assert exited["type"] == "exit" and exited["exitCode"] == 5
+            with pytest.raises(websockets.ConnectionClosedOK):
+                await asyncio.wait_for(ws.recv(), 20)
+            assert ws.close_code == 1000
+
+        # The key as a subprotocol (browsers cannot set headers); cyberdesk.v1 is selected.
+        protocols = ["cyberdesk.v1", f"cyberdesk.key.{key}"]
+        async with websockets.connect(url + "?open.size.cols=50&open.size.rows=7", subprotocols=protocols) as ws:  # type: ignore[arg-type]
+            assert ws.subprotocol == "cyberdesk.v1"
+            started = json.loads(await asyncio.wait_for(ws.recv(), 20))  # opened from the query
+            assert started["type"] == "started"
+            await ws.send(b"stty size; exit\n")
+            await _read_until(ws, b"7 50")
+
+        # Refused handshakes are HTTP errors with the usual status.
+        with pytest.raises(InvalidStatus) as refused:
+            async with websockets.connect(url):
+                pass
+        assert refused.value.response.status_code == 401
+        with pytest.raises(InvalidStatus) as hidden:
+            other = rest_stack.keys["other"]
+            async with websockets.connect(url, additional_headers={"x-api-key": other}):
+                pass
+        assert hidden.value.response.status_code == 404
+        # A first frame that is neither open nor attach ends the socket with 4000 + INVALID_ARGUMENT.
+        async with websockets.connect(url, additional_headers={"x-api-key": key}) as ws:
+            await ws.send(json.dumps({"type": "resize", "cols": 1, "rows": 1}))
+            err = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            assert err["type"] == "error" and err["code"] == 3
+            with pytest.raises(websockets.ConnectionClosedError):
+                await asyncio.wait_for(ws.recv(), 20)
+            assert ws.close_code == 4003
+
+    asyncio.run(scenario())
+
+
+def test_openapi_is_served(rest_stack: RestStack) -> None:
+    doc = httpx.get(f"{rest_stack.base_url}/openapi.json").json()
+    assert doc["openapi"].startswith("3.1") and "/v1/instances/{instance_id}/files/{path}" in doc["paths"]
+    assert OTHER_TENANT != TENANT
