@@ -115,10 +115,9 @@ def _first_exec(channel: grpc.Channel) -> tuple[float, float, str]:
             metadata=(("authorization", f"Bearer {resolved.agent_token}"),),
             timeout=30,
         ):
-            if reply.event.HasField("exited"):
-                if reply.event.exited.exit_code != 0:
-                    raise RuntimeError(f"first exec failed: {reply.event.exited}")
-                break
+            # The exit event is the stream's last: read to the end rather than cancel.
+            if reply.event.HasField("exited") and reply.event.exited.exit_code != 0:
+                raise RuntimeError(f"first exec failed: {reply.event.exited}")
     done = time.perf_counter()
     instances.DeleteInstance(
         instance_pb2.DeleteInstanceRequest(instance_id=created.instance_id), metadata=META, timeout=60

@@ -114,7 +114,9 @@ class Lifecycle:
             elif rec.state in (State.PENDING, State.STARTING):
                 self._set(rec.id, State.FAILED, INTERRUPTED)
             elif rec.state is State.STOPPING:
+                # The delete was cut short: finish it (runtime.delete is idempotent).
                 if rec.sandbox_id:
+                    kept.add(rec.sandbox_id)
                     await self.runtime.delete(rec.sandbox_id)
                 self._set(rec.id, State.TERMINATED, "deleted")
         for sandbox_id in existing.keys() - kept:

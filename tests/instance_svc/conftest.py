@@ -96,8 +96,10 @@ class Svc:
         """Run `command` in the instance through its agent's ProcessService; (exit code, stdout)."""
         resolved = self.resolve(instance_id)
         out = b""
+        code: int | None = None
         with grpc.insecure_channel(resolved.agent_target) as chan:
             stub = process_pb2_grpc.ProcessServiceStub(chan)
+            # Read the stream to its end (the exit event is its last) rather than cancel it.
             for reply in stub.StartProcess(
                 process_pb2.StartProcessRequest(instance_id=instance_id, command=command),
                 metadata=(("authorization", f"Bearer {resolved.agent_token}"),),
@@ -106,8 +108,9 @@ class Svc:
                 if reply.event.HasField("stdout"):
                     out += reply.event.stdout
                 if reply.event.HasField("exited"):
-                    return reply.event.exited.exit_code, out
-        raise AssertionError("the process stream ended without an exit event")
+                    code = reply.event.exited.exit_code
+        assert code is not None, "the process stream ended without an exit event"
+        return code, out
 
 
 def meta(tenant: str = "t1") -> tuple[tuple[str, str], ...]:

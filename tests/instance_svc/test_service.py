@@ -99,6 +99,27 @@ def test_expiry_at_deadline_and_after_set_timeout(tmp_path: Path, redis_url: str
         assert f"instance {short.instance_id} is TERMINATED" in (err.value.details() or "")
 
 
+def test_pause_at_the_deadline_then_resume_gets_a_new_deadline(tmp_path: Path, redis_url: str) -> None:
+    with running(tmp_path, redis_url) as svc:
+        created = svc.instances.CreateInstance(
+            instance_pb2.CreateInstanceRequest(
+                timeout=duration_pb2.Duration(seconds=2), timeout_action=instance_pb2.TIMEOUT_ACTION_PAUSE
+            ),
+            metadata=meta(),
+            timeout=60,
+        ).instance
+        paused = _wait_state(svc, created.instance_id, instance_pb2.INSTANCE_STATE_PAUSED)
+        assert paused.state == instance_pb2.INSTANCE_STATE_PAUSED
+        assert paused.state_message == "paused at its deadline"
+        assert svc.resolve(created.instance_id).agent_target == ""  # nothing to exec into while frozen
+        resumed = svc.instances.ResumeInstance(
+            instance_pb2.ResumeInstanceRequest(instance_id=created.instance_id), metadata=meta(), timeout=30
+        ).instance
+        assert resumed.state == RUNNING
+        assert resumed.expire_time.ToMicroseconds() > paused.expire_time.ToMicroseconds()
+        assert svc.agent_info(created.instance_id).instance_id == created.instance_id
+
+
 def test_kill9_then_restart_readopts_and_keeps_the_deadline(tmp_path: Path, redis_url: str) -> None:
     with running(tmp_path, redis_url) as svc:
         keep = svc.instances.CreateInstance(instance_pb2.CreateInstanceRequest(), metadata=meta(), timeout=60).instance
@@ -392,3 +413,10 @@ def test_bad_inputs_get_precise_statuses_and_lists_page(tmp_path: Path, redis_ur
         )
         assert list(running_only.instances) == []
         assert list(stub.ListInstances(instance_pb2.ListInstancesRequest(), metadata=meta("t2")).instances) == []
+        with pytest.raises(grpc.RpcError) as err:
+            next(
+                stub.WatchInstances(
+                    instance_pb2.WatchInstancesRequest(instance_id=one.instance_id), metadata=meta("t2")
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
