@@ -31,7 +31,7 @@ Handler = Callable[..., Any]
 
 def _wrap_unary(method: str, fn: Handler) -> Handler:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
-        start = time.perf_counter()
+        start, peer = time.perf_counter(), context.peer()
         try:
             return await fn(request, context)
         except RpcError as err:
@@ -42,14 +42,14 @@ def _wrap_unary(method: str, fn: Handler) -> Handler:
             _log.exception("unhandled error", extra={"method": method})
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
-            _access(method, context, start)
+            _access(method, context, start, peer)
 
     return wrapper
 
 
 def _wrap_stream(method: str, fn: Handler) -> Handler:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
-        start = time.perf_counter()
+        start, peer = time.perf_counter(), context.peer()
         try:
             async for item in fn(request, context):
                 yield item
@@ -61,7 +61,7 @@ def _wrap_stream(method: str, fn: Handler) -> Handler:
             _log.exception("unhandled error", extra={"method": method})
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
-            _access(method, context, start)
+            _access(method, context, start, peer)
 
     return wrapper
 
@@ -73,7 +73,9 @@ async def _abort(context: grpc.aio.ServicerContext, err: RpcError) -> None:  # t
     await context.abort(err.code, err.message)
 
 
-def _access(method: str, context: grpc.aio.ServicerContext, start: float) -> None:  # type: ignore[type-arg]
+def _access(method: str, context: grpc.aio.ServicerContext, start: float, peer: str) -> None:  # type: ignore[type-arg]
+    # `peer` is read when the call starts: context.peer() on a call the client already cancelled
+    # dereferences freed call state inside grpcio (a segfault seen under load), so never call it here.
     code = context.code()
     name = code.name if isinstance(code, grpc.StatusCode) else ("CANCELLED" if context.cancelled() else "OK")
     _log.info(
@@ -82,7 +84,7 @@ def _access(method: str, context: grpc.aio.ServicerContext, start: float) -> Non
             "method": method,
             "code": name,
             "ms": round((time.perf_counter() - start) * 1000, 3),
-            "peer": context.peer(),
+            "peer": peer,
         },
     )
 
