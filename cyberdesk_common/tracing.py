@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -72,14 +73,25 @@ def _wrap(method: str, fn: Callable[..., Any], streaming: bool) -> Callable[...,
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
         carrier: Sequence[tuple[str, Any]] = tuple(context.invocation_metadata() or ())
         parent = propagate.extract(carrier, getter=_GETTER)
-        with tracer.start_as_current_span(
-            _span_name(method), context=parent, kind=SpanKind.SERVER, attributes=attributes
-        ) as span:
-            try:
-                async for item in fn(request, context):
-                    yield item
-            finally:
-                _finish(span, context)
+        span = tracer.start_span(_span_name(method), context=parent, kind=SpanKind.SERVER, attributes=attributes)
+        span_context = trace.set_span_in_context(span, parent)
+        inner = fn(request, context).__aiter__()
+        # The span is current only while the handler runs (each step of `inner`), never across our
+        # own `yield`: a cancelled stream is closed from another context, where detaching a token
+        # attached before the yield fails ("Failed to detach context") on every client cancel.
+        try:
+            while True:
+                token = otel_context.attach(span_context)
+                try:
+                    item = await inner.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    otel_context.detach(token)
+                yield item
+        finally:
+            _finish(span, context)
+            span.end()
 
     return stream if streaming else unary
 
