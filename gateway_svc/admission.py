@@ -87,9 +87,8 @@ class Admission:
         agent_md = [*base, ("authorization", f"Bearer {route.token}")]
         return Target(self.router.pool.get(route), tuple(inject_metadata(agent_md)), deadline, instance)
 
-    def upstream_failed(self, target: Target, err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+    def upstream_failed(self, target: Target, code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
         """The status a caller gets for an upstream failure; an unreachable agent's route is forgotten."""
-        code, details = err.code(), err.details() or ""
         if code is grpc.StatusCode.UNAVAILABLE and target.instance_id:
             # The agent went away: forget its route so the next call asks instance_svc again.
             self.router.invalidate(target.instance_id)

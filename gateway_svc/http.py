@@ -416,6 +416,7 @@ class _PtySession:
         self.receive, self._send = receive, send
         self._lock = asyncio.Lock()
         self.closed = False
+        self.client_left = False
 
     async def send_json(self, value: Mapping[str, Any]) -> None:
         await self.send({"type": "websocket.send", "text": json.dumps(value, separators=(",", ":"))})
@@ -459,6 +460,12 @@ class _PtySession:
             await self.close(1000, "exit")
         except RpcError as exc:
             await self.fail(exc)
+        except asyncio.CancelledError:
+            # grpc.aio reports the call we cancelled because the client left as CancelledError;
+            # only a cancellation of this task itself must propagate.
+            task = asyncio.current_task()
+            if not self.client_left or (task is not None and task.cancelling()):
+                raise
         finally:
             inbound.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -494,6 +501,7 @@ class _PtySession:
                 message = await self.receive()
                 if message["type"] == "websocket.disconnect":
                     # The client left: end the call (the agent detaches this client only).
+                    self.client_left = self.closed = True
                     self.call.cancel()
                     return
                 data = message.get("bytes")

@@ -89,7 +89,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     async def _fail(self, context: grpc.aio.ServicerContext, up: Target, err: grpc.aio.AioRpcError) -> None:  # type: ignore[type-arg]
         """End the call with the upstream's status, details and trailers."""
-        code, details = self._admission.upstream_failed(up, err)
+        code, details = self._admission.upstream_failed(up, err.code(), err.details() or "")
         trailers = err.trailing_metadata()
         if trailers:
             context.set_trailing_metadata(tuple(trailers))  # type: ignore[arg-type]

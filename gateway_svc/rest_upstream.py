@@ -45,6 +45,16 @@ class BidiCall:
             await self._call.write(message)
         except grpc.aio.AioRpcError as err:
             raise _rpc_error(self._admission, self._target, err) from None
+        except asyncio.InvalidStateError:
+            # The upstream ended the call already: report how it ended.
+            raise await self._ended() from None
+
+    async def _ended(self) -> RpcError:
+        code: grpc.StatusCode = await self._call.code()
+        details: str = await self._call.details() or ""
+        if code is grpc.StatusCode.CANCELLED:
+            return RpcError(code, details or "the call was cancelled")
+        return _status_error(self._admission, self._target, code, details, await self._call.trailing_metadata())
 
     async def done_writing(self) -> None:
         """No more requests (half-close)."""
@@ -67,8 +77,11 @@ class BidiCall:
 
 
 def _rpc_error(admission: Admission, target: Target, err: grpc.aio.AioRpcError) -> RpcError:
-    code, message = admission.upstream_failed(target, err)
-    trailers: Any = err.trailing_metadata()
+    return _status_error(admission, target, err.code(), err.details() or "", err.trailing_metadata())
+
+
+def _status_error(admission: Admission, target: Target, code: grpc.StatusCode, details: str, trailers: Any) -> RpcError:
+    code, message = admission.upstream_failed(target, code, details)
     status = decode_details(tuple(trailers) if trailers else None)
     return RpcError(code, message, list(status.details) if status is not None else [])
 

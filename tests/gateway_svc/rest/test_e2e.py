@@ -286,14 +286,24 @@ async def _read_until(ws: websockets.ClientConnection, needle: bytes, limit: int
     raise AssertionError(f"{needle!r} not seen in {seen[-500:]!r}")
 
 
+async def _next_control(ws: websockets.ClientConnection) -> dict[str, object]:
+    """The next JSON control frame, skipping terminal bytes still in flight."""
+    for _ in range(200):
+        frame = await asyncio.wait_for(ws.recv(), 20)
+        if isinstance(frame, str):
+            value: dict[str, object] = json.loads(frame)
+            return value
+    raise AssertionError("no control frame")
+
+
 def test_websocket_shell_with_resize(rest_stack: RestStack, rest_instance: str) -> None:
     async def scenario() -> None:
         url = f"{rest_stack.ws_url}/v1/instances/{rest_instance}/pty"
         key = rest_stack.keys["main"]
         async with websockets.connect(url, additional_headers={"authorization": f"Bearer {key}"}) as ws:
             await ws.send(json.dumps({"type": "open", "cols": 80, "rows": 24, "argv": ["/bin/bash", "--norc", "-i"]}))
-            started = json.loads(await asyncio.wait_for(ws.recv(), 20))
-            assert started["type"] == "started" and started["pid"] > 0
+            started = await _next_control(ws)
+            assert started["type"] == "started" and int(started["pid"]) > 0, started  # type: ignore[call-overload]
             await ws.send(b"stty size\n")
             await _read_until(ws, b"24 80")
             await ws.send(json.dumps({"type": "resize", "cols": 132, "rows": 43}))
@@ -301,19 +311,15 @@ def test_websocket_shell_with_resize(rest_stack: RestStack, rest_instance: str) 
             await _read_until(ws, b"43 132")
             # A bad control frame is reported; the shell stays usable.
             await ws.send(json.dumps({"type": "resize", "cols": -1}))
-            err = json.loads(await asyncio.wait_for(ws.recv(), 20))
-            assert err["type"] == "error" and err["code"] == 3 and "cols" in err["message"]
+            err = await _next_control(ws)
+            assert err["type"] == "error" and err["code"] == 3 and "cols" in str(err["message"])
             await ws.send(b"sleep 30\n")
             await asyncio.sleep(0.3)
             await ws.send(json.dumps({"type": "signal", "signal": "SIGINT"}))
             await ws.send(b"echo after-$((6*7))\n")
             await _read_until(ws, b"after-42")
             await ws.send(b"exit 5\n")
-            while True:
-                frame = await asyncio.wait_for(ws.recv(), 20)
-                if isinstance(frame, str):
-                    exited = json.loads(frame)
-                    break
+            exited = await _next_control(ws)
             assert exited["type"] == "exit" and exited["exitCode"] == 5
             with pytest.raises(websockets.ConnectionClosedOK):
                 await asyncio.wait_for(ws.recv(), 20)
@@ -323,8 +329,8 @@ def test_websocket_shell_with_resize(rest_stack: RestStack, rest_instance: str) 
         protocols = ["cyberdesk.v1", f"cyberdesk.key.{key}"]
         async with websockets.connect(url + "?open.size.cols=50&open.size.rows=7", subprotocols=protocols) as ws:  # type: ignore[arg-type]
             assert ws.subprotocol == "cyberdesk.v1"
-            started = json.loads(await asyncio.wait_for(ws.recv(), 20))  # opened from the query
-            assert started["type"] == "started"
+            started = await _next_control(ws)  # opened from the query
+            assert started["type"] == "started", started
             await ws.send(b"stty size; exit\n")
             await _read_until(ws, b"7 50")
 
@@ -341,7 +347,7 @@ def test_websocket_shell_with_resize(rest_stack: RestStack, rest_instance: str) 
         # A first frame that is neither open nor attach ends the socket with 4000 + INVALID_ARGUMENT.
         async with websockets.connect(url, additional_headers={"x-api-key": key}) as ws:
             await ws.send(json.dumps({"type": "resize", "cols": 1, "rows": 1}))
-            err = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            err = await _next_control(ws)
             assert err["type"] == "error" and err["code"] == 3
             with pytest.raises(websockets.ConnectionClosedError):
                 await asyncio.wait_for(ws.recv(), 20)
