@@ -97,6 +97,26 @@ class Stack:
     api_key: str = ""
     http_endpoint: str = ""
     stopping: bool = False
+    lock_fd: int | None = None
+
+    def _lock(self) -> None:
+        """One `up` per state directory: a second one would share (and on exit destroy) its sandboxes."""
+        import fcntl
+
+        path = self.options.state_dir / "up.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StackError(
+                f"another `cyberdesk up` (pid {holder}) is running with the state directory {self.options.state_dir}; "
+                "stop it first, or pass --state-dir (and other ports) for a second stack"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.lock_fd = fd
 
     def _check(self) -> None:
         if self.stopping:
@@ -198,6 +218,7 @@ class Stack:
         if missing:
             raise StackError(f"missing {', '.join(missing)}: run `make setup` (it installs bubblewrap)")
         self.options.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock()
         self._start_redis()
         env = self._env()
         python = sys.executable
@@ -299,6 +320,8 @@ class Stack:
 
     def stop(self) -> None:
         """Delete the development tenant's instances, stop every child, destroy leftover sandboxes."""
+        if self.lock_fd is None:
+            return  # nothing of ours runs: the state directory belongs to another `up`
         if self.api_key and self._all_alive():
             try:
                 with self._client(self.api_key) as client:
@@ -318,6 +341,8 @@ class Stack:
         swept = sweep_sandboxes(self.options.state_dir)
         if swept:
             print(f"destroyed {swept} leftover sandbox(es)", file=self.out)
+        os.close(self.lock_fd)
+        self.lock_fd = None
 
     def _all_alive(self) -> bool:
         return all(child.proc.poll() is None for child in self.children)
@@ -388,11 +413,14 @@ def run(options: StackOptions, out: TextIO = sys.stdout) -> int:
         print(f"cyberdesk up: {err}", file=sys.stderr)
         code = 1
     finally:
-        print("stopping...", file=out, flush=True)
+        started = stack.lock_fd is not None
+        if started:
+            print("stopping...", file=out, flush=True)
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        print("stopped", file=out, flush=True)
+        if started:
+            print("stopped", file=out, flush=True)
     return code
 
 

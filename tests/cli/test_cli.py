@@ -256,6 +256,13 @@ def test_rm(stack: RunningStack) -> None:
     assert _one_line_error(stack.cli("exec", doomed, "--", "true"))
 
 
+def test_second_up_on_the_same_state_dir_refuses(stack: RunningStack, box: str) -> None:
+    """A second `up` would share the first one's sandboxes and destroy them on exit: it must refuse."""
+    second = stack.cli("up", "--state-dir", str(stack.state_dir), "--no-config", timeout=60)
+    assert "another `cyberdesk up`" in _one_line_error(second)
+    assert _ok(stack.cli("exec", box, "--", "echo still-here")) == "still-here\n"
+
+
 def test_ctrl_c_stops_everything(stack: RunningStack) -> None:
     """Last: Ctrl-C deletes the instances, stops every process and leaves no sandbox behind."""
     _ok(stack.cli("create"))
