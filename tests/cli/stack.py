@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,9 @@ from pathlib import Path
 
 from tests.support.procs import ROOT, free_port
 
-CLI = str(ROOT / ".venv" / "bin" / "cyberdesk")
+# The console script `pip install` made, as a user runs it (the one beside this interpreter otherwise).
+_SCRIPT = ROOT / ".venv" / "bin" / "cyberdesk"
+CLI = str(_SCRIPT if _SCRIPT.exists() else Path(sys.executable).parent / "cyberdesk")
 
 
 @dataclass
@@ -48,8 +51,9 @@ class RunningStack:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        if self.proc.stdout is not None:
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
             self.output += self.proc.stdout.read()
+            self.proc.stdout.close()
         return code
 
     def leftovers(self) -> list[str]:

@@ -116,6 +116,29 @@ def test_cp_both_ways_with_checksum(stack: RunningStack, box: str, tmp_path: Pat
     assert not list(tmp_path.glob("*nope*"))  # no partial file left behind
 
 
+def test_cp_shows_a_progress_bar_on_a_terminal(stack: RunningStack, box: str, tmp_path: Path) -> None:
+    local = tmp_path / "big.bin"
+    local.write_bytes(os.urandom(8 * 1024 * 1024))
+    pid, fd = pty.fork()
+    if pid == 0:  # stderr is a terminal here, as for a person at a shell
+        os.execve(CLI, [CLI, "cp", str(local), f"{box}:/tmp/big.bin"], stack.env)
+    seen = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen.extend(chunk)
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, bytes(seen)
+    assert b"100%" in seen and b"8.0 MiB/8.0 MiB" in seen
+    piped = stack.cli("cp", str(local), f"{box}:/tmp/big2.bin")
+    assert b"%" not in piped.stderr  # no bar when stderr is not a terminal
+
+
 def test_ls(stack: RunningStack, box: str) -> None:
     _ok(stack.cli("exec", box, "--", "mkdir -p /tmp/ls/sub && printf abc > /tmp/ls/f.txt"))
     assert _ok(stack.cli("ls", f"{box}:/tmp/ls")).split() == ["f.txt", "sub/"]
