@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from cyberdesk._errors import CyberdeskError
+from cyberdesk._errors import CyberdeskError, DeadlineExceeded
 from cyberdesk._models import Exited, exited_from_proto
 from cyberdesk._requests import signal_number
 from cyberdesk._transport import Transport, iterate
@@ -37,7 +37,9 @@ class Shell:
         self._started = threading.Event()
         self._reader = threading.Thread(target=self._read, name="cyberdesk-shell", daemon=True)
         self._reader.start()
-        self._started.wait()
+        if not self._started.wait(transport.timeout):
+            self.close()
+            raise DeadlineExceeded(f"the terminal did not open within {transport.timeout} s")
         if self.error is not None:
             raise self.error
 

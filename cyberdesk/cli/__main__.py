@@ -2,6 +2,6 @@
 
 import sys
 
-from cyberdesk.cli.main import main
+from cyberdesk.cli._main import main
 
 sys.exit(main())

@@ -549,12 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
-    parser = build_parser()
-    tokens = list(sys.argv[1:] if argv is None else argv)
-    # `exec ID [options] -- CMD...`: everything after the first `--` is the remote command, never
-    # options of ours (argparse's REMAINDER would swallow `--timeout` given after ID).
+def parse(parser: argparse.ArgumentParser, tokens: list[str]) -> argparse.Namespace:
+    """Parse; for `exec`/`shell`, everything after the first `--` is the remote command, never our options."""
     command_tail: list[str] | None = None
     if "--" in tokens and any(t in ("exec", "shell") for t in tokens[: tokens.index("--")]):
         cut = tokens.index("--")
@@ -564,6 +560,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd:
             parser.error(f"unexpected arguments before --: {' '.join(args.cmd)}")
         args.cmd = command_tail
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parse(parser, list(sys.argv[1:] if argv is None else argv))
     try:
         code: int = args.func(args)
         return code
