@@ -133,30 +133,40 @@ class GatewayUpstream:
     ) -> Message:
         """A stream of requests (the first names the instance), one response.
 
-        Each request is written and its flow-control credit awaited before the next is pulled from
-        `requests`, so a fast HTTP client cannot make the gateway queue its body.
+        The requests go to grpc.aio as an iterator: it writes each one and awaits its flow-control
+        credit before pulling the next from `requests`, so a fast HTTP client cannot make the
+        gateway queue its body; and when the upstream ends the call early (an upload refused after
+        its header), the caller gets that status, not a failed write. When `requests` itself fails
+        (a bad NDJSON line, the client went away) the call is cancelled, never half-closed, so the
+        upstream cannot mistake a broken body for a complete one, and that failure is raised.
         """
         try:
             first = await anext(requests)
         except StopAsyncIteration:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the request stream is empty") from None
         target = await self._target(route, first, headers)
-        call = self._multi(route, target, "stream_unary")(metadata=target.metadata, timeout=target.timeout)
+        failure: list[BaseException] = []
+
+        async def guarded() -> AsyncIterator[Message]:
+            yield first
+            try:
+                async for message in requests:
+                    yield message
+            except BaseException as exc:  # grpc.aio cancels the call when its iterator raises
+                failure.append(exc)
+                raise
+
+        call = self._multi(route, target, "stream_unary")(guarded(), metadata=target.metadata, timeout=target.timeout)
         try:
-            await call.write(first)
-            async for message in requests:
-                await call.write(message)
-            await call.done_writing()
             response: Message = await call
             return response
         except grpc.aio.AioRpcError as err:
+            if failure:
+                raise failure[0] from None
             raise _rpc_error(self._admission, target, err) from None
-        except asyncio.InvalidStateError:
-            # write() after the upstream ended the call (it failed early): report its status.
-            try:
-                await call
-            except grpc.aio.AioRpcError as err:
-                raise _rpc_error(self._admission, target, err) from None
+        except asyncio.CancelledError:
+            if failure:
+                raise failure[0] from None
             raise
         finally:
             call.cancel()
