@@ -264,6 +264,9 @@ def test_unavailable_instance_service_is_503(rest_stack: RestStack, tmp_path: Pa
         assert r.status_code == 503 and r.json()["code"] == 14
         r = httpx.post(f"{url}/v1/instances/i-any/processes", json={"command": "true"}, headers=headers, timeout=30)
         assert r.status_code == 503 and "unreachable" in r.json()["message"]
+        # SIGTERM stops both faces cleanly.
+        assert gw.terminate() == 0
+        assert "Traceback" not in gw.log() and rest_stack.keys["main"] not in gw.log()
 
 
 def _dead_port() -> int:
