@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from cyberdesk._client import started
 from cyberdesk._config import resolve
 from cyberdesk._desktop import screenshot_from_proto
 from cyberdesk._errors import CyberdeskError, DataLoss, NotFound
@@ -616,7 +617,7 @@ class AsyncInstances:
             pause_on_timeout=pause_on_timeout,
         )
         reply = await self._t.unary(self._t.instances.CreateInstance, request, timeout=max(self._t.timeout, 120))
-        return AsyncInstance(self._t, InstanceData.from_proto(reply.instance))
+        return AsyncInstance(self._t, started(InstanceData.from_proto(reply.instance)))
 
     async def get(self, instance_id: str) -> AsyncInstance:
         """One instance by id."""

@@ -28,6 +28,15 @@ def state_filter(states: list[str] | None) -> list[instance_pb2.InstanceState.Va
     return values
 
 
+def started(data: InstanceData) -> InstanceData:
+    """The data of a created instance; one that could not start raises Unavailable with the reason."""
+    if data.state == "FAILED":
+        from cyberdesk._errors import Unavailable
+
+        raise Unavailable(f"instance {data.id} failed to start: {data.state_message or 'no reason given'}")
+    return data
+
+
 class Instances:
     """`client.instances`: create, get, list and delete instances."""
 
@@ -72,7 +81,7 @@ class Instances:
             pause_on_timeout=pause_on_timeout,
         )
         reply = self._t.unary(self._t.instances.CreateInstance, request, timeout=max(self._t.timeout, 120))
-        return Instance(self._t, InstanceData.from_proto(reply.instance))
+        return Instance(self._t, started(InstanceData.from_proto(reply.instance)))
 
     def get(self, instance_id: str) -> Instance:
         """One instance by id (NotFound if it is not the caller's)."""
