@@ -129,8 +129,12 @@ class ResultCollector:
             self.exited = event
 
     def result(self) -> ExecResult:
-        """The result; a stream that ended without an exit event reports exit_code -1."""
-        ex = self.exited or Exited(-1, error="the stream ended before the process exited")
+        """The result; a stream that ended without an exit event raises Unavailable (never a made-up code)."""
+        ex = self.exited
+        if ex is None:
+            from cyberdesk._errors import Unavailable
+
+            raise Unavailable(f"the output stream of process {self.pid or '?'} ended before the process exited")
         return ExecResult(
             ex.exit_code, b"".join(self._out), b"".join(self._err), self.pid, ex.signal, ex.timed_out, ex.error
         )
