@@ -18,9 +18,11 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from cyberdesk_common.status import RpcError
 from instance_svc.store import Event, Store
 
 STREAM = "cyberdesk:events"
@@ -89,12 +91,26 @@ class Publisher:
 
 
 async def watch(redis_url: str, tenant: str, instance_id: str = "") -> AsyncIterator[tuple[str, Event]]:
-    """Yield (stream id, event) for the tenant's changes from now on (XREAD BLOCK from `$`)."""
-    client: aioredis.Redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    last = "$"
+    """Yield (stream id, event) for the tenant's changes from now on.
+
+    "Now" is the stream's last id, read once before the first XREAD: re-sending `$` on every
+    call would drop the events written between two calls. Each XREAD blocks for less than the
+    socket timeout (redis-py's default would turn an idle watch into a TimeoutError).
+    """
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        redis_url, decode_responses=True, socket_timeout=10.0, socket_connect_timeout=2.0
+    )
     try:
+        try:
+            newest: Any = await client.xrevrange(STREAM, count=1)
+        except RedisError as err:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the event stream is unavailable: {err}") from None
+        last = newest[0][0] if newest else "0-0"
         while True:
-            reply: Any = await client.xread({STREAM: last}, block=5000, count=100)
+            try:
+                reply: Any = await client.xread({STREAM: last}, block=2000, count=100)
+            except RedisError as err:
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the event stream is unavailable: {err}") from None
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:
                     last = entry_id

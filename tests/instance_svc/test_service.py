@@ -420,3 +420,19 @@ def test_bad_inputs_get_precise_statuses_and_lists_page(tmp_path: Path, redis_ur
                 )
             )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_watch_outlives_idle_periods_longer_than_the_redis_socket_timeout(tmp_path: Path, redis_url: str) -> None:
+    # redis-py times a blocked read out after 5 s by default; an idle watch must not turn into INTERNAL.
+    with running(tmp_path, redis_url) as svc:
+        stream = svc.instances.WatchInstances(instance_pb2.WatchInstancesRequest(), metadata=meta("idle"), timeout=60)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(lambda: next(stream))
+            time.sleep(6.5)
+            created = svc.instances.CreateInstance(
+                instance_pb2.CreateInstanceRequest(), metadata=meta("idle"), timeout=60
+            ).instance
+            event = first.result(30)
+        stream.cancel()
+        assert event.instance.instance_id == created.instance_id
+        assert event.instance.state == instance_pb2.INSTANCE_STATE_PENDING
