@@ -24,7 +24,12 @@ SERVICES = [
 @pytest.mark.parametrize(("module", "addr_var"), SERVICES)
 def test_service_starts_answers_and_stops(module: str, addr_var: str, tmp_path: Path) -> None:
     target = f"127.0.0.1:{free_port()}"
-    env = {f"CYBERDESK_{addr_var}": target, "CYBERDESK_STATE_DIR": str(tmp_path / "state")}
+    env = {
+        f"CYBERDESK_{addr_var}": target,
+        "CYBERDESK_STATE_DIR": str(tmp_path / "state"),
+        # The gateway's REST face would otherwise take the default port 8080.
+        "CYBERDESK_GATEWAY_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+    }
     with service(module, target, env, tmp_path) as svc:
         names = list_services(target)
         assert {HEALTH, REFLECTION} <= names
