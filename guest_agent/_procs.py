@@ -32,6 +32,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -135,7 +136,9 @@ class ManagedProcess:
         self._drain_timer: asyncio.TimerHandle | None = None
         self._timeout_timer: asyncio.TimerHandle | None = None
         self._stdin_fd: int | None = None
-        self._stdin_queue: asyncio.Queue[tuple[bytes | None, asyncio.Future[None]]] = asyncio.Queue()
+        # Created only for a process with a stdin pipe: a finished process stays in the table for a
+        # minute, and every object it holds lengthens the garbage collector's full passes.
+        self._stdin_queue: asyncio.Queue[tuple[bytes | None, asyncio.Future[None]]] | None = None
         self._stdin_task: asyncio.Task[None] | None = None
         self.done = self._loop.create_future()
 
@@ -149,6 +152,7 @@ class ManagedProcess:
         if stdin_fd is not None:
             os.set_blocking(stdin_fd, False)
             self._stdin_fd = stdin_fd
+            self._stdin_queue = asyncio.Queue()
             self._stdin_task = self._loop.create_task(self._stdin_writer())
             if self.spec.stdin:
                 self._enqueue(self.spec.stdin)
@@ -313,7 +317,10 @@ class ManagedProcess:
 
     def _enqueue(self, data: bytes | None) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self._loop.create_future()
-        self._stdin_queue.put_nowait((data, future))
+        if self._stdin_queue is None:  # no stdin pipe, or the process finished
+            future.set_exception(failed_precondition(self._stdin_closed_message()))
+        else:
+            self._stdin_queue.put_nowait((data, future))
         return future
 
     async def write(self, data: bytes) -> None:
@@ -336,8 +343,10 @@ class ManagedProcess:
         return f"the stdin of process {self.pid} is closed (start it with keep_stdin_open to send input later)"
 
     async def _stdin_writer(self) -> None:
+        queue = self._stdin_queue
+        assert queue is not None  # started by _attach right after creating it
         while True:
-            data, future = await self._stdin_queue.get()
+            data, future = await queue.get()
             fd = self._stdin_fd
             try:
                 if fd is None:
@@ -378,8 +387,9 @@ class ManagedProcess:
         self._stdin_fd = None
         if self._stdin_task is not None and self.exited is not None:
             self._stdin_task.cancel()
-            while not self._stdin_queue.empty():
-                _, future = self._stdin_queue.get_nowait()
+            queue, self._stdin_queue = self._stdin_queue, None
+            while queue is not None and not queue.empty():
+                _, future = queue.get_nowait()
                 if not future.done():
                     future.set_exception(failed_precondition(self._stdin_closed_message()))
 
@@ -423,6 +433,10 @@ class ProcessTable:
         self._by_pid: dict[int, ManagedProcess] = {}
         self._running_tags: dict[str, ManagedProcess] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Finished processes in the order they finished, with the loop time to forget them at; one
+        # timer sweeps them (a timer per process would be ~6 more objects each to keep alive).
+        self._retired: deque[tuple[float, ManagedProcess]] = deque()
+        self._sweep_timer: asyncio.TimerHandle | None = None
 
     def keep(self, task: asyncio.Task[None]) -> None:
         """Hold a reference to a fire-and-forget task until it ends."""
@@ -466,11 +480,20 @@ class ProcessTable:
         if self._running_tags.get(proc.spec.tag) is proc:
             del self._running_tags[proc.spec.tag]
 
-        def forget() -> None:
+        self._retired.append((self.loop.time() + self.limits.exit_retention_seconds, proc))
+        if self._sweep_timer is None:
+            self._sweep_timer = self.loop.call_at(self._retired[0][0], self._sweep)
+
+    def _sweep(self) -> None:
+        """Forget the finished processes whose retention ran out; wake again for the next one."""
+        self._sweep_timer = None
+        now = self.loop.time()
+        while self._retired and self._retired[0][0] <= now:
+            _, proc = self._retired.popleft()
             if self._by_pid.get(proc.pid) is proc:
                 del self._by_pid[proc.pid]
-
-        self.loop.call_later(self.limits.exit_retention_seconds, forget)
+        if self._retired:
+            self._sweep_timer = self.loop.call_at(self._retired[0][0], self._sweep)
 
     def spawn(self, spec: Spec) -> ManagedProcess | Exited:
         """Start a process on pipes; a program that cannot be started gives an `Exited` (127/126)."""
