@@ -1,4 +1,5 @@
-"""ProcessService: streamed exec, background processes with reattach, stdin, signals, list, PTYs.
+"""ProcessService: streamed exec, run-to-completion exec, background processes with reattach,
+stdin, signals, list, PTYs.
 
 The work is done by `_procs` (spawning, fan-out, reaping); this module turns requests into specs
 and events into messages. Terminals (ConnectPty) live in `pty.py`.
@@ -12,6 +13,12 @@ Back-pressure (see `_fanout` for the mechanics)
   lossy-but-honest: it can lag by up to CYBERDESK_AGENT_SUBSCRIBER_BYTES; beyond that it ends
   with RESOURCE_EXHAUSTED while the process and the other streams carry on unaffected. The
   client reconnects and replays the ring buffer (CYBERDESK_AGENT_RING_BYTES, 1 MiB by default).
+* RunProcess keeps the output in memory up to its cap (max_output_bytes, at most 15 MiB) and
+  drops the rest, so it never slows the process down and its memory is bounded by the cap.
+
+Why RunProcess exists next to StartProcess: one reply instead of three stream messages (started,
+output, exited) saves about 0.5 ms of a short exec (measured: `sh -c 'echo hi'` p50 1.6-1.9 ms
+against 2.1-2.7 ms streamed, bench/agent_exec.py), and REST callers get one JSON object.
 """
 
 from __future__ import annotations
