@@ -139,7 +139,8 @@ def gateway_in_front_of(running: Agent) -> Iterator[tuple[str, tuple[tuple[str, 
         stack.enter_context(
             _process(
                 [sys.executable, "-m", "gateway_svc"],
-                {**env, "CYBERDESK_GATEWAY_ADDR": gw_addr},
+                # A free port for the REST face too: the default 8080 may be taken on a shared machine.
+                {**env, "CYBERDESK_GATEWAY_ADDR": gw_addr, "CYBERDESK_GATEWAY_HTTP_ADDR": f"127.0.0.1:{_free_port()}"},
                 base / "gateway.log",
                 gw_addr,
             )

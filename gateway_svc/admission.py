@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from cyberdesk_common.status import invalid_argument
+from cyberdesk_common.status import RpcError, invalid_argument
 from cyberdesk_common.tracing import inject_metadata
 from gateway_svc.auth import SCOPE_INSTANCES
 from gateway_svc.gate import Gate
@@ -75,16 +75,33 @@ class Admission:
         Raises the precise RpcError: UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
         INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION or UNAVAILABLE.
         """
-        principal = await self.gate.admit(metadata, SCOPE_INSTANCES)
-        base = list(forward)
+        principal, pending = await self.gate.begin(metadata, SCOPE_INSTANCES)
+        # The rate-limit check is on its way to Redis; resolve the upstream meanwhile. Nothing is
+        # forwarded before gate.finish allows the call, and a refusal wins over any routing error.
+        try:
+            target = await self._target(service, principal.tenant_id, instance_id, deadline, forward)
+        except RpcError:
+            await self.gate.finish(principal, pending)
+            raise
+        await self.gate.finish(principal, pending)
+        return target
+
+    async def _target(
+        self,
+        service: str,
+        tenant_id: str,
+        instance_id: Callable[[], str],
+        deadline: float | None,
+        forward: Sequence[tuple[str, Any]],
+    ) -> Target:
         if service not in AGENT_SERVICES:
-            upstream_md = [*base, (TENANT_HEADER, principal.tenant_id), (INTERNAL_TOKEN_HEADER, self.internal_token)]
+            upstream_md = [*forward, (TENANT_HEADER, tenant_id), (INTERNAL_TOKEN_HEADER, self.internal_token)]
             return Target(self.instance_channel, tuple(inject_metadata(upstream_md)), deadline)
         instance = instance_id()
         if not instance:
             raise invalid_argument("instance_id (field 1 of the first request message) is required")
-        route = await self.router.resolve(principal.tenant_id, instance, deadline)
-        agent_md = [*base, ("authorization", f"Bearer {route.token}")]
+        route = await self.router.resolve(tenant_id, instance, deadline)
+        agent_md = [*forward, ("authorization", f"Bearer {route.token}")]
         return Target(self.router.pool.get(route), tuple(inject_metadata(agent_md)), deadline, instance)
 
     def upstream_failed(self, target: Target, code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cyberdesk_common.status import RpcError, resource_exhausted
 from gateway_svc.auth import Authenticator, Principal, require_scope
-from gateway_svc.ratelimit import Limit, RateLimiter
+from gateway_svc.ratelimit import Limit, PendingCheck, RateLimiter
 
 RETRY_AFTER = "retry-after"
 
@@ -42,10 +42,19 @@ class Gate:
 
     async def admit(self, metadata: Sequence[tuple[str, str | bytes]], scope: str) -> Principal:
         """The caller's principal when the call may proceed; raises the precise RpcError otherwise."""
+        principal, pending = await self.begin(metadata, scope)
+        await self.finish(principal, pending)
+        return principal
+
+    async def begin(self, metadata: Sequence[tuple[str, str | bytes]], scope: str) -> tuple[Principal, PendingCheck]:
+        """Authenticate and check the scope, and send the rate-limit check; `finish` must follow before forwarding."""
         principal = await self.authenticator.authenticate(metadata)
         require_scope(principal, scope)
-        limit = principal.rate_limit or self.default_limit
-        decision = await self.limiter.check(principal.key_id, limit)
+        return principal, self.limiter.begin(principal.key_id, principal.rate_limit or self.default_limit)
+
+    async def finish(self, principal: Principal, pending: PendingCheck) -> None:
+        """RESOURCE_EXHAUSTED (with RetryInfo) when the begun rate-limit check refuses the call."""
+        decision = await self.limiter.finish(pending)
         if not decision.allowed:
+            limit = principal.rate_limit or self.default_limit
             raise RateLimited(principal.key_id, limit, decision.retry_after)
-        return principal
