@@ -94,6 +94,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, skip: Sequence[str] = ("/grpc.health.v1.Health/", "/grpc.reflection.")) -> None:
         self._skip = tuple(skip)
+        # method -> (handler, its wrapped handler): built once per method, not once per call (a
+        # server hands out the same handler object for a method every time).
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -102,31 +105,22 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         if handler is None or method.startswith(self._skip):
             return handler
+        rd, rs = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(method, handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+            wrapped = grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary), rd, rs)
+        elif handler.stream_unary:
+            wrapped = grpc.stream_unary_rpc_method_handler(_wrap_unary(method, handler.stream_unary), rd, rs)
+        elif handler.unary_stream:
+            wrapped = grpc.unary_stream_rpc_method_handler(_wrap_stream(method, handler.unary_stream), rd, rs)
+        else:
+            wrapped = grpc.stream_stream_rpc_method_handler(_wrap_stream(method, handler.stream_stream), rd, rs)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 @dataclass

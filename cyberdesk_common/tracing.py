@@ -99,6 +99,11 @@ def _wrap(method: str, fn: Callable[..., Any], streaming: bool) -> Callable[...,
 class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """A SERVER span per call, child of the caller's `traceparent` when there is one."""
 
+    def __init__(self) -> None:
+        # method -> (handler, its wrapped handler). A server hands out the same handler object for
+        # a method on every call, so the wrapper (and its tracer) is built once per method, not per call.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -106,16 +111,22 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
     ) -> Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         if handler is None or method.startswith(_SKIP):
             return handler
         rd, rs = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap(method, handler.unary_unary, False), rd, rs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap(method, handler.stream_unary, False), rd, rs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap(method, handler.unary_stream, True), rd, rs)
-        return grpc.stream_stream_rpc_method_handler(_wrap(method, handler.stream_stream, True), rd, rs)
+            wrapped = grpc.unary_unary_rpc_method_handler(_wrap(method, handler.unary_unary, False), rd, rs)
+        elif handler.stream_unary:
+            wrapped = grpc.stream_unary_rpc_method_handler(_wrap(method, handler.stream_unary, False), rd, rs)
+        elif handler.unary_stream:
+            wrapped = grpc.unary_stream_rpc_method_handler(_wrap(method, handler.unary_stream, True), rd, rs)
+        else:
+            wrapped = grpc.stream_stream_rpc_method_handler(_wrap(method, handler.stream_stream, True), rd, rs)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
