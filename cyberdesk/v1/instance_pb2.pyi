@@ -153,9 +153,9 @@ class EnforcedLimit(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     MECHANISM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The limit: "memory", "cpu", "pids" or "nofile"."""
+    """The limit: "memory_bytes", "vcpus" or "pids"."""
     value: _builtins.int
-    """The value, in the unit of the limit (bytes, millicores, count)."""
+    """The value, in the unit its name says (bytes, virtual CPUs, processes)."""
     mechanism: _builtins.str
     """How it is enforced: "cgroup", "rlimit" or "none"."""
     def __init__(
