@@ -65,7 +65,8 @@ test: proto-check
 
 # Wire-incompatible changes of the API against a git ref (default: the previous commit).
 breaking: setup
-	$(BIN)/buf breaking --against '.git#ref=$(AGAINST)'
+	@# buf clones the ref; a short or symbolic ref is resolved to a full commit first.
+	$(BIN)/buf breaking --against ".git#ref=$$(git rev-parse --verify '$(AGAINST)^{commit}'),depth=1000"
 
 run: setup
 	$(BIN)/cyberdesk up
