@@ -64,7 +64,9 @@ def _wait(target: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def _process(args: list[str], env: dict[str, str], log: Path, health: str | None = None) -> Iterator[None]:
+def _process(
+    args: list[str], env: dict[str, str], log: Path, health: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=out, stderr=out
@@ -72,7 +74,7 @@ def _process(args: list[str], env: dict[str, str], log: Path, health: str | None
     try:
         if health:
             _wait(health, proc)
-        yield
+        yield proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -84,8 +86,13 @@ def _process(args: list[str], env: dict[str, str], log: Path, health: str | None
 
 
 @contextmanager
-def gateway_in_front_of(running: Agent) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
-    """A gateway (with redis and the routing stand-in) routing `running.instance_id` to the agent."""
+def gateway_in_front_of(
+    running: Agent, *more: Agent, pids: dict[str, int] | None = None
+) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
+    """A gateway (with redis and the routing stand-in) routing each agent's `instance_id` to it.
+
+    `pids`, when given, receives the gateway's process id under "gateway" (for RSS and CPU readings).
+    """
     with tempfile.TemporaryDirectory(prefix="cyberdesk-bench-gw-") as tmp, ExitStack() as stack:
         base = Path(tmp)
         redis_port = _free_port()
@@ -96,11 +103,18 @@ def gateway_in_front_of(running: Agent) -> Iterator[tuple[str, tuple[tuple[str, 
             _process([redis_bin, "--port", str(redis_port), "--save", "", "--appendonly", "no"], {}, base / "redis.log")
         )
         time.sleep(0.3)
-        token = running.metadata[0][1].removeprefix("Bearer ")
         routes = base / "routes.json"
         routes.write_text(
             json.dumps(
-                {running.instance_id: {"tenant": TENANT, "state": "RUNNING", "target": running.target, "token": token}}
+                {
+                    a.instance_id: {
+                        "tenant": TENANT,
+                        "state": "RUNNING",
+                        "target": a.target,
+                        "token": a.metadata[0][1].removeprefix("Bearer "),
+                    }
+                    for a in (running, *more)
+                }
             )
         )
         instance_addr = f"127.0.0.1:{_free_port()}"
@@ -136,7 +150,7 @@ def gateway_in_front_of(running: Agent) -> Iterator[tuple[str, tuple[tuple[str, 
         )
         secret = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("secret"))
         gw_addr = f"127.0.0.1:{_free_port()}"
-        stack.enter_context(
+        gateway = stack.enter_context(
             _process(
                 [sys.executable, "-m", "gateway_svc"],
                 # A free port for the REST face too: the default 8080 may be taken on a shared machine.
@@ -145,6 +159,8 @@ def gateway_in_front_of(running: Agent) -> Iterator[tuple[str, tuple[tuple[str, 
                 gw_addr,
             )
         )
+        if pids is not None:
+            pids["gateway"] = gateway.pid
         yield gw_addr, (("authorization", f"Bearer {secret}"),)
 
 
