@@ -1,6 +1,8 @@
 """The gateway's cost: the same calls through gateway_svc and straight to a real guest agent.
 
-- exec `echo hi` (argv, no shell): p50/p99 through the gateway vs the agent directly;
+- exec `echo hi` (argv, no shell): p50/p99 through the gateway vs the agent directly, both as
+  StartProcess (server stream) and as RunProcess (unary, output at once), with the gateway's CPU
+  time per call (from /proc: a figure a busy shared machine disturbs less than latency);
 - upload and download of BENCH_GATEWAY_MIB (default 1024) MiB in 1 MiB chunks, sha256 checked,
   MB/s through the gateway vs directly;
 - unary GetInstance calls per second through the gateway with auth and rate limiting on (one
@@ -10,7 +12,7 @@ Behind the gateway: a real guest agent (bench._launch.agent), a real redis-serve
 and, for routing and GetInstance, the RoutingService/InstanceService stand-in of the gateway
 tests (tests/gateway_svc/upstream.py): a small real gRPC server reading a routes file. So the
 GetInstance rate measures the gateway plus that stand-in, not instance_svc's own store.
-Not measured here: 1,000 concurrent shells with keystroke echo.
+1,000 concurrent shells with keystroke echo: bench/gateway_shells.py.
 """
 
 from __future__ import annotations
@@ -175,6 +177,24 @@ def _measure(call: Callable[[], None]) -> list[float]:
     return samples
 
 
+def _run_process(channel: grpc.Channel, instance_id: str, metadata: tuple[tuple[str, str], ...]) -> Callable[[], None]:
+    stub = process_pb2_grpc.ProcessServiceStub(channel)
+    request = process_pb2.RunProcessRequest(instance_id=instance_id, argv=["echo", "hi"])
+
+    def call() -> None:
+        reply = stub.RunProcess(request, metadata=metadata, timeout=30)
+        if reply.stdout != b"hi\n" or reply.exited.exit_code != 0:
+            raise RuntimeError(f"unexpected reply {reply!r}")
+
+    return call
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _exec(channel: grpc.Channel, instance_id: str, metadata: tuple[tuple[str, str], ...]) -> Callable[[], None]:
     stub = process_pb2_grpc.ProcessServiceStub(channel)
     request = process_pb2.StartProcessRequest(instance_id=instance_id, argv=["echo", "hi"])
@@ -270,30 +290,44 @@ def main() -> None:
         expected = digest.hexdigest()
     exec_rows: list[dict[str, Any]] = []
     file_rows: list[dict[str, Any]] = []
-    with agent() as running, gateway_in_front_of(running) as (gw_addr, gw_meta):
+    pids: dict[str, int] = {}
+    with agent() as running, gateway_in_front_of(running, pids=pids) as (gw_addr, gw_meta):
         path = str(running.workdir / "bench.bin")
         with grpc.insecure_channel(running.target) as direct, grpc.insecure_channel(gw_addr) as via:
-            exec_rows.append(
-                {
-                    "target": "agent directly",
-                    **latency_summary(_measure(_exec(direct, running.instance_id, running.metadata))),
-                }
-            )
-            exec_rows.append(
-                {"target": "through gateway", **latency_summary(_measure(_exec(via, running.instance_id, gw_meta)))}
-            )
+            for rpc, make in (("StartProcess", _exec), ("RunProcess", _run_process)):
+                exec_rows.append(
+                    {
+                        "rpc": rpc,
+                        "target": "agent directly",
+                        **latency_summary(_measure(make(direct, running.instance_id, running.metadata))),
+                        "gateway_cpu_us_per_call": None,
+                    }
+                )
+                cpu = _cpu_seconds(pids["gateway"])
+                samples = _measure(make(via, running.instance_id, gw_meta))
+                cpu_us = (_cpu_seconds(pids["gateway"]) - cpu) / (N + WARMUP) * 1e6
+                exec_rows.append(
+                    {
+                        "rpc": rpc,
+                        "target": "through gateway",
+                        **latency_summary(samples),
+                        "gateway_cpu_us_per_call": round(cpu_us),
+                    }
+                )
             file_rows += _transfer(direct, running.instance_id, running.metadata, path, expected, "agent directly")
             file_rows += _transfer(via, running.instance_id, gw_meta, path, expected, "through gateway")
         os.unlink(path)
         unary = asyncio.run(_unary_rate(gw_addr, running.instance_id, gw_meta))
-    direct_ex, via_ex = exec_rows
+    direct_ex, via_ex, direct_run, via_run = exec_rows
     summary = {
         "exec_added_p50_ms": round(via_ex["p50_ms"] - direct_ex["p50_ms"], 3),
         "exec_added_p99_ms": round(via_ex["p99_ms"] - direct_ex["p99_ms"], 3),
+        "run_process_via_gateway_p50_ms": via_run["p50_ms"],
+        "run_process_via_gateway_p99_ms": via_run["p99_ms"],
+        "run_process_added_p50_ms": round(via_run["p50_ms"] - direct_run["p50_ms"], 3),
         "upload_ratio": round(file_rows[2]["MB_s"] / file_rows[0]["MB_s"], 3),
         "download_ratio": round(file_rows[3]["MB_s"] / file_rows[1]["MB_s"], 3),
         "get_instance_calls_per_s": unary["calls_per_s"],
-        "shells_1000": "not measured",
     }
     print_table(file_rows)
     print_table([{"target": "GetInstance via gateway", **unary}])
