@@ -24,7 +24,8 @@ from cyberdesk.v1 import (
     process_pb2_grpc,
 )
 from cyberdesk_common.status import decode_details
-from tests.gateway_svc.conftest import Stack, agent
+from tests.gateway_svc.conftest import AGENT_TOKEN, Stack, agent
+from tests.support.procs import service
 
 
 def _auth(key: str) -> tuple[tuple[str, str]]:
@@ -185,6 +186,41 @@ def test_exec_through_the_gateway(stack: Stack, channel: grpc.Channel) -> None:
     assert events[0].event.HasField("started")
     assert b"".join(e.event.stdout for e in events) == b"hi\n"
     assert events[-1].event.exited.exit_code == 0
+
+
+def test_run_process_through_the_gateway_to_a_real_agent(stack: Stack, channel: grpc.Channel, tmp_path: Path) -> None:
+    # RunProcess (unary, output at once) is forwarded like any unary call; the real guest agent
+    # runs it, so this also checks that the gateway's method table knows the new RPC.
+    home = tmp_path / "home"
+    home.mkdir()
+    target = f"unix://{tmp_path}/real-agent.sock"
+    env = {
+        "CYBERDESK_AGENT_LISTEN": target,
+        "CYBERDESK_AGENT_TOKEN": AGENT_TOKEN,
+        "CYBERDESK_AGENT_INSTANCE_ID": "i-real",
+        "HOME": str(home),
+    }
+    with service("guest_agent", target, env, tmp_path):
+        stack.set_route("i-real", "tenant-a", "RUNNING", target)
+        procs = process_pb2_grpc.ProcessServiceStub(channel)
+        key = stack.new_key("tenant-a")
+        reply = procs.RunProcess(
+            process_pb2.RunProcessRequest(instance_id="i-real", argv=["sh", "-c", "echo out; echo err >&2; exit 3"]),
+            metadata=_auth(key),
+            timeout=10,
+        )
+        assert (reply.stdout, reply.stderr, reply.exited.exit_code) == (b"out\n", b"err\n", 3)
+        # The agent's own INVALID_ARGUMENT (nothing to run) reaches the caller unchanged.
+        with pytest.raises(grpc.RpcError) as caught:
+            procs.RunProcess(process_pb2.RunProcessRequest(instance_id="i-real"), metadata=_auth(key), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and caught.value.details()
+        # Another tenant's key never reaches the agent.
+        other = stack.new_key("tenant-b")
+        with pytest.raises(grpc.RpcError) as caught:
+            procs.RunProcess(
+                process_pb2.RunProcessRequest(instance_id="i-real", argv=["true"]), metadata=_auth(other), timeout=10
+            )
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def test_upload_and_download_through_the_gateway(stack: Stack, channel: grpc.Channel, tmp_path: Path) -> None:
