@@ -16,7 +16,8 @@ While every stream stays open:
   keystrokes); echo latency = write of the byte until it comes back;
 - busy phase: every shell types at BENCH_SHELLS_KEYS_PER_S keystrokes per second (random phase)
   for BENCH_SHELLS_BUSY_SECONDS; every echo is timed;
-- the gateway's RSS and CPU (from /proc) while holding the shells and during each phase.
+- the gateway's RSS and CPU (from /proc) while holding the shells and during each phase, with the
+  CPU of the agents and of this client (all share the machine's cores).
 
 File descriptor limits are raised to the hard limit here; the gateway and agents inherit them.
 If not every shell opens, the number that did and the first errors are reported.
@@ -130,8 +131,37 @@ def _key(i: int) -> bytes:
     return bytes([ord("a") + i % 26])
 
 
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """CPU use (% of one core) of the gateway, the agents together, and this client, over a phase."""
+
+    def __init__(self, gw: ProcStats, agents: list[ProcStats]) -> None:
+        self._gw, self._agents = gw, agents
+
+    def _now(self) -> tuple[float, float, float, float]:
+        return (
+            time.perf_counter(),
+            self._gw.cpu_seconds(),
+            sum(a.cpu_seconds() for a in self._agents),
+            _own_cpu_seconds(),
+        )
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> dict[str, float]:
+        end = self._now()
+        wall = end[0] - self._start[0]
+        pct = [round((end[i] - self._start[i]) / wall * 100, 1) for i in (1, 2, 3)]
+        return {"gateway_cpu_pct": pct[0], "agents_cpu_pct": pct[1], "client_cpu_pct": pct[2]}
+
+
 async def _run(
-    gw_addr: str, metadata: tuple[tuple[str, str], ...], instances: list[str], gw: ProcStats
+    gw_addr: str, metadata: tuple[tuple[str, str], ...], instances: list[str], gw: ProcStats, meter: CpuMeter
 ) -> dict[str, Any]:
     channels = [
         grpc.aio.insecure_channel(gw_addr, options=[("grpc.max_concurrent_streams", 1 << 20)]) for _ in range(CHANNELS)
@@ -174,15 +204,14 @@ async def _run(
         for shell in opened[: min(len(opened), 50)]:  # warm-up: first echo of a sample of shells
             await shell.echo_ms(b"w")
         samples: list[float] = []
-        cpu_a, t_a = gw.cpu_seconds(), time.perf_counter()
+        meter.start()
         for i in range(SAMPLES):
             samples.append(await opened[i % len(opened)].echo_ms(_key(i)))
-        elapsed = time.perf_counter() - t_a
         phases.append(
             {
                 "phase": f"idle: 1 keystroke at a time over {len(opened)} open shells",
                 **latency_summary(samples),
-                "gateway_cpu_pct": round((gw.cpu_seconds() - cpu_a) / elapsed * 100, 1),
+                **meter.stop(),
                 "gateway_rss_mib": gw.rss_mib(),
             }
         )
@@ -205,17 +234,19 @@ async def _run(
                 n += 1
                 await asyncio.sleep(max(0.0, period - (time.perf_counter() - tick)))
 
-        cpu_a, t_a = gw.cpu_seconds(), time.perf_counter()
+        meter.start()
+        t_a = time.perf_counter()
         await asyncio.gather(*(typist(s) for s in opened))
         elapsed = time.perf_counter() - t_a
+        cpu = meter.stop()
         phases.append(
             {
                 "phase": f"busy: each of {len(opened)} shells types {KEYS_PER_S:g} key/s",
                 **latency_summary(busy),
+                **cpu,
+                "gateway_rss_mib": gw.rss_mib(),
                 "keys_per_s": round(len(busy) / elapsed, 1),
                 "echo_failures": len(failures),
-                "gateway_cpu_pct": round((gw.cpu_seconds() - cpu_a) / elapsed * 100, 1),
-                "gateway_rss_mib": gw.rss_mib(),
             }
         )
         if failures:
@@ -244,7 +275,8 @@ def main() -> None:
     pids: dict[str, int] = {}
     with _agents(AGENTS) as agents, gateway_in_front_of(*agents, pids=pids) as (gw_addr, gw_meta):
         gw = ProcStats(pids["gateway"])
-        result = asyncio.run(_run(gw_addr, gw_meta, [a.instance_id for a in agents], gw))
+        meter = CpuMeter(gw, [ProcStats(a.pid) for a in agents])
+        result = asyncio.run(_run(gw_addr, gw_meta, [a.instance_id for a in agents], gw, meter))
     held, phases = result["held"], result["phases"]
     print_table([{k: v for k, v in held.items() if not k.startswith("first_")}])
     for key in ("first_errors", "first_echo_failures"):
