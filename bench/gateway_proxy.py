@@ -214,17 +214,24 @@ def _transfer(
     path: str,
     expected: str,
     target: str,
+    gateway_pid: int | None = None,
 ) -> list[dict[str, Any]]:
+    """Upload then download TOTAL bytes; with `gateway_pid`, the gateway's CPU seconds for each."""
     stub = filesystem_pb2_grpc.FilesystemServiceStub(channel)
+
+    def cpu() -> float:
+        return _cpu_seconds(gateway_pid) if gateway_pid is not None else 0.0
 
     def requests() -> Iterator[fs.UploadFileRequest]:
         yield fs.UploadFileRequest(instance_id=instance_id, header=fs.UploadFileHeader(path=path, overwrite=True))
         for piece in chunks(TOTAL, MIB):
             yield fs.UploadFileRequest(chunk=piece)
 
+    cpu0 = cpu()
     start = time.perf_counter()
     reply = stub.UploadFile(requests(), metadata=metadata, timeout=900)
     up = time.perf_counter() - start
+    cpu1 = cpu()
     digest = hashlib.sha256()
     received = 0
     start = time.perf_counter()
@@ -234,6 +241,8 @@ def _transfer(
         digest.update(message.chunk)
         received += len(message.chunk)
     down = time.perf_counter() - start
+    cpu2 = cpu()
+    gateway_cpu = [round(cpu1 - cpu0, 2), round(cpu2 - cpu1, 2)] if gateway_pid is not None else [None, None]
     return [
         {
             "target": target,
@@ -242,6 +251,7 @@ def _transfer(
             "seconds": round(up, 3),
             "MB_s": round(TOTAL / up / 1e6, 1),
             "sha256_ok": reply.sha256 == expected,
+            "gateway_cpu_s": gateway_cpu[0],
         },
         {
             "target": target,
@@ -250,6 +260,7 @@ def _transfer(
             "seconds": round(down, 3),
             "MB_s": round(TOTAL / down / 1e6, 1),
             "sha256_ok": digest.hexdigest() == expected and received == TOTAL,
+            "gateway_cpu_s": gateway_cpu[1],
         },
     ]
 
@@ -315,7 +326,9 @@ def main() -> None:
                     }
                 )
             file_rows += _transfer(direct, running.instance_id, running.metadata, path, expected, "agent directly")
-            file_rows += _transfer(via, running.instance_id, gw_meta, path, expected, "through gateway")
+            file_rows += _transfer(
+                via, running.instance_id, gw_meta, path, expected, "through gateway", pids["gateway"]
+            )
         os.unlink(path)
         unary = asyncio.run(_unary_rate(gw_addr, running.instance_id, gw_meta))
     direct_ex, via_ex, direct_run, via_run = exec_rows
