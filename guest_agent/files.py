@@ -1,9 +1,10 @@
 """FilesystemService: chunked upload and download with sha256, and the operations on the tree.
 
 Memory stays flat whatever the file size: an upload writes each chunk as it arrives and a download
-reads one chunk ahead, so at most two chunks per transfer are in memory. Disk I/O and hashing run
-in the default thread pool (both release the GIL), overlapped with the network: while chunk N is
-written, chunk N+1 is being received.
+reads one chunk ahead, so at most three chunks per transfer are in memory. Disk I/O and hashing run
+in a thread pool (both release the GIL), overlapped with the network: while chunk N is hashed and,
+in parallel, written, chunk N+1 is being received; while chunk N is sent, chunk N+1 is read and
+hashed.
 
 Uploads are atomic: bytes go to a temporary file in the target's directory, which is renamed onto
 the target only once complete (and matching `expected_sha256`). Writing to a path that is a
@@ -13,6 +14,7 @@ symbolic link replaces the file the link points to and keeps the link, as `echo 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -20,8 +22,9 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -40,9 +43,9 @@ from guest_agent._fs import (
 from guest_agent.identity import Identity
 from guest_agent.watch import watch_directory
 
-# 1 MiB: fewer messages through the Python gRPC layer than 256 KiB, far below the 16 MiB message
-# limit. bench/agent_files.py (BENCH_CHUNK_KIB) compared 256 KiB, 1 MiB and 4 MiB on a shared
-# 2-core machine without a clear winner (run-to-run noise was larger than the differences).
+# 1 MiB: a bare grpc.aio server streaming protobuf messages to a client over a unix socket (no
+# hashing, no disk) peaked at 1 MiB here: ~1,370 MB/s against ~1,080 at 256 KiB, ~1,030 at 4 MiB
+# and ~950 at 8 MiB (larger messages fall out of the CPU caches). The SDK uploads 1 MiB chunks too.
 DOWNLOAD_CHUNK = 1024 * 1024
 # An upload asks the kernel to start writing back every this many bytes (see start_writeback).
 WRITEBACK_EVERY = 16 * 1024 * 1024
@@ -51,17 +54,66 @@ MAX_LIST_ENTRIES = 50_000
 
 _T = TypeVar("_T")
 
+# Threads for the chunks of transfers (hashing, writing, reading ahead): separate from the default
+# pool so a burst of stat/list calls does not queue behind them, and sized so that a few
+# transfers at once each have their lanes running.
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="files")
+
 
 async def _io(fn: Callable[..., _T], *args: object) -> _T:
     """Run blocking filesystem work in the thread pool so the event loop keeps serving other calls."""
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-def _write_all(fd: int, data: bytes, digest: hashlib._Hash) -> None:
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-    digest.update(data)
+
+
+class _Lane:
+    """Jobs of one transfer that must run in order: one at a time in the file thread pool.
+
+    `submit` waits for the previous job before queuing the next, so at most one job per lane is
+    in flight (memory stays flat) and its failure surfaces at the next submit or at `drain`. The
+    concurrent future is kept, not only its asyncio wrapper: a cancelled call cancels the wrapper
+    at once while the thread still runs, and resources must be released only after the thread.
+    """
+
+    def __init__(self) -> None:
+        self.job: concurrent.futures.Future[Any] | None = None
+
+    async def submit(self, fn: Callable[..., object], *args: object) -> None:
+        await self.drain()
+        self.job = _POOL.submit(fn, *args)
+
+    async def drain(self) -> Any:
+        """Wait for the job in flight; returns its result (None when there is none)."""
+        if self.job is None:
+            return None
+        result = await asyncio.wrap_future(self.job)
+        self.job = None
+        return result
+
+
+def _when_idle(lanes: list[_Lane], release: Callable[[], None]) -> None:
+    """Call `release` now, or once the jobs still running in `lanes` have finished (in their thread)."""
+    running = [lane.job for lane in lanes if lane.job is not None and not lane.job.done()]
+    if not running:
+        release()
+        return
+    left = [len(running)]
+    lock = threading.Lock()
+
+    def one_done(_: object) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            release()
+
+    for job in running:
+        job.add_done_callback(one_done)
 
 
 def _hash_prefix(fd: int, size: int) -> hashlib._Hash:
@@ -169,9 +221,9 @@ class _Upload:
             self.digest = _hash_prefix(self.fd, offset)
 
     def write(self, chunk: bytes) -> None:
-        """Append `chunk` (runs in the thread pool)."""
+        """Append `chunk` (runs in the thread pool; the hash is updated separately, see UploadFile)."""
         try:
-            _write_all(self.fd, chunk, self.digest)
+            _write_all(self.fd, chunk)
         except OSError as err:
             raise os_error(err, self.target, "write") from None
         self.size += len(chunk)
@@ -260,34 +312,32 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
         if upload.temp in self._active:
             raise RpcError(grpc.StatusCode.ABORTED, f"upload {first.header.upload_id} is already in progress")
         self._active.add(upload.temp)
-        pending: asyncio.Future[None] | None = None
+        # Hashing and writing run side by side, each in its own lane (hashlib and os.write release
+        # the GIL, so on two cores they really overlap), while the event loop receives the next chunk.
+        hashing, writing = _Lane(), _Lane()
         try:
             await _io(upload.prepare)
-            loop = asyncio.get_running_loop()
             async for message in messages:
                 if message.WhichOneof("data") == "header":
                     raise invalid_argument("only the first message of an upload may carry a header")
-                if not message.chunk:
+                chunk = message.chunk
+                if not chunk:
                     continue
-                if pending is not None:
-                    await pending
-                pending = loop.run_in_executor(None, upload.write, message.chunk)
-            if pending is not None:
-                await pending
-                pending = None
+                await hashing.submit(upload.digest.update, chunk)
+                await writing.submit(upload.write, chunk)
+            await hashing.drain()
+            await writing.drain()
             sha = await _io(upload.commit)
             return filesystem_pb2.UploadFileResponse(path=upload.target, size=upload.size, sha256=sha)
         finally:
-            # When the call is cancelled a write may still run in a thread: clean up after it, so
-            # the descriptor is never closed under it.
-            def release(_: object = None) -> None:
+
+            def release() -> None:
                 upload.cleanup()
                 self._active.discard(upload.temp)
 
-            if pending is not None and not pending.done():
-                pending.add_done_callback(release)
-            else:
-                release()
+            # When the call is cancelled a write may still run in a thread: clean up after it, so
+            # the descriptor is never closed under it.
+            _when_idle([hashing, writing], release)
 
     async def DownloadFile(
         self,
@@ -305,7 +355,7 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
             fd = await _io(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
             raise os_error(err, path, "read") from None
-        pending: asyncio.Future[bytes] | None = None
+        reader = _Lane()
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
@@ -319,7 +369,6 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
                 )
             end = total if request.length == 0 else min(total, request.offset + request.length)
             digest = hashlib.sha256()
-            loop = asyncio.get_running_loop()
 
             def read(position: int) -> bytes:
                 # Hashing here, not on the event loop, overlaps it with sending the previous
@@ -335,18 +384,17 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
             position = request.offset
             first = True
             if position < end:
-                pending = loop.run_in_executor(None, read, position)
-            while pending is not None:
-                chunk = await pending
-                pending = None
+                await reader.submit(read, position)
+            while reader.job is not None:
+                chunk = await reader.drain()
                 if not chunk:
                     # The file shrank while being read: send what there was, hashed as sent.
                     break
                 position += len(chunk)
                 # Read the next chunk while this one goes out.
                 if position < end:
-                    pending = loop.run_in_executor(None, read, position)
-                last = pending is None
+                    await reader.submit(read, position)
+                last = reader.job is None
                 yield filesystem_pb2.DownloadFileResponse(
                     chunk=chunk,
                     total_size=total if first else 0,
@@ -357,10 +405,8 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
                     return
             yield filesystem_pb2.DownloadFileResponse(total_size=total if first else 0, sha256=digest.hexdigest())
         finally:
-            if pending is not None and not pending.done():
-                pending.add_done_callback(lambda _: os.close(fd))
-            else:
-                os.close(fd)
+            # A read may still run in a thread when the call is cancelled: close after it.
+            _when_idle([reader], lambda: os.close(fd))
 
     async def StatPath(
         self,
