@@ -10,30 +10,49 @@ are equal). The expected sha256 is computed once before timing. Verification:
   agent download    the client hashes what it receives (timed) and compares it, and the agent's
   baseline upload   the stored file is hashed after timing (the baseline computes no hash)
   baseline download the client hashes what it receives (timed), as for the agent
-Each transfer runs BENCH_REPEATS times (default 2); the table shows every run, the ratio uses the
-best run of each side. MB/s is 10^6 bytes per second.
+
+The ceiling rows (BENCH_CEILING=1, the default) move the same protobuf messages between a bare
+grpc.aio server in another process and this client over a unix socket, without hashing or disk:
+what the gRPC layer alone allows here, per message size (BENCH_CEILING_KIB).
+
+This client process tunes glibc malloc as the agent does (cyberdesk_common.malloc; the gateway,
+the agent's client in production, should too); BENCH_CLIENT_MALLOC=0 keeps glibc's defaults.
+Each transfer runs BENCH_REPEATS times (default 3); the table shows every run with the CPU time
+the server (agent, ceiling server) and this client spent per MiB (figures a loaded shared machine
+disturbs less than MB/s), the summary and the ratios use medians. MB/s is 10^6 bytes per second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from bench._launch import Agent, agent, baseline_execd
-from bench._report import report
+from bench._launch import ROOT, Agent, agent, baseline_execd
+from bench._report import print_table, report
 from cyberdesk.v1 import filesystem_pb2 as fs
 from cyberdesk.v1 import filesystem_pb2_grpc
+from cyberdesk_common.grpc_server import DEFAULT_OPTIONS
+from cyberdesk_common.malloc import keep_large_blocks
 
 MiB = 1024 * 1024
 SIZE_MIB = int(os.environ.get("BENCH_FILE_MIB", "1024"))
-REPEATS = int(os.environ.get("BENCH_REPEATS", "2"))
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 CHUNK = int(os.environ.get("BENCH_CHUNK_KIB", "1024")) * 1024
+CLIENT_MALLOC = os.environ.get("BENCH_CLIENT_MALLOC", "1") != "0"
+CEILING = os.environ.get("BENCH_CEILING", "1") != "0"
+CEILING_KIB = [int(k) for k in os.environ.get("BENCH_CEILING_KIB", "256,1024,4096").split(",")]
+CHANNEL_OPTIONS = [(k, v) for k, v in DEFAULT_OPTIONS if k.startswith("grpc.max_")]
 
 
 def chunks(total: int, size: int) -> Iterator[bytes]:
@@ -49,14 +68,49 @@ def chunks(total: int, size: int) -> Iterator[bytes]:
         index += 1
 
 
-def _row(target: str, direction: str, transport: str, seconds: float, total: int, ok: bool) -> dict[str, Any]:
+class _Cpu:
+    """CPU seconds of a server process (from /proc) and of this process, between two marks."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _server(self) -> float:
+        if self.pid is None:
+            return 0.0
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.tick
+
+    def mark(self) -> tuple[float, float]:
+        return self._server(), time.process_time()
+
+    def per_mib(self, since: tuple[float, float], total: int) -> tuple[float | None, float]:
+        server, client = self.mark()
+        mib = total / MiB
+        server_ms = round((server - since[0]) / mib * 1000, 2) if self.pid is not None else None
+        return server_ms, round((client - since[1]) / mib * 1000, 2)
+
+
+def _row(
+    target: str,
+    direction: str,
+    transport: str,
+    seconds: float,
+    total: int,
+    ok: bool,
+    cpu: tuple[float | None, float],
+    message_kib: int = CHUNK // 1024,
+) -> dict[str, Any]:
     return {
         "target": target,
         "direction": direction,
         "transport": transport,
+        "msg_KiB": message_kib,
         "MiB": total // MiB,
         "seconds": round(seconds, 3),
         "MB_s": round(total / seconds / 1e6, 1),
+        "server_cpu_ms_per_MiB": cpu[0],
+        "client_cpu_ms_per_MiB": cpu[1],
         "sha256_ok": ok,
     }
 
@@ -64,7 +118,8 @@ def _row(target: str, direction: str, transport: str, seconds: float, total: int
 def _agent_runs(running: Agent, total: int, expected: str) -> list[dict[str, Any]]:
     rows = []
     path = str(running.workdir / "bench.bin")
-    with grpc.insecure_channel(running.target) as channel:
+    cpu = _Cpu(running.pid)
+    with grpc.insecure_channel(running.target, options=CHANNEL_OPTIONS) as channel:
         stub = filesystem_pb2_grpc.FilesystemServiceStub(channel)
         for _ in range(REPEATS):
 
@@ -74,24 +129,27 @@ def _agent_runs(running: Agent, total: int, expected: str) -> list[dict[str, Any
                 for piece in chunks(total, CHUNK):
                     yield fs.UploadFileRequest(chunk=piece)
 
+            mark = cpu.mark()
             start = time.perf_counter()
             reply = stub.UploadFile(requests(), metadata=running.metadata, timeout=600)
             seconds = time.perf_counter() - start
             ok = reply.sha256 == expected and reply.size == total
-            rows.append(_row("agent", "upload", "gRPC unix socket", seconds, total, ok))
+            rows.append(_row("agent", "upload", "gRPC unix socket", seconds, total, ok, cpu.per_mib(mark, total)))
 
             digest = hashlib.sha256()
             received = 0
             last = ""
             request = fs.DownloadFileRequest(instance_id=running.instance_id, path=path)
+            mark = cpu.mark()
             start = time.perf_counter()
             for message in stub.DownloadFile(request, metadata=running.metadata, timeout=600):
-                digest.update(message.chunk)
-                received += len(message.chunk)
+                chunk = message.chunk  # Each read of the field is a copy.
+                digest.update(chunk)
+                received += len(chunk)
                 last = message.sha256 or last
             seconds = time.perf_counter() - start
             ok = digest.hexdigest() == expected == last and received == total
-            rows.append(_row("agent", "download", "gRPC unix socket", seconds, total, ok))
+            rows.append(_row("agent", "download", "gRPC unix socket", seconds, total, ok, cpu.per_mib(mark, total)))
     os.unlink(path)
     return rows
 
@@ -100,22 +158,25 @@ def _baseline_runs(url: str, root: Path, total: int, expected: str) -> list[dict
     import httpx
 
     rows = []
+    cpu = _Cpu(None)  # The baseline's pid is not exposed by bench._launch: client CPU only.
     with httpx.Client(timeout=600) as client:
         for _ in range(REPEATS):
+            mark = cpu.mark()
             start = time.perf_counter()
             response = client.put(f"{url}/files/bench.bin", content=chunks(total, CHUNK))
             seconds = time.perf_counter() - start
+            used = cpu.per_mib(mark, total)
             response.raise_for_status()
             stored = hashlib.sha256()
             with open(root / "bench.bin", "rb") as fh:
                 while block := fh.read(4 * MiB):
                     stored.update(block)
-            rows.append(
-                _row("fastapi execD", "upload", "HTTP/1.1 TCP loopback", seconds, total, stored.hexdigest() == expected)
-            )
+            ok = stored.hexdigest() == expected
+            rows.append(_row("fastapi execD", "upload", "HTTP/1.1 TCP loopback", seconds, total, ok, used))
 
             digest = hashlib.sha256()
             received = 0
+            mark = cpu.mark()
             start = time.perf_counter()
             with client.stream("GET", f"{url}/files/bench.bin") as stream:
                 stream.raise_for_status()
@@ -124,19 +185,125 @@ def _baseline_runs(url: str, root: Path, total: int, expected: str) -> list[dict
                     received += len(block)
             seconds = time.perf_counter() - start
             ok = digest.hexdigest() == expected and received == total
-            rows.append(_row("fastapi execD", "download", "HTTP/1.1 TCP loopback", seconds, total, ok))
+            used = cpu.per_mib(mark, total)
+            rows.append(_row("fastapi execD", "download", "HTTP/1.1 TCP loopback", seconds, total, ok, used))
     os.unlink(root / "bench.bin")
     return rows
 
 
-def _best(rows: list[dict[str, Any]], target: str, direction: str) -> float:
-    return max(float(r["MB_s"]) for r in rows if r["target"] == target and r["direction"] == direction)
+async def _ceiling_server(sock: str) -> None:
+    """A bare grpc.aio server: UploadFile counts bytes, DownloadFile streams one block over and over."""
+    keep_large_blocks()  # As the agent does.
+
+    async def upload(requests: AsyncIterator[fs.UploadFileRequest], context: Any) -> fs.UploadFileResponse:
+        size = 0
+        async for message in requests:
+            size += len(message.chunk)
+        return fs.UploadFileResponse(size=size)
+
+    async def download(request: fs.DownloadFileRequest, context: Any) -> AsyncIterator[fs.DownloadFileResponse]:
+        block = os.urandom(request.length)
+        for _ in range(request.offset // request.length):  # offset carries the total here
+            yield fs.DownloadFileResponse(chunk=block)
+
+    handler = grpc.method_handlers_generic_handler(
+        "cyberdesk.v1.FilesystemService",
+        {
+            "UploadFile": grpc.stream_unary_rpc_method_handler(
+                upload, fs.UploadFileRequest.FromString, fs.UploadFileResponse.SerializeToString
+            ),
+            "DownloadFile": grpc.unary_stream_rpc_method_handler(
+                download, fs.DownloadFileRequest.FromString, fs.DownloadFileResponse.SerializeToString
+            ),
+        },
+    )
+    server = grpc.aio.server(options=list(DEFAULT_OPTIONS))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"unix:{sock}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def _ceiling_runs(total: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cyberdesk-bench-ceiling-") as tmp:
+        sock = f"{tmp}/ceiling.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.agent_files", "--ceiling-server", sock],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        cpu = _Cpu(proc.pid)
+        try:
+            with grpc.insecure_channel(f"unix:{sock}", options=CHANNEL_OPTIONS) as channel:
+                grpc.channel_ready_future(channel).result(timeout=20)
+                stub = filesystem_pb2_grpc.FilesystemServiceStub(channel)
+                for kib in CEILING_KIB:
+                    size = kib * 1024
+                    count = total // size
+                    block = os.urandom(size)
+                    for _ in range(REPEATS):
+                        mark = cpu.mark()
+                        start = time.perf_counter()
+                        reply = stub.UploadFile(fs.UploadFileRequest(chunk=block) for _ in range(count))
+                        seconds = time.perf_counter() - start
+                        used = cpu.per_mib(mark, total)
+                        ok = reply.size == size * count
+                        rows.append(_row("bare grpc.aio", "upload", "no hash, no disk", seconds, total, ok, used, kib))
+                        mark = cpu.mark()
+                        start = time.perf_counter()
+                        received = 0
+                        for message in stub.DownloadFile(fs.DownloadFileRequest(offset=size * count, length=size)):
+                            received += len(message.chunk)
+                        seconds = time.perf_counter() - start
+                        used = cpu.per_mib(mark, total)
+                        ok = received == size * count
+                        rows.append(
+                            _row("bare grpc.aio", "download", "no hash, no disk", seconds, total, ok, used, kib)
+                        )
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    return rows
+
+
+def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median MB/s and CPU per (target, direction, message size)."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["target"], row["direction"], row["msg_KiB"]), []).append(row)
+
+    def median(values: list[Any]) -> float | None:
+        present = [v for v in values if v is not None]
+        return round(statistics.median(present), 2) if present else None
+
+    return [
+        {
+            "target": target,
+            "direction": direction,
+            "msg_KiB": kib,
+            "runs": len(group),
+            "median_MB_s": median([r["MB_s"] for r in group]),
+            "server_cpu_ms_per_MiB": median([r["server_cpu_ms_per_MiB"] for r in group]),
+            "client_cpu_ms_per_MiB": median([r["client_cpu_ms_per_MiB"] for r in group]),
+        }
+        for (target, direction, kib), group in groups.items()
+    ]
+
+
+def _median(summary: list[dict[str, Any]], target: str, direction: str) -> float:
+    return next(
+        float(s["median_MB_s"])
+        for s in summary
+        if s["target"] == target and s["direction"] == direction and s["msg_KiB"] == CHUNK // 1024
+    )
 
 
 def main() -> None:
     """Run the benchmark and write bench/results/agent_files.json."""
-    import tempfile
-
+    if CLIENT_MALLOC:
+        keep_large_blocks()
+    load_before = os.getloadavg()
     total = SIZE_MIB * MiB
     expected = hashlib.sha256()
     for piece in chunks(total, CHUNK):
@@ -144,27 +311,41 @@ def main() -> None:
     sha = expected.hexdigest()
 
     rows: list[dict[str, Any]] = []
+    if CEILING:
+        rows += _ceiling_runs(total)
     with agent() as running:
         rows += _agent_runs(running, total, sha)
     with tempfile.TemporaryDirectory(prefix="cyberdesk-baseline-files-") as tmp, baseline_execd(Path(tmp)) as url:
         rows += _baseline_runs(url, Path(tmp), total, sha)
     if not all(r["sha256_ok"] for r in rows):
         raise SystemExit("a transfer did not verify: see sha256_ok in the table")
+    summary = _summary(rows)
     ratios = {
         f"{direction}_agent_over_baseline": round(
-            _best(rows, "agent", direction) / _best(rows, "fastapi execD", direction), 2
+            _median(summary, "agent", direction) / _median(summary, "fastapi execD", direction), 2
         )
         for direction in ("upload", "download")
     }
+    print_table(summary)
+    print()
     report(
         "agent_files",
         rows,
         chunk_bytes=CHUNK,
         repeats=REPEATS,
-        ratios_best_MB_s=ratios,
-        note="agent: fsync before the atomic rename and a server-side sha256 are included; the baseline does neither",
+        client_malloc_tuned=CLIENT_MALLOC,
+        load_average_1m_before_after=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        summary=summary,
+        ratios_median_MB_s=ratios,
+        note=(
+            "agent: fsync before the atomic rename and a server-side sha256 are included; the baseline does neither. "
+            "Client and servers share the machine's cores."
+        ),
     )
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--ceiling-server":
+        asyncio.run(_ceiling_server(sys.argv[2]))
+    else:
+        main()
