@@ -91,7 +91,9 @@ class _Lane:
         """Wait for the job in flight; returns its result (None when there is none)."""
         if self.job is None:
             return None
-        result = await asyncio.wrap_future(self.job)
+        # A job already done is collected without a trip through the event loop (wrapping it
+        # would still cost a wake-up of the loop and a turn of it per chunk).
+        result = self.job.result() if self.job.done() else await asyncio.wrap_future(self.job)
         self.job = None
         return result
 
