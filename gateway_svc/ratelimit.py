@@ -264,17 +264,17 @@ class RedisPipe:
         return await self.reply(self.send(payload), payload)
 
     async def _open(self) -> _Pipe:
-        # Concurrent callers share one connection attempt.
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
+        # Concurrent callers share one connection attempt; a finished attempt is never reused
+        # (this runs only when there is no usable connection).
         connecting = self._connecting
+        if connecting is None or connecting.done():
+            connecting = self._connecting = asyncio.ensure_future(self._connect())
+            # Retrieved even when every waiter was cancelled: no "exception never retrieved" noise.
+            connecting.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             pipe = await asyncio.shield(connecting)
         except (OSError, TimeoutError) as err:
             raise RedisUnavailable(f"cannot connect to redis: {err}") from None
-        finally:
-            if self._connecting is connecting and connecting.done():
-                self._connecting = None
         self._pipe = pipe
         return pipe
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 import redis
@@ -38,8 +39,18 @@ def test_concurrent_checks_share_one_connection_and_never_overspend(redis_url: s
     async def scenario() -> None:
         limiter = RateLimiter(redis_url)
         key = _fresh_key("burst")
+        connects = 0
+        connect = limiter._redis._connect
+
+        async def counting_connect() -> Any:
+            nonlocal connects
+            connects += 1
+            return await connect()
+
+        limiter._redis._connect = counting_connect  # type: ignore[method-assign]
         try:
             decisions = await asyncio.gather(*(limiter.check(key, Limit(10, 3600)) for _ in range(50)))
+            assert connects == 1  # the 50 first calls waited for one connection attempt
             assert sum(d.allowed for d in decisions) == 10
             assert sorted(d.remaining for d in decisions if d.allowed) == list(range(10))
             assert all(d.retry_after > 0 for d in decisions if not d.allowed)
