@@ -98,6 +98,15 @@ class _Lane:
         return result
 
 
+async def _settle(lanes: list[_Lane]) -> None:
+    """Wait until no job of `lanes` is running (their errors are not raised: they were, or do not matter)."""
+    running = [asyncio.wrap_future(lane.job) for lane in lanes if lane.job is not None and not lane.job.done()]
+    if running:
+        await asyncio.wait(running)
+        for future in running:
+            future.exception()  # Retrieved, so asyncio does not log it as never retrieved.
+
+
 def _when_idle(lanes: list[_Lane], release: Callable[[], None]) -> None:
     """Call `release` now, or once the jobs still running in `lanes` have finished (in their thread)."""
     running = [lane.job for lane in lanes if lane.job is not None and not lane.job.done()]
@@ -317,6 +326,7 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
         # Hashing and writing run side by side, each in its own lane (hashlib and os.write release
         # the GIL, so on two cores they really overlap), while the event loop receives the next chunk.
         hashing, writing = _Lane(), _Lane()
+        cancelled = False
         try:
             await _io(upload.prepare)
             async for message in messages:
@@ -331,15 +341,24 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
             await writing.drain()
             sha = await _io(upload.commit)
             return filesystem_pb2.UploadFileResponse(path=upload.target, size=upload.size, sha256=sha)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
 
             def release() -> None:
                 upload.cleanup()
                 self._active.discard(upload.temp)
 
-            # When the call is cancelled a write may still run in a thread: clean up after it, so
-            # the descriptor is never closed under it.
-            _when_idle([hashing, writing], release)
+            # On an error (a full disk, a bad message) the other lane may still be busy: wait for
+            # it, so the temporary file is gone before the caller sees the status. A cancelled
+            # call cannot wait: it cleans up once the threads are done, so the descriptor is
+            # never closed under a running write.
+            try:
+                if not cancelled:
+                    await _settle([hashing, writing])
+            finally:
+                _when_idle([hashing, writing], release)
 
     async def DownloadFile(
         self,
