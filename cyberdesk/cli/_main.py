@@ -567,6 +567,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
     args = parse(parser, list(sys.argv[1:] if argv is None else argv))
+    if args.command == "cp":
+        # A whole process of our own: tune malloc for the megabyte chunks `cp` moves (the SDK
+        # leaves that choice to its host program).
+        from cyberdesk_common.malloc import keep_large_blocks
+
+        keep_large_blocks()
     try:
         code: int = args.func(args)
         return code
