@@ -237,10 +237,7 @@ class DesktopServicer(desktop_pb2_grpc.DesktopServiceServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> desktop_pb2.PressMouseResponse:
         """Press `button` and keep it down."""
-        display = self._display(request.instance_id)
-        button = _button(request.button)
-        move = await self._move_args(display, request.HasField("position"), request.position)
-        await self._xdotool(display, *move, "mousedown", str(button))
+        await self._button_action(request, "mousedown")
         return desktop_pb2.PressMouseResponse()
 
     async def ReleaseMouse(
@@ -249,11 +246,17 @@ class DesktopServicer(desktop_pb2_grpc.DesktopServiceServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> desktop_pb2.ReleaseMouseResponse:
         """Release `button`."""
+        await self._button_action(request, "mouseup")
+        return desktop_pb2.ReleaseMouseResponse()
+
+    async def _button_action(
+        self, request: desktop_pb2.PressMouseRequest | desktop_pb2.ReleaseMouseRequest, action: str
+    ) -> None:
+        """`action` (mousedown or mouseup) of the request's button, after the optional move."""
         display = self._display(request.instance_id)
         button = _button(request.button)
         move = await self._move_args(display, request.HasField("position"), request.position)
-        await self._xdotool(display, *move, "mouseup", str(button))
-        return desktop_pb2.ReleaseMouseResponse()
+        await self._xdotool(display, *move, action, str(button))
 
     async def DragMouse(
         self,
