@@ -1,4 +1,5 @@
-"""A running stack for the gateway tests: stand-in instance_svc and agent processes, the real gateway."""
+"""A running stack for the gateway tests: the real gateway, real guest agents (`python -m guest_agent`,
+one per routed instance, each bound to its instance id), and the routing stand-in of upstream.py."""
 
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ class Stack:
     state: Path
     gateway: str
     routes_path: Path
-    markers: Path
     redis_url: str
     routes: dict[str, dict[str, str]] = field(default_factory=dict)
     agents: dict[str, Service] = field(default_factory=dict)
@@ -60,12 +60,23 @@ class Stack:
 
 
 @contextmanager
-def agent(tmp: Path, markers: Path, name: str) -> Iterator[Service]:
-    """A stand-in agent process on its own unix socket."""
-    sock = tmp / f"{name}.sock"
-    target = f"unix://{sock}"
-    env = {"UPSTREAM_ADDR": target, "UPSTREAM_TOKEN": AGENT_TOKEN, "UPSTREAM_MARKERS": str(markers)}
-    with _upstream("agent", target, env, tmp / name) as svc:
+def agent(tmp: Path, instance_id: str) -> Iterator[Service]:
+    """A real guest agent (`python -m guest_agent`) bound to `instance_id`, on its own unix socket.
+
+    It runs on this host, so the pids it reports are real pids here; HOME is a fresh directory so
+    login shells read no one's profile, and DISPLAY is empty (no desktop in these tests)."""
+    home = tmp / instance_id
+    (home / "home").mkdir(parents=True, exist_ok=True)
+    target = f"unix://{home / 'agent.sock'}"
+    env = {
+        "CYBERDESK_AGENT_LISTEN": target,
+        "CYBERDESK_AGENT_TOKEN": AGENT_TOKEN,
+        "CYBERDESK_AGENT_INSTANCE_ID": instance_id,
+        "CYBERDESK_AGENT_GRACE_SECONDS": "1",
+        "HOME": str(home / "home"),
+        "DISPLAY": "",
+    }
+    with service("guest_agent", target, env, home) as svc:
         yield svc
 
 
@@ -95,8 +106,6 @@ def gateway_env(stack_state: Path, instance_addr: str, redis_url: str, **extra: 
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("gw")
     state = tmp / "state"
-    markers = tmp / "markers"
-    markers.mkdir()
     routes_path = tmp / "routes.json"
     routes_path.write_text("{}")
     instance_addr = f"127.0.0.1:{free_port()}"
@@ -114,7 +123,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
                 tmp / "instance",
             )
         )
-        main_agent = stack_ctx.enter_context(agent(tmp, markers, "agent-main"))
         stack_ctx.enter_context(
             service(
                 "gateway_svc",
@@ -123,12 +131,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
                 tmp,
             )
         )
-        st = Stack(tmp, state, gw_addr, routes_path, markers, redis_url)
-        st.agents["main"] = main_agent
+        st = Stack(tmp, state, gw_addr, routes_path, redis_url)
         st.instance_addr = instance_addr  # type: ignore[attr-defined]
-        st.set_route("i-a", "tenant-a", "RUNNING", main_agent.target)
-        st.set_route("i-paused", "tenant-a", "PAUSED", main_agent.target)
-        st.set_route("i-b", "tenant-b", "RUNNING", main_agent.target)
+        # Each routed instance has its own agent, bound to its id: an agent answers NOT_FOUND for
+        # any other instance, so a request the gateway routed wrongly cannot pass by accident.
+        for instance_id, tenant, state_name in (
+            ("i-a", "tenant-a", "RUNNING"),
+            ("i-paused", "tenant-a", "PAUSED"),
+            ("i-b", "tenant-b", "RUNNING"),
+            ("i-life", "tenant-a", "RUNNING"),
+        ):
+            st.agents[instance_id] = stack_ctx.enter_context(agent(tmp / "agents", instance_id))
+            st.set_route(instance_id, tenant, state_name, st.agents[instance_id].target)
         yield st
 
 

@@ -1,7 +1,8 @@
-"""The gateway as a process, in front of real upstream processes and a real redis-server."""
+"""The gateway as a process, in front of real guest agents, the routing stand-in and a real redis-server."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -24,8 +25,7 @@ from cyberdesk.v1 import (
     process_pb2_grpc,
 )
 from cyberdesk_common.status import decode_details
-from tests.gateway_svc.conftest import AGENT_TOKEN, Stack, agent
-from tests.support.procs import service
+from tests.gateway_svc.conftest import Stack, agent
 
 
 def _auth(key: str) -> tuple[tuple[str, str]]:
@@ -56,6 +56,37 @@ def _until(predicate: object, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.1)
+
+
+def _next_stdout(stream: Iterator[process_pb2.StartProcessResponse]) -> bytes:
+    """The next stdout chunk of a StartProcess stream (a login shell may write to stderr first)."""
+    for reply in stream:
+        if reply.event.HasField("stdout"):
+            return reply.event.stdout
+    raise AssertionError("the stream ended before any stdout")
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` of this host has ended (no longer exists, or a zombie not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _tagged(channel: grpc.Channel, key: str, instance_id: str, tag: str) -> process_pb2.ProcessInfo | None:
+    """The agent's record of the process started with `tag`, asked through the gateway."""
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+    listed = procs.ListProcesses(
+        process_pb2.ListProcessesRequest(instance_id=instance_id), metadata=_auth(key), timeout=10
+    )
+    return next((p for p in listed.processes if p.tag == tag), None)
+
+
+def _killed(channel: grpc.Channel, key: str, instance_id: str, tag: str) -> bool:
+    info = _tagged(channel, key, instance_id, tag)
+    return info is not None and info.HasField("exited")
 
 
 # -- authentication ------------------------------------------------------------------------------
@@ -188,39 +219,28 @@ def test_exec_through_the_gateway(stack: Stack, channel: grpc.Channel) -> None:
     assert events[-1].event.exited.exit_code == 0
 
 
-def test_run_process_through_the_gateway_to_a_real_agent(stack: Stack, channel: grpc.Channel, tmp_path: Path) -> None:
+def test_run_process_through_the_gateway_to_a_real_agent(stack: Stack, channel: grpc.Channel) -> None:
     # RunProcess (unary, output at once) is forwarded like any unary call; the real guest agent
-    # runs it, so this also checks that the gateway's method table knows the new RPC.
-    home = tmp_path / "home"
-    home.mkdir()
-    target = f"unix://{tmp_path}/real-agent.sock"
-    env = {
-        "CYBERDESK_AGENT_LISTEN": target,
-        "CYBERDESK_AGENT_TOKEN": AGENT_TOKEN,
-        "CYBERDESK_AGENT_INSTANCE_ID": "i-real",
-        "HOME": str(home),
-    }
-    with service("guest_agent", target, env, tmp_path):
-        stack.set_route("i-real", "tenant-a", "RUNNING", target)
-        procs = process_pb2_grpc.ProcessServiceStub(channel)
-        key = stack.new_key("tenant-a")
-        reply = procs.RunProcess(
-            process_pb2.RunProcessRequest(instance_id="i-real", argv=["sh", "-c", "echo out; echo err >&2; exit 3"]),
-            metadata=_auth(key),
-            timeout=10,
+    # runs it, so this also checks that the gateway's method table knows the RPC.
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+    key = stack.new_key("tenant-a")
+    reply = procs.RunProcess(
+        process_pb2.RunProcessRequest(instance_id="i-a", argv=["sh", "-c", "echo out; echo err >&2; exit 3"]),
+        metadata=_auth(key),
+        timeout=10,
+    )
+    assert (reply.stdout, reply.stderr, reply.exited.exit_code) == (b"out\n", b"err\n", 3)
+    # The agent's own INVALID_ARGUMENT (nothing to run) reaches the caller unchanged.
+    with pytest.raises(grpc.RpcError) as caught:
+        procs.RunProcess(process_pb2.RunProcessRequest(instance_id="i-a"), metadata=_auth(key), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and caught.value.details()
+    # Another tenant's key never reaches the agent.
+    other = stack.new_key("tenant-b")
+    with pytest.raises(grpc.RpcError) as caught:
+        procs.RunProcess(
+            process_pb2.RunProcessRequest(instance_id="i-a", argv=["true"]), metadata=_auth(other), timeout=10
         )
-        assert (reply.stdout, reply.stderr, reply.exited.exit_code) == (b"out\n", b"err\n", 3)
-        # The agent's own INVALID_ARGUMENT (nothing to run) reaches the caller unchanged.
-        with pytest.raises(grpc.RpcError) as caught:
-            procs.RunProcess(process_pb2.RunProcessRequest(instance_id="i-real"), metadata=_auth(key), timeout=10)
-        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and caught.value.details()
-        # Another tenant's key never reaches the agent.
-        other = stack.new_key("tenant-b")
-        with pytest.raises(grpc.RpcError) as caught:
-            procs.RunProcess(
-                process_pb2.RunProcessRequest(instance_id="i-real", argv=["true"]), metadata=_auth(other), timeout=10
-            )
-        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def test_upload_and_download_through_the_gateway(stack: Stack, channel: grpc.Channel, tmp_path: Path) -> None:
@@ -259,16 +279,25 @@ def test_upload_and_download_through_the_gateway(stack: Stack, channel: grpc.Cha
 def test_shell_through_the_gateway(stack: Stack, channel: grpc.Channel) -> None:
     key = stack.new_key("tenant-a")
     procs = process_pb2_grpc.ProcessServiceStub(channel)
+    done = threading.Event()
 
     def keys() -> Iterator[process_pb2.ConnectPtyRequest]:
-        yield process_pb2.ConnectPtyRequest(instance_id="i-a", open=process_pb2.PtyOpen())
-        for ch in b"ls\n":
+        yield process_pb2.ConnectPtyRequest(instance_id="i-a", open=process_pb2.PtyOpen(argv=["cat"]))
+        # Keystroke by keystroke, as a terminal sends them; ^D at the start of a line ends cat.
+        for ch in b"hello pty\n\x04":
             yield process_pb2.ConnectPtyRequest(input=bytes([ch]))
+        # Stay attached until the terminal has exited: the agent kills a terminal whose last client leaves.
+        done.wait(15)
 
-    replies = list(procs.ConnectPty(keys(), metadata=_auth(key), timeout=10))
-    assert replies[0].HasField("started")
-    assert b"".join(r.output for r in replies) == b"ls\n"
-    assert replies[-1].HasField("exited")
+    try:
+        replies = list(procs.ConnectPty(keys(), metadata=_auth(key), timeout=15))
+    finally:
+        done.set()
+    assert replies[0].HasField("started") and replies[0].started.pid > 0
+    output = b"".join(r.output for r in replies)
+    # The terminal echoes the line, then cat writes it back: both through the real pty (CR LF).
+    assert output.count(b"hello pty\r\n") == 2, output
+    assert replies[-1].HasField("exited") and replies[-1].exited.exit_code == 0
 
 
 def test_trace_context_reaches_the_upstream(stack: Stack, channel: grpc.Channel) -> None:
@@ -291,7 +320,7 @@ def test_trace_context_reaches_the_upstream(stack: Stack, channel: grpc.Channel)
 
 def test_agent_killed_mid_stream_gives_unavailable(stack: Stack, channel: grpc.Channel) -> None:
     key = stack.new_key("tenant-a")
-    with agent(stack.tmp, stack.markers, "agent-doomed") as doomed:
+    with agent(stack.tmp / "agents", "i-doomed") as doomed:
         stack.set_route("i-doomed", "tenant-a", "RUNNING", doomed.target)
         procs = process_pb2_grpc.ProcessServiceStub(channel)
         stream = procs.StartProcess(
@@ -299,11 +328,17 @@ def test_agent_killed_mid_stream_gives_unavailable(stack: Stack, channel: grpc.C
             metadata=_auth(key),
             timeout=60,
         )
-        assert next(stream).event.HasField("started")
-        assert next(stream).event.stdout == b"ready\n"
-        doomed.proc.send_signal(signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as caught:
-            list(stream)
+        started = next(stream).event
+        assert started.HasField("started")
+        try:
+            assert _next_stdout(stream) == b"ready\n"
+            doomed.proc.send_signal(signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stream)
+        finally:
+            # A SIGKILLed agent cannot clean up: end its orphaned shell (its own process group) here.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(started.started.pid, signal.SIGKILL)
         # UNAVAILABLE, not the 60 s DEADLINE_EXCEEDED: the gateway noticed the agent went away.
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
         assert "i-doomed" in (caught.value.details() or "")
@@ -311,48 +346,55 @@ def test_agent_killed_mid_stream_gives_unavailable(stack: Stack, channel: grpc.C
 
 def test_caller_cancel_reaches_the_agent(stack: Stack, channel: grpc.Channel) -> None:
     key = stack.new_key("tenant-a")
-    marker = stack.markers / "cancelled"
-    marker.unlink(missing_ok=True)
     procs = process_pb2_grpc.ProcessServiceStub(channel)
+    # The shell prints the pid of its sleep, so the test can watch that very process on this host.
     stream = procs.StartProcess(
-        process_pb2.StartProcessRequest(instance_id="i-a", command="echo ready; sleep 60"),
+        process_pb2.StartProcessRequest(instance_id="i-a", command="sleep 300 & echo $!; wait", tag="cancel-me"),
         metadata=_auth(key),
         timeout=60,
     )
-    next(stream)
-    assert next(stream).event.stdout == b"ready\n"
+    assert next(stream).event.HasField("started")
+    sleep_pid = int(_next_stdout(stream))
+    assert not _gone(sleep_pid)
+    info = _tagged(channel, key, "i-a", "cancel-me")
+    assert info is not None and not info.HasField("exited")
     stream.cancel()
-    _until(marker.exists)
+    # The cancel crossed the gateway: the agent killed the foreground process group, sleep included.
+    _until(lambda: _killed(channel, key, "i-a", "cancel-me"))
+    _until(lambda: _gone(sleep_pid))
 
 
 def test_deadline_propagates(stack: Stack, channel: grpc.Channel) -> None:
     key = stack.new_key("tenant-a")
-    marker = stack.markers / "cancelled"
-    marker.unlink(missing_ok=True)
     procs = process_pb2_grpc.ProcessServiceStub(channel)
     with pytest.raises(grpc.RpcError) as caught:
         list(
             procs.StartProcess(
-                process_pb2.StartProcessRequest(instance_id="i-a", command="sleep 60"), metadata=_auth(key), timeout=1.0
+                process_pb2.StartProcessRequest(instance_id="i-a", command="sleep 300", tag="deadline"),
+                metadata=_auth(key),
+                timeout=2.0,
             )
         )
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    # The agent's call ended with the caller's deadline too (it was cancelled, its process killed).
-    _until(marker.exists)
+    # The agent's call ended with the caller's deadline too: it was cancelled, its process killed.
+    _until(lambda: _killed(channel, key, "i-a", "deadline"))
+    info = _tagged(channel, key, "i-a", "deadline")
+    assert info is not None
+    _until(lambda: _gone(info.pid))
 
 
 def test_route_cache_follows_lifecycle_events(stack: Stack, channel: grpc.Channel) -> None:
     import redis
 
     key = stack.new_key("tenant-a")
-    stack.set_route("i-life", "tenant-a", "RUNNING", stack.agents["main"].target)
+    stack.set_route("i-life", "tenant-a", "RUNNING", stack.agents["i-life"].target)
     procs = process_pb2_grpc.ProcessServiceStub(channel)
     list(
         procs.StartProcess(
             process_pb2.StartProcessRequest(instance_id="i-life", command="true"), metadata=_auth(key), timeout=10
         )
     )
-    stack.set_route("i-life", "tenant-a", "PAUSED", stack.agents["main"].target)
+    stack.set_route("i-life", "tenant-a", "PAUSED", stack.agents["i-life"].target)
     client = redis.Redis.from_url(stack.redis_url)
 
     def paused_seen() -> bool:
@@ -373,6 +415,3 @@ def test_route_cache_follows_lifecycle_events(stack: Stack, channel: grpc.Channe
     # The route cache TTL is 5 s by default; the event makes the change visible well before.
     _until(paused_seen, timeout=4.0)
     client.close()
-
-
-__all__ = ["threading"]

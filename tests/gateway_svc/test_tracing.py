@@ -1,6 +1,7 @@
-"""One trace across caller, gateway and agent: the gateway, the routing stand-in and the agent stand-in
-run in this process with `grpc_server.start()` (so they get the shared tracing interceptor), and an
-in-memory exporter records every span."""
+"""One trace across caller, gateway and agent: the gateway, the routing stand-in and the real guest
+agent's server (guest_agent.server.build_spec, bound to the instance) run in this process with
+`grpc_server.start()` (so they get the shared tracing interceptor), and an in-memory exporter records
+every span."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from cyberdesk.v1 import process_pb2, process_pb2_grpc
 from cyberdesk_common.grpc_server import start
 from gateway_svc.config import GatewayConfig
 from gateway_svc.server import Gateway, build_spec
+from guest_agent.config import AgentConfig
+from guest_agent.identity import Identity
+from guest_agent.server import build_spec as agent_spec
 from tests.gateway_svc.conftest import AGENT_TOKEN, INTERNAL_TOKEN
 from tests.gateway_svc.upstream import spec as upstream_spec
 from tests.support.procs import free_port
@@ -51,16 +55,27 @@ def test_one_trace_from_caller_through_gateway_and_routing_to_agent(
         "CYBERDESK_GATEWAY_ADDR": gw_addr,
         "CYBERDESK_REDIS_URL": redis_url,
         "UPSTREAM_ROUTES": str(routes),
-        "UPSTREAM_TOKEN": AGENT_TOKEN,
-        "UPSTREAM_MARKERS": str(tmp_path),
+        # The agent's children run login shells: a fresh HOME, so they read no one's profile.
+        "HOME": str(tmp_path),
     }.items():
         monkeypatch.setenv(name, value)
 
     async def scenario() -> None:
         monkeypatch.setenv("UPSTREAM_ADDR", instance_addr)
         routing = await start(upstream_spec("instance"))
-        monkeypatch.setenv("UPSTREAM_ADDR", agent_target)
-        agent = await start(upstream_spec("agent"))
+        agent = await start(
+            agent_spec(
+                AgentConfig(
+                    listen=agent_target,
+                    token=AGENT_TOKEN,
+                    instance_id="i-t",
+                    tls_cert=None,
+                    tls_key=None,
+                    grace_seconds=1.0,
+                ),
+                Identity("i-t"),
+            )
+        )
         gateway = Gateway(GatewayConfig.from_env())
         gw = await start(build_spec(gateway))
         assert gateway.store is not None
