@@ -120,7 +120,7 @@ def meta(tenant: str = "t1") -> tuple[tuple[str, str], ...]:
 
 def _sandbox_ready() -> None:
     if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap is not installed")
+        pytest.fail("bubblewrap is not installed; run `make setup`")
 
 
 @contextmanager
