@@ -422,8 +422,3 @@ def run(options: StackOptions, out: TextIO = sys.stdout) -> int:
         if started:
             print("stopped", file=out, flush=True)
     return code
-
-
-def main() -> int:
-    """Entry point of tools/stack.py: the stack with options from the environment."""
-    return run(StackOptions.from_env())

@@ -54,7 +54,7 @@ class GatewayConfig:
             tls_key=Path(key_file).read_bytes() if key_file else None,
             instance_target=env_str("INSTANCE_ADDR", "127.0.0.1:50061"),
             internal_token=internal_token(base),
-            # tools/stack.py hands every service REDIS_URL; CYBERDESK_REDIS_URL wins when both are set.
+            # `cyberdesk up` hands every service REDIS_URL; CYBERDESK_REDIS_URL wins when both are set.
             redis_url=env_str("REDIS_URL", os.environ.get("REDIS_URL") or "redis://127.0.0.1:6390/0"),
             state_dir=base,
             default_limit=limit,
