@@ -32,10 +32,12 @@ system:
 	  fi; \
 	fi
 
-$(STAMP): pyproject.toml
+# Both distributions, editable: the SDK (sdk/python: cyberdesk + cyberdesk_proto) and the servers (.)
+$(STAMP): pyproject.toml sdk/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip uninstall -q -y cyberdesk cyberdesk-server >/dev/null 2>&1 || true
+	$(PY) -m pip install -q -e ./sdk/python -e '.[dev]'
 	touch $@
 
 proto: setup

@@ -37,7 +37,7 @@ import grpc
 
 from bench._launch import ROOT, Agent, agent, baseline_execd
 from bench._report import latency_summary, report
-from cyberdesk.v1 import process_pb2, process_pb2_grpc
+from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
 
 N = int(os.environ.get("BENCH_N", "500"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "50"))

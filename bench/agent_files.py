@@ -15,7 +15,7 @@ The ceiling rows (BENCH_CEILING=1, the default) move the same protobuf messages 
 grpc.aio server in another process and this client over a unix socket, without hashing or disk:
 what the gRPC layer alone allows here, per message size (BENCH_CEILING_KIB).
 
-This client process tunes glibc malloc as the agent does (cyberdesk_common.malloc; the gateway,
+This client process tunes glibc malloc as the agent does (cyberdesk.keep_large_blocks; the gateway,
 the agent's client in production, should too); BENCH_CLIENT_MALLOC=0 keeps glibc's defaults.
 Each transfer runs BENCH_REPEATS times (default 3); the table shows every run with the CPU time
 the server (agent, ceiling server) and this client spent per MiB (figures a loaded shared machine
@@ -40,10 +40,10 @@ import grpc
 
 from bench._launch import ROOT, Agent, agent, baseline_execd
 from bench._report import print_table, report
-from cyberdesk.v1 import filesystem_pb2 as fs
-from cyberdesk.v1 import filesystem_pb2_grpc
+from cyberdesk import keep_large_blocks
 from cyberdesk_common.grpc_server import DEFAULT_OPTIONS
-from cyberdesk_common.malloc import keep_large_blocks
+from cyberdesk_proto.v1 import filesystem_pb2 as fs
+from cyberdesk_proto.v1 import filesystem_pb2_grpc
 
 MiB = 1024 * 1024
 SIZE_MIB = int(os.environ.get("BENCH_FILE_MIB", "1024"))

@@ -38,8 +38,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench._launch import ROOT, Agent, _free_port, agent
 from bench._report import latency_summary, print_table, report
 from bench.agent_files import chunks
-from cyberdesk.v1 import filesystem_pb2 as fs
-from cyberdesk.v1 import filesystem_pb2_grpc, instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
+from cyberdesk_proto.v1 import filesystem_pb2 as fs
+from cyberdesk_proto.v1 import filesystem_pb2_grpc, instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
 
 N = int(os.environ.get("BENCH_N", "300"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "30"))

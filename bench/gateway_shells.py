@@ -40,7 +40,7 @@ import grpc
 from bench._launch import Agent, agent
 from bench._report import latency_summary, print_table, report
 from bench.gateway_proxy import gateway_in_front_of
-from cyberdesk.v1 import process_pb2, process_pb2_grpc
+from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
 
 SHELLS = int(os.environ.get("BENCH_SHELLS", "1000"))
 AGENTS = int(os.environ.get("BENCH_SHELLS_AGENTS", "4"))

@@ -26,8 +26,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench._report import latency_summary, report
-from cyberdesk.internal.v1 import routing_pb2, routing_pb2_grpc
-from cyberdesk.v1 import instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
+from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
+from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 N = int(os.environ.get("BENCH_N", "30"))

@@ -6,11 +6,10 @@
     with client.instances.create() as box:
         print(box.exec("echo hello").stdout_text)
 
-Every public name is loaded lazily (PEP 562): the guest agent inside each sandbox imports the
-generated `cyberdesk.v1` modules, which runs this file first, so it must import nothing heavy.
+Every public name is loaded lazily (PEP 562), so `import cyberdesk` costs nothing until a name is
+used (the CLI starts faster, and `keep_large_blocks` can be had without loading grpc).
 """
 
-# ruff: noqa: F401  (the TYPE_CHECKING imports exist for type checkers and IDEs)
 from __future__ import annotations
 
 import importlib
@@ -62,55 +61,144 @@ _EXPORTS: dict[str, str] = {
     "Cancelled": "cyberdesk._errors",
     "DataLoss": "cyberdesk._errors",
     "InternalError": "cyberdesk._errors",
+    "keep_large_blocks": "cyberdesk._malloc",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from cyberdesk._async_client import (
-        AsyncCyberdesk,
-        AsyncDesktop,
-        AsyncFiles,
-        AsyncInstance,
-        AsyncProcess,
-        AsyncShell,
+        AsyncCyberdesk as AsyncCyberdesk,
     )
-    from cyberdesk._client import Cyberdesk, Instances, Keys, Snapshots
-    from cyberdesk._desktop import Desktop
+    from cyberdesk._async_client import (
+        AsyncDesktop as AsyncDesktop,
+    )
+    from cyberdesk._async_client import (
+        AsyncFiles as AsyncFiles,
+    )
+    from cyberdesk._async_client import (
+        AsyncInstance as AsyncInstance,
+    )
+    from cyberdesk._async_client import (
+        AsyncProcess as AsyncProcess,
+    )
+    from cyberdesk._async_client import (
+        AsyncShell as AsyncShell,
+    )
+    from cyberdesk._client import (
+        Cyberdesk as Cyberdesk,
+    )
+    from cyberdesk._client import (
+        Instances as Instances,
+    )
+    from cyberdesk._client import (
+        Keys as Keys,
+    )
+    from cyberdesk._client import (
+        Snapshots as Snapshots,
+    )
+    from cyberdesk._desktop import (
+        Desktop as Desktop,
+    )
     from cyberdesk._errors import (
-        AlreadyExists,
-        Cancelled,
-        ConfigurationError,
-        CyberdeskError,
-        DataLoss,
-        DeadlineExceeded,
-        FailedPrecondition,
-        InternalError,
-        InvalidArgument,
-        NotFound,
-        PermissionDenied,
-        RateLimited,
-        Unauthenticated,
-        Unavailable,
+        AlreadyExists as AlreadyExists,
     )
-    from cyberdesk._files import Files, Watch
-    from cyberdesk._instance import Instance, Process
+    from cyberdesk._errors import (
+        Cancelled as Cancelled,
+    )
+    from cyberdesk._errors import (
+        ConfigurationError as ConfigurationError,
+    )
+    from cyberdesk._errors import (
+        CyberdeskError as CyberdeskError,
+    )
+    from cyberdesk._errors import (
+        DataLoss as DataLoss,
+    )
+    from cyberdesk._errors import (
+        DeadlineExceeded as DeadlineExceeded,
+    )
+    from cyberdesk._errors import (
+        FailedPrecondition as FailedPrecondition,
+    )
+    from cyberdesk._errors import (
+        InternalError as InternalError,
+    )
+    from cyberdesk._errors import (
+        InvalidArgument as InvalidArgument,
+    )
+    from cyberdesk._errors import (
+        NotFound as NotFound,
+    )
+    from cyberdesk._errors import (
+        PermissionDenied as PermissionDenied,
+    )
+    from cyberdesk._errors import (
+        RateLimited as RateLimited,
+    )
+    from cyberdesk._errors import (
+        Unauthenticated as Unauthenticated,
+    )
+    from cyberdesk._errors import (
+        Unavailable as Unavailable,
+    )
+    from cyberdesk._files import (
+        Files as Files,
+    )
+    from cyberdesk._files import (
+        Watch as Watch,
+    )
+    from cyberdesk._instance import (
+        Instance as Instance,
+    )
+    from cyberdesk._instance import (
+        Process as Process,
+    )
+    from cyberdesk._malloc import (
+        keep_large_blocks as keep_large_blocks,
+    )
     from cyberdesk._models import (
-        ApiKey,
-        ExecEvent,
-        ExecResult,
-        Exited,
-        FileInfo,
-        FsEvent,
-        ProcessInfo,
-        Screenshot,
-        Snapshot,
-        Started,
-        Stderr,
-        Stdout,
-        UploadResult,
+        ApiKey as ApiKey,
     )
-    from cyberdesk._shell import Shell
+    from cyberdesk._models import (
+        ExecEvent as ExecEvent,
+    )
+    from cyberdesk._models import (
+        ExecResult as ExecResult,
+    )
+    from cyberdesk._models import (
+        Exited as Exited,
+    )
+    from cyberdesk._models import (
+        FileInfo as FileInfo,
+    )
+    from cyberdesk._models import (
+        FsEvent as FsEvent,
+    )
+    from cyberdesk._models import (
+        ProcessInfo as ProcessInfo,
+    )
+    from cyberdesk._models import (
+        Screenshot as Screenshot,
+    )
+    from cyberdesk._models import (
+        Snapshot as Snapshot,
+    )
+    from cyberdesk._models import (
+        Started as Started,
+    )
+    from cyberdesk._models import (
+        Stderr as Stderr,
+    )
+    from cyberdesk._models import (
+        Stdout as Stdout,
+    )
+    from cyberdesk._models import (
+        UploadResult as UploadResult,
+    )
+    from cyberdesk._shell import (
+        Shell as Shell,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -51,7 +51,7 @@ from cyberdesk._requests import (
     start_request,
 )
 from cyberdesk._transport import AsyncTransport, aiterate
-from cyberdesk.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
+from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 
 
 async def _events(call: Any) -> AsyncIterator[ExecEvent]:

@@ -9,8 +9,8 @@ from cyberdesk._instance import Instance
 from cyberdesk._models import ApiKey, InstanceData, Snapshot
 from cyberdesk._requests import create_request
 from cyberdesk._transport import Transport
-from cyberdesk.internal.v1 import auth_pb2
-from cyberdesk.v1 import instance_pb2
+from cyberdesk_proto.internal.v1 import auth_pb2
+from cyberdesk_proto.v1 import instance_pb2
 
 STATES = ("PENDING", "STARTING", "RUNNING", "PAUSED", "STOPPING", "TERMINATED", "FAILED")
 

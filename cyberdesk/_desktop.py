@@ -7,7 +7,7 @@ from typing import Literal
 from cyberdesk._models import Screenshot
 from cyberdesk._requests import Button, Direction, button, direction, point, screenshot_request
 from cyberdesk._transport import Transport
-from cyberdesk.v1 import desktop_pb2
+from cyberdesk_proto.v1 import desktop_pb2
 
 
 def screenshot_from_proto(reply: desktop_pb2.TakeScreenshotResponse) -> Screenshot:

@@ -14,7 +14,7 @@ from cyberdesk._errors import Cancelled, DataLoss, InvalidArgument
 from cyberdesk._models import FileInfo, FsEvent, UploadResult
 from cyberdesk._requests import CHUNK
 from cyberdesk._transport import Transport, iterate
-from cyberdesk.v1 import filesystem_pb2
+from cyberdesk_proto.v1 import filesystem_pb2
 
 Progress = Callable[[int, int | None], None]
 """Called as progress(bytes_done, bytes_total) while a transfer runs; total is None when unknown."""

@@ -23,7 +23,7 @@ from cyberdesk._models import (
 from cyberdesk._requests import Command, duration, pty_open, selector, signal_number, start_request
 from cyberdesk._shell import Shell
 from cyberdesk._transport import Transport, iterate
-from cyberdesk.v1 import instance_pb2, process_pb2
+from cyberdesk_proto.v1 import instance_pb2, process_pb2
 
 OutputCallback = Callable[[bytes], None]
 

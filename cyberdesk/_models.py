@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from google.protobuf import timestamp_pb2
 
-    from cyberdesk.v1 import filesystem_pb2, instance_pb2, process_pb2
+    from cyberdesk_proto.v1 import filesystem_pb2, instance_pb2, process_pb2
 
 
 def _time(stamp: timestamp_pb2.Timestamp, present: bool = True) -> _dt.datetime | None:
@@ -313,7 +313,7 @@ class InstanceData:
     @classmethod
     def from_proto(cls, inst: instance_pb2.Instance) -> InstanceData:
         """Build from an Instance message."""
-        from cyberdesk.v1 import instance_pb2
+        from cyberdesk_proto.v1 import instance_pb2
 
         state = instance_pb2.InstanceState.Name(inst.state).removeprefix("INSTANCE_STATE_")
         return cls(

@@ -8,7 +8,7 @@ from typing import Literal
 from google.protobuf import duration_pb2
 
 from cyberdesk._errors import InvalidArgument
-from cyberdesk.v1 import desktop_pb2, instance_pb2, process_pb2
+from cyberdesk_proto.v1 import desktop_pb2, instance_pb2, process_pb2
 
 Command = str | Sequence[str]
 Button = Literal["left", "middle", "right"]

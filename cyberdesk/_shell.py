@@ -11,7 +11,7 @@ from cyberdesk._errors import CyberdeskError, DeadlineExceeded
 from cyberdesk._models import Exited, exited_from_proto
 from cyberdesk._requests import signal_number
 from cyberdesk._transport import Transport, iterate
-from cyberdesk.v1 import process_pb2
+from cyberdesk_proto.v1 import process_pb2
 
 _END = object()
 

@@ -11,8 +11,8 @@ import grpc.aio
 from cyberdesk._config import ClientConfig
 from cyberdesk._errors import from_rpc_error
 from cyberdesk._requests import MAX_MESSAGE
-from cyberdesk.internal.v1 import auth_pb2_grpc
-from cyberdesk.v1 import desktop_pb2_grpc, filesystem_pb2_grpc, instance_pb2_grpc, process_pb2_grpc
+from cyberdesk_proto.internal.v1 import auth_pb2_grpc
+from cyberdesk_proto.v1 import desktop_pb2_grpc, filesystem_pb2_grpc, instance_pb2_grpc, process_pb2_grpc
 
 T = TypeVar("T")
 

@@ -6,10 +6,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from cyberdesk import keep_large_blocks
 from cyberdesk_common.config import ConfigError, env_str
 from cyberdesk_common.grpc_server import RunningServer, ServerSpec, serve
 from cyberdesk_common.log import setup_logging
-from cyberdesk_common.malloc import keep_large_blocks
 from cyberdesk_common.telemetry import setup_tracing
 
 
@@ -21,7 +21,7 @@ def run(
 ) -> int:
     """Set up logging and tracing, build the server spec, serve until SIGTERM. Returns an exit code."""
     log = setup_logging(name, env_str("LOG_LEVEL", "INFO"))
-    # Every service relays megabyte messages somewhere (file chunks, screenshots); see malloc.py.
+    # Every service relays megabyte messages somewhere (file chunks, screenshots); see cyberdesk._malloc.
     keep_large_blocks()
     provider = setup_tracing(name)
     try:

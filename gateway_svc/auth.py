@@ -17,8 +17,8 @@ from typing import Protocol
 
 import grpc
 
-from cyberdesk.internal.v1 import auth_pb2
 from cyberdesk_common.status import RpcError, resource_exhausted
+from cyberdesk_proto.internal.v1 import auth_pb2
 from gateway_svc.ratelimit import Limit
 
 SCOPE_INSTANCES = "instances"

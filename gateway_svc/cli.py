@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cyberdesk_common.config import ConfigError, env_str, state_dir
 from gateway_svc.auth import SCOPE_ADMIN, SCOPE_INSTANCES
-from gateway_svc.keystore import KeyStore
+from gateway_svc.keystore import KeyStore, store_path
 from gateway_svc.ratelimit import parse_limit
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         print("CYBERDESK_UNKEY_ROOT_KEY is set: keys live in Unkey, not in the local store", file=sys.stderr)
         return 2
     try:
-        store = KeyStore(Path(state_dir()) / "gateway_keys.sqlite3")
+        store = KeyStore(store_path(Path(state_dir())))
     except (ConfigError, OSError) as err:
         print(f"cannot open the key store: {err}", file=sys.stderr)
         return 2

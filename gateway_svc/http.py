@@ -32,8 +32,8 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import Message
 
-from cyberdesk.v1 import process_pb2
 from cyberdesk_common.status import RpcError, invalid_argument
+from cyberdesk_proto.v1 import process_pb2
 from gateway_svc.transcode import errors, mapping
 from gateway_svc.transcode.pathtemplate import PathDecodeError
 from gateway_svc.transcode.rules import Route, RouteTable, build_route_table

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import grpc
 
-from cyberdesk.internal.v1 import auth_pb2, auth_pb2_grpc
 from cyberdesk_common.status import RpcError, invalid_argument, not_found
+from cyberdesk_proto.internal.v1 import auth_pb2, auth_pb2_grpc
 from gateway_svc.auth import SCOPE_ADMIN, SCOPE_INSTANCES
 from gateway_svc.gate import Gate
 from gateway_svc.keystore import KeyStore

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from cyberdesk.internal.v1 import auth_pb2
+from cyberdesk_proto.internal.v1 import auth_pb2
 from gateway_svc.auth import DEFAULT_SCOPES, Principal, Verification
 from gateway_svc.ratelimit import Limit
 
@@ -169,3 +169,19 @@ def _to_proto(row: tuple[object, ...]) -> auth_pb2.ApiKey:
     if revoke_time is not None:
         key.revoke_time.CopyFrom(_timestamp(float(revoke_time)))  # type: ignore[arg-type]
     return key
+
+
+def store_path(state: Path) -> Path:
+    """Where the local key store lives below a state directory."""
+    return state / "gateway_keys.sqlite3"
+
+
+def create_key(
+    state: Path, tenant_id: str, name: str, scopes: list[str] | None = None, rate_limit: Limit | None = None
+) -> tuple[auth_pb2.ApiKey, str]:
+    """Create a key in the store of a state directory (no gateway needed): how the first admin key exists."""
+    store = KeyStore(store_path(state))
+    try:
+        return store.create(tenant_id, name, scopes, rate_limit)
+    finally:
+        store.close()

@@ -24,8 +24,8 @@ from typing import Any
 
 import grpc
 
-from cyberdesk.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 from cyberdesk_common.status import invalid_argument
+from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 from gateway_svc.admission import AGENT_SERVICES, INSTANCE_SERVICE, Admission, Target, forwardable
 from gateway_svc.routing import WireError, read_instance_id
 

@@ -23,9 +23,9 @@ import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from cyberdesk.internal.v1 import routing_pb2, routing_pb2_grpc
-from cyberdesk.v1 import instance_pb2
 from cyberdesk_common.status import RpcError, failed_precondition
+from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
+from cyberdesk_proto.v1 import instance_pb2
 
 _log = logging.getLogger("gateway_svc.routing")
 

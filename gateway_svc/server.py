@@ -15,9 +15,9 @@ from typing import Any
 
 import grpc
 
-from cyberdesk.internal.v1 import auth_pb2, auth_pb2_grpc
 from cyberdesk_common.grpc_server import RunningServer, ServerSpec
 from cyberdesk_common.tracing import TracingClientInterceptor
+from cyberdesk_proto.internal.v1 import auth_pb2, auth_pb2_grpc
 from gateway_svc.admission import Admission
 from gateway_svc.auth import Authenticator, KeyBackend
 from gateway_svc.config import GatewayConfig

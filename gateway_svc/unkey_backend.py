@@ -27,8 +27,8 @@ import grpc
 import httpx
 from unkey.py import Unkey
 
-from cyberdesk.internal.v1 import auth_pb2
 from cyberdesk_common.status import RpcError
+from cyberdesk_proto.internal.v1 import auth_pb2
 from gateway_svc.auth import DEFAULT_SCOPES, Principal, Verification
 from gateway_svc.ratelimit import Limit
 

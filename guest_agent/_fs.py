@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import grpc
 
-from cyberdesk.v1 import filesystem_pb2
 from cyberdesk_common.status import RpcError, invalid_argument
+from cyberdesk_proto.v1 import filesystem_pb2
 
 # errno -> (status, what a person should understand). Anything missing here becomes UNKNOWN with
 # the system's own text, never INTERNAL: the request reached the disk and the disk said no.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 
-from cyberdesk.v1 import process_pb2
 from cyberdesk_common.status import invalid_argument, not_found, resource_exhausted
+from cyberdesk_proto.v1 import process_pb2
 from guest_agent._fanout import Chunk, Exited, Overflow, Subscriber
 from guest_agent._procs import ManagedProcess, ProcessTable
 from guest_agent.identity import Identity

@@ -7,8 +7,8 @@ import time
 
 import grpc
 
-from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
 from cyberdesk_common.status import failed_precondition, invalid_argument
+from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
 from guest_agent import __version__
 from guest_agent.identity import Identity
 

@@ -13,8 +13,8 @@ import re
 
 import grpc
 
-from cyberdesk.v1 import desktop_pb2, desktop_pb2_grpc
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument
+from cyberdesk_proto.v1 import desktop_pb2, desktop_pb2_grpc
 from guest_agent import _x11
 from guest_agent.identity import Identity
 

@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cyberdesk.v1 import filesystem_pb2, filesystem_pb2_grpc
-from cyberdesk_common.malloc import keep_large_blocks
+from cyberdesk import keep_large_blocks
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found
+from cyberdesk_proto.v1 import filesystem_pb2, filesystem_pb2_grpc
 from guest_agent._fs import (
     check_sha256,
     check_upload_id,
@@ -302,7 +302,7 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
 
     def __init__(self, identity: Identity) -> None:
         self._identity = identity
-        # Megabyte messages otherwise cost a page-faulting mmap per allocation (see cyberdesk_common.malloc).
+        # Megabyte messages otherwise cost a page-faulting mmap per allocation (see cyberdesk._malloc).
         keep_large_blocks()
         # Temporary files of uploads in progress: a second upload with the same upload_id to the
         # same place would interleave with the first.

@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cyberdesk.v1 import process_pb2, process_pb2_grpc
 from cyberdesk_common.status import failed_precondition, invalid_argument
+from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
 from guest_agent import pty
 from guest_agent._fanout import STDOUT, Chunk, Exited
 from guest_agent._proc_common import (

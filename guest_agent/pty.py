@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from cyberdesk.v1 import process_pb2
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument
+from cyberdesk_proto.v1 import process_pb2
 from guest_agent._fanout import Exited, Subscriber
 from guest_agent._proc_common import (
     check_signal,

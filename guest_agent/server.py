@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import grpc
 
-from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
-from cyberdesk.v1 import desktop_pb2, desktop_pb2_grpc, filesystem_pb2, filesystem_pb2_grpc
 from cyberdesk_common.grpc_server import ServerSpec
+from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
+from cyberdesk_proto.v1 import desktop_pb2, desktop_pb2_grpc, filesystem_pb2, filesystem_pb2_grpc
 from guest_agent.agent_info import AgentInfoServicer
 from guest_agent.auth import TokenInterceptor
 from guest_agent.config import AgentConfig

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from cyberdesk.v1 import filesystem_pb2
 from cyberdesk_common.status import RpcError, failed_precondition, resource_exhausted
+from cyberdesk_proto.v1 import filesystem_pb2
 from guest_agent._fs import os_error
 
 IN_MODIFY = 0x00000002

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
+from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
 from instance_svc.runtime.base import AgentEndpoint
 
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from cyberdesk.internal.v1 import routing_pb2, routing_pb2_grpc
-from cyberdesk.v1 import instance_pb2, instance_pb2_grpc
 from cyberdesk_common.config import ConfigError, env_int, env_str, internal_token, state_dir
 from cyberdesk_common.grpc_server import RunningServer, ServerSpec
+from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
+from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc
 from instance_svc.events import Publisher
 from instance_svc.lifecycle import Lifecycle
 from instance_svc.pool import WarmPool, parse_sizes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from cyberdesk.v1 import instance_pb2
+from cyberdesk_proto.v1 import instance_pb2
 
 
 class State(enum.Enum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from cyberdesk.v1 import instance_pb2
+from cyberdesk_proto.v1 import instance_pb2
 from instance_svc.expiry import DEFAULT_TIMEOUT_US, US, TimeoutAction, check_timeout
 
 TEMPLATES = ("base", "desktop")

@@ -1,8 +1,13 @@
 """Generate the Python code of proto/ (messages, gRPC stubs and mypy stubs) with grpcio-tools.
 
-The output lands in cyberdesk/v1, cyberdesk/agent/v1 and cyberdesk/internal/v1: folders that hold
-nothing but generated code. google/api comes from googleapis-common-protos at run time, so the
-vendored copy under proto/vendor is only an include path.
+The output is the package `cyberdesk_proto` (`v1`, `agent/v1`, `internal/v1`), which holds nothing
+but generated code and is neither the SDK nor any service: both import it. protoc names Python
+modules after the proto files' paths (`cyberdesk/v1/instance.proto` -> `cyberdesk.v1.instance_pb2`),
+so the code is generated into a scratch tree and its module references are rewritten to
+`cyberdesk_proto.…` on the way out (the approach of protoletariat). Only references to `_pb2`
+modules are rewritten: the serialized descriptors and the method paths keep the proto package
+names (`cyberdesk.v1.InstanceService`), which are the wire contract. google/api comes from
+googleapis-common-protos at run time, so the vendored copy under proto/vendor is only an include path.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,14 +26,38 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto"
-OUT_DIRS = ["cyberdesk/v1", "cyberdesk/agent", "cyberdesk/internal"]
+PACKAGE = "cyberdesk_proto"
+# proto folder (below proto/cyberdesk) -> folder of the generated package
+OUT_DIRS = ["v1", "agent", "internal"]
+# `cyberdesk.v1.instance_pb2`, `from cyberdesk.v1 import instance_pb2`: module references only.
+_MODULE_REF = re.compile(r"\bcyberdesk\.((?:v1|agent\.v1|internal\.v1))(?=\.\w+_pb2\b| import )")
 
 
-def generate(out: Path) -> int:
-    """Write the generated code below `out`; returns protoc's exit code."""
+def generate(root: Path) -> int:
+    """Write the package `cyberdesk_proto` below `root`; returns protoc's exit code."""
+    with tempfile.TemporaryDirectory() as scratch:
+        rc = _protoc(Path(scratch))
+        if rc != 0:
+            return rc
+        out = root / PACKAGE
+        for rel in OUT_DIRS:
+            shutil.rmtree(out / rel, ignore_errors=True)
+        for src in sorted((Path(scratch) / "cyberdesk").rglob("*")):
+            if not src.is_file():
+                continue
+            dest = out / src.relative_to(Path(scratch) / "cyberdesk")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(_MODULE_REF.sub(PACKAGE + r".\1", src.read_text()))
+        # Mark the generated packages typed; namespace folders need no __init__.py.
+        for rel in OUT_DIRS:
+            for d in (out / rel).rglob("*"):
+                if d.is_dir() and any(d.glob("*_pb2.py")):
+                    (d / "py.typed").touch()
+    return 0
+
+
+def _protoc(out: Path) -> int:
     sources = sorted(str(p.relative_to(PROTO)) for p in (PROTO / "cyberdesk").rglob("*.proto"))
-    for rel in OUT_DIRS:
-        shutil.rmtree(out / rel, ignore_errors=True)
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     # protoc finds the mypy plugins on PATH; put the interpreter's bin dir first.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -48,21 +78,14 @@ def generate(out: Path) -> int:
         rc = protoc.main(args)
     finally:
         os.chdir(cwd)
-    if rc != 0:
-        return int(rc)
-    # Mark the generated packages typed; namespace folders need no __init__.py.
-    for rel in OUT_DIRS:
-        for d in (out / rel).rglob("*"):
-            if d.is_dir() and any(d.glob("*_pb2.py")):
-                (d / "py.typed").touch()
-    return 0
+    return int(rc)
 
 
 def _tree(base: Path) -> dict[str, Path]:
     return {
         str(p.relative_to(base)): p
         for rel in OUT_DIRS
-        for p in (base / rel).rglob("*")
+        for p in (base / PACKAGE / rel).rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
     }
 

@@ -52,7 +52,13 @@ def _when(value: Any) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cyberdesk._stack import StackOptions, run
+    try:
+        from cyberdesk_stack.launcher import StackOptions, run
+    except ImportError:
+        raise UsageError(
+            "the local stack is part of the server distribution, which is not installed here: "
+            "in a checkout of the repository, `make run` sets it up"
+        ) from None
 
     opts = StackOptions.from_env()
     for name in ("gateway_addr", "http_addr", "instance_addr", "billing_addr", "redis_port", "warm_pool"):
@@ -570,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "cp":
         # A whole process of our own: tune malloc for the megabyte chunks `cp` moves (the SDK
         # leaves that choice to its host program).
-        from cyberdesk_common.malloc import keep_large_blocks
+        from cyberdesk import keep_large_blocks
 
         keep_large_blocks()
     try:

@@ -97,15 +97,23 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _package_dirs() -> list[Path]:
-    """The top-level packages the agent imports: guest_agent, cyberdesk_common and the generated cyberdesk/."""
+    """The top-level packages the agent imports, and nothing else of ours.
+
+    guest_agent, cyberdesk_common, the generated cyberdesk_proto, and the SDK package for its one
+    dependency-free helper (`keep_large_blocks`). Not the launcher (cyberdesk_stack), not the other
+    services, not the checkout.
+    """
+    import cyberdesk
     import cyberdesk_common
+    import cyberdesk_proto
     import guest_agent
 
-    dirs = [Path(guest_agent.__file__).parent, Path(cyberdesk_common.__file__).parent]
-    generated = Path(guest_agent.__file__).parent.parent / "cyberdesk"
-    if generated.is_dir():
-        dirs.append(generated)
-    return dirs
+    return [
+        Path(guest_agent.__file__).parent,
+        Path(cyberdesk_common.__file__).parent,
+        Path(next(iter(cyberdesk_proto.__path__))),
+        Path(cyberdesk.__file__).parent,
+    ]
 
 
 def _site_packages() -> Path:

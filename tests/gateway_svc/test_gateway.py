@@ -15,8 +15,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from cyberdesk.internal.v1 import auth_pb2, auth_pb2_grpc
-from cyberdesk.v1 import (
+from cyberdesk_common.status import decode_details
+from cyberdesk_proto.internal.v1 import auth_pb2, auth_pb2_grpc
+from cyberdesk_proto.v1 import (
     filesystem_pb2,
     filesystem_pb2_grpc,
     instance_pb2,
@@ -24,7 +25,6 @@ from cyberdesk.v1 import (
     process_pb2,
     process_pb2_grpc,
 )
-from cyberdesk_common.status import decode_details
 from tests.gateway_svc.conftest import Stack, agent
 
 

@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cyberdesk.v1 import process_pb2, process_pb2_grpc
 from cyberdesk_common.grpc_server import start
+from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
 from gateway_svc.config import GatewayConfig
 from gateway_svc.server import Gateway, build_spec
 from guest_agent.config import AgentConfig

@@ -6,9 +6,9 @@ import grpc
 import pytest
 from unkey.py import models
 
-from cyberdesk.internal.v1 import auth_pb2
-from cyberdesk.v1 import filesystem_pb2, process_pb2
 from cyberdesk_common.status import RpcError
+from cyberdesk_proto.internal.v1 import auth_pb2
+from cyberdesk_proto.v1 import filesystem_pb2, process_pb2
 from gateway_svc.auth import Principal, extract_key, require_scope
 from gateway_svc.proxy import forwardable, public_methods
 from gateway_svc.ratelimit import Limit, parse_limit

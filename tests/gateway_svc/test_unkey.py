@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import pytest
 
-from cyberdesk.v1 import instance_pb2, instance_pb2_grpc
+from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc
 from tests.gateway_svc.conftest import Stack, gateway_env
 from tests.support.procs import free_port, service
 

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import grpc
 
-from cyberdesk.internal.v1 import routing_pb2, routing_pb2_grpc
-from cyberdesk.v1 import (
-    instance_pb2,
-    instance_pb2_grpc,
-)
 from cyberdesk_common.grpc_server import ServerSpec, serve
 from cyberdesk_common.log import setup_logging
 from cyberdesk_common.status import RpcError, not_found
+from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
+from cyberdesk_proto.v1 import (
+    instance_pb2,
+    instance_pb2_grpc,
+)
 
 STATES = {name.removeprefix("INSTANCE_STATE_"): value for name, value in instance_pb2.InstanceState.items()}
 

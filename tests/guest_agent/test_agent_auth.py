@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
+from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
 from tests.support.procs import Service, service
 
 TOKEN = "s3cr3t-" + "x" * 25

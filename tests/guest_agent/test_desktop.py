@@ -18,8 +18,8 @@ import grpc
 import pytest
 from PIL import Image
 
-from cyberdesk.v1 import desktop_pb2 as dt
-from cyberdesk.v1 import desktop_pb2_grpc
+from cyberdesk_proto.v1 import desktop_pb2 as dt
+from cyberdesk_proto.v1 import desktop_pb2_grpc
 from guest_agent.desktop import parse_combo
 from tests.guest_agent.conftest import RunningAgent, running_agent
 

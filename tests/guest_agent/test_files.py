@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cyberdesk.v1 import filesystem_pb2 as fs
-from cyberdesk.v1 import filesystem_pb2_grpc
+from cyberdesk_proto.v1 import filesystem_pb2 as fs
+from cyberdesk_proto.v1 import filesystem_pb2_grpc
 from tests.guest_agent.conftest import RunningAgent
 
 Stub = filesystem_pb2_grpc.FilesystemServiceStub

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from cyberdesk.v1 import process_pb2, process_pb2_grpc
+from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
 from tests.guest_agent.conftest import INSTANCE_ID, RunningAgent, running_agent
 
 # Short keepalives and a short drain so that the tests do not wait on production defaults.

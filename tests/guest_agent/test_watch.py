@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cyberdesk.v1 import filesystem_pb2 as fs
-from cyberdesk.v1 import filesystem_pb2_grpc
+from cyberdesk_proto.v1 import filesystem_pb2 as fs
+from cyberdesk_proto.v1 import filesystem_pb2_grpc
 from guest_agent.watch import IN_CREATE, IN_ISDIR, IN_MOVED_FROM, RawEvent, parse_events
 from tests.guest_agent.conftest import RunningAgent
 

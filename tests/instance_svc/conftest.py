@@ -16,9 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
-from cyberdesk.internal.v1 import routing_pb2, routing_pb2_grpc
-from cyberdesk.v1 import instance_pb2_grpc, process_pb2, process_pb2_grpc
+from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
+from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
+from cyberdesk_proto.v1 import instance_pb2_grpc, process_pb2, process_pb2_grpc
 from tests.support.procs import ROOT, free_port, wait_healthy
 
 TOKEN = "internal-" + "k" * 40

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from google.protobuf import duration_pb2
 
-from cyberdesk.v1 import instance_pb2
 from cyberdesk_common.config import ConfigError
+from cyberdesk_proto.v1 import instance_pb2
 from instance_svc import expiry, paging, pool, quotas
 from instance_svc.expiry import US, TimeoutAction
 from instance_svc.validation import InvalidRequest, MachineLimits, validate_create

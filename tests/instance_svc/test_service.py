@@ -11,8 +11,8 @@ import pytest
 import redis
 from google.protobuf import duration_pb2
 
-from cyberdesk.internal.v1 import routing_pb2
-from cyberdesk.v1 import instance_pb2
+from cyberdesk_proto.internal.v1 import routing_pb2
+from cyberdesk_proto.v1 import instance_pb2
 from tests.instance_svc.conftest import TOKEN, _remove_sandboxes, meta, running
 from tests.support.procs import free_port
 

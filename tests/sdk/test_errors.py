@@ -13,8 +13,8 @@ import pytest
 import cyberdesk
 from cyberdesk import Cyberdesk, CyberdeskError, NotFound, RateLimited, Unavailable
 from cyberdesk._errors import error_from_status
-from cyberdesk.v1 import instance_pb2_grpc
 from cyberdesk_common.status import RpcError, resource_exhausted
+from cyberdesk_proto.v1 import instance_pb2_grpc
 from tests.support.procs import free_port
 
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from google.protobuf.message import Message
 
-from cyberdesk.v1 import instance_pb2
 from cyberdesk_common.status import RpcError, not_found
+from cyberdesk_proto.v1 import instance_pb2
 from gateway_svc.http import RestApp
 from gateway_svc.transcode.rules import Route
 

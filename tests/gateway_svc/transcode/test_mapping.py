@@ -11,8 +11,8 @@ import pytest
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from cyberdesk.v1 import filesystem_pb2, instance_pb2, process_pb2
 from cyberdesk_common.status import RpcError
+from cyberdesk_proto.v1 import filesystem_pb2, instance_pb2, process_pb2
 from gateway_svc.transcode import mapping
 from gateway_svc.transcode.rules import RouteTable
 

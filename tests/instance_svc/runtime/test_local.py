@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cyberdesk.agent.v1 import agent_pb2, agent_pb2_grpc
+from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
 from instance_svc.runtime.base import AgentEndpoint, RuntimeError_, SandboxSpec
 from instance_svc.runtime.local import LocalOptions, LocalRuntime
 from tests.instance_svc.runtime.conftest import Sandboxes
