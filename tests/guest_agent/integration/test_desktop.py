@@ -20,8 +20,7 @@ from PIL import Image
 
 from cyberdesk_proto.v1 import desktop_pb2 as dt
 from cyberdesk_proto.v1 import desktop_pb2_grpc
-from guest_agent.desktop import parse_combo
-from tests.guest_agent.conftest import RunningAgent, running_agent
+from tests.guest_agent.integration.conftest import RunningAgent, running_agent
 
 pytestmark = pytest.mark.desktop
 
@@ -134,17 +133,6 @@ def test_screenshot_and_input_validation(desktop_agent: RunningAgent) -> None:
             method(request, metadata=md, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, err.value.details())
         assert text in (err.value.details() or ""), (request, err.value.details())
-
-
-def test_key_combinations_are_translated() -> None:
-    assert parse_combo("ctrl+shift+t") == "ctrl+shift+t"
-    assert parse_combo("Control+Enter") == "ctrl+Return"
-    assert parse_combo("esc") == "Escape"
-    assert parse_combo("cmd+f5") == "super+F5"
-    assert parse_combo("ctrl++") == "ctrl+plus"
-    assert parse_combo("ctrl+-") == "ctrl+minus"
-    assert parse_combo("KP_Enter") == "KP_Enter"
-    assert parse_combo("€") == "U20AC"
 
 
 def test_mouse_moves_then_cursor_position(desktop_agent: RunningAgent) -> None:

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
-from tests.guest_agent.conftest import INSTANCE_ID, RunningAgent, running_agent
+from tests.guest_agent.integration.conftest import INSTANCE_ID, RunningAgent, running_agent
 
 # Short keepalives and a short drain so that the tests do not wait on production defaults.
 FAST = {"CYBERDESK_AGENT_KEEPALIVE_SECONDS": "0.3", "CYBERDESK_AGENT_KILL_GRACE_SECONDS": "1", "DISPLAY": ""}

@@ -12,8 +12,7 @@ import pytest
 
 from cyberdesk_proto.v1 import filesystem_pb2 as fs
 from cyberdesk_proto.v1 import filesystem_pb2_grpc
-from guest_agent.watch import IN_CREATE, IN_ISDIR, IN_MOVED_FROM, RawEvent, parse_events
-from tests.guest_agent.conftest import RunningAgent
+from tests.guest_agent.integration.conftest import RunningAgent
 
 Seen = tuple[int, str, str, bool]  # type, path, old_path, is_directory
 
@@ -138,11 +137,3 @@ def test_watch_errors(bound_agent: RunningAgent, tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             next(_watch(bound_agent, path, recursive=True))
         assert err.value.code() == code, err.value.details()
-
-
-def test_parse_events_decodes_padded_names() -> None:
-    import struct
-
-    raw = struct.pack("iIII", 1, IN_CREATE | IN_ISDIR, 0, 16) + b"dir\0" + b"\0" * 12
-    raw += struct.pack("iIII", 2, IN_MOVED_FROM, 7, 8) + "é.txt".encode() + b"\0\0"
-    assert parse_events(raw) == [RawEvent(1, IN_CREATE | IN_ISDIR, 0, "dir"), RawEvent(2, IN_MOVED_FROM, 7, "é.txt")]

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
-from tests.guest_agent.conftest import INSTANCE_ID, RunningAgent, running_agent
+from tests.guest_agent.integration.conftest import INSTANCE_ID, RunningAgent, running_agent
 
 FAST = {"CYBERDESK_AGENT_KEEPALIVE_SECONDS": "0.5", "CYBERDESK_AGENT_KILL_GRACE_SECONDS": "1", "DISPLAY": ""}
 _END = object()

@@ -16,7 +16,7 @@ import pytest
 
 from cyberdesk_proto.v1 import filesystem_pb2 as fs
 from cyberdesk_proto.v1 import filesystem_pb2_grpc
-from tests.guest_agent.conftest import RunningAgent
+from tests.guest_agent.integration.conftest import RunningAgent
 
 Stub = filesystem_pb2_grpc.FilesystemServiceStub
 MiB = 1024 * 1024
