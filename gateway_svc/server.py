@@ -22,12 +22,12 @@ from gateway_svc.admission import Admission
 from gateway_svc.auth import Authenticator, KeyBackend
 from gateway_svc.config import GatewayConfig
 from gateway_svc.gate import Gate
-from gateway_svc.http import RestApp
 from gateway_svc.keys_api import AuthServicer
 from gateway_svc.keystore import KeyStore
 from gateway_svc.proxy import Proxy, public_service_names
 from gateway_svc.ratelimit import RateLimiter
-from gateway_svc.rest_upstream import GatewayUpstream
+from gateway_svc.rest.app import RestApp
+from gateway_svc.rest.upstream import GatewayUpstream
 from gateway_svc.routing import CHANNEL_OPTIONS, Router, follow_events
 from gateway_svc.unkey_backend import UnkeyBackend
 

@@ -20,7 +20,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway_svc.openapi import build_document, comments_from_descriptor_set  # noqa: E402
+from gateway_svc.rest.openapi import build_document, comments_from_descriptor_set  # noqa: E402
 
 PROTO = ROOT / "proto"
 OUT = ROOT / "openapi" / "cyberdesk.v1.openapi.json"

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, decode_details
 from gateway_svc.admission import Admission, Target
-from gateway_svc.transcode.rules import Route
+from gateway_svc.rest.http_bindings import Route
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 

@@ -16,8 +16,8 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
-from gateway_svc.transcode.mapping import QUERY_MESSAGE_TYPES, is_map, is_repeated
-from gateway_svc.transcode.rules import Route, RouteTable, build_route_table
+from gateway_svc.rest.http_bindings import Route, RouteTable, build_route_table
+from gateway_svc.rest.json_mapping import QUERY_MESSAGE_TYPES, is_map, is_repeated
 
 REF = "#/components/schemas/"
 STATUS_SCHEMA = "google.rpc.Status"

@@ -17,7 +17,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from gateway_svc.transcode.pathtemplate import Match, PathDecodeError, PathTemplate, Router, TemplateError, parse
+from gateway_svc.rest.path_templates import Match, PathDecodeError, PathTemplate, Router, TemplateError, parse
 
 # File routes capture the path inside the instance with `{path=**}`: the captured value has no
 # leading "/" (it follows "/files/"), while the RPC wants an absolute path. The prefix is added per

@@ -34,9 +34,10 @@ from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, invalid_argument
 from cyberdesk_proto.v1 import process_pb2
-from gateway_svc.transcode import errors, mapping
-from gateway_svc.transcode.pathtemplate import PathDecodeError
-from gateway_svc.transcode.rules import Route, RouteTable, build_route_table
+from gateway_svc.rest import http_errors as errors
+from gateway_svc.rest import json_mapping as mapping
+from gateway_svc.rest.http_bindings import Route, RouteTable, build_route_table
+from gateway_svc.rest.path_templates import PathDecodeError
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -46,7 +47,7 @@ _log = logging.getLogger("gateway_svc.http")
 
 MAX_JSON_BODY = 4 * 1024 * 1024  # JSON requests are small; bulk bytes travel on the raw-body routes
 UPLOAD_CHUNK = 1024 * 1024  # bytes per UploadFile message (the agent's own download chunk size)
-OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi" / "cyberdesk.v1.openapi.json"
+OPENAPI_FILE = Path(__file__).resolve().parents[2] / "openapi" / "cyberdesk.v1.openapi.json"
 SHA256_HEADER = "x-cyberdesk-sha256"
 WS_SUBPROTOCOL = "cyberdesk.v1"
 WS_KEY_PREFIX = "cyberdesk.key."
@@ -402,7 +403,7 @@ class RestApp:
             if OPENAPI_FILE.exists():
                 self._openapi = OPENAPI_FILE.read_bytes()
             else:
-                from gateway_svc.openapi import build_document
+                from gateway_svc.rest.openapi import build_document
 
                 self._openapi = json.dumps(build_document(self.table)).encode("utf-8")
         return self._openapi

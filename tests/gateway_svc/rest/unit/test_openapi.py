@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from gateway_svc.openapi import build_document
-from gateway_svc.transcode.rules import RouteTable
+from gateway_svc.rest.http_bindings import RouteTable
+from gateway_svc.rest.openapi import build_document
 from tools import gen_openapi
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 @pytest.fixture(scope="module")

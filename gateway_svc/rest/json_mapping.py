@@ -31,7 +31,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, invalid_argument
-from gateway_svc.transcode.rules import Route, resolve_field_path
+from gateway_svc.rest.http_bindings import Route, resolve_field_path
 
 _INT_RANGES: dict[int, tuple[int, int]] = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),

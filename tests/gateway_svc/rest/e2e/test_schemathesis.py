@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.gateway_svc.rest.conftest import RestStack
+from tests.gateway_svc.rest.e2e.conftest import RestStack
 
 MAX_EXAMPLES = 15
 # Not generated: the watch of all the tenant's instances never ends by itself (it waits for

@@ -15,7 +15,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from gateway_svc.keystore import KeyStore
-from tests.gateway_svc.rest.conftest import OTHER_TENANT, TENANT, RestStack, gateway_process
+from tests.gateway_svc.rest.e2e.conftest import OTHER_TENANT, TENANT, RestStack, gateway_process
 
 
 def _lines(text: str) -> list[dict[str, object]]:

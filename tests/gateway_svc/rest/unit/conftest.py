@@ -12,9 +12,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, field
 from google.protobuf.descriptor import FileDescriptor
 from grpc_tools import protoc
 
-from gateway_svc.transcode.rules import RouteTable, build_route_table
+from gateway_svc.rest.http_bindings import RouteTable, build_route_table
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 PROTO = """
 syntax = "proto3";

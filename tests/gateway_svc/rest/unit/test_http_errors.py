@@ -10,7 +10,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from cyberdesk_common.status import STATUS_DETAILS_KEY, RpcError, invalid_argument, resource_exhausted
-from gateway_svc.transcode import errors
+from gateway_svc.rest import http_errors as errors
 
 CANONICAL = [
     (grpc.StatusCode.OK, 200),

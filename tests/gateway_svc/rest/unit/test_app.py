@@ -13,8 +13,8 @@ from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, not_found
 from cyberdesk_proto.v1 import instance_pb2
-from gateway_svc.http import RestApp
-from gateway_svc.transcode.rules import Route
+from gateway_svc.rest.app import RestApp
+from gateway_svc.rest.http_bindings import Route
 
 
 class Upstream:

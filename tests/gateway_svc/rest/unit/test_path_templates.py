@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway_svc.transcode.pathtemplate import PathDecodeError, Router, TemplateError, parse
+from gateway_svc.rest.path_templates import PathDecodeError, Router, TemplateError, parse
 
 # (template, path, expected variables or None for no match)
 MATCHES: list[tuple[str, str, dict[str, str] | None]] = [

@@ -13,8 +13,8 @@ from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError
 from cyberdesk_proto.v1 import filesystem_pb2, instance_pb2, process_pb2
-from gateway_svc.transcode import mapping
-from gateway_svc.transcode.rules import RouteTable
+from gateway_svc.rest import json_mapping as mapping
+from gateway_svc.rest.http_bindings import RouteTable
 
 
 def decode(table: RouteTable, method: str, path: str, query: str = "", body: bytes | None = None) -> Any:

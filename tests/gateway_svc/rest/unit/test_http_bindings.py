@@ -7,8 +7,8 @@ import re
 import pytest
 from google.protobuf.descriptor import ServiceDescriptor
 
-from gateway_svc.transcode.pathtemplate import PathDecodeError
-from gateway_svc.transcode.rules import RouteTable, build_route_table
+from gateway_svc.rest.http_bindings import RouteTable, build_route_table
+from gateway_svc.rest.path_templates import PathDecodeError
 
 
 def _rpcs(services: list[ServiceDescriptor]) -> set[str]:
