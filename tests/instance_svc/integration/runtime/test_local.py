@@ -15,7 +15,7 @@ import pytest
 from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
 from instance_svc.runtime.base import AgentEndpoint, RuntimeError_, SandboxSpec
 from instance_svc.runtime.local import LocalOptions, LocalRuntime
-from tests.instance_svc.runtime.conftest import Sandboxes
+from tests.instance_svc.integration.runtime.conftest import Sandboxes
 
 
 async def _agent_info(endpoint: AgentEndpoint, token: str | None = None) -> agent_pb2.GetAgentInfoResponse:
