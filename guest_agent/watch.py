@@ -25,7 +25,7 @@ import grpc
 
 from cyberdesk_common.status import RpcError, failed_precondition, resource_exhausted
 from cyberdesk_proto.v1 import filesystem_pb2
-from guest_agent._fs import os_error
+from guest_agent.fs_errors import os_error
 
 IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004

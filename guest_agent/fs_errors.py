@@ -1,0 +1,59 @@
+"""How filesystem calls fail: the errno -> gRPC status table, and the check of a request's path.
+
+Every OSError raised by a filesystem call (transfers, tree operations, watches) goes through
+`os_error`, so that one table decides which gRPC status a failure becomes and every message names
+the path concerned.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import grpc
+
+from cyberdesk_common.status import RpcError, invalid_argument
+
+# errno -> (status, what a person should understand). Anything missing here becomes UNKNOWN with
+# the system's own text, never INTERNAL: the request reached the disk and the disk said no.
+_ERRNO: dict[int, tuple[grpc.StatusCode, str]] = {
+    errno.ENOENT: (grpc.StatusCode.NOT_FOUND, "no such file or directory"),
+    errno.EEXIST: (grpc.StatusCode.ALREADY_EXISTS, "already exists"),
+    errno.EACCES: (grpc.StatusCode.PERMISSION_DENIED, "permission denied"),
+    errno.EPERM: (grpc.StatusCode.PERMISSION_DENIED, "operation not permitted"),
+    errno.EROFS: (grpc.StatusCode.PERMISSION_DENIED, "read-only file system"),
+    errno.ENOTDIR: (grpc.StatusCode.FAILED_PRECONDITION, "not a directory (a path component is a file)"),
+    errno.EISDIR: (grpc.StatusCode.FAILED_PRECONDITION, "is a directory, a file was expected"),
+    errno.ENOTEMPTY: (grpc.StatusCode.FAILED_PRECONDITION, "directory not empty (set recursive to remove it)"),
+    errno.EBUSY: (grpc.StatusCode.FAILED_PRECONDITION, "busy (a mount point or in use)"),
+    errno.ETXTBSY: (grpc.StatusCode.FAILED_PRECONDITION, "a running program's file"),
+    errno.EXDEV: (grpc.StatusCode.FAILED_PRECONDITION, "on another file system"),
+    errno.ENOSPC: (grpc.StatusCode.RESOURCE_EXHAUSTED, "no space left on device"),
+    errno.EDQUOT: (grpc.StatusCode.RESOURCE_EXHAUSTED, "disk quota exceeded"),
+    errno.EFBIG: (grpc.StatusCode.RESOURCE_EXHAUSTED, "file too large"),
+    errno.EMFILE: (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open files in the agent"),
+    errno.ENFILE: (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open files in the instance"),
+    errno.ENAMETOOLONG: (grpc.StatusCode.INVALID_ARGUMENT, "name too long"),
+    errno.ELOOP: (grpc.StatusCode.INVALID_ARGUMENT, "too many levels of symbolic links"),
+    errno.EINVAL: (grpc.StatusCode.INVALID_ARGUMENT, "invalid (e.g. a directory moved into itself)"),
+    errno.EIO: (grpc.StatusCode.UNAVAILABLE, "input/output error on the device"),
+}
+
+
+def os_error(err: OSError, path: str, action: str) -> RpcError:
+    """The status of a failed filesystem call: `action` ("open", "remove", ...) on `path` failed with `err`."""
+    code, text = _ERRNO.get(err.errno or 0, (grpc.StatusCode.UNKNOWN, err.strerror or str(err)))
+    return RpcError(code, f"cannot {action} {path}: {text}")
+
+
+def require_absolute(path: str, field: str) -> str:
+    """`path` normalised (no `..`, no trailing slash), or INVALID_ARGUMENT naming `field`."""
+    if not path:
+        raise invalid_argument(f"{field} is required (an absolute path such as /home/user/file.txt)")
+    if "\x00" in path:
+        raise invalid_argument(f"{field} contains a NUL byte")
+    if not path.startswith("/"):
+        raise invalid_argument(f"{field} must be an absolute path (starting with /), got {path!r}")
+    # normpath does not touch the disk; "//x" stays "//x" in POSIX, so strip leading doubles too.
+    normal = os.path.normpath(path)
+    return "/" + normal.lstrip("/")
