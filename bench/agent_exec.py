@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 
-from bench._launch import ROOT, Agent, agent, baseline_execd
+from bench._launch import ROOT, Caller, agent, baseline_execd
 from bench._report import latency_summary, report
 from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
 
@@ -67,7 +67,7 @@ def _check(out: bytes, code: int | None) -> None:
         raise RuntimeError(f"unexpected result {out!r} {code}")
 
 
-def _start_call(running: Agent, channel: grpc.Channel, **fields: object) -> Call:
+def _start_call(running: Caller, channel: grpc.Channel, **fields: object) -> Call:
     stub = process_pb2_grpc.ProcessServiceStub(channel)
     request = process_pb2.StartProcessRequest(instance_id=running.instance_id, **fields)  # type: ignore[arg-type]
 
@@ -84,7 +84,7 @@ def _start_call(running: Agent, channel: grpc.Channel, **fields: object) -> Call
     return call
 
 
-def _run_call(running: Agent, channel: grpc.Channel, **fields: object) -> Call:
+def _run_call(running: Caller, channel: grpc.Channel, **fields: object) -> Call:
     stub = process_pb2_grpc.ProcessServiceStub(channel)
     request = process_pb2.RunProcessRequest(instance_id=running.instance_id, **fields)  # type: ignore[arg-type]
 
@@ -100,7 +100,7 @@ def main() -> None:
     import httpx
 
     here = str(ROOT)
-    agent_rows: list[tuple[str, Callable[[Agent, grpc.Channel], Call]]] = [
+    agent_rows: list[tuple[str, Callable[[Caller, grpc.Channel], Call]]] = [
         ("RunProcess argv [echo hi]", lambda a, c: _run_call(a, c, argv=["echo", "hi"], cwd=here)),
         ("RunProcess argv [sh -c 'echo hi']", lambda a, c: _run_call(a, c, argv=["sh", "-c", "echo hi"], cwd=here)),
         ("RunProcess command 'echo hi' (bash -lc)", lambda a, c: _run_call(a, c, command="echo hi", cwd=here)),
@@ -112,7 +112,7 @@ def main() -> None:
         ("StartProcess argv [sh -c 'echo hi']", lambda a, c: _start_call(a, c, argv=["sh", "-c", "echo hi"], cwd=here)),
         ("StartProcess command 'echo hi' (bash -lc)", lambda a, c: _start_call(a, c, command="echo hi", cwd=here)),
     ]
-    gateway_rows: list[tuple[str, Callable[[Agent, grpc.Channel], Call]]] = [
+    gateway_rows: list[tuple[str, Callable[[Caller, grpc.Channel], Call]]] = [
         ("gateway -> RunProcess argv [echo hi]", agent_rows[0][1]),
         ("gateway -> StartProcess argv [echo hi]", agent_rows[4][1]),
     ]
@@ -130,7 +130,7 @@ def main() -> None:
                 raise RuntimeError(f"unexpected result {reply.status_code} {body}")
 
         labels = [label for label, _ in agent_rows]
-        calls = [make(running, channel) for _, make in agent_rows]
+        calls = [make(Caller.of(running), channel) for _, make in agent_rows]
         try:
             from bench.gateway_proxy import gateway_in_front_of
 
@@ -139,7 +139,7 @@ def main() -> None:
             gateway_error = f"{type(err).__name__}: {err}"
         else:
             via = stack.enter_context(grpc.insecure_channel(gw_addr))
-            as_caller = Agent(gw_addr, gw_metadata, running.instance_id, running.pid, running.workdir)
+            as_caller = Caller(gw_addr, gw_metadata, running.instance_id)
             labels += [label for label, _ in gateway_rows]
             calls += [make(as_caller, via) for _, make in gateway_rows]
         samples = _measure_interleaved([*calls, baseline])

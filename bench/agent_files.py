@@ -38,7 +38,7 @@ from typing import Any
 
 import grpc
 
-from bench._launch import ROOT, Agent, agent, baseline_execd
+from bench._launch import ROOT, AgentProcess, agent, baseline_execd
 from bench._report import print_table, report
 from cyberdesk import keep_large_blocks
 from cyberdesk_common.grpc_server import DEFAULT_OPTIONS
@@ -115,7 +115,7 @@ def _row(
     }
 
 
-def _agent_runs(running: Agent, total: int, expected: str) -> list[dict[str, Any]]:
+def _agent_runs(running: AgentProcess, total: int, expected: str) -> list[dict[str, Any]]:
     rows = []
     path = str(running.workdir / "bench.bin")
     cpu = _Cpu(running.pid)

@@ -10,7 +10,7 @@
 
 Behind the gateway: a real guest agent (bench._launch.agent), a real redis-server (rate limits),
 and, for routing and GetInstance, the RoutingService/InstanceService stand-in of the gateway
-tests (tests/gateway_svc/upstream.py): a small real gRPC server reading a routes file. So the
+tests (instance_svc.testing): a small real gRPC server reading a routes file. So the
 GetInstance rate measures the gateway plus that stand-in, not instance_svc's own store.
 1,000 concurrent shells with keystroke echo: bench/gateway_shells.py.
 """
@@ -21,8 +21,6 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench._launch import ROOT, Agent, _free_port, agent
+from bench._launch import AgentProcess, agent, free_port
 from bench._report import latency_summary, print_table, report
 from bench.agent_files import chunks
 from cyberdesk_proto.v1 import filesystem_pb2 as fs
 from cyberdesk_proto.v1 import filesystem_pb2_grpc, instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
+from cyberdesk_stack.processes import redis_server, spawn, stop, wait_healthy
+from gateway_svc.keystore import create_key
 
 N = int(os.environ.get("BENCH_N", "300"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "30"))
@@ -51,45 +50,22 @@ INTERNAL_TOKEN = "bench-internal-" + "x" * 32
 TENANT = "bench-tenant"
 
 
-def _wait(target: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return
-            except grpc.RpcError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{target} did not start") from None
-                time.sleep(0.05)
-
-
 @contextmanager
 def _process(
     args: list[str], env: dict[str, str], log: Path, health: str | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=out, stderr=out
-        )
+    proc = spawn(args, env, log)
     try:
         if health:
-            _wait(health, proc)
+            wait_healthy(health, timeout=20, proc=proc)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
 
 
 @contextmanager
 def gateway_in_front_of(
-    running: Agent, *more: Agent, pids: dict[str, int] | None = None
+    running: AgentProcess, *more: AgentProcess, pids: dict[str, int] | None = None
 ) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
     """A gateway (with redis and the routing stand-in) routing each agent's `instance_id` to it.
 
@@ -97,14 +73,7 @@ def gateway_in_front_of(
     """
     with tempfile.TemporaryDirectory(prefix="cyberdesk-bench-gw-") as tmp, ExitStack() as stack:
         base = Path(tmp)
-        redis_port = _free_port()
-        redis_bin = shutil.which("redis-server")
-        if redis_bin is None:
-            raise RuntimeError("redis-server is not installed")
-        stack.enter_context(
-            _process([redis_bin, "--port", str(redis_port), "--save", "", "--appendonly", "no"], {}, base / "redis.log")
-        )
-        time.sleep(0.3)
+        redis_url = stack.enter_context(redis_server(base))
         routes = base / "routes.json"
         routes.write_text(
             json.dumps(
@@ -119,10 +88,10 @@ def gateway_in_front_of(
                 }
             )
         )
-        instance_addr = f"127.0.0.1:{_free_port()}"
+        instance_addr = f"127.0.0.1:{free_port()}"
         stack.enter_context(
             _process(
-                [sys.executable, "-m", "tests.gateway_svc.upstream_instance"],
+                [sys.executable, "-m", "instance_svc.testing"],
                 {
                     "UPSTREAM_ADDR": instance_addr,
                     "UPSTREAM_ROUTES": str(routes),
@@ -138,25 +107,17 @@ def gateway_in_front_of(
             "CYBERDESK_STATE_DIR": str(state),
             "CYBERDESK_INTERNAL_TOKEN": INTERNAL_TOKEN,
             "CYBERDESK_INSTANCE_ADDR": instance_addr,
-            "CYBERDESK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "CYBERDESK_REDIS_URL": redis_url,
             "CYBERDESK_RATE_LIMIT": "1000000/1s",
             "CYBERDESK_LOG_LEVEL": "WARNING",
         }
-        out = subprocess.run(
-            [sys.executable, "-m", "gateway_svc", "keys", "create", "--tenant", TENANT, "--name", "bench"],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        secret = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("secret"))
-        gw_addr = f"127.0.0.1:{_free_port()}"
+        _record, secret = create_key(state, TENANT, "bench")
+        gw_addr = f"127.0.0.1:{free_port()}"
         gateway = stack.enter_context(
             _process(
                 [sys.executable, "-m", "gateway_svc"],
                 # A free port for the REST face too: the default 8080 may be taken on a shared machine.
-                {**env, "CYBERDESK_GATEWAY_ADDR": gw_addr, "CYBERDESK_GATEWAY_HTTP_ADDR": f"127.0.0.1:{_free_port()}"},
+                {**env, "CYBERDESK_GATEWAY_ADDR": gw_addr, "CYBERDESK_GATEWAY_HTTP_ADDR": f"127.0.0.1:{free_port()}"},
                 base / "gateway.log",
                 gw_addr,
             )

@@ -23,7 +23,7 @@ import grpc
 import httpx
 
 from bench import gateway_proxy
-from bench._launch import _free_port, agent
+from bench._launch import agent, free_port
 from bench._report import latency_summary, print_table, report
 from bench.agent_files import chunks
 
@@ -98,7 +98,7 @@ def main() -> None:
     for piece in chunks(TOTAL, MIB):
         digest.update(piece)
     expected = digest.hexdigest()
-    http_addr = f"127.0.0.1:{_free_port()}"
+    http_addr = f"127.0.0.1:{free_port()}"
     # gateway_proxy starts the gateway with os.environ underneath its own settings.
     os.environ["CYBERDESK_GATEWAY_HTTP_ADDR"] = http_addr
     gateway_proxy.TOTAL = TOTAL  # its gRPC transfer helper, on the same amount of data

@@ -2,7 +2,7 @@
 
 Set-up (all real processes): a redis-server (rate limits), BENCH_SHELLS_AGENTS (default 4) guest
 agents (`python -m guest_agent` on unix sockets, each one "instance"), the RoutingService stand-in
-of the gateway tests (tests/gateway_svc/upstream.py, a small gRPC server reading a routes file;
+(instance_svc.testing, the gateway tests' stand-in: a small gRPC server reading a routes file;
 the real instance_svc would need real sandboxes per instance, which a 2-core machine cannot hold
 next to 1,000 shells) and one `python -m gateway_svc`.
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from bench._launch import Agent, agent
+from bench._launch import AgentProcess, agent
 from bench._report import latency_summary, print_table, report
 from bench.gateway_proxy import gateway_in_front_of
 from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
@@ -259,7 +259,7 @@ async def _run(
 
 
 @contextmanager
-def _agents(count: int) -> Iterator[list[Agent]]:
+def _agents(count: int) -> Iterator[list[AgentProcess]]:
     with ExitStack() as stack:
         running = []
         for n in range(count):
@@ -291,7 +291,7 @@ def main() -> None:
             "client_channels": CHANNELS,
             "fd_limit": fd_limit,
             "shell_argv": SHELL_ARGV,
-            "routing": "tests/gateway_svc/upstream.py RoutingService stand-in (routes file)",
+            "routing": "instance_svc.testing RoutingService stand-in (routes file)",
         },
         summary={
             "shells_open": held["shells_open"],

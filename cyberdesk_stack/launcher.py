@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from cyberdesk_stack import processes
+
 DEV_TENANT = "dev"
 _READY_TIMEOUT = 90.0
 
@@ -40,12 +42,6 @@ class StackError(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C (or SIGTERM) arrived while the stack was starting."""
-
-
-def _repo_root() -> Path | None:
-    """The checkout holding the services, when the package runs from one (editable install)."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "instance_svc").is_dir() and (here / "gateway_svc").is_dir() else None
 
 
 @dataclass
@@ -129,20 +125,15 @@ class Stack:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> _Child:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None) -> _Child:
         log = self._logs() / f"{name}.log"
-        with open(log, "ab") as sink:
-            proc = subprocess.Popen(
-                argv, env=env, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0
-            )
-        child = _Child(name, proc, log)
+        child = _Child(name, processes.spawn(argv, env, log, process_group=True), log)
         self.children.append(child)
         return child
 
     def _env(self) -> dict[str, str]:
         opts = self.options
         env = {
-            **os.environ,
             "REDIS_URL": self.redis_url,
             "CYBERDESK_STATE_DIR": str(opts.state_dir),
             "CYBERDESK_GATEWAY_ADDR": opts.gateway_addr,
@@ -153,64 +144,33 @@ class Stack:
         }
         if opts.warm_pool is not None:
             env["CYBERDESK_WARM_POOL"] = opts.warm_pool
-        root = _repo_root()
-        if root is not None:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
         return env
 
     def _start_redis(self) -> None:
         if self.options.redis_url:
             self.redis_url = self.options.redis_url
             return
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise StackError("redis-server is not installed: run `make setup` (or set REDIS_URL)")
         data = self.options.state_dir / "redis"
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
-        port = str(self.options.redis_port)
-        child = self._spawn(
-            "redis",
-            [binary, "--port", port, "--bind", "127.0.0.1", "--dir", str(data), "--appendonly", "yes", "--save", ""],
-            dict(os.environ),
-        )
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
-        import redis
-
-        client = redis.Redis.from_url(self.redis_url)
-        deadline = time.monotonic() + 15
+        port = self.options.redis_port
         try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    self._check()
-                    if child.proc.poll() is not None or time.monotonic() > deadline:
-                        raise StackError(f"redis-server did not start on port {port}; see {child.log}") from None
-                    time.sleep(0.05)
-        finally:
-            client.close()
+            argv = processes.redis_argv(port, data, persist=True)
+        except FileNotFoundError:
+            raise StackError("redis-server is not installed: run `make setup` (or set REDIS_URL)") from None
+        child = self._spawn("redis", argv, None)
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        try:
+            processes.wait_redis(self.redis_url, child.proc, check=self._check)
+        except (RuntimeError, TimeoutError):
+            raise StackError(f"redis-server did not start on port {port}; see {child.log}") from None
 
     def _wait_healthy(self, child: _Child, target: str) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + _READY_TIMEOUT
-        with grpc.insecure_channel(target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                self._check()
-                if child.proc.poll() is not None:
-                    raise StackError(f"{child.name} exited with code {child.proc.returncode}:\n{_tail(child.log)}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise StackError(f"{child.name} did not become healthy on {target}; see {child.log}")
-                time.sleep(0.1)
+        try:
+            processes.wait_healthy(target, timeout=_READY_TIMEOUT, proc=child.proc, check=self._check)
+        except RuntimeError:
+            raise StackError(f"{child.name} exited with code {child.proc.returncode}:\n{_tail(child.log)}") from None
+        except TimeoutError:
+            raise StackError(f"{child.name} did not become healthy on {target}; see {child.log}") from None
 
     def start(self) -> None:
         """Start Redis, then the services in dependency order, each once the one before answers."""

@@ -180,6 +180,7 @@ def create_key(
     state: Path, tenant_id: str, name: str, scopes: list[str] | None = None, rate_limit: Limit | None = None
 ) -> tuple[auth_pb2.ApiKey, str]:
     """Create a key in the store of a state directory (no gateway needed): how the first admin key exists."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = KeyStore(store_path(state))
     try:
         return store.create(tenant_id, name, scopes, rate_limit)

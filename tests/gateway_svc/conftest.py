@@ -1,5 +1,5 @@
 """A running stack for the gateway tests: the real gateway, real guest agents (`python -m guest_agent`,
-one per routed instance, each bound to its instance id), and the routing stand-in of upstream.py."""
+one per routed instance, each bound to its instance id), and the routing stand-in instance_svc.testing."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cyberdesk_stack.processes import AgentProcess, guest_agent
 from tests.support.procs import ROOT, Service, free_port, service
 
 INTERNAL_TOKEN = "internal-" + "i" * 40
@@ -60,32 +61,15 @@ class Stack:
 
 
 @contextmanager
-def agent(tmp: Path, instance_id: str) -> Iterator[Service]:
+def agent(tmp: Path, instance_id: str) -> Iterator[AgentProcess]:
     """A real guest agent (`python -m guest_agent`) bound to `instance_id`, on its own unix socket.
 
-    It runs on this host, so the pids it reports are real pids here; HOME is a fresh directory so
-    login shells read no one's profile, and DISPLAY is empty (no desktop in these tests)."""
-    home = tmp / instance_id
-    (home / "home").mkdir(parents=True, exist_ok=True)
-    target = f"unix://{home / 'agent.sock'}"
-    env = {
-        "CYBERDESK_AGENT_LISTEN": target,
-        "CYBERDESK_AGENT_TOKEN": AGENT_TOKEN,
-        "CYBERDESK_AGENT_INSTANCE_ID": instance_id,
-        "CYBERDESK_AGENT_GRACE_SECONDS": "1",
-        "HOME": str(home / "home"),
-        "DISPLAY": "",
-    }
-    with service("guest_agent", target, env, home) as svc:
-        yield svc
-
-
-@contextmanager
-def _upstream(role: str, target: str, env: dict[str, str], tmp: Path) -> Iterator[Service]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    # tests.support.procs.service runs `python -m <module>`; the role goes in through a wrapper module name.
-    with service(f"tests.gateway_svc.upstream_{role}", target, env, tmp) as svc:
-        yield svc
+    It runs on this host, so the pids it reports are real pids here (the launcher gives it a fresh
+    HOME and an empty DISPLAY: no desktop in these tests)."""
+    with guest_agent(
+        tmp / instance_id, instance_id, token=AGENT_TOKEN, env={"CYBERDESK_AGENT_GRACE_SECONDS": "1"}
+    ) as running:
+        yield running
 
 
 def gateway_env(stack_state: Path, instance_addr: str, redis_url: str, **extra: str) -> dict[str, str]:
@@ -112,15 +96,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     gw_addr = f"127.0.0.1:{free_port()}"
     with ExitStack() as stack_ctx:
         stack_ctx.enter_context(
-            _upstream(
-                "instance",
+            service(
+                "instance_svc.testing",
                 instance_addr,
                 {
                     "UPSTREAM_ADDR": instance_addr,
                     "UPSTREAM_ROUTES": str(routes_path),
                     "CYBERDESK_INTERNAL_TOKEN": INTERNAL_TOKEN,
                 },
-                tmp / "instance",
+                tmp,
             )
         )
         stack_ctx.enter_context(

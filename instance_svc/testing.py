@@ -1,7 +1,7 @@
-"""The routing stand-in of the gateway tests, a real gRPC server run as a process:
-`python -m tests.gateway_svc.upstream_instance` (also used by bench/gateway_proxy.py and
-bench/gateway_shells.py).
+"""A stand-in for instance_svc, for testing its clients (the gateway): `python -m instance_svc.testing`.
 
+A real gRPC server run as a process, by the gateway tests and by bench/gateway_proxy.py and
+bench/gateway_shells.py (so it lives here, as kopf.testing and grpclib.testing do, not in tests/).
 It stands in for instance_svc's RoutingService.ResolveInstance and InstanceService.GetInstance over
 a routes file (JSON: {instance_id: {tenant, state, target, token}}), re-read on every call so a test
 can move an instance to another state or agent. It trusts `x-cyberdesk-tenant` only with the
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,21 +85,19 @@ class Instances(instance_pb2_grpc.InstanceServiceServicer):
         )
 
 
-def spec(role: str) -> ServerSpec:
+def spec() -> ServerSpec:
+    """The stand-in's server: UPSTREAM_ADDR to listen on, UPSTREAM_ROUTES the routes file."""
     addr = os.environ["UPSTREAM_ADDR"]
-    if role == "instance":
-        routes = _Routes(Path(os.environ["UPSTREAM_ROUTES"]), os.environ["CYBERDESK_INTERNAL_TOKEN"])
+    routes = _Routes(Path(os.environ["UPSTREAM_ROUTES"]), os.environ["CYBERDESK_INTERNAL_TOKEN"])
 
-        def register_instance(server: grpc.aio.Server) -> Sequence[str]:
-            routing_pb2_grpc.add_RoutingServiceServicer_to_server(Routing(routes), server)
-            instance_pb2_grpc.add_InstanceServiceServicer_to_server(Instances(routes), server)
-            return ["cyberdesk.internal.v1.RoutingService", "cyberdesk.v1.InstanceService"]
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        routing_pb2_grpc.add_RoutingServiceServicer_to_server(Routing(routes), server)
+        instance_pb2_grpc.add_InstanceServiceServicer_to_server(Instances(routes), server)
+        return ["cyberdesk.internal.v1.RoutingService", "cyberdesk.v1.InstanceService"]
 
-        return ServerSpec(name="upstream-instance", addresses=[addr], register=register_instance)
-
-    raise ValueError(f"unknown upstream role {role!r}: only 'instance' remains (the agents are real)")
+    return ServerSpec(name="instance-stand-in", addresses=[addr], register=register)
 
 
 if __name__ == "__main__":
-    setup_logging("upstream")
-    asyncio.run(serve(spec(sys.argv[1])))
+    setup_logging("instance-stand-in")
+    asyncio.run(serve(spec()))
