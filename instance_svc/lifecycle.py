@@ -4,6 +4,9 @@ Concurrency: every operation that changes an instance holds that instance's asyn
 its whole duration (including the runtime call), so a delete racing an expiry or a resume runs
 after it and sees its result. A create takes the lock of its new id before the record exists,
 so nothing can act on a PENDING instance. Quota and idempotency checks are atomic in the store.
+
+Everything it works with is handed in (store, runtime, publisher, pool, clock), so the unit tests
+drive it with a fake Runtime, a fake clock and a real SQLite store in a temporary directory.
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found, resource_exhausted
 from instance_svc import expiry
-from instance_svc.events import Publisher
+from instance_svc.clock import SYSTEM_CLOCK, Clock
 from instance_svc.pool import WarmPool
 from instance_svc.quotas import QuotaTable
 from instance_svc.runtime.base import Runtime, SandboxInfo, SandboxSpec, Unsupported
-from instance_svc.scheduler import Scheduler, now_us
+from instance_svc.scheduler import Scheduler
 from instance_svc.states import IllegalRequest, Request, State, check_request
 from instance_svc.store import InstanceRecord, QuotaExceeded, SnapshotRecord, Store
 from instance_svc.validation import CreateSpec
@@ -44,6 +48,22 @@ def _precondition() -> Iterator[None]:
         raise failed_precondition(err.message) from None
 
 
+class EventPublisher(Protocol):
+    """What the lifecycle needs of the outbox publisher (instance_svc/events.py `Publisher`)."""
+
+    def start(self) -> None:
+        """Start draining the outbox in the background."""
+        ...
+
+    def kick(self) -> None:
+        """New outbox rows exist."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop draining."""
+        ...
+
+
 @dataclass(frozen=True)
 class Resolved:
     """An instance and, when it is RUNNING, its agent."""
@@ -60,9 +80,10 @@ class Lifecycle:
         store: Store,
         runtime: Runtime,
         quotas: QuotaTable,
-        publisher: Publisher,
+        publisher: EventPublisher,
         pool: WarmPool,
         snapshot_dir: Path,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -70,7 +91,8 @@ class Lifecycle:
         self.publisher = publisher
         self.pool = pool
         self.snapshot_dir = snapshot_dir
-        self.scheduler = Scheduler(self._on_deadline)
+        self.clock = clock
+        self.scheduler = Scheduler(self._on_deadline, clock)
         self.ready = asyncio.Event()
         # Agent endpoints (with their tokens) live only in memory; runtime.list() restores them.
         self._sandboxes: dict[str, SandboxInfo] = {}
@@ -130,7 +152,7 @@ class Lifecycle:
     # --- helpers -----------------------------------------------------------------------------
 
     def _set(self, instance_id: str, state: State, message: str | None = None, **changes: object) -> InstanceRecord:
-        rec = self.store.transition(instance_id, state, now_us(), message, **changes)
+        rec = self.store.transition(instance_id, state, self.clock.now_us(), message, **changes)
         self.publisher.kick()
         return rec
 
@@ -175,7 +197,7 @@ class Lifecycle:
             if earlier is not None:
                 return await self._settled(earlier)
         instance_id = "i-" + secrets.token_hex(6)
-        now = now_us()
+        now = self.clock.now_us()
         rec = InstanceRecord(
             id=instance_id,
             tenant=tenant,
@@ -270,7 +292,7 @@ class Lifecycle:
             rec = self.store.get(instance_id)
             if rec is None or rec.state not in (State.RUNNING, State.PAUSED):
                 return
-            now = now_us()
+            now = self.clock.now_us()
             if rec.expire_time_us > now:  # moved meanwhile
                 self.scheduler.arm(instance_id, rec.expire_time_us)
                 return
@@ -298,7 +320,7 @@ class Lifecycle:
             with _precondition():
                 check_request(instance_id, rec.state, Request.SET_TIMEOUT)
             rec = self.store.update(
-                instance_id, expire_time_us=expiry.deadline(now_us(), timeout_us), timeout_us=timeout_us
+                instance_id, expire_time_us=expiry.deadline(self.clock.now_us(), timeout_us), timeout_us=timeout_us
             )
             if rec.state in (State.RUNNING, State.PAUSED):
                 self.scheduler.arm(instance_id, rec.expire_time_us)
@@ -334,7 +356,7 @@ class Lifecycle:
                 await self.runtime.resume(rec.sandbox_id)
             except Unsupported as err:
                 raise failed_precondition(f"instance {instance_id} cannot be resumed: {err}") from None
-            new_deadline = expiry.resume_deadline(rec.expire_time_us, now_us(), rec.timeout_us)
+            new_deadline = expiry.resume_deadline(rec.expire_time_us, self.clock.now_us(), rec.timeout_us)
             rec = self._set(instance_id, State.RUNNING, "", expire_time_us=new_deadline)
             self.scheduler.arm(instance_id, rec.expire_time_us)
             return rec
@@ -373,7 +395,7 @@ class Lifecycle:
                 id=snapshot_id,
                 tenant=tenant,
                 instance_id=instance_id,
-                create_time_us=now_us(),
+                create_time_us=self.clock.now_us(),
                 size_bytes=result.size_bytes,
                 includes_memory=result.includes_memory,
                 template=rec.template,

@@ -4,32 +4,32 @@ Deadlines are wall-clock microseconds (they are stored and survive restarts). A 
 (deadline, instance_id) pairs; `_armed` holds the current deadline of each instance, so a moved or
 cancelled deadline leaves a stale heap entry that is skipped when it surfaces (lazy deletion).
 Arming wakes the task, which recomputes its sleep.
+
+Time comes from an injected `Clock` (instance_svc/clock.py): the real one in production, a fake
+one in the unit tests, which move time on instead of sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
+from instance_svc.clock import SYSTEM_CLOCK, Clock
 from instance_svc.expiry import US, delay_seconds
 
 _log = logging.getLogger("instance_svc.scheduler")
-
-
-def now_us() -> int:
-    """Wall-clock time in microseconds."""
-    return time.time_ns() // 1000
+# Deadlines are wall-clock, a sleep is not: waking at least hourly notices a stepped clock.
+_MAX_SLEEP_S = 3600.0
 
 
 class Scheduler:
-    """Calls `fire(instance_id)` once at each armed deadline."""
+    """Calls `fire(instance_id)` once at each armed deadline, as measured by `clock`."""
 
-    def __init__(self, fire: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(self, fire: Callable[[str], Awaitable[None]], clock: Clock = SYSTEM_CLOCK) -> None:
         self._fire = fire
+        self._clock = clock
         self._heap: list[tuple[int, str]] = []
         self._armed: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -72,21 +72,28 @@ class Scheduler:
                 await self._wake.wait()
                 continue
             deadline_us, instance_id = self._heap[0]
-            delay = delay_seconds(deadline_us, now_us())
+            delay = delay_seconds(deadline_us, self._clock.now_us())
             if delay > 0:
                 # Sleep until the deadline, or less when a new earlier deadline wakes us.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 3600.0))
+                await self._sleep_or_wake(min(delay, _MAX_SLEEP_S))
                 continue
             heapq.heappop(self._heap)
             del self._armed[instance_id]
-            _log.info(
-                "deadline reached",
-                extra={"instance_id": instance_id, "late_ms": round((now_us() - deadline_us) / US * 1000, 3)},
-            )
+            late_ms = round((self._clock.now_us() - deadline_us) / US * 1000, 3)
+            _log.info("deadline reached", extra={"instance_id": instance_id, "late_ms": late_ms})
             task = asyncio.create_task(self._call(instance_id))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            woken.cancel()
+            await asyncio.gather(sleeper, woken, return_exceptions=True)
 
     async def _call(self, instance_id: str) -> None:
         try:
