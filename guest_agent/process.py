@@ -1,8 +1,9 @@
 """ProcessService: streamed exec, run-to-completion exec, background processes with reattach,
 stdin, signals, list, PTYs.
 
-The work is done by `_procs` (spawning, fan-out, reaping); this module turns requests into specs
-and events into messages. Terminals (ConnectPty) live in `pty.py`.
+The work is done by `process_table` (lifecycle, lookup), `spawn`, `_fanout` and `_reaper`; this
+module turns requests into specs and events into messages (with `process_messages`). Terminals
+(ConnectPty) live in `pty.py`.
 
 Back-pressure (see `_fanout` for the mechanics)
 -----------------------------------------------
@@ -31,7 +32,8 @@ from cyberdesk_common.status import failed_precondition, invalid_argument
 from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
 from guest_agent import pty
 from guest_agent._fanout import STDOUT, Chunk, Exited
-from guest_agent._proc_common import (
+from guest_agent.identity import Identity
+from guest_agent.process_messages import (
     check_signal,
     exited_pb,
     follow,
@@ -40,8 +42,8 @@ from guest_agent._proc_common import (
     select,
     started_pb,
 )
-from guest_agent._procs import Limits, ProcessTable, Spec
-from guest_agent.identity import Identity
+from guest_agent.process_table import Limits, ProcessTable
+from guest_agent.spawn import Spec
 
 Context = grpc.aio.ServicerContext[object, object]
 

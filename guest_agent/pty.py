@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument
 from cyberdesk_proto.v1 import process_pb2
 from guest_agent._fanout import Exited, Subscriber
-from guest_agent._proc_common import (
+from guest_agent.identity import Identity
+from guest_agent.process_messages import (
     check_signal,
     exited_pb,
     follow,
@@ -25,8 +26,8 @@ from guest_agent._proc_common import (
     select,
     started_pb,
 )
-from guest_agent._procs import ManagedProcess, ProcessTable, Spec, login_shell
-from guest_agent.identity import Identity
+from guest_agent.process_table import ManagedProcess, ProcessTable
+from guest_agent.spawn import Spec, login_shell
 
 _MAX_SIZE = 10_000
 

@@ -1,4 +1,9 @@
-"""Request validation and event conversion shared by the process and terminal handlers."""
+"""Between ProcessService's messages and the process table: request checks, events as messages.
+
+Shared by the process handlers (`process`) and the terminal handler (`pty`): the working
+directory and environment of a request, signal numbers, which process a selector names, the wire
+form of a start and an exit, and a subscription read as events with keepalives.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ from google.protobuf import timestamp_pb2
 from cyberdesk_common.status import invalid_argument, not_found, resource_exhausted
 from cyberdesk_proto.v1 import process_pb2
 from guest_agent._fanout import Chunk, Exited, Overflow, Subscriber
-from guest_agent._procs import ManagedProcess, ProcessTable
 from guest_agent.identity import Identity
+from guest_agent.process_table import ManagedProcess, ProcessTable
 
 _SIGNALS = {v for v in process_pb2.Signal.values() if v != process_pb2.SIGNAL_UNSPECIFIED}
 

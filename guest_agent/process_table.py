@@ -1,4 +1,8 @@
-"""The processes the agent runs: spawning, output fan-out, stdin, signals, timeouts, and the table.
+"""The processes the agent runs and their lifecycle: the table (lookup by pid and tag), output,
+stdin, signals, timeouts, and how long a finished one is kept.
+
+How a process is started on the OS is in `spawn`; how its output reaches several readers in
+`_fanout`; who collects exit statuses in `_reaper`.
 
 Everything here runs on the event loop thread; nothing blocks it (pipes are non-blocking and
 watched with `add_reader` / `add_writer`), and no state is shared with other threads.
@@ -23,17 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import os
-import shutil
 import signal
-import struct
-import subprocess
-import sys
-import termios
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -42,6 +39,7 @@ from cyberdesk_common.config import env_float, env_int
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found
 from guest_agent._fanout import STDERR, STDOUT, Chunk, Collector, Exited, Ring, Subscriber
 from guest_agent._reaper import Reaper
+from guest_agent.spawn import Spec, not_started, set_winsize, spawn_on_pipes, spawn_on_terminal
 
 
 @dataclass(frozen=True)
@@ -69,40 +67,6 @@ class Limits:
             kill_grace_seconds=env_float("AGENT_KILL_GRACE_SECONDS", d.kill_grace_seconds),
             drain_seconds=env_float("AGENT_DRAIN_SECONDS", d.drain_seconds),
         )
-
-
-@dataclass(frozen=True)
-class Spec:
-    """What to run: a validated request of StartProcess or PtyOpen."""
-
-    argv: Sequence[str]
-    env: Mapping[str, str]
-    cwd: str
-    tag: str = ""
-    background: bool = False
-    stdin: bytes = b""
-    keep_stdin_open: bool = False
-    timeout: float | None = None
-    pty_size: tuple[int, int] | None = None  # (cols, rows) for a terminal
-
-
-# Runs in the child of a terminal session: the new session leader takes the terminal as its
-# controlling tty (so Ctrl-C reaches the foreground job and the shell gets job control), then
-# becomes the real program. subprocess cannot do this itself, and fork() without exec in a
-# threaded gRPC server is not safe, hence a tiny exec'd helper.
-_CTTY_HELPER = (
-    "import fcntl,os,sys,termios\n"
-    "fcntl.ioctl(0,termios.TIOCSCTTY,0)\n"
-    "try:\n"
-    " os.execvp(sys.argv[1],sys.argv[1:])\n"
-    "except OSError as e:\n"
-    " sys.stderr.write('cyberdesk: cannot run %s: %s\\r\\n'%(sys.argv[1],e.strerror))\n"
-    " sys.exit(127 if isinstance(e,FileNotFoundError) else 126)\n"
-)
-
-
-def _set_winsize(fd: int, cols: int, rows: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
@@ -306,7 +270,7 @@ class ManagedProcess:
             raise failed_precondition(f"process {self.pid} has no terminal to resize")
         for fd in self._outputs:
             with contextlib.suppress(OSError):
-                _set_winsize(fd, cols, rows)
+                set_winsize(fd, cols, rows)
 
     # -- stdin ----------------------------------------------------------------------------------
 
@@ -502,12 +466,12 @@ class ProcessTable:
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if (spec.stdin or spec.keep_stdin_open) else (None, None)
         try:
-            pid = _spawn(spec, in_r, out_w, err_w)
+            pid = spawn_on_pipes(spec, in_r, out_w, err_w)
         except OSError as err:
             for fd in (out_r, err_r, in_w):
                 if fd is not None:
                     os.close(fd)
-            return _not_started(spec.argv[0], err)
+            return not_started(spec.argv[0], err)
         finally:
             for fd in (out_w, err_w, in_r):
                 if fd is not None:
@@ -523,24 +487,15 @@ class ProcessTable:
         self._check_tag(spec.tag)
         master, slave = os.openpty()
         cols, rows = spec.pty_size or (80, 24)
-        _set_winsize(master, cols, rows)
+        set_winsize(master, cols, rows)
         try:
-            popen = subprocess.Popen(
-                [sys.executable, "-S", "-E", "-c", _CTTY_HELPER, *spec.argv],
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=spec.cwd,
-                env=dict(spec.env),
-                start_new_session=True,
-            )
+            pid = spawn_on_terminal(spec, slave)
         except OSError:
             os.close(master)
             raise
         finally:
             os.close(slave)
-        popen.returncode = 0
-        proc = ManagedProcess(self, spec, popen.pid, pty=True)
+        proc = ManagedProcess(self, spec, pid, pty=True)
         self._register(proc)
         proc._attach({master: STDOUT}, master)
         return proc
@@ -548,67 +503,3 @@ class ProcessTable:
     async def close(self) -> None:
         """Stop reaping (at shutdown)."""
         self.reaper.stop()
-
-
-# Signals the agent's Python ignores (SIGPIPE, SIGXFSZ) must reach a child at their default
-# disposition, as subprocess's restore_signals does: an ignored signal stays ignored across exec,
-# and `yes | head` would then end with EPIPE errors instead of quietly by SIGPIPE.
-_DEFAULT_IN_CHILD = (signal.SIGPIPE, signal.SIGXFSZ)
-
-
-def _spawn(spec: Spec, stdin_fd: int | None, out_w: int, err_w: int) -> int:
-    """Start `spec.argv` in a new session on the given pipe ends; its pid. OSError when it cannot start.
-
-    posix_spawnp (glibc: a vfork-style clone, then exec; a failed exec is reported back as
-    FileNotFoundError/PermissionError) took 0.16-0.20 ms in the agent where subprocess.Popen took
-    0.22-0.30 ms (median of 500 `echo hi`, measured on the 2-core bench machine). It cannot change
-    directory and searches
-    the agent's own PATH, not the child's, so it is used only when neither differs (the usual case:
-    the agent runs in the home directory, the default cwd); otherwise subprocess does the work. It
-    does not close the agent's other descriptors, which is safe because every one of them is
-    close-on-exec (Python, gRPC, inotify and the X11 library open them so; a test checks that a
-    child sees nothing but 0, 1 and 2).
-    """
-    argv = list(spec.argv)
-    env = dict(spec.env)
-    path = os.environ.get("PATH")
-    try:
-        same_dir = spec.cwd == os.getcwd()
-    except OSError:  # our own working directory was removed
-        same_dir = False
-    if same_dir and path is not None and env.get("PATH") == path:
-        actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-            (os.POSIX_SPAWN_DUP2, stdin_fd, 0)
-            if stdin_fd is not None
-            else (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, out_w, 1),
-            (os.POSIX_SPAWN_DUP2, err_w, 2),
-        ]
-        return os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_IN_CHILD)
-    popen = subprocess.Popen(
-        argv,
-        stdin=stdin_fd if stdin_fd is not None else subprocess.DEVNULL,
-        stdout=out_w,
-        stderr=err_w,
-        cwd=spec.cwd,
-        env=env,
-        start_new_session=True,
-    )
-    # Our reaper collects the status; tell subprocess not to try (its own waitpid would race us).
-    popen.returncode = 0
-    return popen.pid
-
-
-def _not_started(program: str, err: OSError) -> Exited:
-    if isinstance(err, FileNotFoundError):
-        code, text = 127, f"command not found: {program}"
-    elif isinstance(err, PermissionError):
-        code, text = 126, f"permission denied: {program}"
-    else:
-        code, text = 126, f"cannot run {program}: {err.strerror or err}"
-    return Exited(exit_code=code, signal=0, timed_out=False, error=text, end_time=time.time())
-
-
-def login_shell() -> list[str]:
-    """The default program of a terminal: a login bash (or sh where bash is missing)."""
-    return ["bash", "-l"] if shutil.which("bash") else ["sh", "-l"]
