@@ -1,9 +1,11 @@
-"""The REST face's upstream: HTTP requests become gRPC calls through the gateway's one admission path.
+"""How a REST request reaches its RPC: the `Upstream` interface the app calls, and its gateway implementation.
 
-`GatewayUpstream` implements `gateway_svc.http.Upstream`. Each call takes the caller's credentials
-from the HTTP headers (`authorization: Bearer <key>` or `x-api-key: <key>`, the same names as the
-gRPC metadata), runs `Admission.admit` (key, scope, rate limit, tenant, route) exactly as the gRPC
-proxy does, and calls the upstream with typed messages. No other HTTP header travels upstream.
+`Upstream` (and `BidiStream`) is all the HTTP side knows of gRPC, so the app can be driven by an
+in-process upstream in tests. `GatewayUpstream` implements it for the gateway: each call takes the
+caller's credentials from the HTTP headers (`authorization: Bearer <key>` or `x-api-key: <key>`,
+the same names as the gRPC metadata), runs `Admission.admit` (key, scope, rate limit, tenant,
+route) exactly as the gRPC proxy does, and calls the upstream with typed messages. No other HTTP
+header travels upstream.
 
 An upstream failure becomes an `RpcError` carrying the upstream's code, message and status
 details (so a RetryInfo still turns into `Retry-After`); an unreachable agent's route is
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -24,6 +26,48 @@ from gateway_svc.admission import Admission, Target
 from gateway_svc.rest.http_bindings import Route
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+
+
+class BidiStream(Protocol):
+    """An open bidirectional call (`BidiCall` in the gateway)."""
+
+    async def write(self, message: Message) -> None:
+        """Send one request."""
+        ...
+
+    async def done_writing(self) -> None:
+        """Half-close."""
+        ...
+
+    def responses(self) -> AsyncIterator[Message]:
+        """The responses."""
+        ...
+
+    def cancel(self) -> None:
+        """Cancel the call."""
+        ...
+
+
+class Upstream(Protocol):
+    """Calls an RPC on behalf of an HTTP request; raises RpcError or grpc.RpcError on failure."""
+
+    async def unary(self, route: Route, request: Message, headers: Mapping[str, str]) -> Message:
+        """One request, one response."""
+        ...
+
+    def server_stream(self, route: Route, request: Message, headers: Mapping[str, str]) -> AsyncIterator[Message]:
+        """One request, a stream of responses."""
+        ...
+
+    async def client_stream(
+        self, route: Route, requests: AsyncIterator[Message], headers: Mapping[str, str]
+    ) -> Message:
+        """A stream of requests (the first names the instance), one response."""
+        ...
+
+    async def open_bidi(self, route: Route, instance_id: str, headers: Mapping[str, str]) -> BidiStream:
+        """Admit the caller and open a bidirectional call; raises RpcError when not admitted."""
+        ...
 
 
 def credentials(headers: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -87,7 +131,7 @@ def _status_error(admission: Admission, target: Target, code: grpc.StatusCode, d
 
 
 class GatewayUpstream:
-    """`http.Upstream` over `Admission`: the REST face reaches instance_svc and agents like gRPC callers do."""
+    """`Upstream` over `Admission`: the REST face reaches instance_svc and agents like gRPC callers do."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission

@@ -1,0 +1,194 @@
+"""The WebSocket PTY (`GET .../pty` with `Upgrade: websocket`): one socket relayed to one ConnectPty call.
+
+The handshake admits the caller before it is accepted: the key comes from the `authorization` /
+`x-api-key` headers or, for clients that cannot set headers (browsers), from a subprotocol
+`cyberdesk.key.<key>`; offer `cyberdesk.v1` too and the server selects it. A refused handshake is
+an HTTP error response with the usual JSON Status body. Frames (see `control_frames`): binary =
+terminal bytes both ways, text = JSON control. The socket closes with 1000 after `exit`, and with
+4000 + the gRPC code after an `error` that ends the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import MutableMapping
+from typing import Any, cast
+
+import grpc
+
+from cyberdesk_common.status import RpcError, invalid_argument
+from cyberdesk_proto.v1 import process_pb2
+from gateway_svc.rest import control_frames, http_errors, json_mapping
+from gateway_svc.rest.asgi import Receive, Scope, Send, request_headers, request_path
+from gateway_svc.rest.http_bindings import Route, RouteTable
+from gateway_svc.rest.path_templates import PathDecodeError
+from gateway_svc.rest.upstream import BidiStream, Upstream
+
+WS_SUBPROTOCOL = "cyberdesk.v1"
+WS_KEY_PREFIX = "cyberdesk.key."
+
+
+async def serve_pty_websocket(
+    upstream: Upstream, table: RouteTable, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Admit the caller, accept the WebSocket and relay it until either side ends."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    path = request_path(scope)
+    headers = request_headers(scope)
+    offered: list[str] = list(scope.get("subprotocols") or [])
+    for proto in offered:
+        if proto.startswith(WS_KEY_PREFIX) and "authorization" not in headers and "x-api-key" not in headers:
+            headers["x-api-key"] = proto[len(WS_KEY_PREFIX) :]
+    try:
+        found = table.match("GET", path)
+        if found is None or not found.route.websocket:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"no WebSocket route for {path}")
+        route = found.route
+        first: Any = json_mapping.decode_request(route, found.variables, scope.get("query_string", b""), None)
+        call = await upstream.open_bidi(route, first.instance_id, headers)
+    except (RpcError, PathDecodeError) as exc:
+        rpc = exc if isinstance(exc, RpcError) else invalid_argument(str(exc))
+        await reject_handshake(scope, send, http_errors.from_rpc_error(rpc))
+        return
+    accept: dict[str, Any] = {"type": "websocket.accept"}
+    if WS_SUBPROTOCOL in offered:
+        accept["subprotocol"] = WS_SUBPROTOCOL
+    await send(accept)
+    await PtyRelay(call, first, receive, send).run()
+
+
+def upgrade_required(route: Route) -> http_errors.HttpError:
+    """426 for a plain HTTP request on the WebSocket route."""
+    err = http_errors.from_status(
+        grpc.StatusCode.INVALID_ARGUMENT, f"{route.qualified_name} is a WebSocket: connect with Upgrade: websocket"
+    )
+    return http_errors.HttpError(426, err.body, {"Upgrade": "websocket", "Connection": "Upgrade"})
+
+
+async def reject_handshake(scope: Scope, send: Send, err: http_errors.HttpError) -> None:
+    """Refuse a WebSocket handshake with an HTTP error response (or a close, if the server cannot)."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        headers = [(b"content-type", b"application/json")]
+        headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+        await send({"type": "websocket.http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": err.body_bytes()})
+        return
+    await send({"type": "websocket.close", "code": 1008})
+
+
+class PtyRelay:
+    """Relays one accepted WebSocket to one ConnectPty call until either side ends.
+
+    Two tasks share the socket: `run` (upstream responses -> client) and `_inbound` (client
+    frames -> upstream). Sends go through one lock so their frames never interleave, and once the
+    client is gone (`closed`) nothing more is sent. `client_left` tells a cancellation caused by
+    the client leaving (which ends the relay quietly) from one of the relay itself.
+    """
+
+    def __init__(self, call: BidiStream, first: Any, receive: Receive, send: Send) -> None:
+        self.call, self.first = call, first
+        self.receive, self._send = receive, send
+        self._lock = asyncio.Lock()
+        self.closed = False
+        self.client_left = False
+
+    async def send_text(self, text: str) -> None:
+        """Send one text (control) frame."""
+        await self.send({"type": "websocket.send", "text": text})
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        """Send one ASGI message unless the client is gone."""
+        if self.closed:
+            return
+        async with self._lock:
+            try:
+                await self._send(message)
+            except (OSError, RuntimeError):
+                # The client is gone (uvicorn raises ClientDisconnected, an OSError).
+                self.closed = True
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close the socket with `code` (reason cut to fit a close frame)."""
+        await self.send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+        self.closed = True
+
+    async def fail(self, err: RpcError) -> None:
+        """Report a failure of the call in an `error` frame, then close with 4000 + its code."""
+        await self.send_text(control_frames.error_frame(err))
+        await self.close(control_frames.close_code(err.code), err.code.name)
+
+    async def run(self) -> None:
+        """Open the terminal (from the query or the client's first frame), then relay both ways."""
+        try:
+            if not (self.first.HasField("open") or self.first.HasField("attach")):
+                got = await self._first_control()
+                if got is None:
+                    self.call.cancel()
+                    return
+                self.first = got
+            await self.call.write(self.first)
+        except RpcError as exc:
+            self.call.cancel()
+            await self.fail(exc)
+            return
+        inbound = asyncio.create_task(self._inbound())
+        try:
+            async for reply in self.call.responses():
+                frame = control_frames.server_frame(cast(process_pb2.ConnectPtyResponse, reply))
+                if isinstance(frame, bytes):
+                    await self.send({"type": "websocket.send", "bytes": frame})
+                elif frame is not None:
+                    await self.send_text(frame)
+            await self.close(1000, "exit")
+        except RpcError as exc:
+            await self.fail(exc)
+        except asyncio.CancelledError:
+            # grpc.aio reports the call we cancelled because the client left as CancelledError;
+            # only a cancellation of this task itself must propagate.
+            task = asyncio.current_task()
+            if not self.client_left or (task is not None and task.cancelling()):
+                raise
+        finally:
+            inbound.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await inbound
+            self.call.cancel()
+
+    async def _first_control(self) -> Any | None:
+        """Wait for the client's `open` or `attach` frame; None when it went away."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            text = message.get("text")
+            if text is None:
+                raise invalid_argument('send {"type": "open", ...} or {"type": "attach", ...} before terminal bytes')
+            request = control_frames.parse_control_frame(text, first=True)
+            request.instance_id = self.first.instance_id
+            return request
+
+    async def _inbound(self) -> None:
+        try:
+            while True:
+                message = await self.receive()
+                if message["type"] == "websocket.disconnect":
+                    # The client left: end the call (the agent detaches this client only).
+                    self.client_left = self.closed = True
+                    self.call.cancel()
+                    return
+                data = message.get("bytes")
+                if data is not None:
+                    await self.call.write(process_pb2.ConnectPtyRequest(input=data))
+                    continue
+                try:
+                    request = control_frames.parse_control_frame(message.get("text") or "", first=False)
+                except RpcError as exc:
+                    # A bad control frame is reported and skipped; the terminal stays open.
+                    await self.send_text(control_frames.error_frame(exc))
+                    continue
+                await self.call.write(request)
+        except RpcError:
+            return  # the call ended; the response side reports how
