@@ -39,7 +39,7 @@ from gateway_svc.rest.asgi import (
     serve_lifespan,
     until_disconnect,
 )
-from gateway_svc.rest.http_bindings import RouteTable, build_route_table
+from gateway_svc.rest.http_bindings import BindingTable, build_binding_table
 from gateway_svc.rest.path_templates import PathDecodeError
 from gateway_svc.rest.upstream import Upstream
 
@@ -49,11 +49,11 @@ OPENAPI_FILE = Path(__file__).resolve().parents[2] / "openapi" / "cyberdesk.v1.o
 
 
 class RestApp:
-    """The ASGI application: `RestApp(upstream)` (route table of cyberdesk.v1 by default)."""
+    """The ASGI application: `RestApp(upstream)` (binding table of cyberdesk.v1 by default)."""
 
-    def __init__(self, upstream: Upstream, table: RouteTable | None = None) -> None:
+    def __init__(self, upstream: Upstream, table: BindingTable | None = None) -> None:
         self.upstream = upstream
-        self.table = table or build_route_table()
+        self.table = table or build_binding_table()
         self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -84,30 +84,32 @@ class RestApp:
             )
             await respond_error(send, err)
             return
-        route = found.route
+        binding = found.binding
         headers = request_headers(scope)
         query: bytes = scope.get("query_string", b"")
         upstream = self.upstream
         try:
-            if route.websocket:
-                await respond_error(send, pty_relay.upgrade_required(route))
+            if binding.websocket:
+                await respond_error(send, pty_relay.upgrade_required(binding))
                 return
-            if route.raw_request_field:
-                await uploads.upload_raw_body(upstream, receive, send, route, found.variables, query, headers)
+            if binding.raw_request_field:
+                await uploads.upload_raw_body(upstream, receive, send, binding, found.variables, query, headers)
                 return
-            if route.client_streaming:
-                await streams.call_with_ndjson_body(upstream, receive, send, route, found.variables, query, headers)
+            if binding.client_streaming:
+                await streams.call_with_ndjson_body(upstream, receive, send, binding, found.variables, query, headers)
                 return
             body = await read_body(receive, MAX_JSON_BODY)
-            request = json_mapping.decode_request(route, found.variables, query, body)
-            if route.raw_response_field:
+            request = json_mapping.decode_request(binding, found.variables, query, body)
+            if binding.raw_response_field:
                 head = method == "HEAD"
-                await until_disconnect(receive, downloads.serve_download(upstream, send, route, request, headers, head))
+                await until_disconnect(
+                    receive, downloads.serve_download(upstream, send, binding, request, headers, head)
+                )
                 return
-            if route.server_streaming:
-                await until_disconnect(receive, streams.stream_responses(upstream, send, route, request, headers))
+            if binding.server_streaming:
+                await until_disconnect(receive, streams.stream_responses(upstream, send, binding, request, headers))
                 return
-            reply = await upstream.unary(route, request, headers)
+            reply = await upstream.unary(binding, request, headers)
         except RpcError as exc:
             await respond_error(send, http_errors.from_rpc_error(exc))
             return
@@ -117,9 +119,9 @@ class RestApp:
         except ResponseAborted as exc:
             # Returning without completing the response makes the server drop the connection, so
             # the client sees a short body (its Content-Length is not met), never a wrong one.
-            _log.warning("response aborted", extra={"route": route.qualified_name, "reason": str(exc)})
+            _log.warning("response aborted", extra={"route": binding.qualified_name, "reason": str(exc)})
             return
-        await respond_message(send, route, reply)
+        await respond_message(send, binding, reply)
 
     def _openapi_bytes(self) -> bytes:
         if self._openapi is None:

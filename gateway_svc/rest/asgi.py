@@ -16,13 +16,13 @@ from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, invalid_argument
 from gateway_svc.rest import http_errors, json_mapping
-from gateway_svc.rest.http_bindings import Route
+from gateway_svc.rest.http_bindings import HttpBinding
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-MAX_JSON_BODY = 4 * 1024 * 1024  # JSON requests are small; bulk bytes travel on the raw-body routes
+MAX_JSON_BODY = 4 * 1024 * 1024  # JSON requests are small; bulk bytes travel on the raw-body bindings
 
 
 class ResponseAborted(Exception):
@@ -131,6 +131,6 @@ async def serve_lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def respond_message(send: Send, route: Route, reply: Message) -> None:
+async def respond_message(send: Send, binding: HttpBinding, reply: Message) -> None:
     """200 with a response message in the proto3 JSON mapping (only `response_body`, if the binding names one)."""
-    await respond(send, 200, json_mapping.dumps(json_mapping.encode_response(route, reply)), "application/json")
+    await respond(send, 200, json_mapping.dumps(json_mapping.encode_response(binding, reply)), "application/json")

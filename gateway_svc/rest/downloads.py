@@ -24,7 +24,7 @@ import grpc
 from cyberdesk_common.status import RpcError
 from gateway_svc.rest import ranges
 from gateway_svc.rest.asgi import ResponseAborted, Send, respond_error, start_response
-from gateway_svc.rest.http_bindings import Route
+from gateway_svc.rest.http_bindings import HttpBinding
 from gateway_svc.rest.upstream import Upstream
 
 SHA256_HEADER = "x-cyberdesk-sha256"
@@ -32,7 +32,7 @@ OCTETS = "application/octet-stream"
 
 
 async def serve_download(
-    upstream: Upstream, send: Send, route: Route, request: Any, headers: Mapping[str, str], head: bool
+    upstream: Upstream, send: Send, binding: HttpBinding, request: Any, headers: Mapping[str, str], head: bool
 ) -> None:
     """Relay DownloadFile as raw bytes (GET) or as its length and sha256 only (HEAD).
 
@@ -42,18 +42,24 @@ async def serve_download(
     ranged = wanted is not None
     try:
         if wanted is not None:
-            total = await file_size(upstream, route, request, headers) if wanted.is_suffix else None
+            total = await file_size(upstream, binding, request, headers) if wanted.is_suffix else None
             window = ranges.request_window(wanted, total)
             request.offset, request.length = window.offset, window.length
-        await _relay(upstream, send, route, request, headers, head, ranged)
+        await _relay(upstream, send, binding, request, headers, head, ranged)
     except ranges.RangeNotSatisfiable as exc:
         await respond_error(send, exc.http_error())
 
 
 async def _relay(
-    upstream: Upstream, send: Send, route: Route, request: Any, headers: Mapping[str, str], head: bool, ranged: bool
+    upstream: Upstream,
+    send: Send,
+    binding: HttpBinding,
+    request: Any,
+    headers: Mapping[str, str],
+    head: bool,
+    ranged: bool,
 ) -> None:
-    stream = upstream.server_stream(route, request, headers)
+    stream = upstream.server_stream(binding, request, headers)
     try:
         try:
             first: Any = await anext(stream)
@@ -61,7 +67,7 @@ async def _relay(
             raise RpcError(grpc.StatusCode.INTERNAL, "the agent ended the download without a message") from None
         except RpcError as exc:
             if exc.code == grpc.StatusCode.OUT_OF_RANGE and ranged:
-                raise ranges.RangeNotSatisfiable(await file_size(upstream, route, request, headers)) from None
+                raise ranges.RangeNotSatisfiable(await file_size(upstream, binding, request, headers)) from None
             raise
         plan = ranges.plan_response(ranges.Window(request.offset, request.length), first.total_size, ranged)
         extra = plan.headers()
@@ -100,12 +106,12 @@ async def _relay(
         await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def file_size(upstream: Upstream, route: Route, request: Any, headers: Mapping[str, str]) -> int:
+async def file_size(upstream: Upstream, binding: HttpBinding, request: Any, headers: Mapping[str, str]) -> int:
     """The size of the file (a one-byte download: the first message carries the total)."""
-    probe: Any = route.new_request()
+    probe: Any = binding.new_request()
     probe.CopyFrom(request)
     probe.offset, probe.length = 0, 1
-    stream = upstream.server_stream(route, probe, headers)
+    stream = upstream.server_stream(binding, probe, headers)
     try:
         first: Any = await anext(stream)
         return int(first.total_size)

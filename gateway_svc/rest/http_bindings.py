@@ -1,7 +1,8 @@
-"""The REST route table, built at start-up from the `google.api.http` options of the service descriptors.
+"""The REST route table: the HTTP bindings of the RPCs, built at start-up from their `google.api.http` options.
 
-No route is written by hand: every binding (the rule itself and its `additional_bindings`) of every
-method of the given services becomes a `Route`. Bindings are checked against the messages when the
+This is where a REST request finds its RPC (`BindingTable.match`). No route is written by hand:
+every binding (the rule itself and its `additional_bindings`) of every method of the given services
+becomes an `HttpBinding`. Bindings are checked against the messages when the
 table is built (each variable and the body name a real field of the right kind), so a broken
 annotation stops the gateway at start-up instead of failing a request later.
 """
@@ -17,11 +18,18 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from gateway_svc.rest.path_templates import Match, PathDecodeError, PathTemplate, Router, TemplateError, parse
+from gateway_svc.rest.path_templates import (
+    PathDecodeError,
+    PathTemplate,
+    TemplateError,
+    TemplateMatch,
+    TemplateMatcher,
+    parse,
+)
 
-# File routes capture the path inside the instance with `{path=**}`: the captured value has no
+# File bindings capture the path inside the instance with `{path=**}`: the captured value has no
 # leading "/" (it follows "/files/"), while the RPC wants an absolute path. The prefix is added per
-# route and field here, explicitly, rather than guessed from a field's name.
+# binding and field here, explicitly, rather than guessed from a field's name.
 ABSOLUTE_PATH_FIELDS: dict[str, tuple[str, ...]] = {
     "cyberdesk.v1.FilesystemService.DownloadFile": ("path",),
     "cyberdesk.v1.FilesystemService.UploadFile": ("header.path",),
@@ -42,7 +50,7 @@ def default_modules() -> list[ModuleType]:
 
 
 @dataclass(frozen=True)
-class Route:
+class HttpBinding:
     """One HTTP binding of one RPC."""
 
     service: str  # full name, e.g. "cyberdesk.v1.InstanceService"
@@ -55,7 +63,7 @@ class Route:
     response_descriptor: Descriptor
     client_streaming: bool
     server_streaming: bool
-    binding: int  # 0 for the rule itself, 1.. for its additional_bindings
+    binding_index: int  # 0 for the rule itself, 1.. for its additional_bindings
     absolute_path_fields: tuple[str, ...] = ()
     raw_response_field: str = ""
 
@@ -123,19 +131,19 @@ def _pattern(rule: http_pb2.HttpRule) -> tuple[str, str]:
     return kind.upper(), str(getattr(rule, kind))
 
 
-def _routes_of_method(service: ServiceDescriptor, method: MethodDescriptor) -> list[Route]:
+def _bindings_of_method(service: ServiceDescriptor, method: MethodDescriptor) -> list[HttpBinding]:
     options = method.GetOptions()
     if not options.HasExtension(annotations_pb2.http):
         return []
     rule: http_pb2.HttpRule = options.Extensions[annotations_pb2.http]
-    bindings = [rule, *rule.additional_bindings]
+    http_rules = [rule, *rule.additional_bindings]
     qualified = f"{service.full_name}.{method.name}"
-    out: list[Route] = []
-    for i, binding in enumerate(bindings):
+    out: list[HttpBinding] = []
+    for i, http_rule in enumerate(http_rules):
         where = f"{qualified} (binding {i})"
-        if i > 0 and binding.additional_bindings:
+        if i > 0 and http_rule.additional_bindings:
             raise TemplateError(f"{where}: additional_bindings cannot nest")
-        http_method, path = _pattern(binding)
+        http_method, path = _pattern(http_rule)
         try:
             template = parse(path)
         except TemplateError as exc:
@@ -149,24 +157,26 @@ def _routes_of_method(service: ServiceDescriptor, method: MethodDescriptor) -> l
             leaf = chain[-1]
             if _is_repeated(leaf) or leaf.message_type is not None:
                 raise TemplateError(f"{where}: path variable {var.field_path!r} must be a singular scalar field")
-        if binding.body not in ("", "*") and binding.body not in req.fields_by_name:
-            raise TemplateError(f"{where}: body {binding.body!r} is not a field of {req.full_name}")
+        if http_rule.body not in ("", "*") and http_rule.body not in req.fields_by_name:
+            raise TemplateError(f"{where}: body {http_rule.body!r} is not a field of {req.full_name}")
         resp = method.output_type
-        if binding.response_body and binding.response_body not in resp.fields_by_name:
-            raise TemplateError(f"{where}: response_body {binding.response_body!r} is not a field of {resp.full_name}")
+        if http_rule.response_body and http_rule.response_body not in resp.fields_by_name:
+            raise TemplateError(
+                f"{where}: response_body {http_rule.response_body!r} is not a field of {resp.full_name}"
+            )
         out.append(
-            Route(
+            HttpBinding(
                 service=service.full_name,
                 method=method.name,
                 http_method=http_method,
                 template=template,
-                body=binding.body,
-                response_body=binding.response_body,
+                body=http_rule.body,
+                response_body=http_rule.response_body,
                 request_descriptor=req,
                 response_descriptor=resp,
                 client_streaming=bool(method.client_streaming),
                 server_streaming=bool(method.server_streaming),
-                binding=i,
+                binding_index=i,
                 absolute_path_fields=ABSOLUTE_PATH_FIELDS.get(qualified, ()),
                 raw_response_field=RAW_RESPONSE_FIELDS.get(qualified, ""),
             )
@@ -175,66 +185,66 @@ def _routes_of_method(service: ServiceDescriptor, method: MethodDescriptor) -> l
 
 
 @dataclass(frozen=True)
-class RouteMatch:
-    """A request's route and its path variables (decoded, by field path)."""
+class BindingMatch:
+    """A request's binding and its path variables (decoded, by field path)."""
 
-    route: Route
+    binding: HttpBinding
     variables: dict[str, str]
 
 
 @dataclass
-class RouteTable:
-    """All routes, and a compiled matcher over them."""
+class BindingTable:
+    """All bindings, and a compiled matcher over them."""
 
-    routes: list[Route]
+    bindings: list[HttpBinding]
     services: list[ServiceDescriptor]
-    _router: Router[Route] = field(default_factory=Router)
+    _matcher: TemplateMatcher[HttpBinding] = field(default_factory=TemplateMatcher)
 
     def __post_init__(self) -> None:
-        for route in self.routes:
+        for binding in self.bindings:
             try:
-                self._router.add(route.http_method, route.template, route)
+                self._matcher.add(binding.http_method, binding.template, binding)
             except TemplateError as exc:
-                raise TemplateError(f"{route.qualified_name}: {exc}") from None
+                raise TemplateError(f"{binding.qualified_name}: {exc}") from None
 
-    def match(self, http_method: str, path: str) -> RouteMatch | None:
-        """The route for an HTTP method and a raw path (no query string), or None.
+    def match(self, http_method: str, path: str) -> BindingMatch | None:
+        """The binding for an HTTP method and a raw path (no query string), or None.
 
         HEAD falls back to GET. PathDecodeError when a variable's percent-encoding is malformed.
         """
-        found: Match[Route] | None = self._router.match(http_method, path)
+        found: TemplateMatch[HttpBinding] | None = self._matcher.match(http_method, path)
         if found is None and http_method.upper() == "HEAD":
-            found = self._router.match("GET", path)
+            found = self._matcher.match("GET", path)
         if found is None:
             return None
-        return RouteMatch(found.payload, found.variables)
+        return BindingMatch(found.payload, found.variables)
 
     def allowed_methods(self, path: str) -> list[str]:
-        """The HTTP methods that have a route for `path` (for a 405 and its Allow header)."""
+        """The HTTP methods that have a binding for `path` (for a 405 and its Allow header)."""
         allowed = []
-        for m in self._router.methods():
+        for m in self._matcher.methods():
             try:
-                if self._router.match(m, path) is not None:
+                if self._matcher.match(m, path) is not None:
                     allowed.append(m)
             except PathDecodeError:
                 allowed.append(m)
         return allowed
 
-    def for_method(self, qualified_name: str) -> list[Route]:
-        """The routes of one RPC, e.g. "cyberdesk.v1.InstanceService.ListSnapshots"."""
-        return [r for r in self.routes if r.qualified_name == qualified_name]
+    def for_method(self, qualified_name: str) -> list[HttpBinding]:
+        """The bindings of one RPC, e.g. "cyberdesk.v1.InstanceService.ListSnapshots"."""
+        return [r for r in self.bindings if r.qualified_name == qualified_name]
 
 
-def build_route_table(sources: Iterable[ModuleType | FileDescriptor] | None = None) -> RouteTable:
-    """The route table of every service in the given generated modules (default: cyberdesk.v1)."""
+def build_binding_table(sources: Iterable[ModuleType | FileDescriptor] | None = None) -> BindingTable:
+    """The binding table of every service in the given generated modules (default: cyberdesk.v1)."""
     services: list[ServiceDescriptor] = []
     for src in default_modules() if sources is None else sources:
         fd: FileDescriptor = src.DESCRIPTOR if isinstance(src, ModuleType) else src
         services.extend(fd.services_by_name.values())
-    return RouteTable(routes=list(_iter_routes(services)), services=services)
+    return BindingTable(bindings=list(_iter_bindings(services)), services=services)
 
 
-def _iter_routes(services: Sequence[ServiceDescriptor]) -> Iterable[Route]:
+def _iter_bindings(services: Sequence[ServiceDescriptor]) -> Iterable[HttpBinding]:
     for service in services:
         for method in service.methods:
-            yield from _routes_of_method(service, method)
+            yield from _bindings_of_method(service, method)

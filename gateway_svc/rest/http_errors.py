@@ -114,12 +114,12 @@ def from_grpc_error(error: grpc.RpcError) -> HttpError:
 
 
 def route_not_found(method: str, path: str) -> HttpError:
-    """404 for a path no route matches."""
+    """404 for a path no binding matches."""
     return from_status(grpc.StatusCode.NOT_FOUND, f"no route for {method} {path}")
 
 
 def method_not_allowed(method: str, path: str, allowed: Sequence[str]) -> HttpError:
-    """405 for a path that has routes, but not for this method; Allow lists the methods that do."""
+    """405 for a path that has bindings, but not for this method; Allow lists the methods that do."""
     err = from_status(
         grpc.StatusCode.UNIMPLEMENTED, f"{method} is not allowed on {path}; allowed: {', '.join(allowed)}"
     )

@@ -31,7 +31,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, invalid_argument
-from gateway_svc.rest.http_bindings import Route, resolve_field_path
+from gateway_svc.rest.http_bindings import HttpBinding, resolve_field_path
 
 _INT_RANGES: dict[int, tuple[int, int]] = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
@@ -319,42 +319,42 @@ def _resolve_query_key(desc: Descriptor, key: str) -> tuple[list[FieldDescriptor
 
 
 def decode_request(
-    route: Route,
+    binding: HttpBinding,
     variables: Mapping[str, str],
     query: str | bytes | Iterable[tuple[str, str]] = "",
     body: bytes | None = None,
 ) -> Message:
-    """The request message of `route` from path variables, query parameters and a JSON body.
+    """The request message of `binding` from path variables, query parameters and a JSON body.
 
-    For a route with a raw body (`route.raw_request_field`, the file upload) pass body=None: the
+    For a binding with a raw body (`binding.raw_request_field`, the file upload) pass body=None: the
     returned message is the first of the stream and the HTTP layer sends the bytes with
     `chunk_message`.
     """
-    msg = route.new_request()
-    req = route.request_descriptor
+    msg = binding.new_request()
+    req = binding.request_descriptor
     body_bytes = body or b""
 
     # 1. Body.
-    if route.body == "*":
-        msg = message_from_json(route.request_class(), body_bytes)
-    elif route.body and not route.raw_request_field:
+    if binding.body == "*":
+        msg = message_from_json(binding.request_class(), body_bytes)
+    elif binding.body and not binding.raw_request_field:
         if body_bytes.strip():
-            f = req.fields_by_name[route.body]
+            f = req.fields_by_name[binding.body]
             value = _load_json(body_bytes, "request body")
             parse_json_into({f.json_name: value}, msg, "request body")
-    elif not route.body and body_bytes.strip():
-        raise invalid_argument(f"{route.http_method} {route.template} takes no request body")
+    elif not binding.body and body_bytes.strip():
+        raise invalid_argument(f"{binding.http_method} {binding.template} takes no request body")
 
     # 2. Path variables.
     for path, raw in variables.items():
         chain = resolve_field_path(req, path)
         value = raw
-        if path in route.absolute_path_fields and not value.startswith("/"):
+        if path in binding.absolute_path_fields and not value.startswith("/"):
             value = "/" + value
         where = f"path variable {path}"
-        if route.body == "*":
+        if binding.body == "*":
             before = _leaf_value(msg, chain)
-            probe = route.new_request()
+            probe = binding.new_request()
             _set_text(probe, chain, [value], where)
             wanted = _leaf_value(probe, chain)
             if before not in ("", 0, False, b"") and before != wanted:
@@ -365,9 +365,10 @@ def decode_request(
     pairs = parse_query(query) if isinstance(query, str | bytes) else list(query)
     if not pairs:
         return msg
-    if route.body == "*":
+    if binding.body == "*":
         raise invalid_argument(
-            f"query parameter {pairs[0][0]!r}: {route.http_method} {route.template} takes the whole request in the body"
+            f"query parameter {pairs[0][0]!r}: {binding.http_method} {binding.template}"
+            " takes the whole request in the body"
         )
     grouped: dict[tuple[str, str | None], tuple[list[FieldDescriptor], list[str]]] = {}
     for key, value in pairs:
@@ -376,8 +377,8 @@ def decode_request(
         for bound in variables:
             if proto_path == bound or bound.startswith(proto_path + ".") or proto_path.startswith(bound + "."):
                 raise invalid_argument(f"query parameter {key!r}: {bound} is already given in the path")
-        if route.body and (proto_path == route.body or proto_path.startswith(route.body + ".")):
-            raise invalid_argument(f"query parameter {key!r}: {route.body} is carried by the request body")
+        if binding.body and (proto_path == binding.body or proto_path.startswith(binding.body + ".")):
+            raise invalid_argument(f"query parameter {key!r}: {binding.body} is carried by the request body")
         slot = grouped.setdefault((proto_path, map_key), (chain, []))
         slot[1].append(value)
     for (proto_path, map_key), (chain, values) in grouped.items():
@@ -385,10 +386,10 @@ def decode_request(
     return msg
 
 
-def chunk_message(route: Route, data: bytes) -> Message:
+def chunk_message(binding: HttpBinding, data: bytes) -> Message:
     """A follow-up message of a raw-body upload stream carrying `data` in the raw body field."""
-    msg = route.new_request()
-    setattr(msg, route.raw_request_field, data)
+    msg = binding.new_request()
+    setattr(msg, binding.raw_request_field, data)
     return msg
 
 
@@ -401,11 +402,11 @@ def message_to_json_value(msg: Message) -> Any:
     return json_format.MessageToDict(msg, always_print_fields_with_no_presence=True)
 
 
-def encode_response(route: Route, msg: Message) -> Any:
+def encode_response(binding: HttpBinding, msg: Message) -> Any:
     """The JSON value of a response (or of one message of a stream), honouring `response_body`."""
-    if not route.response_body:
+    if not binding.response_body:
         return message_to_json_value(msg)
-    f: Any = msg.DESCRIPTOR.fields_by_name[route.response_body]
+    f: Any = msg.DESCRIPTOR.fields_by_name[binding.response_body]
     if f.message_type is not None and not is_repeated(f):
         return message_to_json_value(getattr(msg, f.name))
     return message_to_json_value(msg).get(f.json_name)
@@ -427,6 +428,6 @@ def sse_event(value: Any, event: str | None = None) -> bytes:
     return head + b"data: " + dumps(value) + b"\n\n"
 
 
-def stream_result(route: Route, msg: Message) -> dict[str, Any]:
+def stream_result(binding: HttpBinding, msg: Message) -> dict[str, Any]:
     """A stream item: `{"result": <message>}`; a failure ends the stream with `{"error": <Status>}`."""
-    return {"result": encode_response(route, msg)}
+    return {"result": encode_response(binding, msg)}

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the REST face, generated from the protos and their `google.api.http` rules.
 
-`build_document(table, comments)` returns the document as a dict. Paths come from the route table
+`build_document(table, comments)` returns the document as a dict. Paths come from the binding table
 (additional bindings included), schemas from the messages in the proto3 JSON mapping (int64 as a
 string, bytes as base64, enums by name, Timestamp as an RFC 3339 string, Duration as "1.5s", maps
 as objects), descriptions from the proto comments. The Python descriptors carry no comments, so
@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
-from gateway_svc.rest.http_bindings import Route, RouteTable, build_route_table
+from gateway_svc.rest.http_bindings import BindingTable, HttpBinding, build_binding_table
 from gateway_svc.rest.json_mapping import QUERY_MESSAGE_TYPES, is_map, is_repeated
 
 REF = "#/components/schemas/"
@@ -214,12 +214,12 @@ def _enum_comment_key(enum: EnumDescriptor) -> str:
     return enum.full_name
 
 
-def _param_names(route: Route) -> dict[str, str]:
+def _param_names(binding: HttpBinding) -> dict[str, str]:
     """Path parameter names: the last identifier of each field path, unless two would clash."""
-    last = [v.field_path.rsplit(".", 1)[-1] for v in route.template.variables]
+    last = [v.field_path.rsplit(".", 1)[-1] for v in binding.template.variables]
     if len(set(last)) == len(last):
-        return {v.field_path: n for v, n in zip(route.template.variables, last, strict=True)}
-    return {v.field_path: v.field_path for v in route.template.variables}
+        return {v.field_path: n for v, n in zip(binding.template.variables, last, strict=True)}
+    return {v.field_path: v.field_path for v in binding.template.variables}
 
 
 def _leaf(desc: Descriptor, path: str) -> FieldDescriptor:
@@ -274,27 +274,28 @@ def _camel(name: str) -> str:
     return head + "".join(p[:1].upper() + p[1:] for p in rest)
 
 
-def _operation(route: Route, s: _Schemas) -> dict[str, Any]:
-    service_short = route.service.rsplit(".", 1)[-1]
-    doc = s.comments.get(route.qualified_name, "")
+def _operation(binding: HttpBinding, s: _Schemas) -> dict[str, Any]:
+    service_short = binding.service.rsplit(".", 1)[-1]
+    doc = s.comments.get(binding.qualified_name, "")
     op: dict[str, Any] = {
-        "operationId": f"{service_short}_{route.method}" + (f"_{route.binding}" if route.binding else ""),
+        "operationId": f"{service_short}_{binding.method}"
+        + (f"_{binding.binding_index}" if binding.binding_index else ""),
         "tags": [service_short],
     }
     if doc:
         op["summary"] = _first_sentence(doc)
         op["description"] = doc
-    req = route.request_descriptor
-    names = _param_names(route)
+    req = binding.request_descriptor
+    names = _param_names(binding)
     params: list[dict[str, Any]] = []
-    for var in route.template.variables:
+    for var in binding.template.variables:
         leaf = _leaf(req, var.field_path)
         schema = s.scalar(leaf)
         text = s.comments.get(leaf.full_name, "")
         notes = [f"Sets `{var.field_path}`."]
         if var.multi_segment:
             notes.append("May contain '/'.")
-        if var.field_path in route.absolute_path_fields:
+        if var.field_path in binding.absolute_path_fields:
             notes.append("Written without the leading '/', which the gateway adds.")
         params.append(
             {
@@ -305,58 +306,58 @@ def _operation(route: Route, s: _Schemas) -> dict[str, Any]:
                 "schema": {k: v for k, v in schema.items() if k != "description"},
             }
         )
-    bound = set(route.template.field_paths)
-    if route.body != "*":
-        if route.body:
-            bound.add(route.body)
+    bound = set(binding.template.field_paths)
+    if binding.body != "*":
+        if binding.body:
+            bound.add(binding.body)
         params += _query_params(s, req, "", bound, (req.full_name,))
     if params:
         op["parameters"] = params
 
     # Request body.
-    if route.raw_request_field:
+    if binding.raw_request_field:
         op["requestBody"] = {
             "required": True,
-            "description": f"The raw bytes of `{route.raw_request_field}`, streamed.",
+            "description": f"The raw bytes of `{binding.raw_request_field}`, streamed.",
             "content": {
                 "application/octet-stream": {
                     "schema": {"type": "string", "contentMediaType": "application/octet-stream"}
                 }
             },
         }
-    elif route.body:
-        top_bound = {p.split(".")[0] for p in route.template.field_paths}
-        whole = route.body == "*"
-        schema = s.message_schema(req, skip=top_bound) if whole else s.field(req.fields_by_name[route.body])
-        if route.client_streaming and not route.websocket:
+    elif binding.body:
+        top_bound = {p.split(".")[0] for p in binding.template.field_paths}
+        whole = binding.body == "*"
+        schema = s.message_schema(req, skip=top_bound) if whole else s.field(req.fields_by_name[binding.body])
+        if binding.client_streaming and not binding.websocket:
             op["requestBody"] = {
                 "required": True,
                 "description": "A stream of messages, one JSON object per line; path variables fill the first.",
                 "content": {"application/x-ndjson": {"schema": schema}},
             }
         else:
-            op["requestBody"] = {"required": route.body != "*", "content": {"application/json": {"schema": schema}}}
+            op["requestBody"] = {"required": binding.body != "*", "content": {"application/json": {"schema": schema}}}
 
     # Responses.
-    resp = route.response_descriptor
-    field = resp.fields_by_name.get(route.response_body) if route.response_body else None
+    resp = binding.response_descriptor
+    field = resp.fields_by_name.get(binding.response_body) if binding.response_body else None
     out_schema = s.field(field) if field is not None else s.message_ref(resp)
     error = {"description": "An error (google.rpc.Status).", "content": {"application/json": {"schema": s.status()}}}
     responses: dict[str, Any]
-    if route.websocket:
+    if binding.websocket:
         responses = {
             "101": {
                 "description": "WebSocket: binary frames carry terminal bytes both ways; text frames carry JSON "
                 "control messages (resize, signal, exit). The API key goes in a header or a subprotocol."
             }
         }
-    elif route.raw_response_field:
+    elif binding.raw_response_field:
         raw = {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
         responses = {
             "200": {"description": "The raw bytes, streamed.", "content": {"application/octet-stream": raw}},
             "206": {"description": "The requested Range, streamed.", "content": {"application/octet-stream": raw}},
         }
-    elif route.server_streaming:
+    elif binding.server_streaming:
         item = {
             "type": "object",
             "description": 'One stream item: {"result": message}; a failure ends the stream with {"error": Status}.',
@@ -380,22 +381,22 @@ def _operation(route: Route, s: _Schemas) -> dict[str, Any]:
 
 
 def build_document(
-    table: RouteTable | None = None,
+    table: BindingTable | None = None,
     comments: Mapping[str, str] | None = None,
     *,
     title: str = "Cyberdesk API",
     version: str = "v1",
     servers: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every route in `table` (default: cyberdesk.v1)."""
-    table = table or build_route_table()
+    """The OpenAPI 3.1 document of every binding in `table` (default: cyberdesk.v1)."""
+    table = table or build_binding_table()
     s = _Schemas(comments or {})
     paths: dict[str, dict[str, Any]] = {}
-    for route in table.routes:
-        if route.http_method not in OPENAPI_METHODS:
+    for binding in table.bindings:
+        if binding.http_method not in OPENAPI_METHODS:
             continue  # a custom verb has no place in an OpenAPI path item
-        path = route.template.openapi_path(_param_names(route))
-        paths.setdefault(path, {})[route.http_method.lower()] = _operation(route, s)
+        path = binding.template.openapi_path(_param_names(binding))
+        paths.setdefault(path, {})[binding.http_method.lower()] = _operation(binding, s)
     s.status()
     tags = []
     for svc in table.services:

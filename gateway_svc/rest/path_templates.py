@@ -12,9 +12,10 @@ never splits a segment. Literals compare after percent-decoding. A variable that
 one segment decodes everything ("%2F" becomes "/"); a variable covering several segments (or
 "**") decodes everything but "%2F"/"%2f", which stay encoded (the spec's reserved expansion).
 
-`Router` compiles the templates of each HTTP method into a trie: at every segment a literal child
-is tried before "*", and "*" before "**", so a literal always wins over a variable, and two
-templates that would match exactly the same paths are refused when the table is built.
+`TemplateMatcher` maps (HTTP method, raw path) to a payload (in the gateway: an HTTP binding). It
+compiles the templates of each HTTP method into a trie: at every segment a literal child is tried
+before "*", and "*" before "**", so a literal always wins over a variable, and two templates that
+would match exactly the same paths are refused when the table is built.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
 
 
 class TemplateError(ValueError):
-    """A path template that does not follow the grammar; raised when the route table is built."""
+    """A path template that does not follow the grammar; raised when the binding table is built."""
 
 
 class PathDecodeError(ValueError):
@@ -212,7 +213,7 @@ class _Node(Generic[T]):
 
 
 @dataclass(frozen=True)
-class Match(Generic[T]):
+class TemplateMatch(Generic[T]):
     """A successful match: the payload, its template and the decoded variable values by field path."""
 
     payload: T
@@ -220,14 +221,14 @@ class Match(Generic[T]):
     variables: dict[str, str]
 
 
-class Router(Generic[T]):
-    """Routes (HTTP method, raw path) to a payload; literal segments win over variables."""
+class TemplateMatcher(Generic[T]):
+    """Matches (HTTP method, raw path) to a payload; literal segments win over variables."""
 
     def __init__(self) -> None:
         self._roots: dict[str, _Node[T]] = {}
 
     def add(self, method: str, template: PathTemplate | str, payload: T) -> None:
-        """Add a route; TemplateError when an equal template is already there for `method`."""
+        """Add a template and its payload; TemplateError when an equal template is already there for `method`."""
         tpl = parse(template) if isinstance(template, str) else template
         node = self._roots.setdefault(method.upper(), _Node())
         for seg in tpl.segments:
@@ -245,11 +246,11 @@ class Router(Generic[T]):
         node.ends[tpl.verb] = (tpl, payload)
 
     def methods(self) -> list[str]:
-        """The HTTP methods that have at least one route."""
+        """The HTTP methods that have at least one template."""
         return sorted(self._roots)
 
-    def match(self, method: str, path: str) -> Match[T] | None:
-        """The route for `method` and the raw (percent-encoded, query-less) `path`, or None.
+    def match(self, method: str, path: str) -> TemplateMatch[T] | None:
+        """The payload for `method` and the raw (percent-encoded, query-less) `path`, or None.
 
         PathDecodeError when a captured variable has malformed percent-encoding.
         """
@@ -269,7 +270,7 @@ class Router(Generic[T]):
             found = self._walk(root, segs, decoded, 0, verb)
             if found is not None:
                 tpl, payload = found
-                return Match(payload, tpl, _captures(tpl, segs))
+                return TemplateMatch(payload, tpl, _captures(tpl, segs))
         return None
 
     def _walk(

@@ -21,7 +21,7 @@ from cyberdesk_common.status import RpcError, invalid_argument
 from cyberdesk_proto.v1 import process_pb2
 from gateway_svc.rest import control_frames, http_errors, json_mapping
 from gateway_svc.rest.asgi import Receive, Scope, Send, request_headers, request_path
-from gateway_svc.rest.http_bindings import Route, RouteTable
+from gateway_svc.rest.http_bindings import BindingTable, HttpBinding
 from gateway_svc.rest.path_templates import PathDecodeError
 from gateway_svc.rest.upstream import BidiStream, Upstream
 
@@ -30,7 +30,7 @@ WS_KEY_PREFIX = "cyberdesk.key."
 
 
 async def serve_pty_websocket(
-    upstream: Upstream, table: RouteTable, scope: Scope, receive: Receive, send: Send
+    upstream: Upstream, table: BindingTable, scope: Scope, receive: Receive, send: Send
 ) -> None:
     """Admit the caller, accept the WebSocket and relay it until either side ends."""
     message = await receive()
@@ -44,11 +44,11 @@ async def serve_pty_websocket(
             headers["x-api-key"] = proto[len(WS_KEY_PREFIX) :]
     try:
         found = table.match("GET", path)
-        if found is None or not found.route.websocket:
+        if found is None or not found.binding.websocket:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"no WebSocket route for {path}")
-        route = found.route
-        first: Any = json_mapping.decode_request(route, found.variables, scope.get("query_string", b""), None)
-        call = await upstream.open_bidi(route, first.instance_id, headers)
+        binding = found.binding
+        first: Any = json_mapping.decode_request(binding, found.variables, scope.get("query_string", b""), None)
+        call = await upstream.open_bidi(binding, first.instance_id, headers)
     except (RpcError, PathDecodeError) as exc:
         rpc = exc if isinstance(exc, RpcError) else invalid_argument(str(exc))
         await reject_handshake(scope, send, http_errors.from_rpc_error(rpc))
@@ -60,10 +60,10 @@ async def serve_pty_websocket(
     await PtyRelay(call, first, receive, send).run()
 
 
-def upgrade_required(route: Route) -> http_errors.HttpError:
-    """426 for a plain HTTP request on the WebSocket route."""
+def upgrade_required(binding: HttpBinding) -> http_errors.HttpError:
+    """426 for a plain HTTP request on the WebSocket binding."""
     err = http_errors.from_status(
-        grpc.StatusCode.INVALID_ARGUMENT, f"{route.qualified_name} is a WebSocket: connect with Upgrade: websocket"
+        grpc.StatusCode.INVALID_ARGUMENT, f"{binding.qualified_name} is a WebSocket: connect with Upgrade: websocket"
     )
     return http_errors.HttpError(426, err.body, {"Upgrade": "websocket", "Connection": "Upgrade"})
 

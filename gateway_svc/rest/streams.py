@@ -27,7 +27,7 @@ from gateway_svc.rest.asgi import (
     respond_message,
     start_response,
 )
-from gateway_svc.rest.http_bindings import Route
+from gateway_svc.rest.http_bindings import HttpBinding
 from gateway_svc.rest.upstream import Upstream
 
 NDJSON = "application/x-ndjson"
@@ -35,7 +35,7 @@ SSE = "text/event-stream"
 
 
 async def stream_responses(
-    upstream: Upstream, send: Send, route: Route, request: Message, headers: Mapping[str, str]
+    upstream: Upstream, send: Send, binding: HttpBinding, request: Message, headers: Mapping[str, str]
 ) -> None:
     """A server stream as NDJSON, or as SSE when the client's Accept names text/event-stream."""
     sse = SSE in headers.get("accept", "")
@@ -46,12 +46,12 @@ async def stream_responses(
 
     started = False
     try:
-        async for reply in upstream.server_stream(route, request, headers):
+        async for reply in upstream.server_stream(binding, request, headers):
             if not started:
                 # Until the first message an error is an ordinary HTTP error with its status.
                 await start_response(send, 200, media)
                 started = True
-            item = frame(json_mapping.stream_result(route, reply), "result")
+            item = frame(json_mapping.stream_result(binding, reply), "result")
             await send({"type": "http.response.body", "body": item, "more_body": True})
     except (RpcError, grpc.RpcError) as exc:
         err = http_errors.from_rpc_error(exc) if isinstance(exc, RpcError) else http_errors.from_grpc_error(exc)
@@ -69,7 +69,7 @@ async def call_with_ndjson_body(
     upstream: Upstream,
     receive: Receive,
     send: Send,
-    route: Route,
+    binding: HttpBinding,
     variables: Mapping[str, str],
     query: bytes,
     headers: Mapping[str, str],
@@ -89,12 +89,12 @@ async def call_with_ndjson_body(
                 continue
             if not first_sent:
                 first_sent = True
-                yield json_mapping.decode_request(route, variables, query, line)
+                yield json_mapping.decode_request(binding, variables, query, line)
             else:
-                yield json_mapping.message_from_json(route.request_class(), line, f"request line {number}")
+                yield json_mapping.message_from_json(binding.request_class(), line, f"request line {number}")
         if not first_sent:
             # An empty body is one message with only what the path and query say.
-            yield json_mapping.decode_request(route, variables, query, b"")
+            yield json_mapping.decode_request(binding, variables, query, b"")
 
-    reply = await upstream.client_stream(route, requests(), headers)
-    await respond_message(send, route, reply)
+    reply = await upstream.client_stream(binding, requests(), headers)
+    await respond_message(send, binding, reply)

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from cyberdesk_common.status import RpcError
 from gateway_svc.rest import json_mapping
 from gateway_svc.rest.asgi import Receive, Send, respond_message
-from gateway_svc.rest.http_bindings import Route
+from gateway_svc.rest.http_bindings import HttpBinding
 from gateway_svc.rest.upstream import Upstream
 
 UPLOAD_CHUNK = 1024 * 1024  # bytes per UploadFile message (the agent's own download chunk size)
@@ -26,13 +26,13 @@ async def upload_raw_body(
     upstream: Upstream,
     receive: Receive,
     send: Send,
-    route: Route,
+    binding: HttpBinding,
     variables: Mapping[str, str],
     query: bytes,
     headers: Mapping[str, str],
 ) -> None:
     """PUT of a raw body: the first message from the path and query, then the body in chunks."""
-    first = json_mapping.decode_request(route, variables, upload_query(route, query), None)
+    first = json_mapping.decode_request(binding, variables, upload_query(binding, query), None)
 
     async def requests() -> AsyncIterator[Message]:
         yield first
@@ -46,26 +46,26 @@ async def upload_raw_body(
             while len(pending) >= UPLOAD_CHUNK or (pending and not more):
                 take = bytes(pending[:UPLOAD_CHUNK])
                 del pending[:UPLOAD_CHUNK]
-                yield json_mapping.chunk_message(route, take)
+                yield json_mapping.chunk_message(binding, take)
             if not more:
                 return
 
-    reply = await upstream.client_stream(route, requests(), headers)
-    await respond_message(send, route, reply)
+    reply = await upstream.client_stream(binding, requests(), headers)
+    await respond_message(send, binding, reply)
 
 
-def upload_query(route: Route, query: bytes) -> list[tuple[str, str]]:
+def upload_query(binding: HttpBinding, query: bytes) -> list[tuple[str, str]]:
     """Query pairs where a name that is not a top-level field may name a field of the header message.
 
     For the upload, `?overwrite=true&mode=420` means `header.overwrite` / `header.mode` (the
     message that the path fills), as well as the full `header.overwrite=true`.
     """
     pairs = json_mapping.parse_query(query)
-    parents = {v.field_path.split(".")[0] for v in route.template.variables if "." in v.field_path}
+    parents = {v.field_path.split(".")[0] for v in binding.template.variables if "." in v.field_path}
     if len(parents) != 1:
         return pairs
     parent = parents.pop()
-    desc = route.request_descriptor
+    desc = binding.request_descriptor
     out = []
     for key, value in pairs:
         head = re.split(r"[.\[]", key, maxsplit=1)[0]

@@ -4,11 +4,11 @@
 in-process upstream in tests. `GatewayUpstream` implements it for the gateway: each call takes the
 caller's credentials from the HTTP headers (`authorization: Bearer <key>` or `x-api-key: <key>`,
 the same names as the gRPC metadata), runs `Admission.admit` (key, scope, rate limit, tenant,
-route) exactly as the gRPC proxy does, and calls the upstream with typed messages. No other HTTP
+binding) exactly as the gRPC proxy does, and calls the upstream with typed messages. No other HTTP
 header travels upstream.
 
 An upstream failure becomes an `RpcError` carrying the upstream's code, message and status
-details (so a RetryInfo still turns into `Retry-After`); an unreachable agent's route is
+details (so a RetryInfo still turns into `Retry-After`); an unreachable agent's binding is
 forgotten, as on the gRPC path.
 """
 
@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, decode_details
 from gateway_svc.admission import Admission, Target
-from gateway_svc.rest.http_bindings import Route
+from gateway_svc.rest.http_bindings import HttpBinding
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 
@@ -51,21 +51,23 @@ class BidiStream(Protocol):
 class Upstream(Protocol):
     """Calls an RPC on behalf of an HTTP request; raises RpcError or grpc.RpcError on failure."""
 
-    async def unary(self, route: Route, request: Message, headers: Mapping[str, str]) -> Message:
+    async def unary(self, binding: HttpBinding, request: Message, headers: Mapping[str, str]) -> Message:
         """One request, one response."""
         ...
 
-    def server_stream(self, route: Route, request: Message, headers: Mapping[str, str]) -> AsyncIterator[Message]:
+    def server_stream(
+        self, binding: HttpBinding, request: Message, headers: Mapping[str, str]
+    ) -> AsyncIterator[Message]:
         """One request, a stream of responses."""
         ...
 
     async def client_stream(
-        self, route: Route, requests: AsyncIterator[Message], headers: Mapping[str, str]
+        self, binding: HttpBinding, requests: AsyncIterator[Message], headers: Mapping[str, str]
     ) -> Message:
         """A stream of requests (the first names the instance), one response."""
         ...
 
-    async def open_bidi(self, route: Route, instance_id: str, headers: Mapping[str, str]) -> BidiStream:
+    async def open_bidi(self, binding: HttpBinding, instance_id: str, headers: Mapping[str, str]) -> BidiStream:
         """Admit the caller and open a bidirectional call; raises RpcError when not admitted."""
         ...
 
@@ -136,22 +138,22 @@ class GatewayUpstream:
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
 
-    async def _target(self, route: Route, first: Message, headers: Mapping[str, str]) -> Target:
+    async def _target(self, binding: HttpBinding, first: Message, headers: Mapping[str, str]) -> Target:
         def instance_id() -> str:
             value = getattr(first, "instance_id", "")
             return value if isinstance(value, str) else ""
 
-        return await self._admission.admit(route.service, credentials(headers), instance_id, None)
+        return await self._admission.admit(binding.service, credentials(headers), instance_id, None)
 
     @staticmethod
-    def _multi(route: Route, target: Target, kind: str) -> Any:
+    def _multi(binding: HttpBinding, target: Target, kind: str) -> Any:
         factory = getattr(target.channel, kind)
-        return factory(route.full_method, lambda m: m.SerializeToString(), route.response_class().FromString)
+        return factory(binding.full_method, lambda m: m.SerializeToString(), binding.response_class().FromString)
 
-    async def unary(self, route: Route, request: Message, headers: Mapping[str, str]) -> Message:
+    async def unary(self, binding: HttpBinding, request: Message, headers: Mapping[str, str]) -> Message:
         """One request, one response."""
-        target = await self._target(route, request, headers)
-        call = self._multi(route, target, "unary_unary")(request, metadata=target.metadata, timeout=target.timeout)
+        target = await self._target(binding, request, headers)
+        call = self._multi(binding, target, "unary_unary")(request, metadata=target.metadata, timeout=target.timeout)
         try:
             response: Message = await call
             return response
@@ -160,10 +162,12 @@ class GatewayUpstream:
         finally:
             call.cancel()  # no-op when done; cancels upstream when the HTTP handler was cancelled
 
-    async def server_stream(self, route: Route, request: Message, headers: Mapping[str, str]) -> AsyncIterator[Message]:
+    async def server_stream(
+        self, binding: HttpBinding, request: Message, headers: Mapping[str, str]
+    ) -> AsyncIterator[Message]:
         """One request, a stream of responses; the upstream call is cancelled when the consumer stops."""
-        target = await self._target(route, request, headers)
-        call = self._multi(route, target, "unary_stream")(request, metadata=target.metadata, timeout=target.timeout)
+        target = await self._target(binding, request, headers)
+        call = self._multi(binding, target, "unary_stream")(request, metadata=target.metadata, timeout=target.timeout)
         try:
             async for message in call:
                 yield message
@@ -173,7 +177,7 @@ class GatewayUpstream:
             call.cancel()
 
     async def client_stream(
-        self, route: Route, requests: AsyncIterator[Message], headers: Mapping[str, str]
+        self, binding: HttpBinding, requests: AsyncIterator[Message], headers: Mapping[str, str]
     ) -> Message:
         """A stream of requests (the first names the instance), one response.
 
@@ -188,7 +192,7 @@ class GatewayUpstream:
             first = await anext(requests)
         except StopAsyncIteration:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the request stream is empty") from None
-        target = await self._target(route, first, headers)
+        target = await self._target(binding, first, headers)
         failure: list[BaseException] = []
 
         async def guarded() -> AsyncIterator[Message]:
@@ -200,7 +204,7 @@ class GatewayUpstream:
                 failure.append(exc)
                 raise
 
-        call = self._multi(route, target, "stream_unary")(guarded(), metadata=target.metadata, timeout=target.timeout)
+        call = self._multi(binding, target, "stream_unary")(guarded(), metadata=target.metadata, timeout=target.timeout)
         try:
             response: Message = await call
             return response
@@ -215,11 +219,11 @@ class GatewayUpstream:
         finally:
             call.cancel()
 
-    async def open_bidi(self, route: Route, instance_id: str, headers: Mapping[str, str]) -> BidiCall:
+    async def open_bidi(self, binding: HttpBinding, instance_id: str, headers: Mapping[str, str]) -> BidiCall:
         """Admit the caller and open a bidirectional call to the agent of `instance_id` (nothing sent yet)."""
-        probe = route.new_request()
+        probe = binding.new_request()
         if "instance_id" in probe.DESCRIPTOR.fields_by_name:
             setattr(probe, "instance_id", instance_id)  # noqa: B010 - a field of the request, by name
-        target = await self._target(route, probe, headers)
-        call = self._multi(route, target, "stream_stream")(metadata=target.metadata, timeout=target.timeout)
+        target = await self._target(binding, probe, headers)
+        call = self._multi(binding, target, "stream_stream")(metadata=target.metadata, timeout=target.timeout)
         return BidiCall(self._admission, target, call)

@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, field
 from google.protobuf.descriptor import FileDescriptor
 from grpc_tools import protoc
 
-from gateway_svc.rest.http_bindings import RouteTable, build_route_table
+from gateway_svc.rest.http_bindings import BindingTable, build_binding_table
 
 ROOT = Path(__file__).resolve().parents[4]
 
@@ -150,12 +150,12 @@ def _compile() -> FileDescriptor:
 
 
 @pytest.fixture(scope="session")
-def test_table() -> RouteTable:
-    """Route table of the test service."""
-    return build_route_table([_compile()])
+def test_table() -> BindingTable:
+    """The binding table of the test service."""
+    return build_binding_table([_compile()])
 
 
 @pytest.fixture(scope="session")
-def api_table() -> RouteTable:
-    """Route table of cyberdesk.v1."""
-    return build_route_table()
+def api_table() -> BindingTable:
+    """The binding table of cyberdesk.v1."""
+    return build_binding_table()

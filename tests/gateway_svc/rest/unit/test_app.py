@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from cyberdesk_common.status import RpcError, not_found
 from cyberdesk_proto.v1 import instance_pb2
 from gateway_svc.rest.app import RestApp
-from gateway_svc.rest.http_bindings import Route
+from gateway_svc.rest.http_bindings import HttpBinding
 
 
 class Upstream:
@@ -23,14 +23,16 @@ class Upstream:
     def __init__(self) -> None:
         self.headers: list[Mapping[str, str]] = []
 
-    async def unary(self, route: Route, request: Message, headers: Mapping[str, str]) -> Message:
+    async def unary(self, binding: HttpBinding, request: Message, headers: Mapping[str, str]) -> Message:
         self.headers.append(headers)
         assert isinstance(request, instance_pb2.GetInstanceRequest)
         if request.instance_id != "i-1":
             raise not_found(f"instance {request.instance_id} not found")
         return instance_pb2.GetInstanceResponse(instance={"instance_id": "i-1", "state": 3, "memory_mib": 512})
 
-    async def server_stream(self, route: Route, request: Message, headers: Mapping[str, str]) -> AsyncIterator[Message]:
+    async def server_stream(
+        self, binding: HttpBinding, request: Message, headers: Mapping[str, str]
+    ) -> AsyncIterator[Message]:
         assert isinstance(request, instance_pb2.WatchInstancesRequest)
         if request.instance_id == "none":
             raise RpcError(grpc.StatusCode.PERMISSION_DENIED, "not yours")

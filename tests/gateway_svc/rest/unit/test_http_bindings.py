@@ -1,4 +1,4 @@
-"""The route table built from the google.api.http options of cyberdesk.v1 and its start-up checks."""
+"""The binding table built from the google.api.http options of cyberdesk.v1 and its start-up checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 from google.protobuf.descriptor import ServiceDescriptor
 
-from gateway_svc.rest.http_bindings import RouteTable, build_route_table
+from gateway_svc.rest.http_bindings import BindingTable, build_binding_table
 from gateway_svc.rest.path_templates import PathDecodeError
 
 
@@ -15,20 +15,20 @@ def _rpcs(services: list[ServiceDescriptor]) -> set[str]:
     return {f"{s.full_name}.{m.name}" for s in services for m in s.methods}
 
 
-def test_every_rpc_of_cyberdesk_v1_has_a_route(api_table: RouteTable) -> None:
+def test_every_rpc_of_cyberdesk_v1_has_a_route(api_table: BindingTable) -> None:
     assert len(api_table.services) == 4
-    assert {r.qualified_name for r in api_table.routes} == _rpcs(api_table.services)
+    assert {r.qualified_name for r in api_table.bindings} == _rpcs(api_table.services)
 
 
-def test_additional_bindings_become_routes(api_table: RouteTable) -> None:
-    routes = api_table.for_method("cyberdesk.v1.InstanceService.ListSnapshots")
-    assert [(r.binding, str(r.template)) for r in routes] == [
+def test_additional_bindings_become_routes(api_table: BindingTable) -> None:
+    bindings = api_table.for_method("cyberdesk.v1.InstanceService.ListSnapshots")
+    assert [(r.binding_index, str(r.template)) for r in bindings] == [
         (0, "/v1/snapshots"),
         (1, "/v1/instances/{instance_id}/snapshots"),
     ]
 
 
-def test_streaming_flags(api_table: RouteTable) -> None:
+def test_streaming_flags(api_table: BindingTable) -> None:
     def flags(name: str) -> tuple[bool, bool]:
         r = api_table.for_method(name)[0]
         return r.client_streaming, r.server_streaming
@@ -68,14 +68,14 @@ def test_streaming_flags(api_table: RouteTable) -> None:
         ),
     ],
 )
-def test_api_paths(api_table: RouteTable, method: str, path: str, rpc: str, variables: dict[str, str]) -> None:
+def test_api_paths(api_table: BindingTable, method: str, path: str, rpc: str, variables: dict[str, str]) -> None:
     found = api_table.match(method, path)
     assert found is not None
-    assert found.route.method == rpc
+    assert found.binding.method == rpc
     assert found.variables == variables
 
 
-def test_unknown_paths_and_methods(api_table: RouteTable) -> None:
+def test_unknown_paths_and_methods(api_table: BindingTable) -> None:
     assert api_table.match("GET", "/v2/instances") is None
     assert api_table.match("PATCH", "/v1/instances/i-1") is None
     assert api_table.allowed_methods("/v1/instances/i-1") == ["DELETE", "GET"]
@@ -84,7 +84,7 @@ def test_unknown_paths_and_methods(api_table: RouteTable) -> None:
         api_table.match("GET", "/v1/instances/%zz")
 
 
-def test_bad_annotations_stop_the_build(test_table: RouteTable) -> None:
+def test_bad_annotations_stop_the_build(test_table: BindingTable) -> None:
     # The test proto's annotations are all valid; each broken variant is checked on a copy.
     from google.api import annotations_pb2, http_pb2
     from google.protobuf import descriptor_pb2, descriptor_pool
@@ -113,10 +113,10 @@ def test_bad_annotations_stop_the_build(test_table: RouteTable) -> None:
         pool = descriptor_pool.Default()
         pool.AddSerializedFile(broken.SerializeToString())
         with pytest.raises(ValueError, match=why):
-            build_route_table([pool.FindFileByName(broken.name)])
+            build_binding_table([pool.FindFileByName(broken.name)])
 
 
-def test_two_rpcs_on_one_route_are_refused(test_table: RouteTable) -> None:
+def test_two_rpcs_on_one_route_are_refused(test_table: BindingTable) -> None:
     from google.api import annotations_pb2, http_pb2
     from google.protobuf import descriptor_pb2, descriptor_pool
 
@@ -129,4 +129,4 @@ def test_two_rpcs_on_one_route_are_refused(test_table: RouteTable) -> None:
     )
     descriptor_pool.Default().AddSerializedFile(proto.SerializeToString())
     with pytest.raises(ValueError, match=re.escape("matches the same paths as '/t/things/{id}'")):
-        build_route_table([descriptor_pool.Default().FindFileByName(proto.name)])
+        build_binding_table([descriptor_pool.Default().FindFileByName(proto.name)])

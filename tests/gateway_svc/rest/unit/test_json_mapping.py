@@ -14,13 +14,13 @@ from google.protobuf.message import Message
 from cyberdesk_common.status import RpcError
 from cyberdesk_proto.v1 import filesystem_pb2, instance_pb2, process_pb2
 from gateway_svc.rest import json_mapping as mapping
-from gateway_svc.rest.http_bindings import RouteTable
+from gateway_svc.rest.http_bindings import BindingTable
 
 
-def decode(table: RouteTable, method: str, path: str, query: str = "", body: bytes | None = None) -> Any:
+def decode(table: BindingTable, method: str, path: str, query: str = "", body: bytes | None = None) -> Any:
     found = table.match(method, path)
-    assert found is not None, f"no route for {method} {path}"
-    return mapping.decode_request(found.route, found.variables, query, body)
+    assert found is not None, f"no binding for {method} {path}"
+    return mapping.decode_request(found.binding, found.variables, query, body)
 
 
 def as_dict(msg: Message) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def as_dict(msg: Message) -> dict[str, Any]:
     return out
 
 
-def bad(table: RouteTable, method: str, path: str, query: str = "", body: bytes | None = None) -> str:
+def bad(table: BindingTable, method: str, path: str, query: str = "", body: bytes | None = None) -> str:
     with pytest.raises(RpcError) as info:
         decode(table, method, path, query, body)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -78,7 +78,7 @@ QUERY_CASES = [c for c in QUERY_CASES if c[1] is not None]
 
 
 @pytest.mark.parametrize(("query", "expected"), QUERY_CASES)
-def test_query_parameter_types(test_table: RouteTable, query: str, expected: dict[str, Any]) -> None:
+def test_query_parameter_types(test_table: BindingTable, query: str, expected: dict[str, Any]) -> None:
     msg = decode(test_table, "GET", "/t/things/x1", query)
     got = as_dict(msg)
     assert got.pop("id") == "x1"
@@ -114,11 +114,11 @@ BAD_QUERIES: list[tuple[str, str]] = [
 
 
 @pytest.mark.parametrize(("query", "message"), BAD_QUERIES)
-def test_bad_query_parameters_name_the_field(test_table: RouteTable, query: str, message: str) -> None:
+def test_bad_query_parameters_name_the_field(test_table: BindingTable, query: str, message: str) -> None:
     assert message in bad(test_table, "GET", "/t/things/x1", query)
 
 
-def test_nested_path_variable_and_additional_binding(test_table: RouteTable) -> None:
+def test_nested_path_variable_and_additional_binding(test_table: BindingTable) -> None:
     msg = decode(test_table, "GET", "/t/inner/deep%20name/things/7", "inner.depth=3")
     assert as_dict(msg) == {"id": "7", "inner": {"name": "deep name", "depth": 3}}
     with pytest.raises(RpcError, match=re.escape("inner.name is already given in the path")):
@@ -127,17 +127,17 @@ def test_nested_path_variable_and_additional_binding(test_table: RouteTable) -> 
         decode(test_table, "GET", "/t/inner/a/things/7", "inner=b")
 
 
-def test_path_variable_types_are_converted(test_table: RouteTable) -> None:
+def test_path_variable_types_are_converted(test_table: BindingTable) -> None:
     assert decode(test_table, "REPORT", "/t/watch/true").inner.leaf.flag is True
     with pytest.raises(RpcError, match=re.escape("path variable inner.leaf.flag: 'maybe' is not a boolean")):
         decode(test_table, "REPORT", "/t/watch/maybe")
 
 
-def test_multi_segment_variable_keeps_encoded_slash(test_table: RouteTable) -> None:
+def test_multi_segment_variable_keeps_encoded_slash(test_table: BindingTable) -> None:
     assert decode(test_table, "GET", "/t/files/a/b%2Fc/d%20e").id == "a/b%2Fc/d e"
 
 
-def test_body_star(test_table: RouteTable) -> None:
+def test_body_star(test_table: BindingTable) -> None:
     body = json.dumps({"i64": "12", "innerName": None, "inner": {"name": "n"}, "optI64": 0, "color": 2}).replace(
         '"innerName": null, ', ""
     )
@@ -166,15 +166,15 @@ BAD_BODIES: list[tuple[bytes, str]] = [
 
 
 @pytest.mark.parametrize(("body", "message"), BAD_BODIES)
-def test_bad_bodies_name_the_problem(test_table: RouteTable, body: bytes, message: str) -> None:
+def test_bad_bodies_name_the_problem(test_table: BindingTable, body: bytes, message: str) -> None:
     assert message in bad(test_table, "POST", "/t/things/x:touch", body=body)
 
 
-def test_query_is_refused_when_body_is_star(test_table: RouteTable) -> None:
+def test_query_is_refused_when_body_is_star(test_table: BindingTable) -> None:
     assert "takes the whole request in the body" in bad(test_table, "POST", "/t/things/x:touch", "i32=1")
 
 
-def test_body_field(test_table: RouteTable) -> None:
+def test_body_field(test_table: BindingTable) -> None:
     msg = decode(test_table, "PUT", "/t/things/x/inner", "i32=4", b'{"name": "n", "leaf": {"flag": true}}')
     assert as_dict(msg) == {"id": "x", "i32": 4, "inner": {"name": "n", "leaf": {"flag": True}}}
     tags = decode(test_table, "POST", "/t/things/x/tags", body=b'["a", "b"]')
@@ -184,20 +184,20 @@ def test_body_field(test_table: RouteTable) -> None:
     assert "tags" in bad(test_table, "POST", "/t/things/x/tags", body=b'"a"')
 
 
-def test_no_body_route_refuses_a_body(test_table: RouteTable) -> None:
+def test_no_body_route_refuses_a_body(test_table: BindingTable) -> None:
     assert "takes no request body" in bad(test_table, "GET", "/t/things/x", body=b'{"i32": 1}')
     assert decode(test_table, "GET", "/t/things/x", body=b"  ").id == "x"
 
 
-def test_query_as_pairs_and_bad_utf8(test_table: RouteTable) -> None:
+def test_query_as_pairs_and_bad_utf8(test_table: BindingTable) -> None:
     found = test_table.match("GET", "/t/things/x")
     assert found is not None
-    msg = mapping.decode_request(found.route, found.variables, [("tags", "a"), ("tags", "b")])
+    msg = mapping.decode_request(found.binding, found.variables, [("tags", "a"), ("tags", "b")])
     assert list(msg.tags) == ["a", "b"]
     assert "not UTF-8" in bad(test_table, "GET", "/t/things/x", "tags=%ff")
 
 
-def test_response_mapping(test_table: RouteTable) -> None:
+def test_response_mapping(test_table: BindingTable) -> None:
     reply_cls = test_table.for_method("cyberdesk.transcodetest.TestService.Get")[0].response_class()
     reply = reply_cls()
     json_format.ParseDict({"item": {"id": "a", "i64": "5", "data": "aGk=", "optI64": "0"}, "names": ["n"]}, reply)
@@ -219,11 +219,11 @@ def test_response_mapping(test_table: RouteTable) -> None:
     assert mapping.encode_response(put_inner, reply_cls()) == mapping.encode_response(put_inner, reply_cls())
 
 
-def test_stream_framing(test_table: RouteTable) -> None:
-    route = test_table.for_method("cyberdesk.transcodetest.TestService.Watch")[0]
-    assert route.server_streaming and not route.client_streaming
-    reply = route.response_class()(names=["a\nb"])
-    item = mapping.stream_result(route, reply)
+def test_stream_framing(test_table: BindingTable) -> None:
+    binding = test_table.for_method("cyberdesk.transcodetest.TestService.Watch")[0]
+    assert binding.server_streaming and not binding.client_streaming
+    reply = binding.response_class()(names=["a\nb"])
+    item = mapping.stream_result(binding, reply)
     line = mapping.ndjson_line(item)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line)["result"]["names"] == ["a\nb"]
@@ -231,34 +231,34 @@ def test_stream_framing(test_table: RouteTable) -> None:
     assert event.startswith(b"event: result\ndata: {") and event.endswith(b"\n\n") and event.count(b"\n") == 3
 
 
-# --- cyberdesk.v1 routes -------------------------------------------------------------------------
+# --- cyberdesk.v1 bindings -------------------------------------------------------------------------
 
 
-def test_create_instance(api_table: RouteTable) -> None:
+def test_create_instance(api_table: BindingTable) -> None:
     body = b'{"template": "desktop", "memory_mib": 1024, "timeout": "600s", "timeoutAction": "TIMEOUT_ACTION_PAUSE"}'
     msg = decode(api_table, "POST", "/v1/instances", body=body)
     assert isinstance(msg, instance_pb2.CreateInstanceRequest)
     assert (msg.template, msg.memory_mib, msg.timeout.seconds, msg.timeout_action) == ("desktop", 1024, 600, 2)
 
 
-def test_list_instances_query(api_table: RouteTable) -> None:
+def test_list_instances_query(api_table: BindingTable) -> None:
     msg = decode(api_table, "GET", "/v1/instances", "pageSize=10&states=INSTANCE_STATE_RUNNING&states=4&labels[a]=b")
     assert isinstance(msg, instance_pb2.ListInstancesRequest)
     assert msg.page_size == 10 and list(msg.states) == [3, 4] and dict(msg.labels) == {"a": "b"}
 
 
-def test_list_snapshots_additional_binding(api_table: RouteTable) -> None:
+def test_list_snapshots_additional_binding(api_table: BindingTable) -> None:
     a = decode(api_table, "GET", "/v1/snapshots", "instance_id=i-1&page_size=5")
     b = decode(api_table, "GET", "/v1/instances/i-1/snapshots", "page_size=5")
     assert a == b == instance_pb2.ListSnapshotsRequest(instance_id="i-1", page_size=5)
 
 
-def test_set_timeout_verb(api_table: RouteTable) -> None:
+def test_set_timeout_verb(api_table: BindingTable) -> None:
     msg = decode(api_table, "POST", "/v1/instances/i-9:setTimeout", body=b'{"timeout": "30s"}')
     assert msg == instance_pb2.SetInstanceTimeoutRequest(instance_id="i-9", timeout={"seconds": 30})
 
 
-def test_process_selector_by_pid_or_tag(api_table: RouteTable) -> None:
+def test_process_selector_by_pid_or_tag(api_table: BindingTable) -> None:
     by_pid = decode(api_table, "POST", "/v1/instances/i/processes/42:signal", body=b'{"signal": "SIGNAL_SIGTERM"}')
     assert by_pid == process_pb2.SendProcessSignalRequest(instance_id="i", selector={"pid": 42}, signal=15)
     by_tag = decode(api_table, "POST", "/v1/instances/i/processes/tags/web%20srv:signal", body=b'{"signal": 9}')
@@ -269,35 +269,35 @@ def test_process_selector_by_pid_or_tag(api_table: RouteTable) -> None:
     assert "alternatives (oneof selector)" in msg
 
 
-def test_file_download_path_is_absolute(api_table: RouteTable) -> None:
+def test_file_download_path_is_absolute(api_table: BindingTable) -> None:
     found = api_table.match("GET", "/v1/instances/i-1/files/etc/my%20dir/a%2Fb.txt")
-    assert found is not None and found.route.raw_response_field == "chunk"
-    msg = mapping.decode_request(found.route, found.variables, "offset=10&length=5")
+    assert found is not None and found.binding.raw_response_field == "chunk"
+    msg = mapping.decode_request(found.binding, found.variables, "offset=10&length=5")
     assert msg == filesystem_pb2.DownloadFileRequest(
         instance_id="i-1", path="/etc/my dir/a%2Fb.txt", offset=10, length=5
     )
 
 
-def test_file_upload_header_and_chunks(api_table: RouteTable) -> None:
+def test_file_upload_header_and_chunks(api_table: BindingTable) -> None:
     found = api_table.match("PUT", "/v1/instances/i-1/files/tmp/x.bin")
     assert found is not None
-    route = found.route
-    assert route.client_streaming and route.raw_request_field == "chunk"
-    first = mapping.decode_request(route, found.variables, "header.overwrite=true&header.mode=420")
+    binding = found.binding
+    assert binding.client_streaming and binding.raw_request_field == "chunk"
+    first = mapping.decode_request(binding, found.variables, "header.overwrite=true&header.mode=420")
     assert first == filesystem_pb2.UploadFileRequest(
         instance_id="i-1", header={"path": "/tmp/x.bin", "overwrite": True, "mode": 420}
     )
-    assert mapping.chunk_message(route, b"\x00\x01") == filesystem_pb2.UploadFileRequest(chunk=b"\x00\x01")
+    assert mapping.chunk_message(binding, b"\x00\x01") == filesystem_pb2.UploadFileRequest(chunk=b"\x00\x01")
 
 
-def test_pty_is_a_websocket_route(api_table: RouteTable) -> None:
+def test_pty_is_a_websocket_route(api_table: BindingTable) -> None:
     found = api_table.match("GET", "/v1/instances/i-1/pty")
-    assert found is not None and found.route.websocket
+    assert found is not None and found.binding.websocket
 
 
-def test_nd_json_input_stream_messages(api_table: RouteTable) -> None:
-    (route,) = api_table.for_method("cyberdesk.v1.ProcessService.StreamProcessInput")
-    msg = mapping.message_from_json(route.request_class(), b'{"data": "aGk="}', "line 2")
+def test_nd_json_input_stream_messages(api_table: BindingTable) -> None:
+    (binding,) = api_table.for_method("cyberdesk.v1.ProcessService.StreamProcessInput")
+    msg = mapping.message_from_json(binding.request_class(), b'{"data": "aGk="}', "line 2")
     assert msg == process_pb2.StreamProcessInputRequest(data=b"hi")
     with pytest.raises(RpcError, match="line 2: unknown field bogus"):
-        mapping.message_from_json(route.request_class(), b'{"bogus": 1}', "line 2")
+        mapping.message_from_json(binding.request_class(), b'{"bogus": 1}', "line 2")

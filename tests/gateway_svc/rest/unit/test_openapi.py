@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from gateway_svc.rest.http_bindings import RouteTable
+from gateway_svc.rest.http_bindings import BindingTable
 from gateway_svc.rest.openapi import build_document
 from tools import gen_openapi
 
@@ -37,13 +37,13 @@ def test_committed_document_is_fresh(document: dict[str, Any]) -> None:
     assert committed == document, "run `make proto` (tools/gen_openapi.py) and commit the document"
 
 
-def test_every_rpc_has_an_operation(document: dict[str, Any], api_table: RouteTable) -> None:
+def test_every_rpc_has_an_operation(document: dict[str, Any], api_table: BindingTable) -> None:
     operations = {op["operationId"] for item in document["paths"].values() for op in item.values()}
     for service in api_table.services:
         for method in service.methods:
             assert f"{service.name}_{method.name}" in operations, method.full_name
     assert "InstanceService_ListSnapshots_1" in operations  # the additional binding
-    assert len(operations) == len(api_table.routes)
+    assert len(operations) == len(api_table.bindings)
 
 
 def test_every_operation_and_field_is_described(document: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway_svc.rest.path_templates import PathDecodeError, Router, TemplateError, parse
+from gateway_svc.rest.path_templates import PathDecodeError, TemplateError, TemplateMatcher, parse
 
 # (template, path, expected variables or None for no match)
 MATCHES: list[tuple[str, str, dict[str, str] | None]] = [
@@ -51,7 +51,7 @@ MATCHES: list[tuple[str, str, dict[str, str] | None]] = [
 
 @pytest.mark.parametrize(("template", "path", "expected"), MATCHES)
 def test_match_table(template: str, path: str, expected: dict[str, str] | None) -> None:
-    router: Router[str] = Router()
+    router: TemplateMatcher[str] = TemplateMatcher()
     router.add("GET", template, "r")
     found = router.match("GET", path)
     if expected is None:
@@ -100,7 +100,7 @@ def test_parse_structure() -> None:
 
 
 def test_literal_wins_over_variable_and_star_over_double_star() -> None:
-    router: Router[str] = Router()
+    router: TemplateMatcher[str] = TemplateMatcher()
     router.add("GET", "/v1/things/{id}", "var")
     router.add("GET", "/v1/things/special", "literal")
     router.add("GET", "/v1/{rest=**}", "deep")
@@ -111,7 +111,7 @@ def test_literal_wins_over_variable_and_star_over_double_star() -> None:
 
 
 def test_backtracks_out_of_a_literal_branch() -> None:
-    router: Router[str] = Router()
+    router: TemplateMatcher[str] = TemplateMatcher()
     router.add("GET", "/v1/things/special/parts", "literal")
     router.add("GET", "/v1/things/{id}/items", "var")
     found = router.match("GET", "/v1/things/special/items")
@@ -119,7 +119,7 @@ def test_backtracks_out_of_a_literal_branch() -> None:
 
 
 def test_verb_route_preferred_over_plain_variable() -> None:
-    router: Router[str] = Router()
+    router: TemplateMatcher[str] = TemplateMatcher()
     router.add("POST", "/v1/things/{id}", "plain")
     router.add("POST", "/v1/things/{id}:run", "verb")
     assert router.match("POST", "/v1/things/a:run").payload == "verb"  # type: ignore[union-attr]
@@ -127,7 +127,7 @@ def test_verb_route_preferred_over_plain_variable() -> None:
 
 
 def test_methods_are_separate() -> None:
-    router: Router[str] = Router()
+    router: TemplateMatcher[str] = TemplateMatcher()
     router.add("GET", "/v1/things/{id}", "get")
     router.add("delete", "/v1/things/{id}", "delete")
     assert router.match("DELETE", "/v1/things/1").payload == "delete"  # type: ignore[union-attr]
@@ -145,7 +145,7 @@ def test_methods_are_separate() -> None:
     ],
 )
 def test_ambiguous_templates_are_refused(first: str, second: str) -> None:
-    router: Router[str] = Router()
+    router: TemplateMatcher[str] = TemplateMatcher()
     router.add("GET", first, "a")
     with pytest.raises(TemplateError, match="matches the same paths"):
         router.add("GET", second, "b")
@@ -153,14 +153,14 @@ def test_ambiguous_templates_are_refused(first: str, second: str) -> None:
 
 @pytest.mark.parametrize("path", ["/v1/things/%zz", "/v1/things/%E2%82", "/v1/things/%"])
 def test_malformed_percent_encoding_in_a_variable(path: str) -> None:
-    router: Router[str] = Router()
+    router: TemplateMatcher[str] = TemplateMatcher()
     router.add("GET", "/v1/things/{id}", "r")
     with pytest.raises(PathDecodeError):
         router.match("GET", path)
 
 
 def test_paths_without_leading_slash_do_not_match() -> None:
-    router: Router[str] = Router()
+    router: TemplateMatcher[str] = TemplateMatcher()
     router.add("GET", "/v1/things", "r")
     assert router.match("GET", "v1/things") is None
     assert router.match("GET", "") is None
