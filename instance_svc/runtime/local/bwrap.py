@@ -15,6 +15,7 @@ then drops to the sandbox uid with `setpriv` and execs bubblewrap, which binds f
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ ETC_READONLY = (
     "profile.d",
 )
 _ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# Tried in this order for desktop sandboxes; none installed means Xvfb without a window manager.
+_WINDOW_MANAGERS = ("matchbox-window-manager", "openbox", "twm")
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,8 @@ class Launch:
     python: Path  # the interpreter, under python_prefix
     site_packages: Path
     packages: Sequence[Path]  # top-level package dirs the agent imports
-    info_fd: int
     command: Sequence[str]
+    info_fd: int = -1  # bubblewrap's --info-fd; spawn.spawn_sandbox sets it to its pipe
     cgroup_procs: Sequence[str] = ()
     stage: str = "/mnt"
     data_rlimit: int | None = None  # bytes; only when no memory cgroup
@@ -154,3 +157,8 @@ def agent_command(python: Path, desktop: tuple[int, int] | None, window_manager:
         return agent
     width, height = desktop
     return ["/bin/sh", "-c", DESKTOP_SCRIPT, "cyberdesk-desktop", f"{width}x{height}x24", window_manager, *agent]
+
+
+def find_window_manager() -> str:
+    """The first installed window manager of `_WINDOW_MANAGERS`, or "" for none."""
+    return next((w for w in _WINDOW_MANAGERS if shutil.which(w)), "")

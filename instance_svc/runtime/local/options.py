@@ -1,0 +1,25 @@
+"""The knobs of the local runtime; the defaults fit a developer machine."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """Knobs of the local runtime; the defaults fit a developer machine."""
+
+    sandbox_uid: int = 100_000  # host uid of every sandbox's processes (uid 1000 inside)
+    sandbox_gid: int = 100_000
+    ready_timeout: float = 15.0
+    pids_max: int = 1024
+    use_cgroups: bool = True
+    python: Path = field(
+        default_factory=lambda: Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    )
+    python_prefix: Path = field(default_factory=lambda: Path(sys.base_prefix))
+    site_packages: Path | None = None
+    packages: tuple[Path, ...] = ()
+    stage_dir: str = "/mnt"

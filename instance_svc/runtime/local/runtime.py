@@ -1,0 +1,276 @@
+"""`LocalRuntime`: the `Runtime` contract (instance_svc/runtime/base.py) over bubblewrap sandboxes.
+
+This module holds the contract's entry points and their order of operations; each step lives in
+the module named for it (see the package docstring). Concurrency: every operation on a sandbox
+holds that sandbox's asyncio lock, so a delete never races a pause or a snapshot of the same
+sandbox; the blocking parts (layer copies, /proc scans, cgroup writes) run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import dataclasses
+import os
+import re
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+from instance_svc.runtime.base import (
+    AgentEndpoint,
+    Limit,
+    RuntimeError_,
+    SandboxInfo,
+    SandboxSpec,
+    SnapshotResult,
+)
+from instance_svc.runtime.local import agent_code, bwrap, freezer, layers, procscan, snapshots, spawn, state_file
+from instance_svc.runtime.local.cgroups import CgroupManager, SandboxCgroups
+from instance_svc.runtime.local.options import LocalOptions
+from instance_svc.runtime.local.state_file import SandboxState
+from instance_svc.runtime.local.teardown import destroy
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MIB = 1024 * 1024
+
+
+class LocalRuntime:
+    """Runs each instance in a bubblewrap sandbox under `base` (see the package docstring)."""
+
+    name = "local"
+
+    def __init__(self, base: Path, options: LocalOptions | None = None) -> None:
+        self._base = Path(base)
+        self._base.mkdir(parents=True, exist_ok=True)
+        os.chmod(self._base, 0o700)
+        self._opts = options or LocalOptions()
+        self._cgroups = CgroupManager() if self._opts.use_cgroups else None
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._site = self._opts.site_packages or agent_code.site_packages()
+        self._packages = self._opts.packages or tuple(agent_code.package_dirs())
+        self._wm = bwrap.find_window_manager()
+        self._locks: dict[str, asyncio.Lock] = {}
+        # SIGSTOP of the process tree always works, so pause is supported either way; the
+        # freezer is preferred because it stops a tree atomically (no fork escapes it).
+        self.supports_pause = True
+
+    # --- paths and recorded state ------------------------------------------------------------
+
+    def _dir(self, sandbox_id: str) -> Path:
+        if not _ID_RE.match(sandbox_id):
+            raise RuntimeError_(
+                f"sandbox id {sandbox_id!r} is not valid: use 1-63 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit"
+            )
+        return self._base / sandbox_id
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    def _load(self, sandbox_id: str) -> SandboxState | None:
+        return state_file.load(self._dir(sandbox_id))
+
+    def _endpoint(self, sandbox_id: str, token: str) -> AgentEndpoint:
+        return AgentEndpoint(target=f"unix://{self._base / sandbox_id / 'sock' / 'agent.sock'}", token=token)
+
+    def _alive(self, state: SandboxState) -> bool:
+        child = self._children.get(state.sandbox_id)
+        if child is not None and child.poll() is not None:
+            self._children.pop(state.sandbox_id, None)
+        return procscan.start_time(state.pid) == state.pid_start
+
+    def _info(self, state: SandboxState) -> SandboxInfo:
+        running = self._alive(state)
+        paused = freezer.is_paused(state, running)
+        limits = tuple(Limit(**lim) for lim in state.limits)
+        return SandboxInfo(state.sandbox_id, self._endpoint(state.sandbox_id, state.token), running, paused, limits)
+
+    def _require(self, sandbox_id: str) -> SandboxState:
+        state = self._load(sandbox_id)
+        if state is None:
+            raise RuntimeError_(f"sandbox {sandbox_id} does not exist")
+        if not self._alive(state):
+            tail = spawn.log_tail(self._base / sandbox_id, 500)
+            raise RuntimeError_(f"sandbox {sandbox_id} is not running: {tail}")
+        return state
+
+    # --- create ----------------------------------------------------------------------------
+
+    def _validate(self, spec: SandboxSpec) -> None:
+        if spec.vcpus < 1 or spec.memory_mib < 16:
+            raise RuntimeError_(f"a sandbox needs at least 1 vCPU and 16 MiB (got {spec.vcpus} and {spec.memory_mib})")
+        for key, value in spec.env.items():
+            if not _ENV_KEY_RE.match(key) or "\0" in value:
+                raise RuntimeError_(f"environment variable {key!r} has an invalid name or a NUL byte")
+        if spec.desktop is not None:
+            width, height = spec.desktop
+            if not (16 <= width <= 8192 and 16 <= height <= 8192):
+                raise RuntimeError_(f"desktop size {width}x{height} is out of range (16..8192)")
+        if spec.restore_from is not None and not Path(spec.restore_from).is_file():
+            raise RuntimeError_(f"snapshot archive {spec.restore_from} does not exist")
+
+    async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        """Start a sandbox and return once its agent answers health checks."""
+        directory = self._dir(spec.sandbox_id)
+        self._validate(spec)
+        async with self._lock(spec.sandbox_id):
+            try:
+                directory.mkdir(mode=0o700)
+            except FileExistsError:
+                raise RuntimeError_(f"sandbox {spec.sandbox_id} already exists") from None
+            try:
+                return await self._start(spec, directory)
+            except BaseException:
+                await self._destroy(spec.sandbox_id)
+                raise
+
+    async def _start(self, spec: SandboxSpec, directory: Path) -> SandboxInfo:
+        uid, gid = self._opts.sandbox_uid, self._opts.sandbox_gid
+        hostname = spec.instance_id or spec.sandbox_id
+        layer, sock = directory / "layer", directory / "sock"
+        await asyncio.to_thread(layers.prepare, layer, spec, hostname, uid, gid)
+        sock.mkdir(mode=0o700)
+        os.chown(sock, uid, gid)
+
+        memory = spec.memory_mib * _MIB
+        cg = (
+            self._cgroups.create(spec.sandbox_id, memory, spec.vcpus, self._opts.pids_max)
+            if self._cgroups
+            else SandboxCgroups(version=0)
+        )
+        limits = [
+            Limit("memory_bytes", memory, "cgroup" if cg.enforced.get("memory_bytes") else "rlimit"),
+            Limit("vcpus", spec.vcpus, "cgroup" if cg.enforced.get("vcpus") else "none"),
+            Limit("pids", self._opts.pids_max, "cgroup" if cg.enforced.get("pids") else "none"),
+        ]
+        token = secrets.token_urlsafe(32)
+        state = SandboxState(
+            sandbox_id=spec.sandbox_id,
+            pid=0,
+            pid_start=0,
+            init_pid=0,
+            token=token,
+            spec=state_file.spec_json(spec),
+            cgroup_version=cg.version,
+            cgroups=cg.paths,
+            limits=[dataclasses.asdict(lim) for lim in limits],
+            created_at=time.time(),
+        )
+        # Saved before the start so that a failed start still finds its cgroups to remove.
+        state_file.save(directory, state)
+
+        launch = bwrap.Launch(
+            layer=layer,
+            sock_dir=sock,
+            hostname=hostname,
+            internet=spec.internet,
+            uid=uid,
+            gid=gid,
+            python_prefix=self._opts.python_prefix,
+            python=self._opts.python,
+            site_packages=self._site,
+            packages=self._packages,
+            command=bwrap.agent_command(self._opts.python, spec.desktop, self._wm),
+            cgroup_procs=cg.procs_files,
+            stage=self._opts.stage_dir,
+            data_rlimit=None if cg.enforced.get("memory_bytes") else memory,
+        )
+        proc, info_r = spawn.spawn_sandbox(directory, spec, launch, token)
+        # Recorded before anything can fail, so that the cleanup of a failed start kills it.
+        self._children[spec.sandbox_id] = proc
+        state.pid = proc.pid
+        try:
+            timeout = self._opts.ready_timeout
+            state.init_pid = await asyncio.to_thread(
+                spawn.read_init_pid, directory, spec.sandbox_id, info_r, proc, timeout
+            )
+        finally:
+            os.close(info_r)
+        start = procscan.start_time(proc.pid)
+        if start is None:
+            raise RuntimeError_(f"the sandbox exited at once: {spawn.log_tail(directory)}")
+        state.pid_start = start
+        state_file.save(directory, state)
+        await spawn.wait_until_healthy(directory, spec.sandbox_id, proc, self._opts.ready_timeout)
+        return self._info(state)
+
+    # --- delete ----------------------------------------------------------------------------
+
+    async def delete(self, sandbox_id: str) -> None:
+        """Kill every process of the sandbox, remove its cgroups and its directory. Idempotent."""
+        self._dir(sandbox_id)
+        async with self._lock(sandbox_id):
+            await self._destroy(sandbox_id)
+        self._locks.pop(sandbox_id, None)
+
+    async def _destroy(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self._destroy_sync, sandbox_id)
+
+    def _destroy_sync(self, sandbox_id: str) -> None:
+        state = self._load(sandbox_id)
+        destroy(self._base / sandbox_id, state, self._children.pop(sandbox_id, None))
+
+    # --- pause, resume ---------------------------------------------------------------------
+
+    async def pause(self, sandbox_id: str) -> None:
+        """Freeze every process of the sandbox (cgroup freezer; SIGSTOP of the process tree without one)."""
+        self._dir(sandbox_id)
+        async with self._lock(sandbox_id):
+            state = self._require(sandbox_id)
+            await asyncio.to_thread(freezer.freeze, self._base / sandbox_id, state)
+
+    async def resume(self, sandbox_id: str) -> None:
+        """Thaw a paused sandbox (a running one is left as it is)."""
+        self._dir(sandbox_id)
+        async with self._lock(sandbox_id):
+            state = self._require(sandbox_id)
+            await asyncio.to_thread(freezer.thaw, self._base / sandbox_id, state)
+
+    # --- snapshot --------------------------------------------------------------------------
+
+    async def snapshot(self, sandbox_id: str, dest: Path) -> SnapshotResult:
+        """Archive the writable layer (zstd, else gzip) while the sandbox is paused; memory is not kept."""
+        self._dir(sandbox_id)
+        async with self._lock(sandbox_id):
+            state = self._require(sandbox_id)
+            already_paused = self._info(state).paused
+            return await snapshots.take(self._base / sandbox_id, state, already_paused, Path(dest))
+
+    # --- list, close -----------------------------------------------------------------------
+
+    async def list(self) -> list[SandboxInfo]:
+        """Every sandbox with a state file; `running` is False when its bubblewrap is gone (or the pid was reused)."""
+        return await asyncio.to_thread(self._list_sync)
+
+    def _list_sync(self) -> builtins.list[SandboxInfo]:
+        # This is how running sandboxes are found after a restart of instance_svc: the state
+        # files under the base, each checked against the process it names.
+        found: builtins.list[SandboxInfo] = []
+        for entry in sorted(self._base.iterdir()):
+            if not _ID_RE.match(entry.name) or not entry.is_dir():
+                continue
+            state = self._load(entry.name)
+            if state is not None and state.pid:
+                found.append(self._info(state))
+        return found
+
+    def pids(self, sandbox_id: str) -> builtins.list[int]:
+        """Host pids of the sandbox's processes (its PID 1 and descendants); for tests and the bench."""
+        state = self._load(sandbox_id)
+        if state is None or not self._alive(state):
+            return []
+        return procscan.descendants(state.pid)
+
+    def init_pid(self, sandbox_id: str) -> int:
+        """Host pid of the sandbox's PID 1 (0 if unknown)."""
+        state = self._load(sandbox_id)
+        return state.init_pid if state else 0
+
+    async def close(self) -> None:
+        """Forget our children without stopping them: sandboxes outlive instance_svc."""
+        for child in self._children.values():
+            child.poll()
+        self._children.clear()

@@ -1,0 +1,41 @@
+"""Where a sandbox is killed and its cgroups and directory removed (idempotent)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from instance_svc.runtime.local import freezer, procscan
+from instance_svc.runtime.local.state_file import SandboxState
+
+
+def destroy(directory: Path, state: SandboxState | None, child: subprocess.Popen[bytes] | None) -> None:
+    """Kill every process of the sandbox, remove its cgroups and `directory` (blocking: run it in a thread).
+
+    `child` is the outer bubblewrap when this instance_svc started it (None after a restart).
+    """
+    if state is not None:
+        cg = state.sandbox_cgroups()
+        # SIGKILL of a pid namespace's PID 1 kills every process in it; the cgroup sweep
+        # catches anything that raced, and the frozen ones are thawed so they can die.
+        if state.init_pid and state.pid_start and procscan.start_time(state.pid) == state.pid_start:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(state.init_pid, signal.SIGKILL)
+            if state.stopped:
+                freezer.continue_stopped(state)
+        cg.kill_all()
+        cg.remove()
+    if child is not None:
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()  # the outer bubblewrap ends with its sandbox; this is a backstop
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(5)
+    elif state is not None and state.pid_start and procscan.start_time(state.pid) == state.pid_start:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.pid, signal.SIGKILL)
+    shutil.rmtree(directory, ignore_errors=True)
