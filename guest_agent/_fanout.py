@@ -11,7 +11,7 @@ Rules
   ends with RESOURCE_EXHAUSTED (the client may reattach and replay the ring). A slow consumer
   therefore never blocks the process nor the other consumers.
 * One subscriber may be the *pacer* (the foreground `StartProcess` stream): the process's reader
-  asks `should_pause()` after each chunk and stops reading the pipe while the pacer's queue is
+  asks `above_high_water()` after each chunk and stops reading the pipe while the pacer's queue is
   above its high-water mark, which applies back-pressure to the process itself through the pipe
   instead of dropping bytes. The pacer never overflows.
 * The terminal event (`Exited`) is always delivered, beyond any limit, and is the last one.
