@@ -1,4 +1,9 @@
-"""A real instance_svc process (local runtime, real Redis) and a gRPC client for it."""
+"""A real instance_svc process (local runtime, real Redis) and a gRPC client for it.
+
+Used by integration/test_service.py and by the gateway's REST end-to-end tests
+(tests/gateway_svc/rest/conftest.py imports `running` and `TOKEN` from here), which is why it sits
+above unit/ and integration/. The unit tests use none of it.
+"""
 
 from __future__ import annotations
 
