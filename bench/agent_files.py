@@ -41,7 +41,7 @@ import grpc
 from bench._launch import ROOT, AgentProcess, agent, baseline_execd
 from bench._report import print_table, report
 from cyberdesk import keep_large_blocks
-from cyberdesk_common.grpc_server import DEFAULT_OPTIONS
+from cyberdesk_common.channel_options import SERVER_OPTIONS as DEFAULT_OPTIONS
 from cyberdesk_proto.v1 import filesystem_pb2 as fs
 from cyberdesk_proto.v1 import filesystem_pb2_grpc
 

@@ -78,10 +78,6 @@ def state_dir() -> Path:
     return path
 
 
-INTERNAL_TOKEN_METADATA = "x-cyberdesk-internal-token"
-TENANT_METADATA = "x-cyberdesk-tenant"
-
-
 def internal_token(base: Path | None = None) -> str:
     """The secret that our own services present to each other (gateway -> instance_svc).
 

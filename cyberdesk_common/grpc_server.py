@@ -21,6 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cyberdesk_common.builtin_services import BUILTIN_METHOD_PREFIXES
+from cyberdesk_common.channel_options import SERVER_OPTIONS
 from cyberdesk_common.status import RpcError
 from cyberdesk_common.tracing import TracingServerInterceptor
 
@@ -92,7 +94,7 @@ def _access(method: str, context: grpc.aio.ServicerContext, start: float, peer: 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Access log and error mapping for every call (unary and streaming alike)."""
 
-    def __init__(self, skip: Sequence[str] = ("/grpc.health.v1.Health/", "/grpc.reflection.")) -> None:
+    def __init__(self, skip: Sequence[str] = BUILTIN_METHOD_PREFIXES) -> None:
         self._skip = tuple(skip)
         # method -> (handler, its wrapped handler): built once per method, not once per call (a
         # server hands out the same handler object for a method every time).
@@ -154,20 +156,12 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-)
-
-
 async def start(spec: ServerSpec) -> RunningServer:
     """Build and start the server described by `spec`."""
     server = grpc.aio.server(
         # Tracing outermost: the span covers the access log, the error mapping and the handler.
         interceptors=[TracingServerInterceptor(), CallInterceptor(), *spec.interceptors],
-        options=[*DEFAULT_OPTIONS, *spec.options],
+        options=[*SERVER_OPTIONS, *spec.options],
     )
     names = list(spec.register(server))
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]

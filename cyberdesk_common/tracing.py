@@ -19,8 +19,9 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from cyberdesk_common.builtin_services import is_builtin_method
+
 _TRACE_KEYS = ("traceparent", "tracestate")
-_SKIP = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class _MetadataGetter(Getter[Sequence[tuple[str, Any]]]):
@@ -114,7 +115,7 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        if handler is None or method.startswith(_SKIP):
+        if handler is None or is_builtin_method(method):
             return handler
         rd, rs = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
+from cyberdesk_common.metadata import (
+    AUTHORIZATION_METADATA,
+    INTERNAL_METADATA_PREFIX,
+    agent_metadata,
+    internal_metadata,
+)
 from cyberdesk_common.status import RpcError, invalid_argument
 from cyberdesk_common.tracing import inject_metadata
-from gateway_svc.auth import SCOPE_INSTANCES
-from gateway_svc.gate import Gate
-from gateway_svc.routing import INTERNAL_TOKEN_HEADER, TENANT_HEADER, Router
+from gateway_svc.auth import SCOPE_INSTANCES, Principal
+from gateway_svc.routing import AgentRoute
 
 INSTANCE_SERVICE = "cyberdesk.v1.InstanceService"
 # Services whose calls go to the instance's agent; InstanceService goes to instance_svc.
@@ -29,9 +34,9 @@ AGENT_SERVICES = frozenset(
 # Never forwarded upstream: credentials of the caller, headers only our services may set, trace
 # headers (replaced), and transport headers gRPC sets itself.
 _STRIP_EXACT = frozenset(
-    {"authorization", "x-api-key", "traceparent", "tracestate", "user-agent", "content-type", "te"}
+    {AUTHORIZATION_METADATA, "x-api-key", "traceparent", "tracestate", "user-agent", "content-type", "te"}
 )
-_STRIP_PREFIX = ("x-cyberdesk-", "grpc-", ":")
+_STRIP_PREFIX = (INTERNAL_METADATA_PREFIX, "grpc-", ":")
 
 
 def forwardable(metadata: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -49,12 +54,40 @@ class Target:
     instance_id: str = ""  # set for calls to an agent
 
 
+class CallGate(Protocol):
+    """Key, scope and rate limit in two steps (`gateway_svc.gate.Gate`), so routing can overlap the Redis check."""
+
+    async def begin(self, metadata: Sequence[tuple[str, str | bytes]], scope: str) -> tuple[Principal, Any]:
+        """The verified principal and its begun rate-limit check; raises UNAUTHENTICATED or PERMISSION_DENIED."""
+        ...
+
+    async def finish(self, principal: Principal, pending: Any) -> None:
+        """Raises RESOURCE_EXHAUSTED when the begun check refuses the call."""
+        ...
+
+
+class AgentRoutes(Protocol):
+    """Instance -> agent route and channel (`gateway_svc.routing.RouteCache`)."""
+
+    async def resolve(self, tenant_id: str, instance_id: str, deadline: float | None) -> AgentRoute:
+        """The route to a RUNNING instance of `tenant_id`, or the precise RpcError."""
+        ...
+
+    def channel(self, route: AgentRoute) -> grpc.aio.Channel:
+        """The (pooled) channel to `route`'s agent."""
+        ...
+
+    def invalidate(self, instance_id: str, close_channel: bool = False) -> None:
+        """Forget the cached route of `instance_id`."""
+        ...
+
+
 @dataclass
 class Admission:
     """Verify key -> check scope -> rate limit -> resolve the upstream (instance_svc or the instance's agent)."""
 
-    gate: Gate
-    router: Router
+    gate: CallGate
+    routes: AgentRoutes
     instance_channel: grpc.aio.Channel
     internal_token: str
 
@@ -95,19 +128,19 @@ class Admission:
         forward: Sequence[tuple[str, Any]],
     ) -> Target:
         if service not in AGENT_SERVICES:
-            upstream_md = [*forward, (TENANT_HEADER, tenant_id), (INTERNAL_TOKEN_HEADER, self.internal_token)]
+            upstream_md = [*forward, *internal_metadata(tenant_id, self.internal_token)]
             return Target(self.instance_channel, tuple(inject_metadata(upstream_md)), deadline)
         instance = instance_id()
         if not instance:
             raise invalid_argument("instance_id (field 1 of the first request message) is required")
-        route = await self.router.resolve(tenant_id, instance, deadline)
-        agent_md = [*forward, ("authorization", f"Bearer {route.token}")]
-        return Target(self.router.pool.get(route), tuple(inject_metadata(agent_md)), deadline, instance)
+        route = await self.routes.resolve(tenant_id, instance, deadline)
+        agent_md = [*forward, *agent_metadata(route.token)]
+        return Target(self.routes.channel(route), tuple(inject_metadata(agent_md)), deadline, instance)
 
     def upstream_failed(self, target: Target, code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
         """The status a caller gets for an upstream failure; an unreachable agent's route is forgotten."""
         if code is grpc.StatusCode.UNAVAILABLE and target.instance_id:
             # The agent went away: forget its route so the next call asks instance_svc again.
-            self.router.invalidate(target.instance_id)
+            self.routes.invalidate(target.instance_id)
             details = f"the agent of instance {target.instance_id} is unreachable ({details})"
         return code, details

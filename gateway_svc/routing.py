@@ -3,9 +3,10 @@
 - `read_instance_id` reads field 1 (`instance_id`) of a serialized request without decoding the
   rest: every request of the public services carries the instance there (see
   docs/architecture.md), so the gateway can forward request bytes unchanged.
-- `Router` resolves (tenant, instance) to the instance's agent through instance_svc's
-  RoutingService, caches RUNNING answers for a few seconds (bounded), and drops entries when
-  instance_svc announces a lifecycle change on the Redis stream `cyberdesk:events`.
+- `RouteCache` resolves (tenant, instance) to an `AgentRoute` (the instance's agent endpoint and
+  token) through instance_svc's RoutingService, caches RUNNING answers for a few seconds
+  (bounded), and drops entries when instance_svc announces a lifecycle change: `follow_events`
+  reads the stream with the shared tail reader (`cyberdesk_common.lifecycle_events`).
 - `ChannelPool` keeps one channel per agent; gRPC multiplexes every call to that agent over it.
 """
 
@@ -17,34 +18,20 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import grpc
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from cyberdesk_common import lifecycle_events
+from cyberdesk_common.agent_channel import open_agent_channel
+from cyberdesk_common.lifecycle_events import EventStreamUnavailable, LifecycleEvent
+from cyberdesk_common.metadata import INTERNAL_TOKEN_METADATA
 from cyberdesk_common.status import RpcError, failed_precondition
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2
 
 _log = logging.getLogger("gateway_svc.routing")
-
-EVENTS_STREAM = "cyberdesk:events"
-INTERNAL_TOKEN_HEADER = "x-cyberdesk-internal-token"
-TENANT_HEADER = "x-cyberdesk-tenant"
-
-# Same limits as our servers (cyberdesk_common.grpc_server.DEFAULT_OPTIONS): a 16 MiB message
-# from an agent must pass through the gateway unchanged.
-CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    # An agent that went away must fail the next call quickly, not after the default 1-120 s
-    # reconnect backoff.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
-)
 
 
 class WireError(ValueError):
@@ -118,8 +105,8 @@ def state_name(state: int) -> str:
 
 
 @dataclass(frozen=True)
-class Route:
-    """Where an instance's agent listens and how to talk to it."""
+class AgentRoute:
+    """Where an instance's agent listens and how to talk to it (an answer of ResolveInstance)."""
 
     tenant_id: str
     instance_id: str
@@ -136,22 +123,14 @@ class ChannelPool:
         self._channels: OrderedDict[tuple[str, str, str], grpc.aio.Channel] = OrderedDict()
         self._max = max_channels
 
-    def get(self, route: Route) -> grpc.aio.Channel:
+    def get(self, route: AgentRoute) -> grpc.aio.Channel:
         """The channel to `route`'s agent, created on first use."""
         key = (route.target, route.ca_pem, route.server_name)
         channel = self._channels.get(key)
         if channel is not None:
             self._channels.move_to_end(key)
             return channel
-        options = list(CHANNEL_OPTIONS)
-        if route.target.startswith("unix:"):
-            channel = grpc.aio.insecure_channel(route.target, options=options)
-        else:
-            # A TCP agent is always TLS: its token must never cross a network in clear text.
-            creds = grpc.ssl_channel_credentials(root_certificates=route.ca_pem.encode() or None)
-            if route.server_name:
-                options.append(("grpc.ssl_target_name_override", route.server_name))
-            channel = grpc.aio.secure_channel(route.target, creds, options=options)
+        channel = open_agent_channel(route)
         self._channels[key] = channel
         while len(self._channels) > self._max:
             _, old = self._channels.popitem(last=False)
@@ -170,22 +149,22 @@ class ChannelPool:
             await channel.close(grace=None)
 
 
-class Router:
-    """Resolves (tenant, instance) to a Route through instance_svc, with a short, bounded cache."""
+class RouteCache:
+    """Resolves (tenant, instance) to an AgentRoute through instance_svc, with a short, bounded cache."""
 
     def __init__(
         self, instance_channel: grpc.aio.Channel, internal_token: str, ttl: float = 5.0, max_entries: int = 10_000
     ) -> None:
         self._stub = routing_pb2_grpc.RoutingServiceStub(instance_channel)
-        self._metadata = ((INTERNAL_TOKEN_HEADER, internal_token),)
+        self._metadata = ((INTERNAL_TOKEN_METADATA, internal_token),)
         self.ttl = ttl
         self._max = max_entries
         # instance_id -> (expires, route). Only RUNNING answers are cached; the tenant is kept in
         # the route and compared on every hit, so a cached route never serves another tenant.
-        self._cache: OrderedDict[str, tuple[float, Route]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, AgentRoute]] = OrderedDict()
         self.pool = ChannelPool()
 
-    async def resolve(self, tenant_id: str, instance_id: str, deadline: float | None) -> Route:
+    async def resolve(self, tenant_id: str, instance_id: str, deadline: float | None) -> AgentRoute:
         """The route to a RUNNING instance of `tenant_id`, or NOT_FOUND / FAILED_PRECONDITION / UNAVAILABLE."""
         hit = self._cache.get(instance_id)
         if hit is not None:
@@ -212,7 +191,7 @@ class Router:
             )
         if not reply.agent_target:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"instance {instance_id} has no agent endpoint yet; retry")
-        route = Route(
+        route = AgentRoute(
             tenant_id, instance_id, reply.agent_target, reply.agent_token, reply.agent_ca_pem, reply.agent_server_name
         )
         if self.ttl > 0:
@@ -221,11 +200,19 @@ class Router:
                 self._cache.popitem(last=False)
         return route
 
+    def channel(self, route: AgentRoute) -> grpc.aio.Channel:
+        """The pooled channel to `route`'s agent."""
+        return self.pool.get(route)
+
     def invalidate(self, instance_id: str, close_channel: bool = False) -> None:
         """Forget the cached route of `instance_id` (and close its channel when the instance is gone)."""
         hit = self._cache.pop(instance_id, None)
         if hit is not None and close_channel:
             self.pool.drop(hit[1].target)
+
+    def apply(self, event: LifecycleEvent) -> None:
+        """A lifecycle change of an instance: forget its route; close its channel once it is gone."""
+        self.invalidate(event.instance_id, close_channel=event.new_state.terminal)
 
     def clear(self) -> None:
         """Forget every cached route (after missing events)."""
@@ -235,49 +222,70 @@ class Router:
         return instance_id in self._cache
 
 
-_GONE_STATES = {"TERMINATED", "FAILED", "INSTANCE_STATE_TERMINATED", "INSTANCE_STATE_FAILED", "6", "7"}
+class FollowsEvents(Protocol):
+    """What `follow_events` drives: the route cache (or, in a test, a recorder of what it was told)."""
+
+    def apply(self, event: LifecycleEvent) -> None:
+        """One lifecycle event, in stream order."""
+
+    def clear(self) -> None:
+        """Events may have been missed (Redis unreachable): forget everything they would have changed."""
 
 
-def parse_event(fields: dict[bytes, bytes]) -> tuple[str, str] | None:
-    """(instance_id, state) of a `cyberdesk:events` entry, or None when it names no instance."""
-    decoded = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
-    instance_id = decoded.get("instance_id") or decoded.get("instance") or ""
-    if not instance_id:
-        return None
-    return instance_id, decoded.get("state") or decoded.get("new_state") or ""
+async def follow_events(
+    routes: FollowsEvents,
+    redis_url: str,
+    stop: asyncio.Event,
+    *,
+    block_ms: int = lifecycle_events.BLOCK_MS,
+    max_backoff: float = 5.0,
+) -> None:
+    """Apply every lifecycle event to `routes` until `stop` is set.
 
-
-async def follow_events(router: Router, redis_url: str, stop: asyncio.Event) -> None:
-    """Drop cache entries on every lifecycle event until `stop` is set.
-
-    Reads new entries only (`$`): older events cannot concern routes cached by this process.
-    After a Redis outage every route is dropped, since events may have been missed.
+    Starts from the stream's end (older events cannot concern routes cached by this process),
+    then reads from the last id seen, so no event written between two reads is lost. When Redis
+    drops, every route is forgotten (events may be missed) at each failed attempt, and the reader
+    reconnects with back-off (0.2 s doubling to `max_backoff`), resuming after the last id seen.
     """
-    client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=None)
-    last_id = "$"
-    failed = False
+    follower = asyncio.create_task(_follow(routes, redis_url, block_ms, max_backoff), name="follow-events")
+    stopped = asyncio.create_task(stop.wait())
     try:
-        while not stop.is_set():
+        await asyncio.wait({follower, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        follower.cancel()
+        stopped.cancel()
+        await asyncio.gather(follower, stopped, return_exceptions=True)
+    if not follower.cancelled() and (failure := follower.exception()) is not None:
+        raise failure
+
+
+async def _follow(routes: FollowsEvents, redis_url: str, block_ms: int, max_backoff: float) -> None:
+    client = lifecycle_events.connect(redis_url)
+    last_id: str | None = None  # None: from the stream's end
+    down = False
+    delay = 0.2
+    try:
+        while True:
             try:
-                replies: Any = await client.xread({EVENTS_STREAM: last_id}, block=1000, count=500)
-            except (RedisError, OSError) as err:
-                if not failed:
+                if down:
+                    # Reachable again? Forget the routes cached while events could not be read,
+                    # then resume after the last id seen.
+                    await client.ping()
+                    _log.info("following lifecycle events again")
+                    routes.clear()
+                    down, delay = False, 0.2
+                async with contextlib.aclosing(
+                    lifecycle_events.tail(client, after=last_id, block_ms=block_ms)
+                ) as events:
+                    async for entry_id, event in events:
+                        last_id = entry_id
+                        routes.apply(event)
+            except (EventStreamUnavailable, RedisError, OSError) as err:
+                if not down:
                     _log.warning("not following lifecycle events: redis unreachable", extra={"error": str(err)})
-                failed = True
-                router.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-                continue
-            if failed:
-                _log.info("following lifecycle events again")
-                router.clear()
-                failed = False
-            for _stream, entries in replies or ():
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    parsed = parse_event(fields)
-                    if parsed is not None:
-                        instance_id, state = parsed
-                        router.invalidate(instance_id, close_channel=state in _GONE_STATES)
+                down = True
+                routes.clear()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_backoff)
     finally:
         await client.aclose()

@@ -1,7 +1,7 @@
 """Wiring of gateway_svc: the gRPC port (public services, key management) and the REST port.
 
 Both faces run in one event loop and share one `Admission` (key, scope, rate limit, tenant,
-route), one router with its channel pool, and one rate limiter. The REST face is a uvicorn server
+route), one route cache with its channel pool, and one rate limiter. The REST face is a uvicorn server
 started in-process on CYBERDESK_GATEWAY_HTTP_ADDR once gRPC serves, and stopped before gRPC drains.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from cyberdesk_common.channel_options import CHANNEL_OPTIONS
 from cyberdesk_common.grpc_server import RunningServer, ServerSpec
 from cyberdesk_common.tracing import TracingClientInterceptor
 from cyberdesk_proto.internal.v1 import auth_pb2, auth_pb2_grpc
@@ -28,7 +29,7 @@ from gateway_svc.proxy import Proxy, public_service_names
 from gateway_svc.ratelimit import RateLimiter
 from gateway_svc.rest.app import RestApp
 from gateway_svc.rest.upstream import GatewayUpstream
-from gateway_svc.routing import CHANNEL_OPTIONS, Router, follow_events
+from gateway_svc.routing import RouteCache, follow_events
 from gateway_svc.unkey_backend import UnkeyBackend
 
 _log = logging.getLogger("gateway_svc")
@@ -46,7 +47,7 @@ class Gateway:
         self.config = config
         self.store: KeyStore | None = None
         self.unkey: UnkeyBackend | None = None
-        self.router: Router | None = None
+        self.route_cache: RouteCache | None = None
         self.limiter: RateLimiter | None = None
         self.instance_channel: grpc.aio.Channel | None = None
         self._stop = asyncio.Event()
@@ -78,16 +79,16 @@ class Gateway:
             options=list(CHANNEL_OPTIONS),
             interceptors=[TracingClientInterceptor()],  # type: ignore[list-item]
         )
-        self.router = Router(self.instance_channel, config.internal_token, ttl=config.route_cache_seconds)
-        self.admission = Admission(gate, self.router, self.instance_channel, config.internal_token)
+        self.route_cache = RouteCache(self.instance_channel, config.internal_token, ttl=config.route_cache_seconds)
+        self.admission = Admission(gate, self.route_cache, self.instance_channel, config.internal_token)
         server.add_generic_rpc_handlers((Proxy(self.admission),))
         auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(gate, self.store), server)
         return [*public_service_names(), auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name]
 
     async def on_started(self, running: RunningServer) -> None:
         """Start following lifecycle events (route cache invalidation)."""
-        assert self.router is not None
-        self._events = asyncio.create_task(follow_events(self.router, self.config.redis_url, self._stop))
+        assert self.route_cache is not None
+        self._events = asyncio.create_task(follow_events(self.route_cache, self.config.redis_url, self._stop))
         await self.start_http()
         _log.info(
             "gateway ready",
@@ -146,8 +147,8 @@ class Gateway:
     async def close(self) -> None:
         """Release every client (used by in-process tests; a process just exits)."""
         await self.on_stopping()
-        if self.router is not None:
-            await self.router.pool.close()
+        if self.route_cache is not None:
+            await self.route_cache.pool.close()
         if self.instance_channel is not None:
             await self.instance_channel.close(grace=None)
         if self.limiter is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+from cyberdesk_common.builtin_services import is_builtin_method
 
 
 def deny_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
@@ -46,7 +46,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_OPEN):
+        if handler is None or is_builtin_method(handler_call_details.method):
             return handler
         presented = b""
         for key, value in handler_call_details.invocation_metadata or ():

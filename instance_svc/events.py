@@ -1,4 +1,4 @@
-"""Publishing state changes on the Redis stream `cyberdesk:events`, at least once.
+"""Publishing state changes on the Redis stream `cyberdesk:events`, at least once; WatchInstances' reader.
 
 Each state change writes an outbox row in the same SQLite transaction (see store.py). The
 publisher drains the outbox in order: XADD each event, then mark the rows sent. If Redis is down
@@ -6,8 +6,9 @@ the rows wait and the publisher retries with back-off; if instance_svc dies betw
 mark, the event is sent again after the restart (at least once: consumers de-duplicate on
 `event_id`).
 
-Watchers read the same stream with XREAD BLOCK from `$`, so WatchInstances shows exactly what
-billing sees, from whichever instance_svc replica made the change.
+Watchers read the same stream through the shared tail reader (`cyberdesk_common.lifecycle_events`,
+which also defines the record and the stream name), so WatchInstances shows exactly what billing
+sees, from whichever instance_svc replica made the change.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from cyberdesk_common import lifecycle_events
+from cyberdesk_common.lifecycle_events import STREAM, EventStreamUnavailable, LifecycleEvent
 from cyberdesk_common.status import RpcError
-from instance_svc.store import Event, Store
+from instance_svc.store import Store
 
-STREAM = "cyberdesk:events"
 # Approximate cap of the stream: billing consumes far faster than this fills.
 STREAM_MAXLEN = 1_000_000
 
@@ -90,33 +91,18 @@ class Publisher:
                 delay = min(delay * 2, 5.0)
 
 
-async def watch(redis_url: str, tenant: str, instance_id: str = "") -> AsyncIterator[tuple[str, Event]]:
-    """Yield (stream id, event) for the tenant's changes from now on.
+async def watch(redis_url: str, tenant: str, instance_id: str = "") -> AsyncIterator[tuple[str, LifecycleEvent]]:
+    """Yield (stream id, event) for the tenant's changes (of `instance_id` when given) from now on.
 
-    "Now" is the stream's last id, read once before the first XREAD: re-sending `$` on every
-    call would drop the events written between two calls. Each XREAD blocks for less than the
-    socket timeout (redis-py's default would turn an idle watch into a TimeoutError).
+    One Redis connection per watcher; UNAVAILABLE when Redis cannot be reached.
     """
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        redis_url, decode_responses=True, socket_timeout=10.0, socket_connect_timeout=2.0
-    )
+    client = lifecycle_events.connect(redis_url)
     try:
-        try:
-            newest: Any = await client.xrevrange(STREAM, count=1)
-        except RedisError as err:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the event stream is unavailable: {err}") from None
-        last = newest[0][0] if newest else "0-0"
-        while True:
-            try:
-                reply: Any = await client.xread({STREAM: last}, block=2000, count=100)
-            except RedisError as err:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the event stream is unavailable: {err}") from None
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    last = entry_id
-                    event = Event.from_fields(fields)
-                    if event.tenant != tenant or (instance_id and event.instance_id != instance_id):
-                        continue
-                    yield entry_id, event
+        async for entry_id, event in lifecycle_events.tail(client):
+            if event.tenant != tenant or (instance_id and event.instance_id != instance_id):
+                continue
+            yield entry_id, event
+    except EventStreamUnavailable as err:
+        raise RpcError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
     finally:
         await client.aclose()

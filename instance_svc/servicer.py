@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from cyberdesk_common.config import INTERNAL_TOKEN_METADATA, TENANT_METADATA
+from cyberdesk_common.metadata import INTERNAL_TOKEN_METADATA, TENANT_METADATA
 from cyberdesk_common.status import RpcError, invalid_argument
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc

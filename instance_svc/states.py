@@ -10,24 +10,11 @@ from __future__ import annotations
 
 import enum
 
-from cyberdesk_proto.v1 import instance_pb2
+from cyberdesk_common.lifecycle_events import InstanceState
 
-
-class State(enum.Enum):
-    """Lifecycle states; values are the `cyberdesk.v1.InstanceState` numbers."""
-
-    PENDING = instance_pb2.INSTANCE_STATE_PENDING
-    STARTING = instance_pb2.INSTANCE_STATE_STARTING
-    RUNNING = instance_pb2.INSTANCE_STATE_RUNNING
-    PAUSED = instance_pb2.INSTANCE_STATE_PAUSED
-    STOPPING = instance_pb2.INSTANCE_STATE_STOPPING
-    TERMINATED = instance_pb2.INSTANCE_STATE_TERMINATED
-    FAILED = instance_pb2.INSTANCE_STATE_FAILED
-
-    @property
-    def terminal(self) -> bool:
-        """TERMINATED and FAILED hold no resources and never change again."""
-        return self in (State.TERMINATED, State.FAILED)
+# The states are a cross-service fact (the lifecycle event carries them to every consumer), so
+# they are defined once in the shared package; `State` is their name inside instance_svc.
+State = InstanceState
 
 
 # Non-terminal states count against a tenant's quota: the instance holds (or is about to hold,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cyberdesk_common.lifecycle_events import LifecycleEvent
 from instance_svc import paging, quotas
 from instance_svc.expiry import TimeoutAction
 from instance_svc.states import LIVE, State, check_transition
@@ -112,51 +113,9 @@ class SnapshotRecord:
     path: str
 
 
-@dataclass(frozen=True)
-class Event:
-    """A state change, as published on the Redis stream (see docs/instance_svc.md)."""
-
-    event_id: str
-    tenant: str
-    instance_id: str
-    old_state: State | None
-    new_state: State
-    time_us: int
-    vcpus: int
-    memory_mib: int
-    template: str
-    state_message: str
-
-    def fields(self) -> dict[str, str]:
-        """The flat string fields of the stream entry."""
-        return {
-            "event_id": self.event_id,
-            "tenant": self.tenant,
-            "instance_id": self.instance_id,
-            "old_state": self.old_state.name if self.old_state else "",
-            "new_state": self.new_state.name,
-            "time_us": str(self.time_us),
-            "vcpus": str(self.vcpus),
-            "memory_mib": str(self.memory_mib),
-            "template": self.template,
-            "state_message": self.state_message,
-        }
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, str]) -> Event:
-        """Parse a stream entry written by `fields`."""
-        return cls(
-            event_id=fields["event_id"],
-            tenant=fields["tenant"],
-            instance_id=fields["instance_id"],
-            old_state=State[fields["old_state"]] if fields.get("old_state") else None,
-            new_state=State[fields["new_state"]],
-            time_us=int(fields["time_us"]),
-            vcpus=int(fields["vcpus"]),
-            memory_mib=int(fields["memory_mib"]),
-            template=fields["template"],
-            state_message=fields.get("state_message", ""),
-        )
+# The event record is the shared lifecycle contract (producer and every consumer use the same
+# class); the outbox stores `Event.fields()` as JSON and the publisher XADDs the same fields.
+Event = LifecycleEvent
 
 
 class QuotaExceeded(Exception):

@@ -386,6 +386,8 @@ def test_deadline_propagates(stack: Stack, channel: grpc.Channel) -> None:
 def test_route_cache_follows_lifecycle_events(stack: Stack, channel: grpc.Channel) -> None:
     import redis
 
+    from cyberdesk_common.lifecycle_events import STREAM, InstanceState, LifecycleEvent
+
     key = stack.new_key("tenant-a")
     stack.set_route("i-life", "tenant-a", "RUNNING", stack.agents["i-life"].target)
     procs = process_pb2_grpc.ProcessServiceStub(channel)
@@ -395,11 +397,25 @@ def test_route_cache_follows_lifecycle_events(stack: Stack, channel: grpc.Channe
         )
     )
     stack.set_route("i-life", "tenant-a", "PAUSED", stack.agents["i-life"].target)
+    # One event, published once, in the shape instance_svc's publisher writes: the gateway reads
+    # from the last id it has seen, so nothing written after it started following is missed.
+    paused = LifecycleEvent(
+        event_id="e-life-paused",
+        tenant="tenant-a",
+        instance_id="i-life",
+        old_state=InstanceState.RUNNING,
+        new_state=InstanceState.PAUSED,
+        time_us=time.time_ns() // 1000,
+        vcpus=1,
+        memory_mib=512,
+        template="base",
+        state_message="",
+    )
     client = redis.Redis.from_url(stack.redis_url)
+    client.xadd(STREAM, paused.fields())  # type: ignore[arg-type]
+    client.close()
 
     def paused_seen() -> bool:
-        # Publish until the gateway (which only reads events newer than its subscription) drops the route.
-        client.xadd("cyberdesk:events", {"instance_id": "i-life", "state": "PAUSED"})
         try:
             list(
                 procs.StartProcess(
@@ -414,4 +430,3 @@ def test_route_cache_follows_lifecycle_events(stack: Stack, channel: grpc.Channe
 
     # The route cache TTL is 5 s by default; the event makes the change visible well before.
     _until(paused_seen, timeout=4.0)
-    client.close()
