@@ -14,7 +14,7 @@ Rows:
   RunProcess argv [sh -c 'echo hi']      the same work as the baseline (which runs `sh -c` via shell=True)
   RunProcess command 'echo hi'           a login bash (`bash -lc`)
   RunProcess argv [echo hi] cwd=/tmp     a cwd other than the agent's own: spawned by subprocess
-                                         instead of posix_spawn (see guest_agent/spawn.py)
+                                         instead of posix_spawn (see guest_agent/process_spawn.py)
   StartProcess ...                       the streamed exec: started, stdout and exited messages
   fastapi execD POST /exec               the baseline, shell=True
   gateway -> RunProcess / StartProcess   the same calls through gateway_svc (TCP loopback, API key,

@@ -1,9 +1,9 @@
 """ProcessService: streamed exec, run-to-completion exec, background processes with reattach,
 stdin, signals, list, PTYs.
 
-The work is done by `process_table` (lifecycle, lookup), `spawn`, `_fanout` and `_reaper`; this
-module turns requests into specs and events into messages (with `process_messages`). Terminals
-(ConnectPty) live in `pty.py`.
+The work is done by `process_table` (lifecycle, lookup), `process_spawn`, `_fanout` and `_reaper`;
+this module turns requests into specs and events into messages (with `process_messages`).
+Terminals (ConnectPty) live in `pty.py`.
 
 Back-pressure (see `_fanout` for the mechanics)
 -----------------------------------------------
@@ -42,8 +42,8 @@ from guest_agent.process_messages import (
     select,
     started_pb,
 )
+from guest_agent.process_spawn import Spec
 from guest_agent.process_table import Limits, ProcessTable
-from guest_agent.spawn import Spec
 
 Context = grpc.aio.ServicerContext[object, object]
 

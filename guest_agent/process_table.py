@@ -1,8 +1,8 @@
 """The processes the agent runs and their lifecycle: the table (lookup by pid and tag), output,
 stdin, signals, timeouts, and how long a finished one is kept.
 
-How a process is started on the OS is in `spawn`; how its output reaches several readers in
-`_fanout`; who collects exit statuses in `_reaper`.
+How a process is started on the OS is in `process_spawn`; how its output reaches several readers
+in `_fanout`; who collects exit statuses in `_reaper`.
 
 Everything here runs on the event loop thread; nothing blocks it (pipes are non-blocking and
 watched with `add_reader` / `add_writer`), and no state is shared with other threads.
@@ -39,7 +39,7 @@ from cyberdesk_common.config import env_float, env_int
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found
 from guest_agent._fanout import STDERR, STDOUT, Chunk, Collector, Exited, Ring, Subscriber
 from guest_agent._reaper import Reaper
-from guest_agent.spawn import Spec, not_started, set_winsize, spawn_on_pipes, spawn_on_terminal
+from guest_agent.process_spawn import Spec, not_started, set_winsize, spawn_on_pipes, spawn_on_terminal
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from guest_agent.process_messages import (
     select,
     started_pb,
 )
+from guest_agent.process_spawn import Spec, login_shell
 from guest_agent.process_table import ManagedProcess, ProcessTable
-from guest_agent.spawn import Spec, login_shell
 
 _MAX_SIZE = 10_000
 

@@ -15,7 +15,7 @@ from cyberdesk_proto.v1 import process_pb2
 from guest_agent._fanout import STDOUT, Chunk, Exited, Subscriber
 from guest_agent.identity import Identity
 from guest_agent.process_messages import check_signal, exited_pb, follow, process_env, resolve_cwd, select
-from guest_agent.spawn import not_started
+from guest_agent.process_spawn import not_started
 
 
 def test_cwd_is_taken_from_home_unless_absolute(tmp_path: Path) -> None:
