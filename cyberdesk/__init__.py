@@ -18,22 +18,26 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "Cyberdesk": "cyberdesk._client",
-    "Instances": "cyberdesk._client",
-    "Snapshots": "cyberdesk._client",
-    "Keys": "cyberdesk._client",
-    "AsyncCyberdesk": "cyberdesk._async_client",
-    "AsyncInstance": "cyberdesk._async_client",
-    "AsyncProcess": "cyberdesk._async_client",
-    "AsyncShell": "cyberdesk._async_client",
-    "AsyncFiles": "cyberdesk._async_client",
-    "AsyncDesktop": "cyberdesk._async_client",
-    "Instance": "cyberdesk._instance",
-    "Process": "cyberdesk._instance",
-    "Files": "cyberdesk._files",
-    "Watch": "cyberdesk._files",
-    "Desktop": "cyberdesk._desktop",
-    "Shell": "cyberdesk._shell",
+    "Cyberdesk": "cyberdesk._sync.client",
+    "Instances": "cyberdesk._sync.client",
+    "Snapshots": "cyberdesk._sync.snapshots",
+    "Keys": "cyberdesk._sync.keys",
+    "Instance": "cyberdesk._sync.instance",
+    "Process": "cyberdesk._sync.process",
+    "Files": "cyberdesk._sync.files",
+    "Watch": "cyberdesk._sync.files",
+    "Desktop": "cyberdesk._sync.desktop",
+    "Shell": "cyberdesk._sync.shell",
+    "AsyncCyberdesk": "cyberdesk._async.client",
+    "AsyncInstances": "cyberdesk._async.client",
+    "AsyncSnapshots": "cyberdesk._async.snapshots",
+    "AsyncKeys": "cyberdesk._async.keys",
+    "AsyncInstance": "cyberdesk._async.instance",
+    "AsyncProcess": "cyberdesk._async.process",
+    "AsyncFiles": "cyberdesk._async.files",
+    "AsyncWatch": "cyberdesk._async.files",
+    "AsyncDesktop": "cyberdesk._async.desktop",
+    "AsyncShell": "cyberdesk._async.shell",
     "ExecResult": "cyberdesk._models",
     "ExecEvent": "cyberdesk._models",
     "Started": "cyberdesk._models",
@@ -67,138 +71,54 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from cyberdesk._async_client import (
-        AsyncCyberdesk as AsyncCyberdesk,
-    )
-    from cyberdesk._async_client import (
-        AsyncDesktop as AsyncDesktop,
-    )
-    from cyberdesk._async_client import (
-        AsyncFiles as AsyncFiles,
-    )
-    from cyberdesk._async_client import (
-        AsyncInstance as AsyncInstance,
-    )
-    from cyberdesk._async_client import (
-        AsyncProcess as AsyncProcess,
-    )
-    from cyberdesk._async_client import (
-        AsyncShell as AsyncShell,
-    )
-    from cyberdesk._client import (
-        Cyberdesk as Cyberdesk,
-    )
-    from cyberdesk._client import (
-        Instances as Instances,
-    )
-    from cyberdesk._client import (
-        Keys as Keys,
-    )
-    from cyberdesk._client import (
-        Snapshots as Snapshots,
-    )
-    from cyberdesk._desktop import (
-        Desktop as Desktop,
-    )
-    from cyberdesk._errors import (
-        AlreadyExists as AlreadyExists,
-    )
-    from cyberdesk._errors import (
-        Cancelled as Cancelled,
-    )
-    from cyberdesk._errors import (
-        ConfigurationError as ConfigurationError,
-    )
-    from cyberdesk._errors import (
-        CyberdeskError as CyberdeskError,
-    )
-    from cyberdesk._errors import (
-        DataLoss as DataLoss,
-    )
-    from cyberdesk._errors import (
-        DeadlineExceeded as DeadlineExceeded,
-    )
-    from cyberdesk._errors import (
-        FailedPrecondition as FailedPrecondition,
-    )
-    from cyberdesk._errors import (
-        InternalError as InternalError,
-    )
-    from cyberdesk._errors import (
-        InvalidArgument as InvalidArgument,
-    )
-    from cyberdesk._errors import (
-        NotFound as NotFound,
-    )
-    from cyberdesk._errors import (
-        PermissionDenied as PermissionDenied,
-    )
-    from cyberdesk._errors import (
-        RateLimited as RateLimited,
-    )
-    from cyberdesk._errors import (
-        Unauthenticated as Unauthenticated,
-    )
-    from cyberdesk._errors import (
-        Unavailable as Unavailable,
-    )
-    from cyberdesk._files import (
-        Files as Files,
-    )
-    from cyberdesk._files import (
-        Watch as Watch,
-    )
-    from cyberdesk._instance import (
-        Instance as Instance,
-    )
-    from cyberdesk._instance import (
-        Process as Process,
-    )
-    from cyberdesk._malloc import (
-        keep_large_blocks as keep_large_blocks,
-    )
-    from cyberdesk._models import (
-        ApiKey as ApiKey,
-    )
-    from cyberdesk._models import (
-        ExecEvent as ExecEvent,
-    )
-    from cyberdesk._models import (
-        ExecResult as ExecResult,
-    )
-    from cyberdesk._models import (
-        Exited as Exited,
-    )
-    from cyberdesk._models import (
-        FileInfo as FileInfo,
-    )
-    from cyberdesk._models import (
-        FsEvent as FsEvent,
-    )
-    from cyberdesk._models import (
-        ProcessInfo as ProcessInfo,
-    )
-    from cyberdesk._models import (
-        Screenshot as Screenshot,
-    )
-    from cyberdesk._models import (
-        Snapshot as Snapshot,
-    )
-    from cyberdesk._models import (
-        Started as Started,
-    )
-    from cyberdesk._models import (
-        Stderr as Stderr,
-    )
-    from cyberdesk._models import (
-        Stdout as Stdout,
-    )
-    from cyberdesk._models import (
-        UploadResult as UploadResult,
-    )
-    from cyberdesk._shell import (
-        Shell as Shell,
-    )
+    from cyberdesk._async.client import AsyncCyberdesk as AsyncCyberdesk
+    from cyberdesk._async.client import AsyncInstances as AsyncInstances
+    from cyberdesk._async.desktop import AsyncDesktop as AsyncDesktop
+    from cyberdesk._async.files import AsyncFiles as AsyncFiles
+    from cyberdesk._async.files import AsyncWatch as AsyncWatch
+    from cyberdesk._async.instance import AsyncInstance as AsyncInstance
+    from cyberdesk._async.keys import AsyncKeys as AsyncKeys
+    from cyberdesk._async.process import AsyncProcess as AsyncProcess
+    from cyberdesk._async.shell import AsyncShell as AsyncShell
+    from cyberdesk._async.snapshots import AsyncSnapshots as AsyncSnapshots
+    from cyberdesk._errors import AlreadyExists as AlreadyExists
+    from cyberdesk._errors import Cancelled as Cancelled
+    from cyberdesk._errors import ConfigurationError as ConfigurationError
+    from cyberdesk._errors import CyberdeskError as CyberdeskError
+    from cyberdesk._errors import DataLoss as DataLoss
+    from cyberdesk._errors import DeadlineExceeded as DeadlineExceeded
+    from cyberdesk._errors import FailedPrecondition as FailedPrecondition
+    from cyberdesk._errors import InternalError as InternalError
+    from cyberdesk._errors import InvalidArgument as InvalidArgument
+    from cyberdesk._errors import NotFound as NotFound
+    from cyberdesk._errors import PermissionDenied as PermissionDenied
+    from cyberdesk._errors import RateLimited as RateLimited
+    from cyberdesk._errors import Unauthenticated as Unauthenticated
+    from cyberdesk._errors import Unavailable as Unavailable
+    from cyberdesk._malloc import keep_large_blocks as keep_large_blocks
+    from cyberdesk._models import ApiKey as ApiKey
+    from cyberdesk._models import ExecEvent as ExecEvent
+    from cyberdesk._models import ExecResult as ExecResult
+    from cyberdesk._models import Exited as Exited
+    from cyberdesk._models import FileInfo as FileInfo
+    from cyberdesk._models import FsEvent as FsEvent
+    from cyberdesk._models import ProcessInfo as ProcessInfo
+    from cyberdesk._models import Screenshot as Screenshot
+    from cyberdesk._models import Snapshot as Snapshot
+    from cyberdesk._models import Started as Started
+    from cyberdesk._models import Stderr as Stderr
+    from cyberdesk._models import Stdout as Stdout
+    from cyberdesk._models import UploadResult as UploadResult
+    from cyberdesk._sync.client import Cyberdesk as Cyberdesk
+    from cyberdesk._sync.client import Instances as Instances
+    from cyberdesk._sync.desktop import Desktop as Desktop
+    from cyberdesk._sync.files import Files as Files
+    from cyberdesk._sync.files import Watch as Watch
+    from cyberdesk._sync.instance import Instance as Instance
+    from cyberdesk._sync.keys import Keys as Keys
+    from cyberdesk._sync.process import Process as Process
+    from cyberdesk._sync.shell import Shell as Shell
+    from cyberdesk._sync.snapshots import Snapshots as Snapshots
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from google.protobuf import timestamp_pb2
 
-    from cyberdesk_proto.v1 import filesystem_pb2, instance_pb2, process_pb2
+    from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 
 
 def _time(stamp: timestamp_pb2.Timestamp, present: bool = True) -> _dt.datetime | None:
@@ -91,6 +91,9 @@ class ExecResult:
     signal: int = 0
     timed_out: bool = False
     error: str = ""
+    # Set by exec() when output beyond RunProcess's cap (15 MiB of stdout and stderr together)
+    # was dropped by the agent; the streaming path never drops output.
+    truncated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -106,6 +109,14 @@ class ExecResult:
     def stderr_text(self) -> str:
         """stderr decoded as UTF-8 (undecodable bytes replaced)."""
         return self.stderr.decode("utf-8", "replace")
+
+
+def result_from_run(reply: process_pb2.RunProcessResponse) -> ExecResult:
+    """The ExecResult of a RunProcessResponse (pid 0 when the process never started)."""
+    ex = exited_from_proto(reply.exited)
+    return ExecResult(
+        ex.exit_code, reply.stdout, reply.stderr, reply.pid, ex.signal, ex.timed_out, ex.error, reply.truncated
+    )
 
 
 class ResultCollector:
@@ -250,6 +261,14 @@ class Screenshot:
         return target
 
 
+def screenshot_from_proto(reply: desktop_pb2.TakeScreenshotResponse) -> Screenshot:
+    """The Screenshot of a TakeScreenshotResponse."""
+    from cyberdesk_proto.v1 import desktop_pb2
+
+    fmt: Literal["png", "jpeg"] = "jpeg" if reply.format == desktop_pb2.IMAGE_FORMAT_JPEG else "png"
+    return Screenshot(reply.image, fmt, reply.width, reply.height)
+
+
 # --- instances and snapshots ---------------------------------------------------------------
 
 
@@ -354,6 +373,20 @@ class InstanceData:
             "runtime": self.runtime,
             "source_snapshot_id": self.source_snapshot_id,
         }
+
+
+def instance_started(data: InstanceData) -> InstanceData:
+    """The data of a created instance; one that could not start raises Unavailable with the reason."""
+    if data.state == "FAILED":
+        from cyberdesk._errors import Unavailable
+
+        raise Unavailable(f"instance {data.id} failed to start: {data.state_message or 'no reason given'}")
+    return data
+
+
+def unread_instance(instance_id: str) -> InstanceData:
+    """The data of an instance known only by its id (state UNKNOWN until the first call reads it)."""
+    return InstanceData(instance_id, "UNKNOWN", "", 0, 0, "", None, None, None, {}, False, "", "")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Literal
 from google.protobuf import duration_pb2
 
 from cyberdesk._errors import InvalidArgument
-from cyberdesk_proto.v1 import desktop_pb2, instance_pb2, process_pb2
+from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 
 Command = str | Sequence[str]
 Button = Literal["left", "middle", "right"]
@@ -16,6 +16,12 @@ Direction = Literal["up", "down", "left", "right"]
 
 CHUNK = 1024 * 1024  # upload chunk: well under gRPC's 4 MiB default message limit
 MAX_MESSAGE = 64 * 1024 * 1024
+# What RunProcess keeps of stdout and stderr together (the agent's default and maximum, see
+# proto/cyberdesk/v1/process.proto): the reply must fit the 16 MiB message limit of the agent and
+# the gateway. Beyond it the agent reads and drops the output and sets `truncated`.
+MAX_RUN_OUTPUT = 15 * 1024 * 1024
+
+STATES = ("PENDING", "STARTING", "RUNNING", "PAUSED", "STOPPING", "TERMINATED", "FAILED")
 
 SIGNALS: dict[str, int] = {
     "HUP": 1,
@@ -80,6 +86,32 @@ def start_request(
         tag=tag or "",
         background=background,
     )
+    _command_fields(request, command, stdin, timeout)
+    return request
+
+
+def run_request(
+    instance_id: str,
+    command: Command,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    stdin: bytes | str | None = None,
+    timeout: float | None = None,
+) -> process_pb2.RunProcessRequest:
+    """RunProcessRequest (run to completion, output capped by the agent at MAX_RUN_OUTPUT bytes)."""
+    request = process_pb2.RunProcessRequest(instance_id=instance_id, env=dict(env or {}), cwd=cwd or "")
+    _command_fields(request, command, stdin, timeout)
+    return request
+
+
+def _command_fields(
+    request: process_pb2.StartProcessRequest | process_pb2.RunProcessRequest,
+    command: Command,
+    stdin: bytes | str | None,
+    timeout: float | None,
+) -> None:
+    """Fill command or argv, stdin and timeout, which both requests carry under the same names."""
     if isinstance(command, str):
         if not command:
             raise InvalidArgument("command is empty")
@@ -93,7 +125,28 @@ def start_request(
         request.stdin = stdin.encode() if isinstance(stdin, str) else stdin
     if timeout is not None:
         request.timeout.CopyFrom(duration(timeout, "timeout"))
-    return request
+
+
+def state_filter(states: list[str] | None) -> list[instance_pb2.InstanceState.ValueType]:
+    """InstanceState values of state names (case-insensitive)."""
+    values: list[instance_pb2.InstanceState.ValueType] = []
+    for name in states or []:
+        upper = name.upper()
+        if upper not in STATES:
+            raise InvalidArgument(f"unknown state {name!r}; known: {', '.join(STATES)}")
+        values.append(instance_pb2.InstanceState.Value("INSTANCE_STATE_" + upper))
+    return values
+
+
+def upload_header(
+    path: str, *, overwrite: bool, create_parents: bool, mode: int | None, expected_sha256: str = ""
+) -> filesystem_pb2.UploadFileHeader:
+    """The UploadFileHeader for a destination path."""
+    if not path.startswith("/"):
+        raise InvalidArgument(f"remote path {path!r} must be absolute (start with /)")
+    return filesystem_pb2.UploadFileHeader(
+        path=path, mode=mode or 0, overwrite=overwrite, create_parents=create_parents, expected_sha256=expected_sha256
+    )
 
 
 def create_request(

@@ -29,7 +29,7 @@ class UsageError(Exception):
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from cyberdesk._client import Cyberdesk
+    from cyberdesk._sync.client import Cyberdesk
 
     return Cyberdesk(api_key=args.api_key, endpoint=args.endpoint)
 
@@ -147,14 +147,14 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_timeout(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        inst = client.instances.get(args.id).set_timeout(args.seconds)
+        inst = client.instances.handle(args.id).set_timeout(args.seconds)
     print(f"{inst.id} expires {_when(inst.data.expire_time)} UTC")
     return 0
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        inst = client.instances.get(args.id)
+        inst = client.instances.handle(args.id)
         (inst.pause() if args.command == "pause" else inst.resume())
     print(f"{inst.id} {inst.state}")
     return 0
@@ -175,7 +175,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     stdin = sys.stdin.buffer.read() if args.stdin else None
     out, err = sys.stdout.buffer, sys.stderr.buffer
     with _client(args) as client:
-        inst = client.instances.get(args.id)
+        # A handle from the id, not GetInstance: the exec call itself says NOT_FOUND (or why not).
+        inst = client.instances.handle(args.id)
         exited: Exited | None = None
         for event in inst.exec_stream(
             command, timeout=args.timeout, cwd=args.cwd, env=_pairs(args.env, "--env"), stdin=stdin
@@ -206,7 +207,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
     argv = list(args.cmd) or None
     with _client(args) as client:
-        return run_shell(client.instances.get(args.id), argv)
+        return run_shell(client.instances.handle(args.id), argv)
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
                 raise UsageError(f"{local} is a directory; cp copies single files")
             if not local.exists():
                 raise UsageError(f"{local}: no such file")
-            files = client.instances.get(dst[0]).files
+            files = client.instances.handle(dst[0]).files
             target = dst[1]
             if target.endswith("/") or _is_remote_dir(files, target):
                 target = posixpath.join(target, local.name)
@@ -249,7 +250,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
                 print(f"{result.path}  {human_size(result.size)}  sha256 {result.sha256}")
         else:
             assert src is not None
-            files = client.instances.get(src[0]).files
+            files = client.instances.handle(src[0]).files
             dest = Path(args.dst)
             if dest.is_dir():
                 dest = dest / posixpath.basename(src[1].rstrip("/"))
@@ -281,7 +282,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         else:
             raise UsageError(f"{args.target}: expected ID:/PATH")
     with _client(args) as client:
-        files = client.instances.get(remote[0]).files
+        files = client.instances.handle(remote[0]).files
         info = files.stat(remote[1])
         entries = files.list(remote[1], depth=args.depth) if info.is_dir else [info]
     if args.json:
@@ -322,7 +323,7 @@ def _mode_string(kind: str, mode: int) -> str:
 def cmd_screenshot(args: argparse.Namespace) -> int:
     fmt = "jpeg" if args.output.lower().endswith((".jpg", ".jpeg")) else "png"
     with _client(args) as client:
-        shot = client.instances.get(args.id).desktop.screenshot(format=fmt, scale=args.scale or 0.0)
+        shot = client.instances.handle(args.id).desktop.screenshot(format=fmt, scale=args.scale or 0.0)
     shot.save(args.output)
     print(f"{args.output}  {shot.width}x{shot.height} {shot.format}  {human_size(len(shot.image))}")
     return 0
@@ -331,7 +332,7 @@ def cmd_screenshot(args: argparse.Namespace) -> int:
 def cmd_snapshot(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.snap_command == "create":
-            snap = client.instances.get(args.id).snapshot(args.name or "")
+            snap = client.instances.handle(args.id).snapshot(args.name or "")
             if args.json:
                 emit_json(snap.to_dict())
             else:

@@ -17,7 +17,7 @@ import threading
 import tty
 from typing import Any
 
-from cyberdesk._instance import Instance
+from cyberdesk._sync.instance import Instance
 
 
 def _size(fd: int) -> tuple[int, int]:

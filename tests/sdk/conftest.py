@@ -1,4 +1,4 @@
-"""One `cyberdesk up` stack for the SDK's end-to-end tests (the unit tests need none)."""
+"""One `cyberdesk up` stack for all the SDK's end-to-end tests, async and sync (the unit tests need none)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from tests.cli.stack import RunningStack, running_stack
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """A running stack whose CLI config the SDK finds through CYBERDESK_CONFIG."""
     with running_stack(tmp_path_factory.mktemp("stack")) as running:

@@ -1,0 +1,1 @@
+"""The SDK's tests, written once against the async client; tools/unasync.py makes tests/sdk/_sync from them."""
