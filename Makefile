@@ -51,6 +51,7 @@ proto-check: setup
 	$(BIN)/buf format --exit-code --diff >/dev/null || { echo "buf format would change proto/; run make proto"; exit 1; }
 	$(PY) tools/gen_proto.py --check
 	$(PY) tools/gen_openapi.py --check
+	$(PY) tools/unasync.py --check
 
 lint: proto-check
 	$(BIN)/ruff check .
