@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench._report import latency_summary, report
+from cyberdesk_common.metadata import agent_metadata, internal_metadata
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
 
@@ -34,7 +35,7 @@ N = int(os.environ.get("BENCH_N", "30"))
 N_COLD = int(os.environ.get("BENCH_N_COLD", "10"))
 POOL = 2
 TOKEN = "bench-internal-" + "x" * 32
-META = (("x-cyberdesk-internal-token", TOKEN), ("x-cyberdesk-tenant", "bench"))
+META = internal_metadata("bench", TOKEN)
 
 
 def _port() -> int:
@@ -112,7 +113,7 @@ def _first_exec(channel: grpc.Channel) -> tuple[float, float, str]:
     with grpc.insecure_channel(resolved.agent_target) as agent:
         for reply in process_pb2_grpc.ProcessServiceStub(agent).StartProcess(
             process_pb2.StartProcessRequest(instance_id=created.instance_id, argv=["true"]),
-            metadata=(("authorization", f"Bearer {resolved.agent_token}"),),
+            metadata=agent_metadata(resolved.agent_token),
             timeout=30,
         ):
             # The exit event is the stream's last: read to the end rather than cancel.

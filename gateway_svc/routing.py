@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from cyberdesk_common import lifecycle_events
 from cyberdesk_common.agent_channel import open_agent_channel
-from cyberdesk_common.lifecycle_events import EventStreamUnavailable, LifecycleEvent
+from cyberdesk_common.lifecycle_events import EventStreamUnavailable, InstanceState, LifecycleEvent
 from cyberdesk_common.metadata import INTERNAL_TOKEN_METADATA
 from cyberdesk_common.status import RpcError, failed_precondition
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
@@ -99,7 +99,7 @@ def read_instance_id(data: bytes) -> str:
 def state_name(state: int) -> str:
     """ "RUNNING" for INSTANCE_STATE_RUNNING, and so on."""
     try:
-        return instance_pb2.InstanceState.Name(state).removeprefix("INSTANCE_STATE_")  # type: ignore[arg-type]
+        return InstanceState(state).name
     except ValueError:
         return f"UNKNOWN({state})"
 

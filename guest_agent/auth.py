@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from cyberdesk_common.builtin_services import is_builtin_method
+from cyberdesk_common.metadata import AUTHORIZATION_METADATA, bearer
 
 
 def deny_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
@@ -38,7 +39,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Rejects calls without the instance's token (constant-time compare); health stays open."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = bearer(token).encode()
 
     async def intercept_service(
         self,
@@ -50,7 +51,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         presented = b""
         for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
+            if key == AUTHORIZATION_METADATA:
                 presented = value.encode() if isinstance(value, str) else value
                 break
         if not presented:
