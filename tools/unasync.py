@@ -10,8 +10,8 @@ differently, a re-yielding `async for` loop is a `yield from` in sync code, an `
 holding a `with` becomes one `with` of two contexts, and a line that lost its `await` may
 now fit on one line. A file-wide `# ruff: noqa: ASYNC...` and the comment above it are dropped.
 
-Modules whose name starts with `_` (other than `__init__.py`) are not generated: they hold what has
-no mechanical equivalent (grpc.aio against blocking channels, asyncio tasks against threads) and
+Modules whose name starts with `_` are not generated: `__init__.py` says what its side is, and the
+others hold what has no mechanical equivalent (grpc.aio against blocking channels, asyncio tasks against threads) and
 are written by hand on each side behind the same names. `--check` only verifies that the generated
 files are up to date (`make lint` runs it); a generated file whose source is gone is an error too.
 
@@ -109,8 +109,8 @@ def plan() -> tuple[dict[Path, Path], list[Path]]:
     for src_dir, dst_dir in DIRS:
         src, dst = ROOT / src_dir, ROOT / dst_dir
         for source in sorted(src.glob("*.py")):
-            if source.name.startswith("_") and source.name != "__init__.py":
-                continue  # hand-written on each side
+            if source.name.startswith("_"):
+                continue  # hand-written on each side (the package docstrings too)
             wanted[dst / source.name] = source
         for existing in sorted(dst.glob("*.py")):
             if existing not in wanted and existing.read_text().startswith(_MARK):

@@ -16,25 +16,16 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from cyberdesk._channel import OPTIONS, Stubs, call_metadata
+from cyberdesk._channel import END, Stubs, deadline_of, open_channel, settle
 from cyberdesk._config import ClientConfig
-from cyberdesk._errors import CyberdeskError, from_rpc_error
-
-_END = object()
+from cyberdesk._errors import from_rpc_error
 
 
 class AsyncTransport(Stubs):
     """A grpc.aio channel with one stub per service; every call carries the API key."""
 
     def __init__(self, config: ClientConfig, timeout: float) -> None:
-        self.config = config
-        self.timeout = timeout
-        if config.secure:
-            self.channel = grpc.aio.secure_channel(config.target, grpc.ssl_channel_credentials(), options=OPTIONS)
-        else:
-            self.channel = grpc.aio.insecure_channel(config.target, options=OPTIONS)
-        self.metadata = call_metadata(config)
-        super().__init__(self.channel)
+        super().__init__(config, timeout, open_channel(grpc.aio, config))
 
     async def unary(
         self, method: Callable[..., Any], request: Any, timeout: float | None = None, *, deadline: bool = True
@@ -45,9 +36,7 @@ class AsyncTransport(Stubs):
         long as it runs).
         """
         try:
-            return await method(
-                request, metadata=self.metadata, timeout=(timeout or self.timeout) if deadline else None
-            )
+            return await method(request, metadata=self.metadata, timeout=deadline_of(timeout, self.timeout, deadline))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -101,7 +90,7 @@ class AsyncDuplexStream:
 
     A reader task moves replies into a queue as they come. `read` waits on the queue, never on the
     call: a timed-out `call.read()` is a cancelled coroutine, and grpc.aio cancels the whole call
-    with it. The queue ends with _END (the call ended, or was closed by us) or a CyberdeskError,
+    with it. The queue ends with END (the call ended, or was closed by us) or a CyberdeskError,
     which stay in the queue so that every later read sees them too.
     """
 
@@ -116,12 +105,12 @@ class AsyncDuplexStream:
             await self._call.write(first)
             async for reply in self._call:
                 self._replies.put_nowait(reply)
-            self._replies.put_nowait(_END)
+            self._replies.put_nowait(END)
         except grpc.RpcError as err:
-            self._replies.put_nowait(_END if self._closed else from_rpc_error(err))
+            self._replies.put_nowait(END if self._closed else from_rpc_error(err))
         except asyncio.CancelledError:
             # Our close() cancelled the call (nobody cancels this task itself).
-            self._replies.put_nowait(_END)
+            self._replies.put_nowait(END)
 
     async def write(self, request: Any) -> None:
         """Send one request."""
@@ -136,13 +125,7 @@ class AsyncDuplexStream:
             item = await asyncio.wait_for(self._replies.get(), timeout)
         except TimeoutError:
             raise TimeoutError(f"no reply within {timeout} s") from None
-        if isinstance(item, CyberdeskError):
-            self._replies.put_nowait(item)
-            raise item
-        if item is _END:
-            self._replies.put_nowait(item)
-            return None
-        return item
+        return settle(item, self._replies.put_nowait)
 
     async def close(self) -> None:
         """End the call and wait for the reader to stop."""

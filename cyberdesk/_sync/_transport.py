@@ -13,27 +13,18 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cyberdesk._channel import OPTIONS, Stubs, call_metadata
+from cyberdesk._channel import END, Stubs, deadline_of, open_channel, settle
 from cyberdesk._config import ClientConfig
-from cyberdesk._errors import CyberdeskError, from_rpc_error
+from cyberdesk._errors import from_rpc_error
 
 T = TypeVar("T")
-
-_END = object()
 
 
 class Transport(Stubs):
     """A blocking channel with one stub per service; every call carries the API key."""
 
     def __init__(self, config: ClientConfig, timeout: float) -> None:
-        self.config = config
-        self.timeout = timeout
-        if config.secure:
-            self.channel = grpc.secure_channel(config.target, grpc.ssl_channel_credentials(), options=OPTIONS)
-        else:
-            self.channel = grpc.insecure_channel(config.target, options=OPTIONS)
-        self.metadata = call_metadata(config)
-        super().__init__(self.channel)
+        super().__init__(config, timeout, open_channel(grpc, config))
 
     def unary(
         self, method: Callable[..., T], request: Any, timeout: float | None = None, *, deadline: bool = True
@@ -44,7 +35,7 @@ class Transport(Stubs):
         long as it runs).
         """
         try:
-            return method(request, metadata=self.metadata, timeout=(timeout or self.timeout) if deadline else None)
+            return method(request, metadata=self.metadata, timeout=deadline_of(timeout, self.timeout, deadline))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -94,7 +85,7 @@ class DuplexStream:
     """A bidirectional call: `write` requests, `read` replies with a timeout.
 
     Requests go through a queue that gRPC's request iterator drains; one reader thread moves
-    replies into a second queue, so `read` can wait with a timeout. The reply queue ends with _END
+    replies into a second queue, so `read` can wait with a timeout. The reply queue ends with END
     (the call ended, or was closed by us) or a CyberdeskError, which stay in the queue so that
     every later read sees them too.
     """
@@ -109,16 +100,16 @@ class DuplexStream:
         self._reader.start()
 
     def _request_iter(self) -> Iterator[Any]:
-        while (item := self._requests.get()) is not _END:
+        while (item := self._requests.get()) is not END:
             yield item
 
     def _read_all(self) -> None:
         try:
             for reply in self._call:
                 self._replies.put(reply)
-            self._replies.put(_END)
+            self._replies.put(END)
         except grpc.RpcError as err:
-            self._replies.put(_END if self._closed else from_rpc_error(err))
+            self._replies.put(END if self._closed else from_rpc_error(err))
 
     def write(self, request: Any) -> None:
         """Send one request (queued; gRPC sends it from its own thread)."""
@@ -130,19 +121,13 @@ class DuplexStream:
             item = self._replies.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"no reply within {timeout} s") from None
-        if isinstance(item, CyberdeskError):
-            self._replies.put(item)
-            raise item
-        if item is _END:
-            self._replies.put(item)
-            return None
-        return item
+        return settle(item, self._replies.put)
 
     def close(self) -> None:
         """End the call and wait (up to 5 s) for the reader to stop."""
         if self._closed:
             return
         self._closed = True
-        self._requests.put(_END)
+        self._requests.put(END)
         self._call.cancel()
         self._reader.join(5)
