@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,14 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench._report import latency_summary, report
 from cyberdesk_common.metadata import agent_metadata, internal_metadata
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
+from cyberdesk_stack.processes import free_port, redis_server, service
 
-ROOT = Path(__file__).resolve().parents[1]
 N = int(os.environ.get("BENCH_N", "30"))
 N_COLD = int(os.environ.get("BENCH_N_COLD", "10"))
 POOL = 2
@@ -38,61 +33,27 @@ TOKEN = "bench-internal-" + "x" * 32
 META = internal_metadata("bench", TOKEN)
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def _instance_svc(pool: int) -> Iterator[tuple[grpc.Channel, Path]]:
     # A short state path: agent sockets live under it (unix socket paths hold at most 107 bytes).
     state = Path(tempfile.mkdtemp(prefix="cdb-", dir="/tmp"))
-    redis_port, port = _port(), _port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(state)],
-        stdout=subprocess.DEVNULL,
-    )
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "CYBERDESK_STATE_DIR": str(state),
-        "CYBERDESK_INSTANCE_ADDR": f"127.0.0.1:{port}",
-        "CYBERDESK_INTERNAL_TOKEN": TOKEN,
-        "CYBERDESK_WARM_POOL": f"base={pool}",
-        "CYBERDESK_LOG_LEVEL": "WARNING",
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-    }
-    log = open(state / "instance_svc.log", "wb")  # noqa: SIM115 - closed below
-    svc = subprocess.Popen([sys.executable, "-m", "instance_svc"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    port = free_port()
     try:
-        deadline = time.monotonic() + 30
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    break
-            except grpc.RpcError:
-                if time.monotonic() > deadline or svc.poll() is not None:
-                    raise RuntimeError(f"instance_svc did not start; see {state / 'instance_svc.log'}") from None
-                time.sleep(0.1)
-        yield channel, state
+        with redis_server(state) as redis_url:
+            env = {
+                "CYBERDESK_STATE_DIR": str(state),
+                "CYBERDESK_INSTANCE_ADDR": f"127.0.0.1:{port}",
+                "CYBERDESK_INTERNAL_TOKEN": TOKEN,
+                "CYBERDESK_WARM_POOL": f"base={pool}",
+                "CYBERDESK_LOG_LEVEL": "WARNING",
+                "REDIS_URL": redis_url,
+            }
+            with (
+                service("instance_svc", f"127.0.0.1:{port}", env, state, timeout=30),
+                grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+            ):
+                yield channel, state
     finally:
-        channel.close()
-        _stop(svc)
-        log.close()
-        _stop(redis)
         # instance_svc keeps instance sandboxes on SIGTERM (they are re-adopted); the benchmark
         # deleted its instances, and the idle pool sandboxes are deleted on SIGTERM.
         shutil.rmtree(state, ignore_errors=True)
