@@ -1,5 +1,8 @@
 """The gateway's cost: the same calls through gateway_svc and straight to a real guest agent.
 
+- the SDK's `exec()` through the gateway (unary RunProcess since the SDK chose it for whole
+  results) against `exec_stream()` (the StartProcess stream `exec()` used before), interleaved;
+
 - exec `echo hi` (argv, no shell): p50/p99 through the gateway vs the agent directly, both as
   StartProcess (server stream) and as RunProcess (unary, output at once), with the gateway's CPU
   time per call (from /proc: a figure a busy shared machine disturbs less than latency);
@@ -168,6 +171,48 @@ def _exec(channel: grpc.Channel, instance_id: str, metadata: tuple[tuple[str, st
     return call
 
 
+def _sdk_exec_rows(gw_addr: str, instance_id: str, metadata: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
+    """The SDK's `exec()` (unary RunProcess) against the streaming path it took before, interleaved.
+
+    Both through the gateway, `echo hi` as argv, calls alternating so that a change of load on
+    the shared machine falls on both rows alike.
+    """
+    from cyberdesk import Cyberdesk, Exited, Stdout
+
+    key = metadata[0][1].removeprefix("Bearer ")
+    with Cyberdesk(api_key=key, endpoint=gw_addr) as client:
+        box = client.instances.get(instance_id)
+
+        def whole() -> None:
+            result = box.exec(["echo", "hi"])
+            if result.stdout != b"hi\n" or result.exit_code != 0:
+                raise RuntimeError(f"unexpected result {result!r}")
+
+        def streamed() -> None:
+            out, code = b"", None
+            for event in box.exec_stream(["echo", "hi"]):
+                if isinstance(event, Stdout):
+                    out += event.data
+                elif isinstance(event, Exited):
+                    code = event.exit_code
+            if out != b"hi\n" or code != 0:
+                raise RuntimeError(f"unexpected result {out!r} {code}")
+
+        for _ in range(WARMUP):
+            whole()
+            streamed()
+        samples: tuple[list[float], list[float]] = ([], [])
+        for _ in range(N):
+            for call, out in ((whole, samples[0]), (streamed, samples[1])):
+                start = time.perf_counter()
+                call()
+                out.append((time.perf_counter() - start) * 1000)
+    return [
+        {"rpc": "SDK exec() = RunProcess", "target": "through gateway", **latency_summary(samples[0])},
+        {"rpc": "SDK exec_stream() = StartProcess", "target": "through gateway", **latency_summary(samples[1])},
+    ]
+
+
 def _transfer(
     channel: grpc.Channel,
     instance_id: str,
@@ -286,6 +331,7 @@ def main() -> None:
                         "gateway_cpu_us_per_call": round(cpu_us),
                     }
                 )
+            sdk_rows = _sdk_exec_rows(gw_addr, running.instance_id, gw_meta)
             file_rows += _transfer(direct, running.instance_id, running.metadata, path, expected, "agent directly")
             file_rows += _transfer(
                 via, running.instance_id, gw_meta, path, expected, "through gateway", pids["gateway"]
@@ -293,7 +339,13 @@ def main() -> None:
         os.unlink(path)
         unary = asyncio.run(_unary_rate(gw_addr, running.instance_id, gw_meta))
     direct_ex, via_ex, direct_run, via_run = exec_rows
+    sdk_whole, sdk_streamed = sdk_rows
+    exec_rows += sdk_rows
     summary = {
+        "sdk_exec_p50_ms": sdk_whole["p50_ms"],
+        "sdk_exec_stream_p50_ms": sdk_streamed["p50_ms"],
+        # How much faster exec() is now than the streaming path exec() used to take.
+        "sdk_exec_p50_faster_than_streaming": round(1 - sdk_whole["p50_ms"] / sdk_streamed["p50_ms"], 3),
         "exec_added_p50_ms": round(via_ex["p50_ms"] - direct_ex["p50_ms"], 3),
         "exec_added_p99_ms": round(via_ex["p99_ms"] - direct_ex["p99_ms"], 3),
         "run_process_via_gateway_p50_ms": via_run["p50_ms"],
