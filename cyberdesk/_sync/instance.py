@@ -147,7 +147,8 @@ class Instance:
         """Run a command to its end and return its exit code and output.
 
         A non-zero exit code is a result, not an exception; check `result.exit_code` (or
-        `result.ok`). The call has no deadline: `timeout` kills the command after that long.
+        `result.ok`). The call has no deadline: `timeout` kills the command after that long, and
+        cancelling the call (Ctrl-C, a cancelled task) kills it at once.
 
         Without callbacks this is one RunProcess call (one request, one reply). Its output cap is
         15 MiB of stdout and stderr together: the agent keeps the first 15 MiB, reads and drops
