@@ -114,6 +114,44 @@ NETWORK_MODE_INTERNET: NetworkMode.ValueType  # 2
 Global___NetworkMode: _TypeAlias = NetworkMode  # noqa: Y015
 
 @_typing.final
+class EgressPolicy(_message.Message):
+    """Outbound connections of an INTERNET instance, on top of the platform's own rules.
+
+    Whatever the policy says, an instance never reaches the host (its loopback and its own
+    addresses), link-local addresses (cloud metadata), other instances or private ranges
+    (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7), unless the operator allows a range.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOW_FIELD_NUMBER: _builtins.int
+    DENY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Destinations allowed; when empty, every public address is. Each entry is a CIDR
+        ("203.0.113.0/24", "2001:db8::/32"), an address, or a host name ("pypi.org"; "*.example.com"
+        matches its subdomains). Host names are resolved when the instance is created.
+        """
+
+    @_builtins.property
+    def deny(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Destinations refused even when `allow` admits them, in the same forms."""
+
+    def __init__(
+        self,
+        *,
+        allow: _abc.Iterable[_builtins.str] | None = ...,
+        deny: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "deny", b"deny"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressPolicy: _TypeAlias = EgressPolicy  # noqa: Y015
+
+@_typing.final
 class DesktopConfig(_message.Message):
     """The virtual screen of an instance's desktop."""
 
@@ -153,11 +191,11 @@ class EnforcedLimit(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     MECHANISM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The limit: "memory_bytes", "vcpus" or "pids"."""
+    """The limit: "memory_bytes", "vcpus", "pids" or "disk_bytes"."""
     value: _builtins.int
     """The value, in the unit its name says (bytes, virtual CPUs, processes)."""
     mechanism: _builtins.str
-    """How it is enforced: "cgroup", "rlimit" or "none"."""
+    """How it is enforced: "cgroup", "rlimit", "filesystem" (a file system of that size) or "none"."""
     def __init__(
         self,
         *,
@@ -215,6 +253,8 @@ class Instance(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     ENFORCED_LIMITS_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    EGRESS_FIELD_NUMBER: _builtins.int
+    DISK_MIB_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """Server-assigned identifier, e.g. "i-7f3a9c2e1b4d"."""
     template: _builtins.str
@@ -235,6 +275,8 @@ class Instance(_message.Message):
     """The snapshot this instance was restored from, if any."""
     runtime: _builtins.str
     """The runtime running the instance: "local" or "kubevirt"."""
+    disk_mib: _builtins.int
+    """Disk size of the writable layer in MiB."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the instance was created."""
@@ -259,6 +301,10 @@ class Instance(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the instance reached TERMINATED or FAILED."""
 
+    @_builtins.property
+    def egress(self) -> Global___EgressPolicy:
+        """Egress rules (INTERNET instances)."""
+
     def __init__(
         self,
         *,
@@ -278,10 +324,12 @@ class Instance(_message.Message):
         runtime: _builtins.str = ...,
         enforced_limits: _abc.Iterable[Global___EnforcedLimit] | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        egress: Global___EgressPolicy | None = ...,
+        disk_mib: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "desktop", b"desktop", "end_time", b"end_time", "expire_time", b"expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "desktop", b"desktop", "egress", b"egress", "end_time", b"end_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "desktop", b"desktop", "end_time", b"end_time", "enforced_limits", b"enforced_limits", "expire_time", b"expire_time", "instance_id", b"instance_id", "labels", b"labels", "memory_mib", b"memory_mib", "network", b"network", "runtime", b"runtime", "source_snapshot_id", b"source_snapshot_id", "state", b"state", "state_message", b"state_message", "template", b"template", "timeout_action", b"timeout_action", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "desktop", b"desktop", "disk_mib", b"disk_mib", "egress", b"egress", "end_time", b"end_time", "enforced_limits", b"enforced_limits", "expire_time", b"expire_time", "instance_id", b"instance_id", "labels", b"labels", "memory_mib", b"memory_mib", "network", b"network", "runtime", b"runtime", "source_snapshot_id", b"source_snapshot_id", "state", b"state", "state_message", b"state_message", "template", b"template", "timeout_action", b"timeout_action", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -344,6 +392,8 @@ class CreateInstanceRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EGRESS_FIELD_NUMBER: _builtins.int
+    DISK_MIB_FIELD_NUMBER: _builtins.int
     template: _builtins.str
     """Image to start from (default "base")."""
     vcpus: _builtins.int
@@ -358,6 +408,10 @@ class CreateInstanceRequest(_message.Message):
     """Restore the files (and, where possible, memory) of this snapshot."""
     request_id: _builtins.str
     """Idempotency key: a retried request with the same id returns the same instance."""
+    disk_mib: _builtins.int
+    """Disk size of the instance's writable layer in MiB (default: the template's, 2048 for "base").
+    The kernel enforces it: writes beyond it fail with ENOSPC inside the instance.
+    """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Lifetime from now (default 300 s, at most 24 h)."""
@@ -374,6 +428,10 @@ class CreateInstanceRequest(_message.Message):
     def desktop(self) -> Global___DesktopConfig:
         """Desktop (X server) configuration."""
 
+    @_builtins.property
+    def egress(self) -> Global___EgressPolicy:
+        """Where an INTERNET instance may connect to (default: any public address). Ignored without network."""
+
     def __init__(
         self,
         *,
@@ -388,10 +446,12 @@ class CreateInstanceRequest(_message.Message):
         network: Global___NetworkMode.ValueType = ...,
         snapshot_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        egress: Global___EgressPolicy | None = ...,
+        disk_mib: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["desktop", b"desktop", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["desktop", b"desktop", "egress", b"egress", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["desktop", b"desktop", "env", b"env", "labels", b"labels", "memory_mib", b"memory_mib", "network", b"network", "request_id", b"request_id", "snapshot_id", b"snapshot_id", "template", b"template", "timeout", b"timeout", "timeout_action", b"timeout_action", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desktop", b"desktop", "disk_mib", b"disk_mib", "egress", b"egress", "env", b"env", "labels", b"labels", "memory_mib", b"memory_mib", "network", b"network", "request_id", b"request_id", "snapshot_id", b"snapshot_id", "template", b"template", "timeout", b"timeout", "timeout_action", b"timeout_action", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -142,6 +142,7 @@ class ProcessExited(_message.Message):
     TIMED_OUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    OUT_OF_MEMORY_FIELD_NUMBER: _builtins.int
     exit_code: _builtins.int
     """Exit code; -1 when killed by a signal or never started. 127 when the command does not exist."""
     signal: _builtins.int
@@ -150,6 +151,8 @@ class ProcessExited(_message.Message):
     """True when the process group was killed because the timeout ran out."""
     error: _builtins.str
     """A human-readable reason when the process could not start or was killed."""
+    out_of_memory: _builtins.bool
+    """True when the kernel killed the process because the instance reached its memory limit."""
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the process ended."""
@@ -162,10 +165,11 @@ class ProcessExited(_message.Message):
         timed_out: _builtins.bool = ...,
         error: _builtins.str = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        out_of_memory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "exit_code", b"exit_code", "signal", b"signal", "timed_out", b"timed_out"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "exit_code", b"exit_code", "out_of_memory", b"out_of_memory", "signal", b"signal", "timed_out", b"timed_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
