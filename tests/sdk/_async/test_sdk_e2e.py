@@ -94,6 +94,15 @@ async def test_exec_whole_result_in_one_call(box: AsyncInstance) -> None:
 
 
 @pytest.mark.anyio
+async def test_exec_has_no_deadline(stack: RunningStack, box: AsyncInstance) -> None:
+    """The client's timeout bounds unary calls, never a command: exec() outlives it."""
+    key = stack.env_config()["api_key"]
+    async with AsyncCyberdesk(api_key=key, endpoint=stack.gateway, timeout=0.5) as impatient:
+        slow = await impatient.instances.handle(box.id).exec("sleep 1.5; echo late")
+    assert slow.stdout == b"late\n"
+
+
+@pytest.mark.anyio
 async def test_background_and_reattach(box: AsyncInstance) -> None:
     job = await box.start("read line; echo got:$line; sleep 0.2; echo end", tag="bg-sdk", keep_stdin_open=True)
     assert job.pid > 0

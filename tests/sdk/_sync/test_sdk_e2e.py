@@ -92,6 +92,14 @@ def test_exec_whole_result_in_one_call(box: Instance) -> None:
     assert whole.ok and not whole.truncated and len(whole.stdout) == sum(sizes) == 16 * 1024 * 1024
 
 
+def test_exec_has_no_deadline(stack: RunningStack, box: Instance) -> None:
+    """The client's timeout bounds unary calls, never a command: exec() outlives it."""
+    key = stack.env_config()["api_key"]
+    with Cyberdesk(api_key=key, endpoint=stack.gateway, timeout=0.5) as impatient:
+        slow = impatient.instances.handle(box.id).exec("sleep 1.5; echo late")
+    assert slow.stdout == b"late\n"
+
+
 def test_background_and_reattach(box: Instance) -> None:
     job = box.start("read line; echo got:$line; sleep 0.2; echo end", tag="bg-sdk", keep_stdin_open=True)
     assert job.pid > 0
