@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -149,13 +150,33 @@ class ChannelPool:
             await channel.close(grace=None)
 
 
+class RoutingClient(Protocol):
+    """The one call the cache makes to instance_svc (`cyberdesk.internal.v1.RoutingService`)."""
+
+    def ResolveInstance(
+        self, request: routing_pb2.ResolveInstanceRequest, *, metadata: tuple[tuple[str, str], ...], timeout: float
+    ) -> Awaitable[routing_pb2.ResolveInstanceResponse]:
+        """The instance's state and agent endpoint, for its tenant."""
+        ...
+
+
 class RouteCache:
     """Resolves (tenant, instance) to an AgentRoute through instance_svc, with a short, bounded cache."""
 
     def __init__(
-        self, instance_channel: grpc.aio.Channel, internal_token: str, ttl: float = 5.0, max_entries: int = 10_000
+        self,
+        instance_channel: grpc.aio.Channel | None,
+        internal_token: str,
+        ttl: float = 5.0,
+        max_entries: int = 10_000,
+        *,
+        routing: RoutingClient | None = None,
     ) -> None:
-        self._stub = routing_pb2_grpc.RoutingServiceStub(instance_channel)
+        # `routing` replaces the RoutingService stub on `instance_channel` (unit tests pass a fake).
+        if routing is None:
+            assert instance_channel is not None, "RouteCache needs the instance_svc channel or a routing client"
+            routing = routing_pb2_grpc.RoutingServiceStub(instance_channel)
+        self._stub: RoutingClient = routing
         self._metadata = ((INTERNAL_TOKEN_METADATA, internal_token),)
         self.ttl = ttl
         self._max = max_entries
