@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.parser
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -60,6 +61,9 @@ sys.meta_path.insert(0, _Blocked())
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # setuptools copies into sdk/python/build/lib and never removes what is gone from the source,
+    # so a module deleted since the last build would ship in the wheel: start from nothing.
+    shutil.rmtree(ROOT / "sdk" / "python" / "build", ignore_errors=True)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), "sdk/python"],
         cwd=ROOT,
