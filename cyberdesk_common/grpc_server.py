@@ -21,14 +21,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cyberdesk_common.builtin_services import BUILTIN_METHOD_PREFIXES
 from cyberdesk_common.channel_options import SERVER_OPTIONS
+from cyberdesk_common.server_interceptors import Handler, MethodWrappingInterceptor
 from cyberdesk_common.status import RpcError
 from cyberdesk_common.tracing import TracingServerInterceptor
 
 _log = logging.getLogger("cyberdesk.rpc")
-
-Handler = Callable[..., Any]
 
 
 def _wrap_unary(method: str, fn: Handler) -> Handler:
@@ -91,38 +89,12 @@ def _access(method: str, context: grpc.aio.ServicerContext, start: float, peer: 
     )
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class CallInterceptor(MethodWrappingInterceptor):
     """Access log and error mapping for every call (unary and streaming alike)."""
 
-    def __init__(self, skip: Sequence[str] = BUILTIN_METHOD_PREFIXES) -> None:
-        self._skip = tuple(skip)
-        # method -> (handler, its wrapped handler): built once per method, not once per call (a
-        # server hands out the same handler object for a method every time).
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        if handler is None or method.startswith(self._skip):
-            return handler
-        rd, rs = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary:
-            wrapped = grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary), rd, rs)
-        elif handler.stream_unary:
-            wrapped = grpc.stream_unary_rpc_method_handler(_wrap_unary(method, handler.stream_unary), rd, rs)
-        elif handler.unary_stream:
-            wrapped = grpc.unary_stream_rpc_method_handler(_wrap_stream(method, handler.unary_stream), rd, rs)
-        else:
-            wrapped = grpc.stream_stream_rpc_method_handler(_wrap_stream(method, handler.stream_stream), rd, rs)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, method: str, fn: Handler, streaming: bool) -> Handler:
+        """`fn` with its access log line and its errors mapped to statuses."""
+        return _wrap_stream(method, fn) if streaming else _wrap_unary(method, fn)
 
 
 @dataclass

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -19,7 +19,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from cyberdesk_common.builtin_services import is_builtin_method
+from cyberdesk_common.server_interceptors import MethodWrappingInterceptor
 
 _TRACE_KEYS = ("traceparent", "tracestate")
 
@@ -97,37 +97,12 @@ def _wrap(method: str, fn: Callable[..., Any], streaming: bool) -> Callable[...,
     return stream if streaming else unary
 
 
-class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class TracingServerInterceptor(MethodWrappingInterceptor):
     """A SERVER span per call, child of the caller's `traceparent` when there is one."""
 
-    def __init__(self) -> None:
-        # method -> (handler, its wrapped handler). A server hands out the same handler object for
-        # a method on every call, so the wrapper (and its tracer) is built once per method, not per call.
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        if handler is None or is_builtin_method(method):
-            return handler
-        rd, rs = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary:
-            wrapped = grpc.unary_unary_rpc_method_handler(_wrap(method, handler.unary_unary, False), rd, rs)
-        elif handler.stream_unary:
-            wrapped = grpc.stream_unary_rpc_method_handler(_wrap(method, handler.stream_unary, False), rd, rs)
-        elif handler.unary_stream:
-            wrapped = grpc.unary_stream_rpc_method_handler(_wrap(method, handler.unary_stream, True), rd, rs)
-        else:
-            wrapped = grpc.stream_stream_rpc_method_handler(_wrap(method, handler.stream_stream, True), rd, rs)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, method: str, fn: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+        """`fn` run inside the call's SERVER span."""
+        return _wrap(method, fn, streaming)
 
 
 def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:

@@ -23,22 +23,9 @@ from instance_svc import events, quotas
 from instance_svc.expiry import US, TimeoutAction
 from instance_svc.states import State
 from instance_svc.store import InstanceRecord, Store
+from tests.common.event_recorder import RecordingRoutes
 
 T = TypeVar("T")
-
-
-class Recorder:
-    """Stands where the route cache does: records what the follower tells it."""
-
-    def __init__(self) -> None:
-        self.applied: list[LifecycleEvent] = []
-        self.cleared = 0
-
-    def apply(self, event: LifecycleEvent) -> None:
-        self.applied.append(event)
-
-    def clear(self) -> None:
-        self.cleared += 1
 
 
 def _rec(n: int, tenant: str) -> InstanceRecord:
@@ -91,7 +78,7 @@ async def _contract(
     """(produced, what the follower applied, what the watcher yielded, the raw stream entries)."""
     store = Store(tmp_path / "db.sqlite")
     produced = _produce(store)
-    gateway = Recorder()
+    gateway = RecordingRoutes()
     stop = asyncio.Event()
     follower = asyncio.create_task(follow_events(gateway, url, stop, block_ms=200))
     watched: list[tuple[str, LifecycleEvent]] = []

@@ -18,21 +18,8 @@ import redis
 from cyberdesk_common.lifecycle_events import STREAM, InstanceState, LifecycleEvent
 from cyberdesk_stack.processes import redis_server
 from gateway_svc.routing import follow_events
+from tests.common.event_recorder import RecordingRoutes
 from tests.support.procs import free_port
-
-
-class Recorder:
-    """Stands where the route cache does: records what the follower tells it."""
-
-    def __init__(self) -> None:
-        self.applied: list[LifecycleEvent] = []
-        self.cleared = 0
-
-    def apply(self, event: LifecycleEvent) -> None:
-        self.applied.append(event)
-
-    def clear(self) -> None:
-        self.cleared += 1
 
 
 def _event(n: int) -> LifecycleEvent:
@@ -75,7 +62,7 @@ def _publish(url: str, event: LifecycleEvent) -> None:
 
 def test_follower_reconnects_after_an_outage_and_misses_nothing(tmp_path: Path) -> None:
     port = free_port()
-    routes = Recorder()
+    routes = RecordingRoutes()
     for data in ("r1", "r2"):
         (tmp_path / data).mkdir()
 
