@@ -28,6 +28,7 @@ import grpc
 
 from cyberdesk_common.grpc_server import ServerSpec, serve
 from cyberdesk_common.log import setup_logging
+from cyberdesk_common.metadata import INTERNAL_TOKEN_METADATA, TENANT_METADATA
 from cyberdesk_common.status import RpcError, not_found
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import (
@@ -51,7 +52,7 @@ class _Routes:
         self.path, self.token = path, token
 
     def lookup(self, context: Context, tenant: str, instance_id: str) -> dict[str, str]:
-        if _meta(context, "x-cyberdesk-internal-token") != self.token:
+        if _meta(context, INTERNAL_TOKEN_METADATA) != self.token:
             raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "internal token missing or wrong")
         routes = json.loads(self.path.read_text())
         entry = routes.get(instance_id)
@@ -80,7 +81,7 @@ class Instances(instance_pb2_grpc.InstanceServiceServicer):
     async def GetInstance(
         self, request: instance_pb2.GetInstanceRequest, context: Context
     ) -> instance_pb2.GetInstanceResponse:
-        entry = self.routes.lookup(context, _meta(context, "x-cyberdesk-tenant"), request.instance_id)
+        entry = self.routes.lookup(context, _meta(context, TENANT_METADATA), request.instance_id)
         context.set_trailing_metadata((("x-seen-traceparent", _meta(context, "traceparent")),))
         return instance_pb2.GetInstanceResponse(
             instance=instance_pb2.Instance(instance_id=request.instance_id, state=STATES[entry["state"]])
