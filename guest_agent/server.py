@@ -15,6 +15,7 @@ from guest_agent.config import AgentConfig
 from guest_agent.desktop import DesktopServicer
 from guest_agent.files import FilesystemServicer
 from guest_agent.identity import Identity
+from guest_agent.ports import PortServicer
 from guest_agent.process import PROCESS_SERVICE, ProcessServicer
 
 
@@ -26,11 +27,13 @@ def build_spec(config: AgentConfig, identity: Identity) -> ServerSpec:
         filesystem_pb2_grpc.add_FilesystemServiceServicer_to_server(FilesystemServicer(identity), server)
         desktop_pb2_grpc.add_DesktopServiceServicer_to_server(DesktopServicer(identity), server)
         ProcessServicer(identity).register(server)
+        agent_pb2_grpc.add_PortServiceServicer_to_server(PortServicer(identity), server)
         return [
             agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
             filesystem_pb2.DESCRIPTOR.services_by_name["FilesystemService"].full_name,
             desktop_pb2.DESCRIPTOR.services_by_name["DesktopService"].full_name,
             PROCESS_SERVICE,
+            agent_pb2.DESCRIPTOR.services_by_name["PortService"].full_name,
         ]
 
     return ServerSpec(

@@ -141,3 +141,63 @@ class ConfigureAgentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConfigureAgentResponse: _TypeAlias = ConfigureAgentResponse  # noqa: Y015
+
+@_typing.final
+class OpenPortRequest(_message.Message):
+    """Request of OpenPort: the first names the port, every one may carry bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The instance the agent serves; required in the first message (checked like every instance_id)."""
+    port: _builtins.int
+    """The TCP port inside the instance, 1 to 65535; required in the first message, ignored later."""
+    data: _builtins.bytes
+    """Bytes for the service, in order; may be empty."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        port: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "instance_id", b"instance_id", "port", b"port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenPortRequest: _TypeAlias = OpenPortRequest  # noqa: Y015
+
+@_typing.final
+class OpenPortResponse(_message.Message):
+    """Response of OpenPort."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """Bytes from the service, in order."""
+    connected: _builtins.bool
+    """Set on the first response only: the connection to the port is established."""
+    eof: _builtins.bool
+    """The service closed its sending side; no data follows."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        connected: _builtins.bool = ...,
+        eof: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "data", b"data", "eof", b"eof"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenPortResponse: _TypeAlias = OpenPortResponse  # noqa: Y015

@@ -150,3 +150,93 @@ class AgentService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PortServiceStub:
+    """PortService is served only by the guest agent: byte tunnels to TCP ports inside the instance,
+    which the gateway's previews ride on. It sits behind the same per-instance token as every
+    service of the agent.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.OpenPort = channel.stream_stream(
+                '/cyberdesk.agent.v1.PortService/OpenPort',
+                request_serializer=cyberdesk_dot_agent_dot_v1_dot_agent__pb2.OpenPortRequest.SerializeToString,
+                response_deserializer=cyberdesk_dot_agent_dot_v1_dot_agent__pb2.OpenPortResponse.FromString,
+                _registered_method=True)
+
+
+class PortServiceServicer:
+    """PortService is served only by the guest agent: byte tunnels to TCP ports inside the instance,
+    which the gateway's previews ride on. It sits behind the same per-instance token as every
+    service of the agent.
+    """
+
+    def OpenPort(self, request_iterator, context):
+        """Opens a byte tunnel to a TCP port inside the instance (127.0.0.1:<port> as the instance sees
+        it), over the agent's own connection: the gateway serves previews of a port this way, so a
+        sandbox without network and a VM are reached alike. The first request names the instance and
+        the port and may carry the first bytes; every later request carries bytes for the service.
+        The client's half-close shuts the service's receiving side (it reads EOF). The first response
+        says `connected`; later ones carry the service's bytes in order; one with `eof` says the
+        service closed its sending side (the tunnel still carries the client's bytes until it
+        half-closes). The call ends OK once both directions are closed. Nothing listening on the port:
+        UNAVAILABLE "nothing listens on port P in the instance".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PortServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'OpenPort': grpc.stream_stream_rpc_method_handler(
+                    servicer.OpenPort,
+                    request_deserializer=cyberdesk_dot_agent_dot_v1_dot_agent__pb2.OpenPortRequest.FromString,
+                    response_serializer=cyberdesk_dot_agent_dot_v1_dot_agent__pb2.OpenPortResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cyberdesk.agent.v1.PortService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cyberdesk.agent.v1.PortService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PortService:
+    """PortService is served only by the guest agent: byte tunnels to TCP ports inside the instance,
+    which the gateway's previews ride on. It sits behind the same per-instance token as every
+    service of the agent.
+    """
+
+    @staticmethod
+    def OpenPort(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cyberdesk.agent.v1.PortService/OpenPort',
+            cyberdesk_dot_agent_dot_v1_dot_agent__pb2.OpenPortRequest.SerializeToString,
+            cyberdesk_dot_agent_dot_v1_dot_agent__pb2.OpenPortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -83,3 +83,70 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class PortServiceStub:
+    """PortService is served only by the guest agent: byte tunnels to TCP ports inside the instance,
+    which the gateway's previews ride on. It sits behind the same per-instance token as every
+    service of the agent.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> PortServiceAsyncStub: ...
+    OpenPort: _grpc.StreamStreamMultiCallable[_agent_pb2.OpenPortRequest, _agent_pb2.OpenPortResponse]
+    """Opens a byte tunnel to a TCP port inside the instance (127.0.0.1:<port> as the instance sees
+    it), over the agent's own connection: the gateway serves previews of a port this way, so a
+    sandbox without network and a VM are reached alike. The first request names the instance and
+    the port and may carry the first bytes; every later request carries bytes for the service.
+    The client's half-close shuts the service's receiving side (it reads EOF). The first response
+    says `connected`; later ones carry the service's bytes in order; one with `eof` says the
+    service closed its sending side (the tunnel still carries the client's bytes until it
+    half-closes). The call ends OK once both directions are closed. Nothing listening on the port:
+    UNAVAILABLE "nothing listens on port P in the instance".
+    """
+
+@_typing.type_check_only
+class PortServiceAsyncStub(PortServiceStub):
+    """PortService is served only by the guest agent: byte tunnels to TCP ports inside the instance,
+    which the gateway's previews ride on. It sits behind the same per-instance token as every
+    service of the agent.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    OpenPort: _aio.StreamStreamMultiCallable[_agent_pb2.OpenPortRequest, _agent_pb2.OpenPortResponse]  # type: ignore[assignment]
+    """Opens a byte tunnel to a TCP port inside the instance (127.0.0.1:<port> as the instance sees
+    it), over the agent's own connection: the gateway serves previews of a port this way, so a
+    sandbox without network and a VM are reached alike. The first request names the instance and
+    the port and may carry the first bytes; every later request carries bytes for the service.
+    The client's half-close shuts the service's receiving side (it reads EOF). The first response
+    says `connected`; later ones carry the service's bytes in order; one with `eof` says the
+    service closed its sending side (the tunnel still carries the client's bytes until it
+    half-closes). The call ends OK once both directions are closed. Nothing listening on the port:
+    UNAVAILABLE "nothing listens on port P in the instance".
+    """
+
+class PortServiceServicer(metaclass=_abc_1.ABCMeta):
+    """PortService is served only by the guest agent: byte tunnels to TCP ports inside the instance,
+    which the gateway's previews ride on. It sits behind the same per-instance token as every
+    service of the agent.
+    """
+
+    @_abc_1.abstractmethod
+    def OpenPort(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.OpenPortRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.OpenPortResponse], _abc.AsyncIterator[_agent_pb2.OpenPortResponse]]:
+        """Opens a byte tunnel to a TCP port inside the instance (127.0.0.1:<port> as the instance sees
+        it), over the agent's own connection: the gateway serves previews of a port this way, so a
+        sandbox without network and a VM are reached alike. The first request names the instance and
+        the port and may carry the first bytes; every later request carries bytes for the service.
+        The client's half-close shuts the service's receiving side (it reads EOF). The first response
+        says `connected`; later ones carry the service's bytes in order; one with `eof` says the
+        service closed its sending side (the tunnel still carries the client's bytes until it
+        half-closes). The call ends OK once both directions are closed. Nothing listening on the port:
+        UNAVAILABLE "nothing listens on port P in the instance".
+        """
+
+def add_PortServiceServicer_to_server(servicer: PortServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
