@@ -2,7 +2,6 @@
 
 - the SDK's `exec()` through the gateway (unary RunProcess since the SDK chose it for whole
   results) against `exec_stream()` (the StartProcess stream `exec()` used before), interleaved;
-
 - exec `echo hi` (argv, no shell): p50/p99 through the gateway vs the agent directly, both as
   StartProcess (server stream) and as RunProcess (unary, output at once), with the gateway's CPU
   time per call (from /proc: a figure a busy shared machine disturbs less than latency);

@@ -1,7 +1,7 @@
 """One path for every public call, gRPC or REST: verify the key, spend the rate limit, pick the upstream.
 
 `Admission.admit` is the only place where a caller becomes a `Target` (a channel plus the
-metadata to send on it). The gRPC proxy (proxy.py) and the REST face (rest_upstream.py) both call
+metadata to send on it). The gRPC proxy (proxy.py) and the REST face (rest/upstream.py) both call
 it, with the caller's credentials as metadata pairs (gRPC metadata or the HTTP headers of the same
 names), so auth, scopes, rate limits, tenant scoping and routing cannot drift between the faces.
 """

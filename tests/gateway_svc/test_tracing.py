@@ -23,8 +23,8 @@ from gateway_svc.server import Gateway, build_spec
 from guest_agent.config import AgentConfig
 from guest_agent.identity import Identity
 from guest_agent.server import build_spec as agent_spec
+from instance_svc.testing import spec as stand_in_spec
 from tests.gateway_svc.conftest import AGENT_TOKEN, INTERNAL_TOKEN
-from tests.gateway_svc.upstream import spec as upstream_spec
 from tests.support.procs import free_port
 
 
@@ -62,7 +62,7 @@ def test_one_trace_from_caller_through_gateway_and_routing_to_agent(
 
     async def scenario() -> None:
         monkeypatch.setenv("UPSTREAM_ADDR", instance_addr)
-        routing = await start(upstream_spec("instance"))
+        routing = await start(stand_in_spec())
         agent = await start(
             agent_spec(
                 AgentConfig(
