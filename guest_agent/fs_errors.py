@@ -40,9 +40,22 @@ _ERRNO: dict[int, tuple[grpc.StatusCode, str]] = {
 }
 
 
+def disk_full(text: str) -> str:
+    """What a full disk (ENOSPC/EDQUOT, the system's `text`) is called: the instance's disk, with its size.
+
+    The runtime passes the size as CYBERDESK_AGENT_DISK_MIB (the local runtime's disks are file
+    systems of that size, so ENOSPC means the instance's own limit, not the host's disk). An agent
+    the runtime told nothing (a test's, a VM's without the variable) says the system's text only.
+    """
+    size = os.environ.get("CYBERDESK_AGENT_DISK_MIB", "")
+    return f"the instance's disk ({size} MiB) is full ({text})" if size.isdigit() else text
+
+
 def os_error(err: OSError, path: str, action: str) -> RpcError:
     """The status of a failed filesystem call: `action` ("open", "remove", ...) on `path` failed with `err`."""
     code, text = _ERRNO.get(err.errno or 0, (grpc.StatusCode.UNKNOWN, err.strerror or str(err)))
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        text = disk_full(text)
     return RpcError(code, f"cannot {action} {path}: {text}")
 
 

@@ -10,8 +10,10 @@ Uploads are atomic: bytes go to a temporary file in the target's directory, whic
 the target only once complete (and matching `expected_sha256`). Writing to a path that is a
 symbolic link replaces the file the link points to and keeps the link, as `echo > link` would.
 A named upload (`upload_id`) that is interrupted keeps its temporary file, so it can resume from
-the offset it reached; its final sha256 covers the whole file. Downloads may ask for a range; the
-last message carries the sha256 of the bytes sent.
+the offset it reached; its final sha256 covers the whole file. An upload that does not fit the
+instance's disk (ENOSPC, EDQUOT) is RESOURCE_EXHAUSTED naming the disk's size, and its temporary
+file is removed, named or not: the target keeps its old content and no partial file holds space.
+Downloads may ask for a range; the last message carries the sha256 of the bytes sent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import os
 import re
@@ -214,6 +217,7 @@ class Upload:
         try:
             _write_all(self.fd, chunk)
         except OSError as err:
+            self._drop_partial_if_full(err)
             raise os_error(err, self.target, "write") from None
         self.size += len(chunk)
         if self.size - self.written_back >= WRITEBACK_EVERY:
@@ -234,6 +238,7 @@ class Upload:
             # fsync before the rename: otherwise a crash could leave an empty file under the target name.
             os.fsync(self.fd)
         except OSError as err:
+            self._drop_partial_if_full(err)
             raise os_error(err, self.target, "write") from None
         os.close(self.fd)
         self.fd = -1
@@ -246,6 +251,12 @@ class Upload:
             raise os_error(err, self.target, "write") from None
         self.keep_partial = False
         return sha
+
+    def _drop_partial_if_full(self, err: OSError) -> None:
+        # A full disk is no interruption to resume from: the partial file would only hold the
+        # space the retry needs. It goes even for a named upload (the caller sees RESOURCE_EXHAUSTED).
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.keep_partial = False
 
     def _link_no_clobber(self) -> None:
         # link(2) fails with EEXIST if the target appeared meanwhile: no overwrite, even under a race.

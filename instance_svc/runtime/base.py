@@ -53,6 +53,8 @@ class SandboxSpec:
     env: dict[str, str] = field(default_factory=dict)
     desktop: tuple[int, int] | None = None  # (width, height) of the X screen, None for no desktop
     internet: bool = False
+    # The template asks for nested user namespaces (rootless containers inside); off by default.
+    nested_userns: bool = False
     # Archive written by `snapshot` to restore the writable layer from.
     restore_from: Path | None = None
 

@@ -53,6 +53,8 @@ exec "$@"
 # Where the agent's code and Python packages appear inside the sandbox.
 AGENT_DIR = "/opt/cyberdesk"
 SOCK_DIR = "/run/cyberdesk"
+# Where the sandbox's own cgroups (delegated to its uid, cgroups.py) appear inside: one dir per controller.
+CGROUP_DIR = "/run/cgroup"
 # Writable dirs of the per-instance layer, bound at the same path inside.
 LAYER_DIRS = ("etc", "home", "root", "tmp", "var", "opt", "srv")
 # Host /etc trees bound read-only over the layer's /etc (not /etc/ssl/private: only the certificates).
@@ -90,6 +92,9 @@ class Launch:
     cgroup_procs: Sequence[str] = ()
     stage: str = "/mnt"
     data_rlimit: int | None = None  # bytes; only when no memory cgroup
+    seccomp_fd: int = -1  # bubblewrap's --seccomp; spawn.spawn_sandbox sets it to a memfd (seccomp.py)
+    nested_userns: bool = False  # the template asks for nested user namespaces (no --disable-userns)
+    cgroup_binds: Sequence[tuple[str, str]] = ()  # (controller, host dir delegated to the sandbox uid)
 
 
 def argv(launch: Launch) -> list[str]:
@@ -101,6 +106,12 @@ def argv(launch: Launch) -> list[str]:
         return f"{launch.stage}/{len(sources) - 1}"
 
     bw = ["bwrap", "--unshare-all"]
+    if not launch.nested_userns:
+        # The kernel refuses nested user namespaces even to a call the seccomp filter would let
+        # through; bubblewrap wants the user namespace asked for explicitly to do it.
+        bw += ["--unshare-user", "--disable-userns"]
+    if launch.seccomp_fd >= 0:
+        bw += ["--seccomp", str(launch.seccomp_fd)]
     if launch.internet:
         bw.append("--share-net")
     bw += ["--uid", "1000", "--gid", "1000", "--hostname", launch.hostname, "--as-pid-1"]
@@ -119,6 +130,9 @@ def argv(launch: Launch) -> list[str]:
     for name in ETC_READONLY:
         bw += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     bw += ["--tmpfs", "/run", "--bind", staged(launch.sock_dir), SOCK_DIR]
+    for controller, host_dir in launch.cgroup_binds:
+        # The agent makes one cgroup per command here (guest_agent/process_cgroups.py).
+        bw += ["--bind", staged(Path(host_dir)), f"{CGROUP_DIR}/{controller}"]
     if not str(launch.python_prefix).startswith("/usr/"):
         bw += ["--ro-bind", staged(launch.python_prefix), str(launch.python_prefix)]
     bw += ["--tmpfs", AGENT_DIR]

@@ -14,6 +14,16 @@ cgroup holds processes.)
 
 The launcher writes the sandbox's first process into `procs_files` before it execs bubblewrap, so
 every process of the sandbox is born inside the cgroups: no window in which a fork escapes.
+
+Delegation (v1): the sandbox's pids, freezer and memory dirs are handed to the sandbox uid
+(`delegate`: the directory only, chown), and bound into the sandbox at /run/cgroup/<controller>.
+Owning the directory lets the agent create child cgroups there, one per command
+(guest_agent/process_cgroups.py), whose files it then owns; the sandbox's own limit files
+(pids.max, memory.limit_in_bytes, freezer.state) stay root's, and every child is bounded by its
+parent's limits, so delegation gives the sandbox bookkeeping, never more resources. A process can
+only be moved into a cgroup whose cgroup.procs the mover may write, so nothing inside can move
+itself back into the sandbox's top cgroup or out of the sandbox. Because of those child cgroups,
+every walk here (the pids of a sandbox, killing, removal) covers the whole subtree.
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ _log = logging.getLogger("instance_svc.runtime.cgroups")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer")
+# What the agent needs per command: pids (who belongs to it), freezer (stop a fork bomb before the
+# kill), memory (the command's own oom_kill counter, to say that the kernel's OOM killer struck).
+DELEGATED_CONTROLLERS = ("pids", "freezer", "memory")
 _CFS_PERIOD_US = 100_000
 
 
@@ -60,6 +73,20 @@ class SandboxCgroups:
     paths: dict[str, str] = field(default_factory=dict)
     enforced: dict[str, bool] = field(default_factory=dict)  # limit name -> really written
 
+    def _rmdir(self, cgroup: Path, deadline: float) -> None:
+        while True:
+            try:
+                os.rmdir(cgroup)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as err:
+                if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                    _log.warning("cannot remove cgroup", extra={"path": str(cgroup), "error": str(err)})
+                    return
+                self.kill_all()
+                time.sleep(0.01)
+
     @property
     def procs_files(self) -> list[str]:
         """Files to write the sandbox's first pid into (one per hierarchy)."""
@@ -70,13 +97,42 @@ class SandboxCgroups:
         """Whether a freezer is available for this sandbox."""
         return "freezer" in self.paths or (self.version == 2 and "unified" in self.paths)
 
+    def delegate(self, uid: int, gid: int) -> list[tuple[str, str]]:
+        """Give the sandbox uid its cgroup dirs (v1: pids, freezer, memory); the (controller, dir) pairs to bind.
+
+        Only v1 is delegated: the agent puts a command into its cgroup by moving its own thread
+        there for the spawn, which v2 forbids outside threaded cgroups (it would need clone3's
+        CLONE_INTO_CGROUP). Whatever cannot be delegated is left out; the agent then falls back to
+        killing process groups.
+        """
+        if self.version != 1:
+            return []
+        binds: list[tuple[str, str]] = []
+        for ctrl in DELEGATED_CONTROLLERS:
+            path = self.paths.get(ctrl)
+            if path is None:
+                continue
+            try:
+                os.chown(path, uid, gid)
+            except OSError as err:
+                _log.info("cgroup not delegated", extra={"controller": ctrl, "error": str(err)})
+                continue
+            binds.append((ctrl, path))
+        return binds
+
+    @staticmethod
+    def _subtree(top: str) -> list[Path]:
+        """`top` and every cgroup below it, deepest first (the order rmdir needs)."""
+        return [Path(d) for d, _, _ in os.walk(top, topdown=False)]
+
     def pids(self) -> list[int]:
-        """Every process in the sandbox's cgroups."""
+        """Every process in the sandbox's cgroups (child cgroups of its commands included)."""
         found: set[int] = set()
         for path in self.paths.values():
-            with contextlib.suppress(OSError):
-                for line in (Path(path) / "cgroup.procs").read_text().split():
-                    found.add(int(line))
+            for cgroup in self._subtree(path):
+                with contextlib.suppress(OSError):
+                    for line in (cgroup / "cgroup.procs").read_text().split():
+                        found.add(int(line))
         return sorted(found)
 
     def freeze(self, timeout: float = 5.0) -> None:
@@ -131,23 +187,19 @@ class SandboxCgroups:
         if self.frozen():
             with contextlib.suppress(OSError):
                 self.thaw()
+        # A command's cgroup the agent froze for its kill stays frozen when the top is thawed.
+        if self.version == 1 and "freezer" in self.paths:
+            for cgroup in self._subtree(self.paths["freezer"])[:-1]:
+                with contextlib.suppress(OSError):
+                    if (cgroup / "freezer.state").read_text().strip() != "THAWED":
+                        (cgroup / "freezer.state").write_text("THAWED")
 
     def remove(self, timeout: float = 5.0) -> None:
         """Remove the cgroup dirs (waits for the killed processes to leave them)."""
         deadline = time.monotonic() + timeout
         for path in self.paths.values():
-            while True:
-                try:
-                    os.rmdir(path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as err:
-                    if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                        _log.warning("cannot remove cgroup", extra={"path": path, "error": str(err)})
-                        break
-                    self.kill_all()
-                    time.sleep(0.01)
+            for cgroup in self._subtree(path):
+                self._rmdir(cgroup, deadline)
             # The shared "cyberdesk" parent goes when its last sandbox does.
             with contextlib.suppress(OSError):
                 os.rmdir(Path(path).parent)

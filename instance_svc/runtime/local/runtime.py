@@ -141,6 +141,8 @@ class LocalRuntime:
             if self._cgroups
             else SandboxCgroups(version=0)
         )
+        # The agent makes a cgroup per command inside these (one timeout kills all a command started).
+        cgroup_binds = cg.delegate(uid, gid)
         limits = [
             Limit("memory_bytes", memory, "cgroup" if cg.enforced.get("memory_bytes") else "rlimit"),
             Limit("vcpus", spec.vcpus, "cgroup" if cg.enforced.get("vcpus") else "none"),
@@ -177,6 +179,8 @@ class LocalRuntime:
             cgroup_procs=cg.procs_files,
             stage=self._opts.stage_dir,
             data_rlimit=None if cg.enforced.get("memory_bytes") else memory,
+            nested_userns=spec.nested_userns,
+            cgroup_binds=cgroup_binds,
         )
         proc, info_r = spawn.spawn_sandbox(directory, spec, launch, token)
         # Recorded before anything can fail, so that the cleanup of a failed start kills it.

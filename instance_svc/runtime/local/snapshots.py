@@ -29,8 +29,12 @@ def archive_kind(path: Path) -> str:
 
 
 def restore(archive: Path, layer: Path) -> None:
-    """Create `layer` from a snapshot archive (blocking: run it in a thread)."""
-    layer.mkdir(mode=0o755)
+    """Fill `layer` from a snapshot archive (blocking: run it in a thread).
+
+    `layer` is the new sandbox's freshly mounted disk (disk.py), so it exists already; a snapshot
+    larger than that disk fails here with tar's "No space left on device".
+    """
+    layer.mkdir(mode=0o755, exist_ok=True)
     kind = archive_kind(archive)
     done = subprocess.run(
         ["tar", kind, "-xf", str(archive), "-C", str(layer), "--numeric-owner"],
@@ -69,6 +73,7 @@ async def archive_layer(layer: Path, dest: Path, sandbox_id: str) -> SnapshotRes
         # Sockets cannot be archived, and a stale X lock would stop Xvfb in the restored sandbox.
         "--exclude=./tmp/.X11-unix",
         "--exclude=./tmp/.X99-lock",
+        "--exclude=./lost+found",  # the disk's own (disk.py), not the tenant's
         "-C",
         str(layer),
         ".",

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from instance_svc.runtime.base import RuntimeError_, SandboxSpec
-from instance_svc.runtime.local import bwrap
+from instance_svc.runtime.local import bwrap, seccomp
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -57,6 +57,11 @@ def spawn_sandbox(
     """
     token_r, token_w = os.pipe()
     info_r, info_w = os.pipe()
+    seccomp_fd = seccomp.filter_fd(launch.nested_userns)
+    env = sandbox_env(spec, token_r)
+    if launch.cgroup_binds:
+        # The agent's own per-command cgroups (guest_agent/process_cgroups.py) live under this dir.
+        env["CYBERDESK_AGENT_CGROUP_DIR"] = bwrap.CGROUP_DIR
     try:
         # The agent opens /proc/self/fd/N, which checks the pipe's owner: give it to the sandbox uid.
         os.fchown(token_r, launch.uid, launch.gid)
@@ -65,12 +70,12 @@ def spawn_sandbox(
         token_w = -1
         with open(directory / "agent.log", "ab") as log:
             proc = subprocess.Popen(
-                bwrap.argv(dataclasses.replace(launch, info_fd=info_w)),
-                env=sandbox_env(spec, token_r),
+                bwrap.argv(dataclasses.replace(launch, info_fd=info_w, seccomp_fd=seccomp_fd)),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                pass_fds=(token_r, info_w),
+                pass_fds=(token_r, info_w, seccomp_fd),
                 start_new_session=True,  # not in our process group: a ^C or kill of us spares it
                 cwd="/",
             )
@@ -78,7 +83,7 @@ def spawn_sandbox(
         os.close(info_r)
         raise
     finally:
-        for fd in (token_r, info_w, token_w):
+        for fd in (token_r, info_w, token_w, seccomp_fd):
             if fd >= 0:
                 os.close(fd)
     return proc, info_r

@@ -1,20 +1,23 @@
-"""Where a sandbox is killed and its cgroups and directory removed (idempotent)."""
+"""Where a sandbox is killed and its cgroups, disk and directory removed (idempotent)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import subprocess
 from pathlib import Path
 
-from instance_svc.runtime.local import freezer, procscan
+from instance_svc.runtime.local import disk, freezer, procscan
 from instance_svc.runtime.local.state_file import SandboxState
+
+_log = logging.getLogger("instance_svc.runtime.local")
 
 
 def destroy(directory: Path, state: SandboxState | None, child: subprocess.Popen[bytes] | None) -> None:
-    """Kill every process of the sandbox, remove its cgroups and `directory` (blocking: run it in a thread).
+    """Kill every process of the sandbox, remove its cgroups, its disk and `directory` (blocking: run it in a thread).
 
     `child` is the outer bubblewrap when this instance_svc started it (None after a restart).
     """
@@ -38,4 +41,9 @@ def destroy(directory: Path, state: SandboxState | None, child: subprocess.Popen
     elif state is not None and state.pid_start and procscan.start_time(state.pid) == state.pid_start:
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.pid, signal.SIGKILL)
+    # After the processes: the disk's mount and loop device go once nothing of the sandbox holds
+    # them. Also without a state file (a create that failed before writing it mounted the disk).
+    left = disk.release(directory)
+    if left:
+        _log.warning("disk not fully released", extra={"sandbox": directory.name, "left": left})
     shutil.rmtree(directory, ignore_errors=True)

@@ -87,9 +87,10 @@ def test_sandbox_sees_only_itself(sandboxes: Sandboxes, tmp_path: Path) -> None:
         assert host_tmp_marker.name not in listing
         assert set(listing.split()) <= {"/home:", "user", "/root:", ".pyenv", "/tmp:"}
 
-        # Only its own agent's socket: no other sandbox's is reachable.
+        # Only its own agent's socket: no other sandbox's is reachable (and its own delegated cgroups).
         assert sandboxes.sh("sb-one", "ls -A /run /run/cyberdesk").stdout.split() == [
             "/run:",
+            "cgroup",
             "cyberdesk",
             "/run/cyberdesk:",
             "agent.sock",
