@@ -33,7 +33,7 @@ class AgentEndpoint:
 
 @dataclass(frozen=True)
 class Limit:
-    """A resource limit and how it is really enforced ("cgroup", "rlimit" or "none")."""
+    """A resource limit and how it is really enforced ("cgroup", "rlimit", "filesystem" or "none")."""
 
     name: str
     value: int
@@ -48,6 +48,8 @@ class SandboxSpec:
     template: str = "base"
     vcpus: int = 1
     memory_mib: int = 512
+    # Size of the writable layer (home, tmp, var, ...); the local runtime makes it a file system of its own.
+    disk_mib: int = 2048
     # Bound at start for a direct create; empty for a warm-pool sandbox (bound at claim).
     instance_id: str = ""
     env: dict[str, str] = field(default_factory=dict)

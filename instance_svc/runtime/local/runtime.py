@@ -26,7 +26,7 @@ from instance_svc.runtime.base import (
     SandboxSpec,
     SnapshotResult,
 )
-from instance_svc.runtime.local import agent_code, bwrap, freezer, layers, procscan, snapshots, spawn, state_file
+from instance_svc.runtime.local import agent_code, bwrap, disk, freezer, layers, procscan, snapshots, spawn, state_file
 from instance_svc.runtime.local.cgroups import CgroupManager, SandboxCgroups
 from instance_svc.runtime.local.options import LocalOptions
 from instance_svc.runtime.local.state_file import SandboxState
@@ -102,6 +102,8 @@ class LocalRuntime:
     def _validate(self, spec: SandboxSpec) -> None:
         if spec.vcpus < 1 or spec.memory_mib < 16:
             raise RuntimeError_(f"a sandbox needs at least 1 vCPU and 16 MiB (got {spec.vcpus} and {spec.memory_mib})")
+        if spec.disk_mib < 16:
+            raise RuntimeError_(f"a sandbox's disk needs at least 16 MiB (got {spec.disk_mib})")
         for key, value in spec.env.items():
             if not _ENV_KEY_RE.match(key) or "\0" in value:
                 raise RuntimeError_(f"environment variable {key!r} has an invalid name or a NUL byte")
@@ -130,7 +132,9 @@ class LocalRuntime:
     async def _start(self, spec: SandboxSpec, directory: Path) -> SandboxInfo:
         uid, gid = self._opts.sandbox_uid, self._opts.sandbox_gid
         hostname = spec.instance_id or spec.sandbox_id
-        layer, sock = directory / "layer", directory / "sock"
+        sock = directory / "sock"
+        # The layer is the sandbox's own file system (disk.py): mounted before anything is written to it.
+        layer = await asyncio.to_thread(disk.create, directory, spec.disk_mib, uid, gid)
         await asyncio.to_thread(layers.prepare, layer, spec, hostname, uid, gid)
         sock.mkdir(mode=0o700)
         os.chown(sock, uid, gid)
@@ -147,6 +151,7 @@ class LocalRuntime:
             Limit("memory_bytes", memory, "cgroup" if cg.enforced.get("memory_bytes") else "rlimit"),
             Limit("vcpus", spec.vcpus, "cgroup" if cg.enforced.get("vcpus") else "none"),
             Limit("pids", self._opts.pids_max, "cgroup" if cg.enforced.get("pids") else "none"),
+            Limit("disk_bytes", spec.disk_mib * _MIB, "filesystem"),
         ]
         token = secrets.token_urlsafe(32)
         state = SandboxState(
