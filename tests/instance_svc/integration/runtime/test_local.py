@@ -114,7 +114,8 @@ def test_limits_are_reported_and_memory_is_enforced(sandboxes: Sandboxes) -> Non
     limits = {limit.name: limit for limit in info.limits}
     assert limits["memory_bytes"].value == 64 * 1024 * 1024
     assert limits["vcpus"].value == 1
-    assert set(limits) == {"memory_bytes", "vcpus", "pids"}
+    assert set(limits) == {"memory_bytes", "vcpus", "pids", "disk_bytes"}
+    assert (limits["disk_bytes"].value, limits["disk_bytes"].mechanism) == (2048 << 20, "filesystem")
     if limits["memory_bytes"].mechanism != "cgroup":
         pytest.skip(f"this host gives no memory cgroup (mechanism {limits['memory_bytes'].mechanism})")
     python = LocalOptions().python
