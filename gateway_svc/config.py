@@ -32,6 +32,12 @@ class GatewayConfig:
     unkey_keyspace: str
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # Previews of ports inside instances (gateway_svc/rest/preview.py): hosts `<port>-<instance>.<domain>`,
+    # the origin the path form and minted URLs use, and the HMAC secret shared by every replica ("": a
+    # secret generated into the state directory).
+    preview_domain: str = "localhost"
+    public_http_url: str = "http://127.0.0.1:8080"
+    preview_secret: str = ""
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
@@ -67,6 +73,12 @@ class GatewayConfig:
             unkey_keyspace=env_str("UNKEY_KEYSPACE", ""),
             tls_cert_file=cert_file,
             tls_key_file=key_file,
+            preview_domain=env_str("PREVIEW_DOMAIN", "localhost").strip(".").lower(),
+            public_http_url=env_str(
+                "GATEWAY_PUBLIC_URL",
+                f"{'https' if cert_file else 'http'}://{env_str('GATEWAY_HTTP_ADDR', '127.0.0.1:8080')}",
+            ).rstrip("/"),
+            preview_secret=env_str("PREVIEW_SECRET", ""),
         )
 
 

@@ -19,6 +19,7 @@ from cyberdesk_common.channel_options import CHANNEL_OPTIONS
 from cyberdesk_common.grpc_server import RunningServer, ServerSpec
 from cyberdesk_common.tracing import TracingClientInterceptor
 from cyberdesk_proto.internal.v1 import auth_pb2, auth_pb2_grpc
+from cyberdesk_proto.v1 import ports_pb2, ports_pb2_grpc
 from gateway_svc.admission import Admission
 from gateway_svc.auth import Authenticator, KeyBackend
 from gateway_svc.config import GatewayConfig
@@ -28,6 +29,8 @@ from gateway_svc.keystore import KeyStore
 from gateway_svc.proxy import Proxy, public_service_names
 from gateway_svc.ratelimit import RateLimiter
 from gateway_svc.rest.app import RestApp
+from gateway_svc.rest.preview import Previews, PreviewServicer, websocket_protocol
+from gateway_svc.rest.preview_links import PreviewTokens
 from gateway_svc.rest.upstream import GatewayUpstream
 from gateway_svc.routing import RouteCache, follow_events
 from gateway_svc.unkey_backend import UnkeyBackend
@@ -53,6 +56,7 @@ class Gateway:
         self._stop = asyncio.Event()
         self._events: asyncio.Task[None] | None = None
         self.admission: Admission | None = None
+        self.previews: Previews | None = None
         self.http: Any = None  # uvicorn.Server once the REST face serves
         self._http_task: asyncio.Task[None] | None = None
 
@@ -83,7 +87,15 @@ class Gateway:
         self.admission = Admission(gate, self.route_cache, self.instance_channel, config.internal_token)
         server.add_generic_rpc_handlers((Proxy(self.admission),))
         auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(gate, self.store), server)
-        return [*public_service_names(), auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name]
+        # Previews are the gateway's own: it holds the token secret and relays the ports' bytes.
+        tokens = PreviewTokens.from_state_dir(config.state_dir, config.preview_secret)
+        self.previews = Previews(self.admission, tokens, config.preview_domain, config.public_http_url)
+        ports_pb2_grpc.add_PreviewServiceServicer_to_server(PreviewServicer(self.previews), server)
+        return [
+            *public_service_names(),
+            auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
+            ports_pb2.DESCRIPTOR.services_by_name["PreviewService"].full_name,
+        ]
 
     async def on_started(self, running: RunningServer) -> None:
         """Start following lifecycle events (route cache invalidation)."""
@@ -107,13 +119,14 @@ class Gateway:
         assert self.admission is not None
         host, _, port = self.config.http_addr.rpartition(":")
         config = uvicorn.Config(
-            RestApp(GatewayUpstream(self.admission)),
+            RestApp(GatewayUpstream(self.admission), previews=self.previews),
             host=host.strip("[]"),
             port=int(port),
             lifespan="off",
             log_config=None,  # our structured logging is set up already
             access_log=False,
-            ws="websockets",
+            # uvicorn's websockets protocol, wrapped: a preview's upgrade is relayed as bytes.
+            ws=websocket_protocol(self.previews) if self.previews is not None else "websockets",
             ssl_certfile=self.config.tls_cert_file or None,
             ssl_keyfile=self.config.tls_key_file or None,
             timeout_graceful_shutdown=5,

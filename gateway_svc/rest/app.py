@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, invalid_argument
 from gateway_svc.rest import downloads, http_errors, json_mapping, pty_relay, streams, uploads
@@ -41,7 +42,8 @@ from gateway_svc.rest.asgi import (
 )
 from gateway_svc.rest.http_bindings import BindingTable, build_binding_table
 from gateway_svc.rest.path_templates import PathDecodeError
-from gateway_svc.rest.upstream import Upstream
+from gateway_svc.rest.preview import PREVIEW_SERVICE, Previews
+from gateway_svc.rest.upstream import Upstream, credentials
 
 _log = logging.getLogger("gateway_svc.rest")
 
@@ -51,9 +53,10 @@ OPENAPI_FILE = Path(__file__).resolve().parents[2] / "openapi" / "cyberdesk.v1.o
 class RestApp:
     """The ASGI application: `RestApp(upstream)` (binding table of cyberdesk.v1 by default)."""
 
-    def __init__(self, upstream: Upstream, table: BindingTable | None = None) -> None:
+    def __init__(self, upstream: Upstream, table: BindingTable | None = None, previews: Previews | None = None) -> None:
         self.upstream = upstream
         self.table = table or build_binding_table()
+        self.previews = previews  # ports inside instances (`preview`); None: no previews, e.g. in unit tests
         self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,6 +70,12 @@ class RestApp:
     async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"].upper()
         path = request_path(scope)
+        if self.previews is not None:
+            # A preview host takes every path, so it is matched before any route of the API.
+            target = self.previews.match(request_headers(scope), path)
+            if target is not None:
+                await self.previews.serve_http(scope, receive, send, target)
+                return
         if method in ("GET", "HEAD") and path == "/openapi.json":
             await respond(send, 200, self._openapi_bytes(), "application/json")
             return
@@ -109,7 +118,11 @@ class RestApp:
             if binding.server_streaming:
                 await until_disconnect(receive, streams.stream_responses(upstream, send, binding, request, headers))
                 return
-            reply = await upstream.unary(binding, request, headers)
+            reply: Message
+            if binding.service == PREVIEW_SERVICE and self.previews is not None:
+                reply = await self.previews.create_url(request, credentials(headers))  # type: ignore[arg-type]
+            else:
+                reply = await upstream.unary(binding, request, headers)
         except RpcError as exc:
             await respond_error(send, http_errors.from_rpc_error(exc))
             return

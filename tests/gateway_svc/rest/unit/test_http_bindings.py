@@ -16,7 +16,7 @@ def _rpcs(services: list[ServiceDescriptor]) -> set[str]:
 
 
 def test_every_rpc_of_cyberdesk_v1_has_a_route(api_table: BindingTable) -> None:
-    assert len(api_table.services) == 4
+    assert len(api_table.services) == 5  # instance, process, filesystem, desktop, preview
     assert {r.qualified_name for r in api_table.bindings} == _rpcs(api_table.services)
 
 
