@@ -531,12 +531,15 @@ def test_no_pod_can_reach_the_kubernetes_api() -> None:
 def test_platform_containers_use_the_project_image() -> None:
     images = {c["image"] for w in WORKLOADS for c in _pod_spec(w.obj)["containers"]}
     assert IMAGE in images
-    # The Containerfile copies every package that pyproject.toml installs.
-    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    copied = set(re.findall(r"^COPY (\S+) ", (K8S / "Containerfile").read_text(), re.MULTILINE))
-    for pattern in include:
-        top = pattern.rstrip("*")
-        assert top in copied, f"k8s/Containerfile does not copy {top}"
+    # The Containerfile copies every package that the two distributions install, and installs both.
+    containerfile = (K8S / "Containerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) ", containerfile, re.MULTILINE))
+    for project in (ROOT / "pyproject.toml", ROOT / "sdk" / "python" / "pyproject.toml"):
+        include = tomllib.loads(project.read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+        for pattern in include:
+            top = pattern.rstrip("*").rstrip(".")
+            assert top in copied, f"k8s/Containerfile does not copy {top} (from {project.relative_to(ROOT)})"
+    assert "sdk/python" in copied and re.search(r"^RUN pip install \./sdk/python \. ", containerfile, re.MULTILINE)
 
 
 # --- network policies -----------------------------------------------------------------------------
