@@ -215,6 +215,8 @@ class Lifecycle:
             internet=spec.internet,
             source_snapshot_id=spec.snapshot_id,
             request_id=spec.request_id or None,
+            egress_allow=spec.egress_allow,
+            egress_deny=spec.egress_deny,
         )
         async with self._locks[instance_id]:
             try:
@@ -248,6 +250,8 @@ class Lifecycle:
                         env=spec.env,
                         desktop=spec.desktop,
                         internet=spec.internet,
+                        egress_allow=spec.egress_allow,
+                        egress_deny=spec.egress_deny,
                         restore_from=Path(snapshot.path) if snapshot else None,
                     )
                 )

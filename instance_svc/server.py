@@ -27,7 +27,15 @@ def make_runtime(name: str) -> Runtime:
     """The runtime named by CYBERDESK_RUNTIME ("local"; "kubevirt" in a later issue)."""
     if name == "local":
         module = importlib.import_module("instance_svc.runtime.local")
-        runtime: Runtime = module.LocalRuntime(state_dir() / "instances")
+        network = importlib.import_module("instance_svc.runtime.local.network")
+        # Private ranges INTERNET instances may reach after all (e.g. a package mirror on the LAN).
+        raw_ranges = env_str("EGRESS_ALLOW_RANGES", "")
+        try:
+            ranges = tuple(str(r) for r in network.parse_ranges(raw_ranges))
+        except ValueError as err:
+            raise ConfigError(f"CYBERDESK_EGRESS_ALLOW_RANGES: {err}") from None
+        options = module.LocalOptions(egress_allow_ranges=ranges)
+        runtime: Runtime = module.LocalRuntime(state_dir() / "instances", options)
         return runtime
     raise ConfigError(f"CYBERDESK_RUNTIME={name!r} is not available; use local")
 

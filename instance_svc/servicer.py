@@ -50,6 +50,7 @@ def instance_proto(rec: InstanceRecord, state: State | None = None) -> instance_
             height=rec.desktop[1] if rec.desktop else 0,
         ),
         network=instance_pb2.NETWORK_MODE_INTERNET if rec.internet else instance_pb2.NETWORK_MODE_NONE,
+        egress=instance_pb2.EgressPolicy(allow=rec.egress_allow, deny=rec.egress_deny),
         source_snapshot_id=rec.source_snapshot_id,
         runtime=rec.runtime,
         enforced_limits=[instance_pb2.EnforcedLimit(name=n, value=v, mechanism=m) for n, v, m in rec.limits],

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS instances (
     runtime TEXT NOT NULL,
     sandbox_id TEXT NOT NULL DEFAULT '',
     limits TEXT NOT NULL DEFAULT '[]',
-    request_id TEXT
+    request_id TEXT,
+    egress TEXT NOT NULL DEFAULT '{}'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS instances_request ON instances(tenant, request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS instances_tenant_time ON instances(tenant, create_time_us DESC, id DESC);
@@ -96,6 +97,9 @@ class InstanceRecord:
     sandbox_id: str = ""
     limits: list[tuple[str, int, str]] = field(default_factory=list)
     request_id: str | None = None
+    # The egress policy as asked for (validated, normalised); empty allow = every public address.
+    egress_allow: tuple[str, ...] = ()
+    egress_deny: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class QuotaExceeded(Exception):
 
 def _row_instance(row: sqlite3.Row) -> InstanceRecord:
     desktop = json.loads(row["desktop"])
+    egress = json.loads(row["egress"])
     return InstanceRecord(
         id=row["id"],
         tenant=row["tenant"],
@@ -145,6 +150,8 @@ def _row_instance(row: sqlite3.Row) -> InstanceRecord:
         sandbox_id=row["sandbox_id"],
         limits=[(n, v, m) for n, v, m in json.loads(row["limits"])],
         request_id=row["request_id"],
+        egress_allow=tuple(egress.get("allow", ())),
+        egress_deny=tuple(egress.get("deny", ())),
     )
 
 
@@ -172,6 +179,14 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        # A database written before a column existed keeps its rows: CREATE TABLE IF NOT EXISTS
+        # leaves an old table as it is, so new columns are added here with their defaults.
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(instances)")}
+        if "egress" not in have:
+            self._db.execute("ALTER TABLE instances ADD COLUMN egress TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         """Close the database."""
@@ -236,7 +251,7 @@ class Store:
             db.execute(
                 "INSERT INTO instances(id, tenant, template, vcpus, memory_mib, state, state_message, create_time_us,"
                 " expire_time_us, timeout_us, timeout_action, labels, desktop, internet, source_snapshot_id, runtime,"
-                " request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " request_id, egress) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.id,
                     rec.tenant,
@@ -255,6 +270,7 @@ class Store:
                     rec.source_snapshot_id,
                     rec.runtime,
                     rec.request_id,
+                    json.dumps({"allow": list(rec.egress_allow), "deny": list(rec.egress_deny)}),
                 ),
             )
             self._outbox(db, rec, None, rec.create_time_us)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cyberdesk_proto.v1 import instance_pb2
@@ -13,6 +15,9 @@ _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_LABELS = 64
+# One DNS label (RFC 1123): letters, digits, inner hyphens, at most 63 characters.
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+MAX_EGRESS_ENTRIES = 64
 MAX_ENV = 256
 MAX_ENV_VALUE = 32 * 1024
 DEFAULT_SCREEN = (1280, 800)
@@ -45,6 +50,37 @@ class CreateSpec:
     internet: bool = False
     snapshot_id: str = ""
     request_id: str = ""
+    egress_allow: tuple[str, ...] = ()
+    egress_deny: tuple[str, ...] = ()
+
+
+def _egress_entry(entry: str, field_name: str) -> str:
+    """The entry normalised (a CIDR in its canonical form, a host name in lowercase), or InvalidRequest."""
+    if "/" in entry or ":" in entry or entry.replace(".", "").isdigit():
+        try:
+            if "/" not in entry:
+                return str(ipaddress.ip_address(entry))
+            return str(ipaddress.ip_network(entry, strict=True))
+        except ValueError as err:
+            raise InvalidRequest(f"{field_name}: {entry!r} is not a valid CIDR or address ({err})") from None
+    name = entry.lower().rstrip(".")
+    labels = name.removeprefix("*.").split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise InvalidRequest(
+            f"{field_name}: {entry!r} is neither a CIDR, an address nor a host name "
+            "(like pypi.org, or *.example.com for its subdomains)"
+        )
+    return name
+
+
+def check_egress(allow: Sequence[str], deny: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The egress lists normalised and without duplicates, or InvalidRequest naming the first bad entry."""
+    lists = []
+    for field_name, entries in (("egress.allow", allow), ("egress.deny", deny)):
+        if len(entries) > MAX_EGRESS_ENTRIES:
+            raise InvalidRequest(f"{field_name}: at most {MAX_EGRESS_ENTRIES} entries, got {len(entries)}")
+        lists.append(tuple(dict.fromkeys(_egress_entry(e, field_name) for e in entries)))
+    return lists[0], lists[1]
 
 
 def check_labels(labels: dict[str, str], field_name: str = "labels") -> None:
@@ -108,6 +144,8 @@ def validate_create(request: instance_pb2.CreateInstanceRequest, limits: Machine
         raise InvalidRequest(f"network {request.network} is unknown; use NONE or INTERNET")
     if len(request.request_id) > 128:
         raise InvalidRequest("request_id must hold at most 128 characters")
+    # Checked even without INTERNET (where it has no effect): a bad entry is a mistake either way.
+    egress_allow, egress_deny = check_egress(request.egress.allow, request.egress.deny)
     return CreateSpec(
         template=template,
         vcpus=vcpus,
@@ -120,4 +158,6 @@ def validate_create(request: instance_pb2.CreateInstanceRequest, limits: Machine
         internet=request.network == instance_pb2.NETWORK_MODE_INTERNET,
         snapshot_id=request.snapshot_id,
         request_id=request.request_id,
+        egress_allow=egress_allow,
+        egress_deny=egress_deny,
     )

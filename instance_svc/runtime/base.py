@@ -55,6 +55,10 @@ class SandboxSpec:
     env: dict[str, str] = field(default_factory=dict)
     desktop: tuple[int, int] | None = None  # (width, height) of the X screen, None for no desktop
     internet: bool = False
+    # Egress of an INTERNET sandbox on top of the fixed denials (validated: CIDRs, addresses, host
+    # names, "*.example.com"); empty allow = every public address.
+    egress_allow: tuple[str, ...] = ()
+    egress_deny: tuple[str, ...] = ()
     # The template asks for nested user namespaces (rootless containers inside); off by default.
     nested_userns: bool = False
     # Archive written by `snapshot` to restore the writable layer from.

@@ -92,6 +92,8 @@ class Launch:
     cgroup_procs: Sequence[str] = ()
     stage: str = "/mnt"
     data_rlimit: int | None = None  # bytes; only when no memory cgroup
+    # bubblewrap's --block-fd: an INTERNET sandbox's PID 1 waits on it until its network is ready.
+    block_fd: int = -1
     seccomp_fd: int = -1  # bubblewrap's --seccomp; spawn.spawn_sandbox sets it to a memfd (seccomp.py)
     nested_userns: bool = False  # the template asks for nested user namespaces (no --disable-userns)
     cgroup_binds: Sequence[tuple[str, str]] = ()  # (controller, host dir delegated to the sandbox uid)
@@ -112,8 +114,9 @@ def argv(launch: Launch) -> list[str]:
         bw += ["--unshare-user", "--disable-userns"]
     if launch.seccomp_fd >= 0:
         bw += ["--seccomp", str(launch.seccomp_fd)]
-    if launch.internet:
-        bw.append("--share-net")
+    if launch.block_fd >= 0:
+        # PID 1 waits until the root side has set up the sandbox's network (network.py).
+        bw += ["--block-fd", str(launch.block_fd)]
     bw += ["--uid", "1000", "--gid", "1000", "--hostname", launch.hostname, "--as-pid-1"]
     bw += ["--info-fd", str(launch.info_fd)]
     bw += ["--ro-bind", "/usr", "/usr"]

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from instance_svc.runtime.base import SandboxSpec
-from instance_svc.runtime.local import bwrap, snapshots
+from instance_svc.runtime.local import bwrap, network, snapshots
 
 # Host /etc entries programs need; everything else of the host's /etc stays invisible.
 ETC_COPY = (
@@ -66,8 +66,10 @@ def prepare(layer: Path, spec: SandboxSpec, hostname: str, uid: int, gid: int) -
     resolv = etc / "resolv.conf"
     with contextlib.suppress(FileNotFoundError):
         resolv.unlink()
-    if spec.internet and Path("/etc/resolv.conf").exists():
-        resolv.write_text(Path("/etc/resolv.conf").read_text())
+    if spec.internet:
+        # slirp4netns's resolver (network.py): the host's own resolver may sit on an address the
+        # sandbox must not reach (a loopback stub, a private range).
+        resolv.write_text(f"nameserver {network.SLIRP_DNS}\n")
     os.chmod(layer / "tmp", 0o1777)
     os.chmod(layer / "var" / "tmp", 0o1777)
     _chown_tree(layer, uid, gid)

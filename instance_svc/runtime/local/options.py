@@ -23,3 +23,5 @@ class LocalOptions:
     site_packages: Path | None = None
     packages: tuple[Path, ...] = ()
     stage_dir: str = "/mnt"
+    # CIDRs of private ranges INTERNET sandboxes may reach (CYBERDESK_EGRESS_ALLOW_RANGES, network.py).
+    egress_allow_ranges: tuple[str, ...] = ()

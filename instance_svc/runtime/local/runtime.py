@@ -26,7 +26,18 @@ from instance_svc.runtime.base import (
     SandboxSpec,
     SnapshotResult,
 )
-from instance_svc.runtime.local import agent_code, bwrap, disk, freezer, layers, procscan, snapshots, spawn, state_file
+from instance_svc.runtime.local import (
+    agent_code,
+    bwrap,
+    disk,
+    freezer,
+    layers,
+    network,
+    procscan,
+    snapshots,
+    spawn,
+    state_file,
+)
 from instance_svc.runtime.local.cgroups import CgroupManager, SandboxCgroups
 from instance_svc.runtime.local.options import LocalOptions
 from instance_svc.runtime.local.state_file import SandboxState
@@ -169,6 +180,14 @@ class LocalRuntime:
         # Saved before the start so that a failed start still finds its cgroups to remove.
         state_file.save(directory, state)
 
+        policy: network.Policy | None = None
+        block_r = block_w = -1
+        if spec.internet:
+            # Host names are resolved now, at create time; one that does not resolve fails the create.
+            policy = await asyncio.to_thread(
+                network.build_policy, spec.egress_allow, spec.egress_deny, self._opts.egress_allow_ranges
+            )
+            block_r, block_w = os.pipe()
         launch = bwrap.Launch(
             layer=layer,
             sock_dir=sock,
@@ -186,23 +205,36 @@ class LocalRuntime:
             data_rlimit=None if cg.enforced.get("memory_bytes") else memory,
             nested_userns=spec.nested_userns,
             cgroup_binds=cgroup_binds,
+            block_fd=block_r,
         )
-        proc, info_r = spawn.spawn_sandbox(directory, spec, launch, token)
+        try:
+            proc, info_r = spawn.spawn_sandbox(directory, spec, launch, token)
+        finally:
+            if block_r >= 0:
+                os.close(block_r)
         # Recorded before anything can fail, so that the cleanup of a failed start kills it.
         self._children[spec.sandbox_id] = proc
         state.pid = proc.pid
         try:
-            timeout = self._opts.ready_timeout
-            state.init_pid = await asyncio.to_thread(
-                spawn.read_init_pid, directory, spec.sandbox_id, info_r, proc, timeout
-            )
+            try:
+                timeout = self._opts.ready_timeout
+                state.init_pid = await asyncio.to_thread(
+                    spawn.read_init_pid, directory, spec.sandbox_id, info_r, proc, timeout
+                )
+            finally:
+                os.close(info_r)
+            start = procscan.start_time(proc.pid)
+            if start is None:
+                raise RuntimeError_(f"the sandbox exited at once: {spawn.log_tail(directory)}")
+            state.pid_start = start
+            state_file.save(directory, state)
+            if policy is not None:
+                # PID 1 is blocked on --block-fd: rules and slirp4netns are in place before it runs.
+                await asyncio.to_thread(network.attach, directory, state.init_pid, policy)
+                os.write(block_w, b"1")
         finally:
-            os.close(info_r)
-        start = procscan.start_time(proc.pid)
-        if start is None:
-            raise RuntimeError_(f"the sandbox exited at once: {spawn.log_tail(directory)}")
-        state.pid_start = start
-        state_file.save(directory, state)
+            if block_w >= 0:
+                os.close(block_w)
         await spawn.wait_until_healthy(directory, spec.sandbox_id, proc, self._opts.ready_timeout)
         return self._info(state)
 

@@ -75,7 +75,8 @@ def spawn_sandbox(
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                pass_fds=(token_r, info_w, seccomp_fd),
+                # The --block-fd read end (INTERNET sandboxes) is the caller's, closed by the caller.
+                pass_fds=(token_r, info_w, seccomp_fd, *([launch.block_fd] if launch.block_fd >= 0 else [])),
                 start_new_session=True,  # not in our process group: a ^C or kill of us spares it
                 cwd="/",
             )

@@ -46,6 +46,7 @@ def spec_json(spec: SandboxSpec) -> dict[str, Any]:
     raw = dataclasses.asdict(spec)
     raw["restore_from"] = str(spec.restore_from) if spec.restore_from else None
     raw["env"] = sorted(spec.env)  # names only: values may be secrets and are not needed again
+    raw["egress_allow"], raw["egress_deny"] = list(spec.egress_allow), list(spec.egress_deny)  # as JSON reads back
     return raw
 
 

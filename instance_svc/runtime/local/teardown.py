@@ -10,7 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from instance_svc.runtime.local import disk, freezer, procscan
+from instance_svc.runtime.local import disk, freezer, network, procscan
 from instance_svc.runtime.local.state_file import SandboxState
 
 _log = logging.getLogger("instance_svc.runtime.local")
@@ -41,6 +41,9 @@ def destroy(directory: Path, state: SandboxState | None, child: subprocess.Popen
     elif state is not None and state.pid_start and procscan.start_time(state.pid) == state.pid_start:
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.pid, signal.SIGKILL)
+    # slirp4netns exits with its sandbox by itself (its exit fd); killing it here makes that
+    # immediate and also covers a start that failed before the sandbox ran.
+    network.stop(directory)
     # After the processes: the disk's mount and loop device go once nothing of the sandbox holds
     # them. Also without a state file (a create that failed before writing it mounted the disk).
     left = disk.release(directory)
