@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "Watch": "cyberdesk._sync.files",
     "Desktop": "cyberdesk._sync.desktop",
     "Shell": "cyberdesk._sync.shell",
+    "Ports": "cyberdesk._sync.ports",
     "AsyncCyberdesk": "cyberdesk._async.client",
     "AsyncInstances": "cyberdesk._async.client",
     "AsyncSnapshots": "cyberdesk._async.snapshots",
@@ -38,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "AsyncWatch": "cyberdesk._async.files",
     "AsyncDesktop": "cyberdesk._async.desktop",
     "AsyncShell": "cyberdesk._async.shell",
+    "AsyncPorts": "cyberdesk._async.ports",
     "ExecResult": "cyberdesk._models",
     "ExecEvent": "cyberdesk._models",
     "Started": "cyberdesk._models",
@@ -51,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "Snapshot": "cyberdesk._models",
     "ApiKey": "cyberdesk._models",
     "ProcessInfo": "cyberdesk._models",
+    "PreviewLink": "cyberdesk._models",
     "CyberdeskError": "cyberdesk._errors",
     "ConfigurationError": "cyberdesk._errors",
     "InvalidArgument": "cyberdesk._errors",
@@ -78,6 +81,7 @@ if TYPE_CHECKING:
     from cyberdesk._async.files import AsyncWatch as AsyncWatch
     from cyberdesk._async.instance import AsyncInstance as AsyncInstance
     from cyberdesk._async.keys import AsyncKeys as AsyncKeys
+    from cyberdesk._async.ports import AsyncPorts as AsyncPorts
     from cyberdesk._async.process import AsyncProcess as AsyncProcess
     from cyberdesk._async.shell import AsyncShell as AsyncShell
     from cyberdesk._async.snapshots import AsyncSnapshots as AsyncSnapshots
@@ -102,6 +106,7 @@ if TYPE_CHECKING:
     from cyberdesk._models import Exited as Exited
     from cyberdesk._models import FileInfo as FileInfo
     from cyberdesk._models import FsEvent as FsEvent
+    from cyberdesk._models import PreviewLink as PreviewLink
     from cyberdesk._models import ProcessInfo as ProcessInfo
     from cyberdesk._models import Screenshot as Screenshot
     from cyberdesk._models import Snapshot as Snapshot
@@ -116,6 +121,7 @@ if TYPE_CHECKING:
     from cyberdesk._sync.files import Watch as Watch
     from cyberdesk._sync.instance import Instance as Instance
     from cyberdesk._sync.keys import Keys as Keys
+    from cyberdesk._sync.ports import Ports as Ports
     from cyberdesk._sync.process import Process as Process
     from cyberdesk._sync.shell import Shell as Shell
     from cyberdesk._sync.snapshots import Snapshots as Snapshots

@@ -9,7 +9,13 @@ from cyberdesk._config import ClientConfig
 from cyberdesk._errors import CyberdeskError
 from cyberdesk._requests import MAX_MESSAGE
 from cyberdesk_proto.internal.v1 import auth_pb2_grpc
-from cyberdesk_proto.v1 import desktop_pb2_grpc, filesystem_pb2_grpc, instance_pb2_grpc, process_pb2_grpc
+from cyberdesk_proto.v1 import (
+    desktop_pb2_grpc,
+    filesystem_pb2_grpc,
+    instance_pb2_grpc,
+    ports_pb2_grpc,
+    process_pb2_grpc,
+)
 
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -69,3 +75,4 @@ class Stubs:
         self.files = filesystem_pb2_grpc.FilesystemServiceStub(channel)
         self.desktop = desktop_pb2_grpc.DesktopServiceStub(channel)
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
+        self.previews = ports_pb2_grpc.PreviewServiceStub(channel)

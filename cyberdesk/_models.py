@@ -425,3 +425,39 @@ class ApiKey:
             "create_time": self.create_time.isoformat() if self.create_time else None,
             "revoke_time": self.revoke_time.isoformat() if self.revoke_time else None,
         }
+
+
+# --- previews of ports ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreviewLink:
+    """Links to a port inside an instance, and the signed token that opens them until `expire_time`.
+
+    `url` is the host form (`http://3000-i-abc.localhost:8080/`), `path_url` the path form under
+    the gateway's own origin. For a public link both carry the token; otherwise send `token` in an
+    `x-cyberdesk-preview-token` header (or the API key as usual).
+    """
+
+    url: str
+    path_url: str
+    token: str
+    expire_time: _dt.datetime | None
+    public: bool
+
+    @classmethod
+    def from_proto(cls, reply: Any, public: bool) -> PreviewLink:
+        """Build from a CreatePreviewUrlResponse."""
+        return cls(
+            reply.url, reply.path_url, reply.token, _time(reply.expire_time, reply.HasField("expire_time")), public
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "url": self.url,
+            "path_url": self.path_url,
+            "token": self.token,
+            "expire_time": self.expire_time.isoformat() if self.expire_time else None,
+            "public": self.public,
+        }

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from cyberdesk._async._transport import AsyncTransport
 from cyberdesk._async.desktop import AsyncDesktop
 from cyberdesk._async.files import AsyncFiles
+from cyberdesk._async.ports import AsyncPorts
 from cyberdesk._async.process import AsyncProcess, process_events
 from cyberdesk._async.shell import AsyncShell
 from cyberdesk._errors import CyberdeskError
@@ -42,6 +43,7 @@ class AsyncInstance:
         self.data = data
         self.files = AsyncFiles(transport, data.id)
         self.desktop = AsyncDesktop(transport, data.id)
+        self.ports = AsyncPorts(transport, data.id)
 
     @property
     def id(self) -> str:

@@ -24,6 +24,7 @@ from cyberdesk._requests import Command, duration, pty_open, run_request, select
 from cyberdesk._sync._transport import Transport
 from cyberdesk._sync.desktop import Desktop
 from cyberdesk._sync.files import Files
+from cyberdesk._sync.ports import Ports
 from cyberdesk._sync.process import Process, process_events
 from cyberdesk._sync.shell import Shell
 from cyberdesk_proto.v1 import instance_pb2, process_pb2
@@ -42,6 +43,7 @@ class Instance:
         self.data = data
         self.files = Files(transport, data.id)
         self.desktop = Desktop(transport, data.id)
+        self.ports = Ports(transport, data.id)
 
     @property
     def id(self) -> str:

@@ -329,6 +329,18 @@ def cmd_screenshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_port(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"port must be 1 to 65535, not {args.port}")
+    with _client(args) as client:
+        link = client.instances.handle(args.id).ports.link(args.port, public=args.signed, ttl=args.ttl)
+    if args.json:
+        emit_json(link.to_dict())
+    else:
+        print(link.path_url if args.path else link.url)
+    return 0
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.snap_command == "create":
@@ -516,6 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     shot.add_argument("-o", "--output", required=True, help="file to write (.png, or .jpg for JPEG)")
     shot.add_argument("--scale", type=float, help="scale factor in (0, 1]")
     shot.set_defaults(func=cmd_screenshot)
+
+    port = sub.add_parser("port", help="print the preview URL of a port inside an instance")
+    port.add_argument("id")
+    port.add_argument("port", type=int)
+    port.add_argument("--signed", action="store_true", help="a URL carrying an expiring token: no API key needed")
+    port.add_argument("--ttl", type=float, default=3600.0, help="seconds the token is valid (default 3600)")
+    port.add_argument("--path", action="store_true", help="the path form under the gateway's origin")
+    port.add_argument("--json", action="store_true", help="both URLs, the token and its expiry")
+    port.set_defaults(func=cmd_port)
 
     snap = sub.add_parser("snapshot", help="create, list or delete snapshots")
     snap_sub = snap.add_subparsers(dest="snap_command", required=True, metavar="create|list|rm")

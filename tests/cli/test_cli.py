@@ -156,6 +156,25 @@ def test_timeout_moves_the_deadline(stack: RunningStack, box: str) -> None:
     assert after > before
 
 
+def test_port_prints_the_preview_url(stack: RunningStack, box: str) -> None:
+    import httpx
+
+    serve = "mkdir -p /tmp/p && echo served > /tmp/p/f.txt && cd /tmp/p && "
+    serve += "setsid -f python3 -m http.server 3000 --bind 127.0.0.1 >/dev/null 2>&1"
+    _ok(stack.cli("exec", box, "--", serve))
+    wait = "for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/3000) && exit; sleep 0.1; done; exit 1"
+    _ok(stack.cli("exec", box, "--", wait))
+    url = _ok(stack.cli("port", box, "3000")).strip()
+    assert url.startswith(f"http://3000-{box}.localhost:") and url.endswith("/")
+    signed = _ok(stack.cli("port", box, "3000", "--signed", "--path")).strip()
+    assert f"/v1/instances/{box}/ports/3000/?cyberdesk_preview_token=" in signed
+    got = httpx.get(signed.replace("/?", "/f.txt?"), timeout=30)
+    assert got.status_code == 200 and got.text == "served\n"
+    info = json.loads(_ok(stack.cli("port", box, "3000", "--json")))
+    assert info["url"] == url and info["token"] and not info["public"]
+    assert "port must be 1 to 65535" in _one_line_error(stack.cli("port", box, "0"))
+
+
 def test_snapshot_create_list_rm(stack: RunningStack, box: str) -> None:
     _ok(stack.cli("exec", box, "--", "echo kept > /home/user/kept.txt"))
     snap = json.loads(_ok(stack.cli("snapshot", "create", box, "--name", "t1", "--json")))
