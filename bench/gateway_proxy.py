@@ -67,11 +67,12 @@ def _process(
 
 @contextmanager
 def gateway_in_front_of(
-    running: AgentProcess, *more: AgentProcess, pids: dict[str, int] | None = None
+    running: AgentProcess, *more: AgentProcess, pids: dict[str, int] | None = None, http_addr: str = ""
 ) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
     """A gateway (with redis and the routing stand-in) routing each agent's `instance_id` to it.
 
     `pids`, when given, receives the gateway's process id under "gateway" (for RSS and CPU readings).
+    `http_addr` is where its HTTP face listens (default: a free port; bench/preview_proxy.py names one).
     """
     with tempfile.TemporaryDirectory(prefix="cyberdesk-bench-gw-") as tmp, ExitStack() as stack:
         base = Path(tmp)
@@ -119,7 +120,11 @@ def gateway_in_front_of(
             _process(
                 [sys.executable, "-m", "gateway_svc"],
                 # A free port for the REST face too: the default 8080 may be taken on a shared machine.
-                {**env, "CYBERDESK_GATEWAY_ADDR": gw_addr, "CYBERDESK_GATEWAY_HTTP_ADDR": f"127.0.0.1:{free_port()}"},
+                {
+                    **env,
+                    "CYBERDESK_GATEWAY_ADDR": gw_addr,
+                    "CYBERDESK_GATEWAY_HTTP_ADDR": http_addr or f"127.0.0.1:{free_port()}",
+                },
                 base / "gateway.log",
                 gw_addr,
             )
