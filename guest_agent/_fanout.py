@@ -44,6 +44,7 @@ class Exited:
     timed_out: bool
     error: str
     end_time: float
+    out_of_memory: bool = False  # the kernel's OOM killer killed it (or a process it started)
 
 
 Event = Chunk | Exited

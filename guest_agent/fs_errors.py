@@ -13,6 +13,7 @@ import os
 import grpc
 
 from cyberdesk_common.status import RpcError, invalid_argument
+from guest_agent.process_cgroups import limit_text
 
 # errno -> (status, what a person should understand). Anything missing here becomes UNKNOWN with
 # the system's own text, never INTERNAL: the request reached the disk and the disk said no.
@@ -37,6 +38,8 @@ _ERRNO: dict[int, tuple[grpc.StatusCode, str]] = {
     errno.ELOOP: (grpc.StatusCode.INVALID_ARGUMENT, "too many levels of symbolic links"),
     errno.EINVAL: (grpc.StatusCode.INVALID_ARGUMENT, "invalid (e.g. a directory moved into itself)"),
     errno.EIO: (grpc.StatusCode.UNAVAILABLE, "input/output error on the device"),
+    # A fork or clone (a thread, a helper process) refused: the instance's pids limit is reached.
+    errno.EAGAIN: (grpc.StatusCode.RESOURCE_EXHAUSTED, "resource temporarily unavailable"),
 }
 
 
@@ -56,6 +59,8 @@ def os_error(err: OSError, path: str, action: str) -> RpcError:
     code, text = _ERRNO.get(err.errno or 0, (grpc.StatusCode.UNKNOWN, err.strerror or str(err)))
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         text = disk_full(text)
+    if err.errno == errno.EAGAIN:
+        text = f"{text}: the instance may have reached {limit_text()}"
     return RpcError(code, f"cannot {action} {path}: {text}")
 
 

@@ -24,13 +24,14 @@ against 2.1-2.7 ms streamed, bench/agent_exec.py), and REST callers get one JSON
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from cyberdesk_common.status import failed_precondition, invalid_argument
 from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
-from guest_agent import pty
+from guest_agent import pty, worker_threads
 from guest_agent._fanout import STDOUT, Chunk, Exited
 from guest_agent.identity import Identity
 from guest_agent.process_messages import (
@@ -82,8 +83,11 @@ class ProcessServicer(process_pb2_grpc.ProcessServiceServicer):
     def register(self, server: grpc.aio.Server) -> None:
         """Serve on `server` and start reaping at once (orphans may appear before any request).
 
-        Call it from the server's running event loop.
+        Call it from the server's running event loop. It also installs the agent's worker threads
+        (`worker_threads`), started now while the instance's pids are free, so that a fork bomb in a
+        command cannot make a file call fail with INTERNAL.
         """
+        worker_threads.install(asyncio.get_running_loop())
         _ = self._table
         process_pb2_grpc.add_ProcessServiceServicer_to_server(self, server)
 

@@ -81,6 +81,7 @@ def exited_pb(exited: Exited) -> process_pb2.ProcessExited:
         timed_out=exited.timed_out,
         error=exited.error,
         end_time=end,
+        out_of_memory=exited.out_of_memory,
     )
 
 

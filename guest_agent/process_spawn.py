@@ -8,6 +8,7 @@ here waits for a child. A program that cannot be started is reported the way a s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from guest_agent._fanout import Exited
@@ -51,6 +52,54 @@ _CTTY_HELPER = (
     " sys.stderr.write('cyberdesk: cannot run %s: %s\\r\\n'%(sys.argv[1],e.strerror))\n"
     " sys.exit(127 if isinstance(e,FileNotFoundError) else 126)\n"
 )
+
+
+class OomScore:
+    """Children start at a higher OOM score than the agent, so the kernel kills them first.
+
+    When the instance reaches its memory limit the kernel's OOM killer picks the process with the
+    highest badness; by size alone that is often the agent (~45 MB of Python beside many small
+    processes of a fork bomb), whose death ends the whole instance. Lowering the agent's score
+    needs CAP_SYS_RESOURCE, which neither the agent nor, on some hosts, even the runtime's root
+    has; raising a score and going back down to the floor (0 unless root set one) does not. The
+    score is per process, so the agent raises its own to `CHILD` for the duration of one spawn
+    (the child inherits it at its birth, before it runs) and lowers it back.
+    """
+
+    CHILD = 500
+    _PATH = "/proc/self/oom_score_adj"
+
+    def __init__(self) -> None:
+        try:
+            with open(self._PATH) as fh:
+                self.agent: int | None = int(fh.read())
+        except (OSError, ValueError):
+            self.agent = None
+
+    @contextlib.contextmanager
+    def for_child(self) -> Iterator[None]:
+        """Run the body (one spawn) with the agent's score at `CHILD`."""
+        agent = self.agent
+        if agent is None or agent >= self.CHILD:
+            yield
+            return
+        try:
+            self._write(self.CHILD)
+        except OSError:
+            self.agent = None  # not allowed here: leave scores alone from now on
+            yield
+            return
+        try:
+            yield
+        finally:
+            try:
+                self._write(agent)
+            except OSError:
+                self.agent = None  # stuck at CHILD: no worse than its children, and no more writes
+
+    def _write(self, value: int) -> None:
+        with open(self._PATH, "w") as fh:
+            fh.write(str(value))
 
 
 def set_winsize(fd: int, cols: int, rows: int) -> None:

@@ -10,10 +10,17 @@ watched with `add_reader` / `add_writer`), and no state is shared with other thr
 Life of a process
 -----------------
 1. `ProcessTable.spawn` / `spawn_pty` starts it in a new session (so it leads its own process
-   group: timeouts and signals reach grandchildren too), registers its pid with the reaper and
-   starts reading its output, all synchronously: a subscriber added right after cannot miss a byte.
+   group: signals reach grandchildren too) and, where the runtime delegated cgroups, in a cgroup
+   of its own (`process_cgroups`: a timeout or kill then reaches `setsid` and double-forked
+   descendants as well), registers its pid with the reaper and starts reading its output, all
+   synchronously: a subscriber added right after cannot miss a byte.
 2. Output chunks (at most `chunk_bytes` each, raw bytes) go to the replay ring and to every
    subscriber (see `_fanout` for the back-pressure rule).
+   A timeout, or the end of the stream of a foreground process, kills: SIGTERM (SIGHUP on a
+   terminal) to its groups and to every process of its cgroup, SIGKILL after `kill_grace_seconds`;
+   once the leader is gone during a kill, whatever else of the command still runs is frozen and
+   SIGKILLed at once, before the exit is reported. A process that ends by itself leaves what it
+   started running (`nohup server &` is a way to start a server), and its cgroup stays until they end.
 3. The process is *finished* once the reaper delivered the leader's exit status AND its output
    reached end-of-file. Descendants that keep the pipe open (a daemon started with `&`) would
    otherwise hold the stream forever, so once the leader is gone we stop waiting after the pipe
@@ -31,15 +38,17 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 
 from cyberdesk_common.config import env_float, env_int
-from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found
+from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found, resource_exhausted
 from guest_agent._fanout import STDERR, STDOUT, Chunk, Collector, Exited, Ring, Subscriber
 from guest_agent._reaper import Reaper
-from guest_agent.process_spawn import Spec, not_started, set_winsize, spawn_on_pipes, spawn_on_terminal
+from guest_agent.process_cgroups import CommandCgroup, CommandCgroups, pids_exhausted_message
+from guest_agent.process_spawn import OomScore, Spec, not_started, set_winsize, spawn_on_pipes, spawn_on_terminal
 
 
 @dataclass(frozen=True)
@@ -82,11 +91,15 @@ def _killpg(pgid: int, sig: int) -> None:
 class ManagedProcess:
     """One process (or terminal session) started by the agent, with its output and exit."""
 
-    def __init__(self, table: ProcessTable, spec: Spec, pid: int, pty: bool) -> None:
+    def __init__(
+        self, table: ProcessTable, spec: Spec, pid: int, pty: bool, cgroup: CommandCgroup | None = None
+    ) -> None:
         self.table = table
         self.spec = spec
         self.pid = pid
         self.pty = pty
+        self.cgroup = cgroup  # None: no per-command cgroup here, kills reach its process groups only
+        self._killing = False
         self.start_time = time.time()
         self.exited: Exited | None = None
         self.ring = Ring(table.limits.ring_bytes)
@@ -187,6 +200,9 @@ class ManagedProcess:
 
     def _on_exit_status(self, status: int) -> None:
         self._status = status
+        if self._killing and self.cgroup is not None:
+            # Its leader is gone: nothing of the command may outlive the exit we are about to report.
+            self.cgroup.kill_all()
         if self._outputs:
             self._arm_drain()
         self._maybe_finish()
@@ -201,15 +217,29 @@ class ManagedProcess:
         code = os.waitstatus_to_exitcode(self._status)
         error = self._kill_reason
         if self._timed_out:
-            error = f"timed out after {self.spec.timeout:g} s; its process group was killed"
+            if self.cgroup is not None:
+                error = f"timed out after {self.spec.timeout:g} s; it and every process it started were killed"
+            else:
+                error = (
+                    f"timed out after {self.spec.timeout:g} s; its process group was killed (no per-command "
+                    "cgroup here: processes that left the group, e.g. with setsid, may still run)"
+                )
         elif code < 0 and not error:
             error = f"killed by signal {signal.Signals(-code).name}"
+        # Exact: the command's own memory cgroup counts the OOM killer's victims among its processes.
+        oom = self.cgroup is not None and self.cgroup.oom_kills() > 0
+        if oom:
+            limit = self.table.cgroups.memory_limit_text if self.table.cgroups is not None else ""
+            who = "it was killed" if code == -signal.SIGKILL else "a process it started was killed"
+            text = f"out of memory: {who} by the kernel because the instance reached its memory limit{limit}"
+            error = f"{error}; {text}" if self._timed_out or self._kill_reason else text
         self.exited = Exited(
             exit_code=code if code >= 0 else -1,
             signal=-code if code < 0 else 0,
             timed_out=self._timed_out,
             error=error,
             end_time=time.time(),
+            out_of_memory=oom,
         )
         self._close_stdin_now()
         for sub in self.subscribers:
@@ -225,21 +255,27 @@ class ManagedProcess:
             self.kill_group()
 
     def kill_group(self, reason: str = "") -> None:
-        """SIGTERM to the process group, SIGKILL after the grace period (grandchildren included)."""
+        """SIGTERM to the process group and its cgroup, SIGKILL after the grace period (all it started)."""
         if self.exited is not None:
             return
         if reason and not self._kill_reason:
             self._kill_reason = reason
+        self._killing = True
         first = signal.SIGHUP if self.pty else signal.SIGTERM
         groups = self._groups()
         for pgid in groups:
             _killpg(pgid, first)
             if self.pty:
                 _killpg(pgid, signal.SIGCONT)  # a stopped job must run to see its SIGHUP
+        cgroup = self.cgroup
+        if cgroup is not None:
+            cgroup.signal_all(first)  # daemons in sessions of their own get the polite signal too
 
         def finish_off() -> None:
             for pgid in groups:
                 _killpg(pgid, signal.SIGKILL)
+            if cgroup is not None:
+                cgroup.kill_all()
 
         self._loop.call_later(self.table.limits.kill_grace_seconds, finish_off)
 
@@ -394,6 +430,9 @@ class ProcessTable:
         self.loop = loop or asyncio.get_running_loop()
         self.reaper = Reaper()
         self.reaper.start(self.loop)
+        # None where the runtime delegated no cgroups (the agent run bare): kills by process group.
+        self.cgroups = CommandCgroups.from_env()
+        self._oom_score = OomScore()
         self._by_pid: dict[int, ManagedProcess] = {}
         self._running_tags: dict[str, ManagedProcess] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -443,6 +482,8 @@ class ProcessTable:
     def _finished(self, proc: ManagedProcess) -> None:
         if self._running_tags.get(proc.spec.tag) is proc:
             del self._running_tags[proc.spec.tag]
+        if proc.cgroup is not None and self.cgroups is not None:
+            self.cgroups.finished(proc.cgroup)
 
         self._retired.append((self.loop.time() + self.limits.exit_retention_seconds, proc))
         if self._sweep_timer is None:
@@ -465,19 +506,25 @@ class ProcessTable:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if (spec.stdin or spec.keep_stdin_open) else (None, None)
+        cgroup = self.cgroups.new() if self.cgroups is not None else None
         try:
-            pid = spawn_on_pipes(spec, in_r, out_w, err_w)
+            with self._spawning_into(cgroup):
+                pid = spawn_on_pipes(spec, in_r, out_w, err_w)
         except OSError as err:
             for fd in (out_r, err_r, in_w):
                 if fd is not None:
                     os.close(fd)
+            if cgroup is not None:
+                cgroup.remove()
+            if err.errno == errno.EAGAIN:  # fork/clone: the instance's pids limit is reached
+                raise resource_exhausted(pids_exhausted_message("start a process")) from None
             return not_started(spec.argv[0], err)
         finally:
             for fd in (out_w, err_w, in_r):
                 if fd is not None:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-        proc = ManagedProcess(self, spec, pid, pty=False)
+        proc = ManagedProcess(self, spec, pid, pty=False, cgroup=cgroup if cgroup and cgroup.dirs else None)
         self._register(proc)
         proc._attach({out_r: STDOUT, err_r: STDERR}, in_w)
         return proc
@@ -488,17 +535,33 @@ class ProcessTable:
         master, slave = os.openpty()
         cols, rows = spec.pty_size or (80, 24)
         set_winsize(master, cols, rows)
+        cgroup = self.cgroups.new() if self.cgroups is not None else None
         try:
-            pid = spawn_on_terminal(spec, slave)
-        except OSError:
+            with self._spawning_into(cgroup):
+                pid = spawn_on_terminal(spec, slave)
+        except OSError as err:
             os.close(master)
+            if cgroup is not None:
+                cgroup.remove()
+            if err.errno == errno.EAGAIN:
+                raise resource_exhausted(pids_exhausted_message("start a terminal")) from None
             raise
         finally:
             os.close(slave)
-        proc = ManagedProcess(self, spec, pid, pty=True)
+        proc = ManagedProcess(self, spec, pid, pty=True, cgroup=cgroup if cgroup and cgroup.dirs else None)
         self._register(proc)
         proc._attach({master: STDOUT}, master)
         return proc
+
+    @contextlib.contextmanager
+    def _spawning_into(self, cgroup: CommandCgroup | None) -> Iterator[None]:
+        """The child of the spawn in the body is born in `cgroup` and at OOM score 0."""
+        with self._oom_score.for_child():
+            if self.cgroups is None:
+                yield
+            else:
+                with self.cgroups.spawning_into(cgroup):
+                    yield
 
     async def close(self) -> None:
         """Stop reaping (at shutdown)."""
