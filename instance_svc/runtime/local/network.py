@@ -66,6 +66,8 @@ PRIVATE_V6 = ("fc00::/7",)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str], list[str]]
 
+# The number of read(2), to see in /proc/<pid>/syscall that PID 1 waits on its block fd.
+_READ_SYSCALL = {"x86_64": 0, "aarch64": 63, "riscv64": 63}
 # slirp4netns processes this instance_svc started, by pid: kept so that they are reaped (a slirp
 # that exited with its sandbox is a zombie until its sandbox is deleted, never longer).
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -271,15 +273,41 @@ def install_rules(init_pid: int, rules: str) -> None:
         raise RuntimeError_(f"could not install the egress rules: {done.stderr.strip()[-500:]}")
 
 
-def attach(directory: Path, init_pid: int, policy: Policy, timeout: float = 10.0) -> Slirp:
+def _wait_blocked(init_pid: int, block_fd: int, timeout: float) -> None:
+    """Return once `init_pid` sits in read() on its --block-fd, i.e. bubblewrap finished its own setup.
+
+    bubblewrap reads the block fd at the very end of the sandbox's setup, after it configured the
+    namespace's loopback over netlink; touching the namespace before that raced with it (measured:
+    about one INTERNET create in five failed with "loopback: Failed RTM_NEWADDR").
+    """
+    read_nr = _READ_SYSCALL.get(os.uname().machine)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if read_nr is not None:
+                fields = Path(f"/proc/{init_pid}/syscall").read_text().split()
+                if len(fields) > 1 and fields[0] == str(read_nr) and int(fields[1], 16) == block_fd:
+                    return
+            elif "pipe_read" in Path(f"/proc/{init_pid}/wchan").read_text():
+                return
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError_("the sandbox did not reach the point where its network is set up")
+        time.sleep(0.001)
+
+
+def attach(directory: Path, init_pid: int, block_fd: int, policy: Policy, timeout: float = 10.0) -> Slirp:
     """Rules first, then slirp4netns on the sandbox's namespace; returns once its tap0 is configured (blocking).
 
-    `init_pid` is the sandbox's PID 1, blocked on --block-fd until the caller releases it. Its
+    `init_pid` is the sandbox's PID 1, blocked on `block_fd` (its number inside the sandbox too)
+    until the caller releases it. Its
     pidfd is slirp's exit fd: PID 1's end is the sandbox's end (the pid namespace goes with it),
     and its parent (the outer bubblewrap, or init when that was killed) reaps it at once, which
     is when a pidfd becomes readable. The outer bubblewrap's own pidfd would not do: killing it
     leaves the sandbox running, and as instance_svc's child it stays an unreaped zombie.
     """
+    _wait_blocked(init_pid, block_fd, timeout)
     install_rules(init_pid, ruleset(policy))
     ready_r, ready_w = os.pipe()
     exit_fd = os.pidfd_open(init_pid)
