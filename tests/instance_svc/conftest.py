@@ -7,9 +7,7 @@ above unit/ and integration/. The unit tests use none of it.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ import pytest
 from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2_grpc, process_pb2, process_pb2_grpc
+from cyberdesk_stack.processes import spawn, stop
 from tests.support.procs import ROOT, free_port, wait_healthy
 
 TOKEN = "internal-" + "k" * 40
@@ -44,11 +43,7 @@ class Svc:
     def start(self) -> None:
         log = self.logdir / f"instance_svc.{len(self.logs)}.log"
         self.logs.append(log)
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "instance_svc"], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
-            )
+        self.proc = spawn([sys.executable, "-m", "instance_svc"], self.env, log)
         wait_healthy(self.target, timeout=30, proc=self.proc)
         self.channel = grpc.insecure_channel(self.target)
 
@@ -65,13 +60,8 @@ class Svc:
     def stop(self) -> None:
         if self.channel is not None:
             self.channel.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, timeout=20)
 
     @property
     def instances(self) -> instance_pb2_grpc.InstanceServiceStub:
