@@ -32,7 +32,7 @@ from instance_svc.runtime.base import Runtime, SandboxInfo, SandboxSpec, Unsuppo
 from instance_svc.scheduler import Scheduler
 from instance_svc.states import IllegalRequest, Request, State, check_request
 from instance_svc.store import InstanceRecord, QuotaExceeded, SnapshotRecord, Store
-from instance_svc.validation import CreateSpec
+from instance_svc.validation import TEMPLATE_DISK_MIB, CreateSpec
 
 _log = logging.getLogger("instance_svc.lifecycle")
 
@@ -192,6 +192,7 @@ class Lifecycle:
         if spec.snapshot_id:
             snapshot = self.owned_snapshot(tenant, spec.snapshot_id)
             template = snapshot.template
+        disk_mib = self._disk_for(spec, template, snapshot)
         if spec.request_id:
             earlier = self.store.by_request_id(tenant, spec.request_id)
             if earlier is not None:
@@ -204,6 +205,7 @@ class Lifecycle:
             template=template,
             vcpus=spec.vcpus,
             memory_mib=spec.memory_mib,
+            disk_mib=disk_mib,
             state=State.PENDING,
             create_time_us=now,
             expire_time_us=expiry.deadline(now, spec.timeout_us),
@@ -234,6 +236,25 @@ class Lifecycle:
                 done.set_result(None)
                 del self._starting[instance_id]
 
+    def _disk_for(self, spec: CreateSpec, template: str, snapshot: SnapshotRecord | None) -> int:
+        """The disk of a new instance: the request's, else a restore's snapshot's size, else the template's.
+
+        A snapshot's files were written to a disk of its instance's size; restored into a smaller
+        one they may not fit, so that is refused before anything starts (INVALID_ARGUMENT).
+        """
+        if snapshot is None:
+            return spec.disk_mib
+        source = self.store.get(snapshot.instance_id)
+        needed = source.disk_mib if source is not None else 0
+        if not spec.disk_mib_requested:
+            return needed or TEMPLATE_DISK_MIB.get(template, spec.disk_mib)
+        if spec.disk_mib < needed:
+            raise invalid_argument(
+                f"disk_mib {spec.disk_mib} is smaller than the {needed} MiB disk snapshot {snapshot.id} was taken "
+                f"of; restore it into at least {needed} MiB"
+            )
+        return spec.disk_mib
+
     async def _start(self, rec: InstanceRecord, spec: CreateSpec, snapshot: SnapshotRecord | None) -> InstanceRecord:
         self._set(rec.id, State.STARTING)
         sandbox_id = "sb-" + rec.id.removeprefix("i-")
@@ -246,6 +267,7 @@ class Lifecycle:
                         template=rec.template,
                         vcpus=rec.vcpus,
                         memory_mib=rec.memory_mib,
+                        disk_mib=rec.disk_mib,
                         instance_id=rec.id,
                         env=spec.env,
                         desktop=spec.desktop,

@@ -5,6 +5,10 @@ shape claims one and binds it (ConfigureAgent: instance id and env), which takes
 instead of a cold start; a background task starts a replacement. Creates that ask for something
 the pooled sandboxes were not started with (more vCPUs or memory, a different screen, internet,
 a snapshot to restore) start cold, because limits and mounts are fixed when a sandbox starts.
+That includes the disk: pooled sandboxes have their template's default size, and a create asking
+for another size starts cold rather than resizing at claim (growing an ext4 image online would
+work, but costs a truncate, a loop resize and resize2fs on the claim's millisecond path, and a
+disk can never shrink online).
 
 Pooled sandboxes are not recorded in the database: after a restart they are orphans, deleted by
 the start-up reconciliation, and the pool refills.
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from cyberdesk_common.config import ConfigError
 from instance_svc import agent_client
 from instance_svc.runtime.base import Runtime, SandboxInfo, SandboxSpec
-from instance_svc.validation import DEFAULT_SCREEN, TEMPLATES, CreateSpec
+from instance_svc.validation import DEFAULT_SCREEN, TEMPLATE_DISK_MIB, TEMPLATES, CreateSpec
 
 _log = logging.getLogger("instance_svc.pool")
 
@@ -47,6 +51,7 @@ def pool_spec(template: str) -> SandboxSpec:
         template=template,
         vcpus=POOL_VCPUS,
         memory_mib=POOL_MEMORY_MIB,
+        disk_mib=TEMPLATE_DISK_MIB[template],
         desktop=DEFAULT_SCREEN if template == "desktop" else None,
     )
 
@@ -56,6 +61,7 @@ def matches(spec: CreateSpec) -> bool:
     return (
         spec.vcpus == POOL_VCPUS
         and spec.memory_mib == POOL_MEMORY_MIB
+        and spec.disk_mib == TEMPLATE_DISK_MIB[spec.template]
         and not spec.internet
         and not spec.snapshot_id
         and spec.desktop == (DEFAULT_SCREEN if spec.template == "desktop" else None)

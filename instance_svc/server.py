@@ -75,7 +75,9 @@ def build_app() -> App:
         snapshot_dir=base / "snapshots",
     )
     limits = MachineLimits(
-        max_vcpus=env_int("MAX_VCPUS", 8, minimum=1), max_memory_mib=env_int("MAX_MEMORY_MIB", 16384, minimum=128)
+        max_vcpus=env_int("MAX_VCPUS", 8, minimum=1),
+        max_memory_mib=env_int("MAX_MEMORY_MIB", 16384, minimum=128),
+        max_disk_mib=env_int("MAX_DISK_MIB", 65536, minimum=256),
     )
     token = internal_token(base)
 

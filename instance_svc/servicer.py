@@ -38,6 +38,7 @@ def instance_proto(rec: InstanceRecord, state: State | None = None) -> instance_
         template=rec.template,
         vcpus=rec.vcpus,
         memory_mib=rec.memory_mib,
+        disk_mib=rec.disk_mib,
         state=(state or rec.state).value,
         state_message=rec.state_message,
         create_time=_ts(rec.create_time_us),

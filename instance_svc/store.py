@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS instances (
     template TEXT NOT NULL,
     vcpus INTEGER NOT NULL,
     memory_mib INTEGER NOT NULL,
+    disk_mib INTEGER NOT NULL DEFAULT 0,
     state INTEGER NOT NULL,
     state_message TEXT NOT NULL DEFAULT '',
     create_time_us INTEGER NOT NULL,
@@ -96,6 +97,7 @@ class InstanceRecord:
     end_time_us: int = 0
     sandbox_id: str = ""
     limits: list[tuple[str, int, str]] = field(default_factory=list)
+    disk_mib: int = 0  # 0: made before instances had disks of their own
     request_id: str | None = None
     # The egress policy as asked for (validated, normalised); empty allow = every public address.
     egress_allow: tuple[str, ...] = ()
@@ -135,6 +137,7 @@ def _row_instance(row: sqlite3.Row) -> InstanceRecord:
         template=row["template"],
         vcpus=row["vcpus"],
         memory_mib=row["memory_mib"],
+        disk_mib=row["disk_mib"],
         state=State(row["state"]),
         create_time_us=row["create_time_us"],
         expire_time_us=row["expire_time_us"],
@@ -187,6 +190,8 @@ class Store:
         have = {row["name"] for row in self._db.execute("PRAGMA table_info(instances)")}
         if "egress" not in have:
             self._db.execute("ALTER TABLE instances ADD COLUMN egress TEXT NOT NULL DEFAULT '{}'")
+        if "disk_mib" not in have:
+            self._db.execute("ALTER TABLE instances ADD COLUMN disk_mib INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         """Close the database."""
@@ -240,24 +245,28 @@ class Store:
                 if row is not None:
                     return _row_instance(row), False
             live = tuple(s.value for s in LIVE)
-            count, vcpus, memory = db.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0) FROM instances "
+            count, vcpus, memory, disk = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COALESCE(SUM(disk_mib), 0) "
+                "FROM instances "
                 f"WHERE tenant = ? AND state IN ({','.join('?' * len(live))})",
                 (rec.tenant, *live),
             ).fetchone()
-            problem = quotas.decide(rec.tenant, quotas.Usage(count, vcpus, memory), limits, rec.vcpus, rec.memory_mib)
+            usage = quotas.Usage(count, vcpus, memory, disk)
+            problem = quotas.decide(rec.tenant, usage, limits, rec.vcpus, rec.memory_mib, rec.disk_mib)
             if problem:
                 raise QuotaExceeded(problem)
             db.execute(
-                "INSERT INTO instances(id, tenant, template, vcpus, memory_mib, state, state_message, create_time_us,"
+                "INSERT INTO instances(id, tenant, template, vcpus, memory_mib, disk_mib, state, state_message,"
+                " create_time_us,"
                 " expire_time_us, timeout_us, timeout_action, labels, desktop, internet, source_snapshot_id, runtime,"
-                " request_id, egress) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " request_id, egress) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.id,
                     rec.tenant,
                     rec.template,
                     rec.vcpus,
                     rec.memory_mib,
+                    rec.disk_mib,
                     rec.state.value,
                     rec.state_message,
                     rec.create_time_us,

@@ -21,6 +21,11 @@ MAX_EGRESS_ENTRIES = 64
 MAX_ENV = 256
 MAX_ENV_VALUE = 32 * 1024
 DEFAULT_SCREEN = (1280, 800)
+# Disk of each template's writable layer when the request names none: the desktop's X server, its
+# fonts cache and a browser profile want more room than a shell does.
+TEMPLATE_DISK_MIB = {"base": 2048, "desktop": 4096}
+# Below this mkfs still works, but /etc's copies and a pip install or two would not fit.
+MIN_DISK_MIB = 256
 
 
 class InvalidRequest(ValueError):
@@ -33,6 +38,7 @@ class MachineLimits:
 
     max_vcpus: int = 8
     max_memory_mib: int = 16384
+    max_disk_mib: int = 65536
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class CreateSpec:
     desktop: tuple[int, int] | None = None
     internet: bool = False
     snapshot_id: str = ""
+    disk_mib: int = TEMPLATE_DISK_MIB["base"]
+    # Whether disk_mib came from the request (a restore otherwise takes its snapshot's size).
+    disk_mib_requested: bool = False
     request_id: str = ""
     egress_allow: tuple[str, ...] = ()
     egress_deny: tuple[str, ...] = ()
@@ -107,6 +116,9 @@ def validate_create(request: instance_pb2.CreateInstanceRequest, limits: Machine
     memory = request.memory_mib or 512
     if not 128 <= memory <= limits.max_memory_mib:
         raise InvalidRequest(f"memory_mib must be between 128 and {limits.max_memory_mib}, got {memory}")
+    disk = request.disk_mib or TEMPLATE_DISK_MIB[template]
+    if not MIN_DISK_MIB <= disk <= limits.max_disk_mib:
+        raise InvalidRequest(f"disk_mib must be between {MIN_DISK_MIB} and {limits.max_disk_mib}, got {disk}")
     timeout_us = DEFAULT_TIMEOUT_US
     if request.HasField("timeout"):
         timeout_us = request.timeout.seconds * US + request.timeout.nanos // 1000
@@ -158,6 +170,8 @@ def validate_create(request: instance_pb2.CreateInstanceRequest, limits: Machine
         internet=request.network == instance_pb2.NETWORK_MODE_INTERNET,
         snapshot_id=request.snapshot_id,
         request_id=request.request_id,
+        disk_mib=disk,
+        disk_mib_requested=request.disk_mib != 0,
         egress_allow=egress_allow,
         egress_deny=egress_deny,
     )

@@ -8,6 +8,9 @@ writable layer). So a root shell in a private mount namespace (`unshare --mount`
 1. writes its own pid into the sandbox's cgroups, so every later process is born inside them,
 2. bind-mounts each source the sandbox needs onto a fresh tmpfs "stage" (visible only in that
    private namespace, gone with the sandbox: nothing is left mounted on the host),
+3. drops its copies of every other loop-device mount (the other sandboxes' disks, disk.py): the
+   namespace got a private copy of each at `unshare`, which would keep their file systems and loop
+   devices alive until this sandbox ends, long after their own sandboxes were deleted,
 
 then drops to the sandbox uid with `setpriv` and execs bubblewrap, which binds from the stage.
 """
@@ -32,6 +35,9 @@ while [ "$i" -lt "$n" ]; do
   mount --bind "$1" "$stage/$i"
   i=$((i + 1)); shift
 done
+drop=$(awk -v stage="$stage/" '{ for (i = 7; i < NF; i++) if ($i == "-") break }
+  $(i + 2) ~ /^\/dev\/loop/ && index($5, stage) != 1 { print $5 }' /proc/self/mountinfo)
+[ -z "$drop" ] || umount -l $drop 2>/dev/null || true
 exec "$@"
 """
 

@@ -42,6 +42,8 @@ def sandbox_env(spec: SandboxSpec, token_fd: int) -> dict[str, str]:
         "CYBERDESK_AGENT_LISTEN": f"unix://{bwrap.SOCK_DIR}/agent.sock",
         "CYBERDESK_AGENT_TOKEN_FILE": f"/proc/self/fd/{token_fd}",
         "CYBERDESK_AGENT_INSTANCE_ID": spec.instance_id,
+        # For messages: a full disk is the instance's own (RESOURCE_EXHAUSTED "disk (N MiB) is full").
+        "CYBERDESK_AGENT_DISK_MIB": str(spec.disk_mib),
     }
     if spec.desktop is not None:
         env["DISPLAY"] = ":99"

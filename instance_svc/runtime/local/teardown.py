@@ -48,5 +48,5 @@ def destroy(directory: Path, state: SandboxState | None, child: subprocess.Popen
     # them. Also without a state file (a create that failed before writing it mounted the disk).
     left = disk.release(directory)
     if left:
-        _log.warning("disk not fully released", extra={"sandbox": directory.name, "left": left})
+        _log.warning("disk of %s not fully released: %s", directory.name, ", ".join(left))
     shutil.rmtree(directory, ignore_errors=True)
