@@ -17,6 +17,7 @@ each concern it relies on has its own module:
 | `freezer.py` | it is paused and resumed (cgroup freezer, SIGSTOP of the tree without one) |
 | `snapshots.py` | snapshots are taken (the layer archived while frozen) and restored into a new layer |
 | `teardown.py` | a sandbox is killed and its cgroups and files removed |
+| `network.py` | an INTERNET sandbox gets its egress rules (nft) and slirp4netns, and loses them with it |
 
 Running sandboxes are found after a restart by `LocalRuntime.list()`: every directory under the
 base with a state file, alive when the recorded bubblewrap pid still has its recorded start time.
@@ -33,8 +34,10 @@ can see it):
   read-only: bubblewrap 0.8 has no overlay, and an overlay mounted by root would be useless to
   an unprivileged sandbox uid anyway (it cannot write over root-owned lower files).
 
-Isolation: new mount, pid, ipc, uts, cgroup, user and network namespaces (network shared only
-when the spec asks for the internet). The sandbox runs as host uid `sandbox_uid` (uid 1000
+Isolation: new mount, pid, ipc, uts, cgroup, user and network namespaces, always. A sandbox with
+the internet gets user-mode networking in its own namespace (slirp4netns, behind nft rules the
+root side loads before the agent runs: never the host, link-local or private ranges; network.py,
+docs/network.md). The sandbox runs as host uid `sandbox_uid` (uid 1000
 "user" inside), never as host root: bubblewrap started by root keeps every capability, and a
 root-mapped process could write host sysctls through /proc/sys.
 
