@@ -301,7 +301,11 @@ class Stack:
 
 
 def sweep_sandboxes(state_dir: Path) -> int:
-    """Destroy every running sandbox of the local runtime under `state_dir`; returns how many."""
+    """Destroy every sandbox of the local runtime under `state_dir`; returns how many were running.
+
+    Stopped ones too: a sandbox whose processes are gone still has its disk mounted (and its loop
+    device attached) until it is deleted.
+    """
     base = state_dir / "instances"
     if not base.is_dir():
         return 0
@@ -312,9 +316,8 @@ def sweep_sandboxes(state_dir: Path) -> int:
         count = 0
         try:
             for info in await runtime.list():
-                if info.running:
-                    await runtime.delete(info.sandbox_id)
-                    count += 1
+                await runtime.delete(info.sandbox_id)
+                count += int(info.running)
         finally:
             await runtime.close()
         return count

@@ -296,6 +296,11 @@ class LocalRuntime:
             state = self._load(entry.name)
             if state is not None and state.pid:
                 found.append(self._info(state))
+            elif (entry / disk.IMAGE).exists():
+                # A create cut short (instance_svc died after mounting the disk, before the sandbox
+                # ran): listed as not running, so the start-up reconciliation deletes it as an
+                # orphan and its disk does not stay mounted.
+                found.append(SandboxInfo(entry.name, self._endpoint(entry.name, ""), running=False))
         return found
 
     def pids(self, sandbox_id: str) -> builtins.list[int]:

@@ -11,8 +11,10 @@ does not fit is RESOURCE_EXHAUSTED leaving no file, and a restart re-adopts a mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import grpc
 import pytest
 
 from cyberdesk_proto.v1 import filesystem_pb2, filesystem_pb2_grpc, instance_pb2
+from cyberdesk_stack.launcher import sweep_sandboxes
 from instance_svc.runtime.base import RuntimeError_, SandboxSpec
 from instance_svc.runtime.local import LocalOptions, LocalRuntime, disk
 from tests.instance_svc.conftest import Svc, meta, running
@@ -121,6 +124,25 @@ def test_a_failed_create_leaves_no_mount_and_no_loop_device(tmp_path: Path) -> N
         asyncio.run(runtime.create(SandboxSpec(sandbox_id="sb-f", disk_mib=256)))
     assert _mounts_under(base) == [] and _loops_under(base) == []
     assert not (base / "sb-f").exists()
+
+
+def test_the_stacks_stop_sweep_releases_dead_sandboxes_and_cut_short_creates(box: Sandboxes) -> None:
+    info = box.run(box.runtime.create(SandboxSpec(sandbox_id="sb-dead", disk_mib=256)))
+    assert info.running
+    # Its processes die on their own (here: killed behind the runtime's back); the disk stays mounted.
+    for pid in box.runtime.pids("sb-dead"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # A create cut short after its disk was mounted: no state file at all.
+    (box.base / "sb-cut").mkdir()
+    disk.create(box.base / "sb-cut", 256, 100_000, 100_000)
+    assert len(_mounts_under(box.base)) == 2
+    listed = {i.sandbox_id: i.running for i in box.run(LocalRuntime(box.base).list())}
+    assert listed == {"sb-dead": False, "sb-cut": False}
+
+    assert sweep_sandboxes(box.base.parent) == 0  # none was running
+    assert _mounts_under(box.base) == [] and _loops_under(box.base) == []
+    assert list(box.base.iterdir()) == []
 
 
 def test_snapshots_restore_into_a_disk_as_large_or_larger_and_not_into_a_smaller_one(
