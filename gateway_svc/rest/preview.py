@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -154,7 +156,7 @@ class Tunnel:
         with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
             await self._call.done_writing()
 
-    async def responses(self) -> AsyncIterator[bytes]:
+    async def responses(self) -> AsyncGenerator[bytes, None]:
         """The service's bytes; b"" once it closed its sending side; ends when the tunnel does."""
         while True:
             # read(), not `async for`: grpc.aio forbids mixing the iterator with write() on one call.
@@ -185,6 +187,7 @@ class Previews:
         self.tokens = tokens
         self.domain = domain
         self.public_url = public_url
+        self.pool = TunnelPool()
 
     # -- which requests are previews -------------------------------------------------------------
 
@@ -256,7 +259,6 @@ class Previews:
         except RpcError as exc:
             await respond_error(send, http_errors.from_rpc_error(exc))
             return
-        conn = h11.Connection(h11.CLIENT)
         request_headers = upstream_headers(
             list(scope.get("headers", [])),
             target.port,
@@ -264,20 +266,47 @@ class Previews:
             cookie=access.cookie,
             forwarded=self._forwarded(scope, headers, target),
         )
-        try:
-            head = conn.send(
-                h11.Request(method=scope["method"], target=access.request_target.encode(), headers=request_headers)
-            )
-        except h11.LocalProtocolError as exc:
-            await respond_error(send, http_errors.from_rpc_error(invalid_argument(f"bad request for a preview: {exc}")))
+        request = h11.Request(method=scope["method"], target=access.request_target.encode(), headers=request_headers)
+        # A request without a body can be sent again, so it may take a pooled tunnel: if the service
+        # closed that keep-alive connection meanwhile, nothing was answered and a fresh one is used.
+        bodyless = "content-length" not in headers and "transfer-encoding" not in headers
+        key = (access.target.instance_id, access.target.port, id(access.channel))
+        pooled = self.pool.take(key) if bodyless else None
+        while True:
+            conn = pooled[1] if pooled else h11.Connection(h11.CLIENT)
+            try:
+                head = conn.send(request) or b""
+                if bodyless:
+                    head += conn.send(h11.EndOfMessage()) or b""
+            except h11.LocalProtocolError as exc:
+                if pooled:
+                    pooled[0].cancel()
+                error = invalid_argument(f"bad request for a preview: {exc}")
+                await respond_error(send, http_errors.from_rpc_error(error))
+                return
+            try:
+                if pooled:
+                    tunnel = pooled[0]
+                    await tunnel.write(head)
+                else:
+                    tunnel = await Tunnel.open(access, head)
+            except RpcError as exc:
+                if pooled:
+                    pooled = None
+                    continue
+                await respond_error(send, _bad_gateway(exc))
+                return
+            relay = _HttpRelay(conn, tunnel, receive, send, access, reused=pooled is not None, body=not bodyless)
+            outcome = await relay.run()
+            if outcome is _Outcome.STALE:
+                pooled = None
+                continue
+            if outcome is _Outcome.REUSABLE:
+                conn.start_next_cycle()
+                self.pool.put(key, tunnel, conn)
+            else:
+                tunnel.cancel()
             return
-        try:
-            tunnel = await Tunnel.open(access, head or b"")
-        except RpcError as exc:
-            await respond_error(send, _bad_gateway(exc))
-            return
-        relay = _HttpRelay(conn, tunnel, receive, send, access)
-        await relay.run()
 
     # -- CreatePreviewUrl --------------------------------------------------------------------------
 
@@ -332,53 +361,84 @@ def _bad_gateway(exc: RpcError) -> http_errors.HttpError:
     return err
 
 
+class _Outcome(enum.Enum):
+    """How one exchange through a tunnel ended."""
+
+    REUSABLE = "the response is complete and both sides keep the connection"
+    DONE = "finished (answered or failed); the tunnel is not reused"
+    STALE = "a pooled tunnel whose service had closed it: nothing was answered, send again"
+
+
 class _HttpRelay:
     """One request/response through a tunnel.
 
     Two tasks: `run` parses the service's bytes and sends the response; `_pump` sends the client's
-    body as it arrives, then waits for the client's disconnect. The h11 connection is shared, but
-    h11 calls never await, so the tasks never interleave inside one. A client that leaves cancels
-    the tunnel (the service sees its connection close).
+    body as it arrives (when there is one), then waits for the client's disconnect. The h11
+    connection is shared, but h11 calls never await, so the tasks never interleave inside one. A
+    client that leaves cancels the tunnel (the service sees its connection close).
     """
 
-    def __init__(self, conn: h11.Connection, tunnel: Tunnel, receive: Receive, send: Send, access: Access) -> None:
+    def __init__(
+        self,
+        conn: h11.Connection,
+        tunnel: Tunnel,
+        receive: Receive,
+        send: Send,
+        access: Access,
+        *,
+        reused: bool,
+        body: bool,
+    ) -> None:
         self.conn, self.tunnel, self.receive, self.send, self.access = conn, tunnel, receive, send, access
+        self.reused, self.body = reused, body
         self.started = False
+        self.answered = False  # any byte of the service's answer arrived
         self.client_left = False
 
-    async def run(self) -> None:
+    async def run(self) -> _Outcome:
         pump = asyncio.create_task(self._pump())
         try:
-            await self._responses()
+            complete = await self._responses()
+            if complete and self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                return _Outcome.REUSABLE
+            return _Outcome.DONE
         except RpcError as exc:
             if self.client_left:
-                return
+                return _Outcome.DONE
+            if self.reused and not self.answered:
+                return _Outcome.STALE
             if not self.started:
                 await respond_error(self.send, _bad_gateway(exc))
             else:
                 # Too late for a status: returning with the response incomplete makes the server
                 # drop the connection, so the client sees a short body, never a complete-looking one.
                 _log.warning("preview response cut off", extra={"port": self.tunnel.port, "reason": exc.message})
+            return _Outcome.DONE
         except asyncio.CancelledError:
             if not self.client_left:
+                self.tunnel.cancel()
                 raise
+            return _Outcome.DONE
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, RpcError, OSError):
                 await pump
-            self.tunnel.cancel()
 
     def _fail(self, message: str) -> RpcError:
         return RpcError(grpc.StatusCode.UNAVAILABLE, f"the service on port {self.tunnel.port} {message}")
 
-    async def _responses(self) -> None:
-        async for data in self.tunnel.responses():
-            self.conn.receive_data(data)
-            if await self._events():
-                return
+    async def _responses(self) -> bool:
+        """Relay the response; True once it is complete with the tunnel still open (reusable)."""
+        async with contextlib.aclosing(self.tunnel.responses()) as replies:
+            async for data in replies:
+                self.answered = self.answered or bool(data)
+                self.conn.receive_data(data)
+                if await self._events():
+                    return bool(data)  # b"": the service closed its side, the tunnel is spent
         self.conn.receive_data(b"")  # the tunnel ended: a read-until-close body ends here
         if not await self._events():
             raise self._fail("closed the connection before its response was complete")
+        return False
 
     async def _events(self) -> bool:
         """Hand on every parsed event; True once the response is complete."""
@@ -406,7 +466,7 @@ class _HttpRelay:
                 return False
 
     async def _pump(self) -> None:
-        more = True
+        more = self.body
         while more:
             message = await self.receive()
             if message["type"] == "http.disconnect":
@@ -429,6 +489,44 @@ class _HttpRelay:
     def _client_gone(self) -> None:
         self.client_left = True
         self.tunnel.cancel()
+
+
+class TunnelPool:
+    """Idle keep-alive tunnels per (instance, port, agent channel), newest first, closed after `idle_seconds`.
+
+    A tunnel is pooled only after an exchange both sides completed with keep-alive, and taken only
+    by a request already admitted for the same instance and port, so a pooled connection never
+    serves another tenant. Bounded per port and in ports; the least recently used port goes first.
+    """
+
+    def __init__(self, per_port: int = 16, max_ports: int = 1024, idle_seconds: float = 4.0) -> None:
+        self._idle: OrderedDict[tuple[str, int, int], list[tuple[float, Tunnel, h11.Connection]]] = OrderedDict()
+        self.per_port, self.max_ports, self.idle_seconds = per_port, max_ports, idle_seconds
+
+    def take(self, key: tuple[str, int, int]) -> tuple[Tunnel, h11.Connection] | None:
+        """An idle tunnel of `key` (its h11 connection ready for the next request), or None."""
+        entries = self._idle.get(key)
+        now = time.monotonic()
+        while entries:
+            since, tunnel, conn = entries.pop()
+            if now - since < self.idle_seconds:
+                return tunnel, conn
+            tunnel.cancel()
+        return None
+
+    def put(self, key: tuple[str, int, int], tunnel: Tunnel, conn: h11.Connection) -> None:
+        """Keep a tunnel for the next request of `key`."""
+        entries = self._idle.setdefault(key, [])
+        self._idle.move_to_end(key)
+        now = time.monotonic()
+        # Services close idle keep-alive connections (Node after 5 s): older entries are dropped here.
+        while entries and (len(entries) >= self.per_port or now - entries[0][0] >= self.idle_seconds):
+            entries.pop(0)[1].cancel()
+        entries.append((now, tunnel, conn))
+        while len(self._idle) > self.max_ports:
+            _, dropped = self._idle.popitem(last=False)
+            for _, old, _ in dropped:
+                old.cancel()
 
 
 # -- WebSocket ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import websockets
 
 from tests.gateway_svc.rest.e2e.conftest import RestStack
 
-HTTP_PORT, APP_PORT, WS_PORT, UNUSED_PORT = 3000, 3001, 3002, 3999
+HTTP_PORT, APP_PORT, WS_PORT, IDLE_CLOSING_PORT, UNUSED_PORT = 3000, 3001, 3002, 3003, 3999
 
 APP = r"""
 import hashlib, json, sys, time
@@ -52,7 +52,8 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(2)
             self.wfile.write(b"0\r\n\r\n")
             return
-        self._send(json.dumps({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}).encode())
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self._send(json.dumps({"path": self.path, "headers": headers, "peer": self.client_address[1]}).encode())
 
     def do_POST(self):
         digest, size = hashlib.sha256(), 0
@@ -75,6 +76,8 @@ class Handler(BaseHTTPRequestHandler):
                 left -= len(data)
         self._send(json.dumps({"size": size, "sha256": digest.hexdigest()}).encode())
 
+if len(sys.argv) > 2:
+    Handler.timeout = float(sys.argv[2])  # closes a keep-alive connection idle this long
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
 
@@ -158,7 +161,8 @@ def preview_instance(rest_stack: RestStack) -> Iterator[str]:
             _background(c, instance, f"cd /tmp/www && exec python3 -m http.server {HTTP_PORT} --bind 127.0.0.1")
             _background(c, instance, f"exec python3 /tmp/app.py {APP_PORT}")
             _background(c, instance, f"exec python3 /tmp/ws.py {WS_PORT}")
-            for port in (HTTP_PORT, APP_PORT):
+            _background(c, instance, f"exec python3 /tmp/app.py {IDLE_CLOSING_PORT} 0.3")
+            for port in (HTTP_PORT, APP_PORT, IDLE_CLOSING_PORT):
                 _wait_serving(c, instance, port)
             yield instance
         finally:
@@ -194,6 +198,21 @@ def test_the_service_sees_its_own_request_without_our_credentials(rest_stack: Re
         assert headers["x-forwarded-prefix"] == f"/v1/instances/{preview_instance}/ports/{APP_PORT}"
         assert headers["cookie"] == "app=1"
         assert "authorization" not in headers and "x-api-key" not in headers
+
+
+def test_keep_alive_tunnels_reused_and_a_stale_one_replaced(rest_stack: RestStack, preview_instance: str) -> None:
+    with rest_stack.client() as c:
+        url = f"/v1/instances/{preview_instance}/ports/{APP_PORT}/"
+        peers = {c.get(url).json()["peer"] for _ in range(5)}
+        # One connection inside the instance served all five (the app reports its client's port).
+        assert len(peers) == 1
+        idle_url = f"/v1/instances/{preview_instance}/ports/{IDLE_CLOSING_PORT}/"
+        first = c.get(idle_url)
+        assert first.status_code == 200
+        time.sleep(0.8)  # the service closes the pooled connection after 0.3 s idle
+        again = c.get(idle_url)
+        assert again.status_code == 200, again.text
+        assert again.json()["peer"] != first.json()["peer"]
 
 
 def test_streamed_response_arrives_before_the_server_finishes(rest_stack: RestStack, preview_instance: str) -> None:
