@@ -7,6 +7,10 @@
   Python interpreter's are divided among the processes that map them, which is the fair share).
 * capacity: MemAvailable before the idle sandboxes were started divided by the measured PSS per
   sandbox. That figure is extrapolated, not a count of sandboxes actually started (IDLE are).
+* disk: the part of a cold create and delete that the sandbox's own file system costs (sparse
+  image, mkfs.ext4, loop mount; unmount and loop detach), timed alone with the same calls the
+  runtime makes, interleaved with the cold creates; and the host disk an idle sandbox's image
+  really takes (allocated blocks), against its 2 GiB size.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from bench._report import latency_summary, report
 from instance_svc.runtime.base import SandboxSpec
-from instance_svc.runtime.local import LocalRuntime
+from instance_svc.runtime.local import LocalOptions, LocalRuntime, disk
 
 N = int(os.environ.get("BENCH_N", "20"))
 IDLE = int(os.environ.get("BENCH_IDLE", "50"))
@@ -43,26 +47,44 @@ def _mem_available_kib() -> int:
     return 0
 
 
-async def _cold(runtime: LocalRuntime) -> tuple[list[float], list[float]]:
-    create_ms, delete_ms = [], []
+def _disk_once(base: Path, i: int) -> tuple[float, float]:
+    directory = base / f"disk-only-{i}"
+    directory.mkdir(mode=0o700)
+    opts = LocalOptions()
+    start = time.perf_counter()
+    disk.create(directory, 2048, opts.sandbox_uid, opts.sandbox_gid)
+    made = time.perf_counter()
+    left = disk.release(directory)
+    done = time.perf_counter()
+    assert not left, left
+    shutil.rmtree(directory)
+    return (made - start) * 1000, (done - made) * 1000
+
+
+async def _cold(runtime: LocalRuntime, base: Path) -> tuple[list[float], list[float], list[float], list[float]]:
+    create_ms, delete_ms, disk_make_ms, disk_release_ms = [], [], [], []
     for i in range(N):
+        made, released = await asyncio.to_thread(_disk_once, base, i)
+        disk_make_ms.append(made)
+        disk_release_ms.append(released)
         start = time.perf_counter()
         await runtime.create(SandboxSpec(sandbox_id=f"cold-{i}"))
         create_ms.append((time.perf_counter() - start) * 1000)
         start = time.perf_counter()
         await runtime.delete(f"cold-{i}")
         delete_ms.append((time.perf_counter() - start) * 1000)
-    return create_ms, delete_ms
+    return create_ms, delete_ms, disk_make_ms, disk_release_ms
 
 
-async def _idle(runtime: LocalRuntime) -> dict[str, float]:
+async def _idle(runtime: LocalRuntime, base: Path) -> dict[str, float]:
     available_before = _mem_available_kib()
     ids = [f"idle-{i}" for i in range(IDLE)]
     for sandbox_id in ids:
         await runtime.create(SandboxSpec(sandbox_id=sandbox_id))
     await asyncio.sleep(3)  # let start-up garbage settle
-    rss, pss, procs = [], [], []
+    rss, pss, procs, disk_mib = [], [], [], []
     for sandbox_id in ids:
+        disk_mib.append(disk.usage_bytes(base / sandbox_id / disk.IMAGE) / 1024 / 1024)
         pids = runtime.pids(sandbox_id)
         procs.append(len(pids))
         rss.append(sum(_kib(pid, "VmRSS", "status") for pid in pids) / 1024)
@@ -78,32 +100,35 @@ async def _idle(runtime: LocalRuntime) -> dict[str, float]:
         "pss_mib_per_sandbox": round(pss_mib, 1),
         "memavailable_drop_mib_per_sandbox": round((available_before - available_after) / 1024 / IDLE, 1),
         "mem_available_mib": round(available_before / 1024),
+        "host_disk_mib_per_idle_sandbox": round(sum(disk_mib) / len(disk_mib), 2),
         "extrapolated_capacity": int(available_before / 1024 / pss_mib) if pss_mib else 0,
     }
 
 
-async def _run(base: Path) -> tuple[list[float], list[float], dict[str, float]]:
+async def _run(base: Path) -> tuple[list[list[float]], dict[str, float]]:
     runtime = LocalRuntime(base)
     try:
-        create_ms, delete_ms = await _cold(runtime)
-        idle = await _idle(runtime)
+        series = list(await _cold(runtime, base))
+        idle = await _idle(runtime, base)
     finally:
         for info in await runtime.list():
             await runtime.delete(info.sandbox_id)
         await runtime.close()
-    return create_ms, delete_ms, idle
+    return series, idle
 
 
 def main() -> None:
     """Run the benchmark, print the table and write bench/results/instance_local.json."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-instance-local-"))
     try:
-        create_ms, delete_ms, idle = asyncio.run(_run(tmp / "instances"))
+        (create_ms, delete_ms, disk_make_ms, disk_release_ms), idle = asyncio.run(_run(tmp / "instances"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [
         {"what": "cold create -> agent healthy", **latency_summary(create_ms)},
         {"what": "delete", **latency_summary(delete_ms)},
+        {"what": "  of which disk: image + mkfs.ext4 + mount (2 GiB)", **latency_summary(disk_make_ms)},
+        {"what": "  of which disk: unmount + loop detach", **latency_summary(disk_release_ms)},
     ]
     report("instance_local", rows, idle=idle)
 
