@@ -9,7 +9,9 @@ and hands the HTTP headers to (as gRPC metadata would be). What it dispatches to
 - file download with Range and sha256 (`downloads`, planned by `ranges`);
 - file upload of a raw body (`uploads`);
 - bidirectional streams (ConnectPty) over WebSocket (`pty_relay`, frames in `control_frames`);
-- `GET /openapi.json`: the committed document (`openapi` builds it).
+- `GET /openapi.json`: the committed document (`openapi` builds it);
+- previews of ports inside instances, by host or by `/v1/instances/{id}/ports/{port}/` (matched
+  first), and CreatePreviewUrl, which the gateway serves itself (`preview`).
 
 Every body is read incrementally; no file is ever held whole in memory.
 """
