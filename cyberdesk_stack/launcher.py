@@ -1,7 +1,9 @@
 """The local stack in the foreground (`cyberdesk up`, `make run`); Ctrl-C stops all of it.
 
 What runs: Redis (its own process and data directory under the state directory, unless REDIS_URL
-is given), instance_svc with the local runtime and its warm pool, billing_svc, and the gateway.
+is given; it requires the password kept in `<state>/redis_password`, 0600, made on first start,
+and every service gets it only inside REDIS_URL in its environment, never on a command line),
+instance_svc with the local runtime and its warm pool, billing_svc, and the gateway.
 On first start a development API key (tenant `dev`, admin scope) is made with the gateway's
 key-store bootstrap (`gateway_svc.keystore.create_key`, a function call: no gateway needed); it
 is kept in `<state>/dev_api_key` (0600) and written, with the endpoint, to the CLI config file
@@ -150,19 +152,26 @@ class Stack:
         if self.options.redis_url:
             self.redis_url = self.options.redis_url
             return
-        data = self.options.state_dir / "redis"
+        state = self.options.state_dir
+        data = state / "redis"
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         port = self.options.redis_port
         try:
-            argv = processes.redis_argv(port, data, persist=True)
+            # Made once per state directory (0600) and kept: the append-only file outlives a
+            # restart, and so does every service's REDIS_URL in a running shell.
+            password = processes.redis_password(state / "redis_password")
+        except (OSError, ValueError) as err:
+            raise StackError(f"cannot read or create the Redis password: {err}") from None
+        try:
+            argv = processes.redis_argv(port, data, password, persist=True)
         except FileNotFoundError:
             raise StackError("redis-server is not installed: run `make setup` (or set REDIS_URL)") from None
         child = self._spawn("redis", argv, None)
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.redis_url = processes.redis_url(port, password)
         try:
             processes.wait_redis(self.redis_url, child.proc, check=self._check)
-        except (RuntimeError, TimeoutError):
-            raise StackError(f"redis-server did not start on port {port}; see {child.log}") from None
+        except (RuntimeError, TimeoutError) as err:
+            raise StackError(f"redis-server did not start on port {port} ({err}); see {child.log}") from None
 
     def _wait_healthy(self, child: _Child, target: str) -> None:
         try:
@@ -245,7 +254,7 @@ class Stack:
             print(f"  gateway (HTTP)   {self.http_endpoint}", file=p)
         print(f"  instance_svc     {self.options.instance_addr}", file=p)
         print(f"  billing_svc      {self.options.billing_addr}", file=p)
-        print(f"  redis            {self.redis_url}", file=p)
+        print(f"  redis            {mask_url(self.redis_url)}", file=p)
         print(f"  state directory  {self.options.state_dir} (logs in {self._logs()})", file=p)
         if self.options.write_config:
             from cyberdesk._config import save_file
@@ -323,6 +332,13 @@ def sweep_sandboxes(state_dir: Path) -> int:
         return count
 
     return asyncio.run(sweep())
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password (if any) replaced by ***, for printing."""
+    from cyberdesk_common.log import mask_secrets
+
+    return mask_secrets(url)
 
 
 def _listening(addr: str) -> bool:

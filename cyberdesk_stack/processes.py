@@ -150,25 +150,68 @@ def service(
         stop(proc)
 
 
-def redis_argv(port: int, data_dir: Path, *, persist: bool = False) -> list[str]:
-    """A redis-server on loopback only; `persist` keeps an append-only file in `data_dir`."""
+def redis_password(path: Path) -> str:
+    """The Redis password kept in `path` (mode 0600), generated on first use.
+
+    O_EXCL: two launchers starting at once cannot both write a different secret. The secret is
+    URL-safe base64, so it goes into a redis:// URL and a redis.conf line without quoting.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        password = path.read_text().strip()
+        if len(password) < 16 or not password.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(
+                f"{path} holds no usable Redis password (16 or more of A-Z a-z 0-9 - _); delete it to make a new one"
+            ) from None
+        return password
+    password = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as out:
+        out.write(password + "\n")
+    return password
+
+
+def redis_url(port: int, password: str, host: str = "127.0.0.1", db: int = 0) -> str:
+    """The URL our services get in REDIS_URL: the password as the URL's (default user) password."""
+    return f"redis://:{password}@{host}:{port}/{db}"
+
+
+def redis_argv(port: int, data_dir: Path, password: str, *, persist: bool = False) -> list[str]:
+    """A redis-server on loopback only that requires `password`; `persist` keeps an append-only file.
+
+    The settings go into `data_dir`/redis.conf (mode 0600) and only that file's path goes on the
+    command line: anything in argv is readable by every local user in /proc/<pid>/cmdline and in
+    `ps`, and a tenant that reached the host would read the password there.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise FileNotFoundError("redis-server is not installed: run `make setup`")
-    return [
-        binary,
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", str(data_dir),
-        "--save", "",
-        "--appendonly", "yes" if persist else "no",
-    ]  # fmt: skip
+    conf = data_dir / "redis.conf"
+    lines = [
+        f"port {port}",
+        # Only where the services are: never a wildcard address a sandbox's network could reach.
+        "bind 127.0.0.1",
+        "protected-mode yes",
+        f'dir "{data_dir}"',
+        'save ""',
+        f"appendonly {'yes' if persist else 'no'}",
+        f"requirepass {password}",
+    ]
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file may have had a wider mode: O_CREAT's mode applies only to new files
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    return [binary, str(conf)]
 
 
 def wait_redis(
     url: str, proc: subprocess.Popen[bytes], timeout: float = 15.0, check: Callable[[], None] | None = None
 ) -> None:
-    """Block until the redis at `url` answers PING; RuntimeError when `proc` exits first."""
+    """Block until the redis at `url` answers PING; RuntimeError when `proc` exits first.
+
+    A refused password (AuthenticationError, a ConnectionError) fails at once: waiting longer
+    cannot fix it, and the message never repeats the URL, which carries the password.
+    """
     import redis
 
     client = redis.Redis.from_url(url)
@@ -178,24 +221,33 @@ def wait_redis(
             try:
                 client.ping()
                 return
+            except redis.AuthenticationError as err:
+                raise RuntimeError(f"redis-server refused the password: {err}") from None
             except redis.ConnectionError:
                 if check is not None:
                     check()
                 if proc.poll() is not None:
                     raise RuntimeError(f"redis-server exited with {proc.returncode}") from None
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server did not answer on {url} after {timeout}s") from None
+                    port = client.get_connection_kwargs().get("port")
+                    raise TimeoutError(f"redis-server did not answer on port {port} after {timeout}s") from None
                 time.sleep(0.05)
     finally:
         client.close()
 
 
 @contextmanager
-def redis_server(data_dir: Path, port: int | None = None) -> Iterator[str]:
-    """A throwaway redis-server (no persistence) until the block ends; yields its URL."""
+def redis_server(data_dir: Path, port: int | None = None, password: str | None = None) -> Iterator[str]:
+    """A throwaway redis-server (no persistence) that requires a password; yields its URL.
+
+    The password is new for each server unless given (a test restarting "the same" Redis passes
+    the first one's), so every test and benchmark exercises the authenticated path that
+    `cyberdesk up` and Kubernetes use.
+    """
     port = port or free_port()
-    proc = spawn(redis_argv(port, data_dir), None, data_dir / "redis.log")
-    url = f"redis://127.0.0.1:{port}/0"
+    password = password or secrets.token_urlsafe(24)
+    proc = spawn(redis_argv(port, data_dir, password), None, data_dir / "redis.log")
+    url = redis_url(port, password)
     try:
         wait_redis(url, proc)
         yield url

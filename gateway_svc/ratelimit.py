@@ -229,8 +229,11 @@ class RedisPipe:
             _, pipe = await connect
             setup: list[asyncio.Future[object]] = []
             if url.password:
-                user = unquote(url.username) if url.username else "default"
-                setup.append(pipe.request(_command("AUTH", user, unquote(url.password))))
+                # AUTH user pass for an ACL user; the one-argument form (requirepass, Redis < 6
+                # too) when the URL names no user, as in redis://:SECRET@host/0.
+                password = unquote(url.password)
+                auth = ("AUTH", unquote(url.username), password) if url.username else ("AUTH", password)
+                setup.append(pipe.request(_command(*auth)))
             if db not in ("", "0"):
                 setup.append(pipe.request(_command("SELECT", db)))
             for reply in await asyncio.gather(*setup):

@@ -142,7 +142,7 @@ def test_database_and_password_from_the_url(redis_url: str) -> None:
         assert redis.Redis.from_url(url).exists(f"t:{key}") == 1
         assert redis.Redis.from_url(redis_url).exists(f"t:{key}") == 0
         # A wrong password is an error reply at connect: the limiter fails open, it does not crash.
-        bad = RateLimiter(redis_url.replace("redis://", "redis://user:wrong@"))
+        bad = RateLimiter("redis://:wrong@" + redis_url.rsplit("@", 1)[1])
         try:
             assert (await bad.check(key, Limit(5, 3600))).remaining == -1
         finally:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 
@@ -79,7 +80,9 @@ def test_follower_reconnects_after_an_outage_and_misses_nothing(tmp_path: Path) 
         await _until(lambda: routes.cleared >= 1, "routes not forgotten during the outage")
         assert not follower.done()
         with ExitStack() as second_redis:
-            url = second_redis.enter_context(redis_server(tmp_path / "r2", port=port))
+            # The same Redis coming back: same port, same password (the follower keeps its URL).
+            password = urlsplit(url).password
+            url = second_redis.enter_context(redis_server(tmp_path / "r2", port=port, password=password))
             _publish(url, _event(2))  # possibly before the follower is back: it must still arrive
             await _until(lambda: len(routes.applied) == 2, "event 2 (after the restart) not applied")
             stop.set()
