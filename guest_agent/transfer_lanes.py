@@ -22,10 +22,13 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from guest_agent.worker_threads import WorkerThreads
+
 # Threads for the chunks of transfers (hashing, writing, reading ahead): separate from the default
 # pool so a burst of stat/list calls does not queue behind them, and sized so that a few
-# transfers at once each have their lanes running.
-TRANSFER_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="files")
+# transfers at once each have their lanes running. WorkerThreads: a pids limit reached (a fork bomb)
+# makes a transfer wait for a busy thread instead of failing with INTERNAL.
+TRANSFER_POOL = WorkerThreads(max_workers=8, thread_name_prefix="files")
 
 
 class Lane:
