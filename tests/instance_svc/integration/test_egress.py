@@ -146,7 +146,9 @@ def svc(tmp_path: Path, redis_url: str) -> Iterator[Svc]:
         yield service
 
 
-def _create(svc: Svc, network: int = instance_pb2.NETWORK_MODE_INTERNET, **egress: list[str]) -> instance_pb2.Instance:
+def _create(
+    svc: Svc, network: instance_pb2.NetworkMode.ValueType = instance_pb2.NETWORK_MODE_INTERNET, **egress: list[str]
+) -> instance_pb2.Instance:
     request = instance_pb2.CreateInstanceRequest(network=network, egress=instance_pb2.EgressPolicy(**egress))
     inst = svc.instances.CreateInstance(request, metadata=meta(), timeout=60).instance
     assert inst.state == instance_pb2.INSTANCE_STATE_RUNNING, inst.state_message
