@@ -16,7 +16,8 @@ each concern it relies on has its own module:
 | `procscan.py` | /proc is scanned: is a recorded pid still ours, what are a sandbox's processes |
 | `freezer.py` | it is paused and resumed (cgroup freezer, SIGSTOP of the tree without one) |
 | `snapshots.py` | snapshots are taken (the layer archived while frozen) and restored into a new layer |
-| `teardown.py` | a sandbox is killed and its cgroups and files removed |
+| `teardown.py` | a sandbox is killed and its cgroups, disk and files removed |
+| `disk.py` | its disk is made (a sparse ext4 image loop-mounted as the layer), found and released |
 | `network.py` | an INTERNET sandbox gets its egress rules (nft) and slirp4netns, and loses them with it |
 
 Running sandboxes are found after a restart by `LocalRuntime.list()`: every directory under the
@@ -29,8 +30,10 @@ can see it):
   including the agent token, which therefore never has to exist inside the sandbox.
 * `agent.log`: stdout and stderr of the sandbox's PID 1 (the agent, Xvfb).
 * `sock/`: bound at /run/cyberdesk inside; the agent listens on `sock/agent.sock`.
+* `disk.img` (0600): the sandbox's disk, a sparse ext4 image of `SandboxSpec.disk_mib`.
 * `layer/`: the writable per-instance layer, bound at /etc, /home, /root, /tmp, /var, /opt and
-  /srv. It is what a snapshot archives. /usr and the /bin, /lib... links are the host's,
+  /srv: the mount point of `disk.img` (loop device, host mount namespace), so writes beyond the
+  size fail with ENOSPC and `df` shows it (disk.py). It is what a snapshot archives. /usr and the /bin, /lib... links are the host's,
   read-only: bubblewrap 0.8 has no overlay, and an overlay mounted by root would be useless to
   an unprivileged sandbox uid anyway (it cannot write over root-owned lower files).
 

@@ -242,3 +242,24 @@ def test_an_upload_that_does_not_fit_leaves_no_file_and_a_restart_re_adopts_the_
 
         svc.instances.DeleteInstance(instance_pb2.DeleteInstanceRequest(instance_id=iid), metadata=meta(), timeout=60)
         assert _mounts_under(base) == [] and _loops_under(base) == []
+
+
+def test_a_restore_takes_its_snapshots_disk_size_and_refuses_a_smaller_one(tmp_path: Path, redis_url: str) -> None:
+    with running(tmp_path, redis_url) as svc:
+        src = _create(svc, disk_mib=512)
+        assert svc.exec(src.instance_id, "echo kept > /home/user/note")[0] == 0
+        snap = svc.instances.CreateSnapshot(
+            instance_pb2.CreateSnapshotRequest(instance_id=src.instance_id), metadata=meta(), timeout=60
+        ).snapshot
+        with pytest.raises(grpc.RpcError) as err:
+            _create(svc, snapshot_id=snap.snapshot_id, disk_mib=256)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == (
+            f"disk_mib 256 is smaller than the 512 MiB disk snapshot {snap.snapshot_id} was taken of; "
+            "restore it into at least 512 MiB"
+        )
+        same = _create(svc, snapshot_id=snap.snapshot_id)
+        larger = _create(svc, snapshot_id=snap.snapshot_id, disk_mib=1024)
+        assert (same.state, same.disk_mib, larger.state, larger.disk_mib) == (RUNNING, 512, RUNNING, 1024)
+        for inst in (same, larger):
+            assert svc.exec(inst.instance_id, "cat /home/user/note") == (0, b"kept\n")
