@@ -33,9 +33,10 @@ can see it):
 * `disk.img` (0600): the sandbox's disk, a sparse ext4 image of `SandboxSpec.disk_mib`.
 * `layer/`: the writable per-instance layer, bound at /etc, /home, /root, /tmp, /var, /opt and
   /srv: the mount point of `disk.img` (loop device, host mount namespace), so writes beyond the
-  size fail with ENOSPC and `df` shows it (disk.py). It is what a snapshot archives. /usr and the /bin, /lib... links are the host's,
-  read-only: bubblewrap 0.8 has no overlay, and an overlay mounted by root would be useless to
-  an unprivileged sandbox uid anyway (it cannot write over root-owned lower files).
+  size fail with ENOSPC and `df` shows it (disk.py). It is what a snapshot archives. /usr and the
+  /bin, /lib... links are the host's, read-only: bubblewrap 0.8 has no overlay, and an overlay
+  mounted by root would be useless to an unprivileged sandbox uid anyway (it cannot write over
+  root-owned lower files).
 
 Isolation: new mount, pid, ipc, uts, cgroup, user and network namespaces, always. A sandbox with
 the internet gets user-mode networking in its own namespace (slirp4netns, behind nft rules the
