@@ -102,7 +102,8 @@ def _unescape(field: str) -> str:
 
 def mounts_under(directory: Path) -> list[str]:
     """Mount points at or below `directory` in this process's mount namespace, deepest first."""
-    prefix = str(directory).rstrip("/")
+    # The kernel writes canonical paths: a base reached through a symbolic link must match too.
+    prefix = os.path.realpath(directory).rstrip("/")
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -114,7 +115,7 @@ def mounts_under(directory: Path) -> list[str]:
 
 def loops_backed_by(image: Path) -> list[str]:
     """The loop devices (/dev/loopN) whose backing file is `image` (also after the image was unlinked)."""
-    target = str(image)
+    target = os.path.realpath(image)
     found = []
     for entry in Path("/sys/block").glob("loop*"):
         try:

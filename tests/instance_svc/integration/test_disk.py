@@ -263,3 +263,15 @@ def test_a_restore_takes_its_snapshots_disk_size_and_refuses_a_smaller_one(tmp_p
         assert (same.state, same.disk_mib, larger.state, larger.disk_mib) == (RUNNING, 512, RUNNING, 1024)
         for inst in (same, larger):
             assert svc.exec(inst.instance_id, "cat /home/user/note") == (0, b"kept\n")
+
+
+def test_a_base_reached_through_a_symbolic_link_is_released_too(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    base = tmp_path / "link" / "instances"
+    runtime = LocalRuntime(base)
+    asyncio.run(runtime.create(SandboxSpec(sandbox_id="sb-l", disk_mib=256)))
+    real = tmp_path / "real" / "instances"
+    assert _mounts_under(real) == [f"{real}/sb-l/layer"]
+    asyncio.run(runtime.delete("sb-l"))
+    assert _mounts_under(real) == [] and _loops_under(real) == []
