@@ -11,7 +11,8 @@ each concern it relies on has its own module:
 | `spawn.py` | a sandbox is spawned (token pipe, environment) and polled until its agent is healthy |
 | `bwrap.py` | its command line is written (launcher shell, bubblewrap, the agent or Xvfb) |
 | `agent_code.py` | the code the sandbox binds is chosen (our packages, the interpreter's site-packages) |
-| `cgroups.py` | limits are written to cgroups, a sandbox's processes are killed through them |
+| `cgroups.py` | limits are written to cgroups (delegated to the sandbox), its processes are killed through them |
+| `seccomp.py` | the seccomp filter every sandbox runs under is built (libseccomp) and handed to bubblewrap |
 | `state_file.py` | its state file is written and read (what re-adoption after a restart needs) |
 | `procscan.py` | /proc is scanned: is a recorded pid still ours, what are a sandbox's processes |
 | `freezer.py` | it is paused and resumed (cgroup freezer, SIGSTOP of the tree without one) |
@@ -43,7 +44,12 @@ the internet gets user-mode networking in its own namespace (slirp4netns, behind
 root side loads before the agent runs: never the host, link-local or private ranges; network.py,
 docs/network.md). The sandbox runs as host uid `sandbox_uid` (uid 1000
 "user" inside), never as host root: bubblewrap started by root keeps every capability, and a
-root-mapped process could write host sysctls through /proc/sys.
+root-mapped process could write host sysctls through /proc/sys. Everything inside runs under a
+seccomp filter (seccomp.py: moby's default denials, EPERM) and cannot create user namespaces
+(`--disable-userns`) unless the spec asks for nested ones. The sandbox's pids, freezer and memory
+cgroups are delegated to its uid and bound at /run/cgroup, where the agent gives every command a
+cgroup of its own, so that a timeout ends all the command started (guest_agent/process_cgroups.py).
+What tenant code can and cannot do, in one place: docs/isolation.md.
 
 The agent token reaches the agent through an inherited pipe (CYBERDESK_AGENT_TOKEN_FILE names
 /proc/self/fd/N): nothing inside the sandbox can read it from a file or from the agent's initial
