@@ -76,6 +76,7 @@ OPEN_PORT = "/cyberdesk.agent.v1.PortService/OpenPort"
 _RESPONSE_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"proxy-connection"})
 # The ASGI server answers `Expect: 100-continue` itself; the service must not answer it again.
 _ALWAYS_DROPPED = frozenset({TOKEN_HEADER, "expect"})
+_COALESCE = 1024 * 1024  # request body bytes joined into one tunnel message at most
 
 
 def _serialize(message: agent_pb2.OpenPortRequest) -> bytes:
@@ -466,25 +467,52 @@ class _HttpRelay:
                 return False
 
     async def _pump(self) -> None:
-        more = self.body
-        while more:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                self._client_gone()
-                return
-            chunk: bytes = message.get("body", b"")
-            more = bool(message.get("more_body", False))
-            out = b""
-            if self.conn.our_state is h11.SEND_BODY:
-                if chunk:
-                    out += self.conn.send(h11.Data(data=chunk)) or b""
-                if not more:
-                    out += self.conn.send(h11.EndOfMessage()) or b""
-            if out:
-                await self.tunnel.write(out)
+        if self.body:
+            # Reading the client and writing the tunnel overlap: a writer task sends what is queued,
+            # joined into one message of up to _COALESCE bytes, while the next pieces are read (the
+            # ASGI server hands a body on in pieces of at most 64 KiB). The queue is bounded, so a
+            # slow service still pushes back on the client.
+            queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
+            writer = asyncio.create_task(self._write_body(queue))
+            try:
+                more = True
+                while more:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        self._client_gone()
+                        return
+                    chunk: bytes = message.get("body", b"")
+                    more = bool(message.get("more_body", False))
+                    out = b""
+                    if self.conn.our_state is h11.SEND_BODY:
+                        if chunk:
+                            out += self.conn.send(h11.Data(data=chunk)) or b""
+                        if not more:
+                            out += self.conn.send(h11.EndOfMessage()) or b""
+                    if out:
+                        await queue.put(out)
+                await queue.put(None)
+                await writer
+            finally:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
         while (await self.receive())["type"] != "http.disconnect":
             pass
         self._client_gone()
+
+    async def _write_body(self, queue: asyncio.Queue[bytes | None]) -> None:
+        done = False
+        while not done:
+            pieces = [await queue.get()]
+            size = len(pieces[0] or b"")
+            while not queue.empty() and size < _COALESCE and pieces[-1] is not None:
+                pieces.append(queue.get_nowait())
+                size += len(pieces[-1] or b"")
+            done = pieces[-1] is None
+            data = b"".join(p for p in pieces if p)
+            if data:
+                await self.tunnel.write(data)
 
     def _client_gone(self) -> None:
         self.client_left = True
