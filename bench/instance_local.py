@@ -9,7 +9,8 @@
   sandbox. That figure is extrapolated, not a count of sandboxes actually started (IDLE are).
 * disk: the part of a cold create and delete that the sandbox's own file system costs (sparse
   image, mkfs.ext4, loop mount; unmount and loop detach), timed alone with the same calls the
-  runtime makes, interleaved with the cold creates; and the host disk an idle sandbox's image
+  runtime makes, interleaved with the cold creates; cold creates whose layer is a plain directory
+  as before disks (the "before" row, interleaved too); and the host disk an idle sandbox's image
   really takes (allocated blocks), against its 2 GiB size.
 """
 
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 from bench._report import latency_summary, report
 from instance_svc.runtime.base import SandboxSpec
@@ -61,9 +63,22 @@ def _disk_once(base: Path, i: int) -> tuple[float, float]:
     return (made - start) * 1000, (done - made) * 1000
 
 
-async def _cold(runtime: LocalRuntime, base: Path) -> tuple[list[float], list[float], list[float], list[float]]:
-    create_ms, delete_ms, disk_make_ms, disk_release_ms = [], [], [], []
+def _plain_layer(directory: Path, size_mib: int, uid: int, gid: int) -> Path:
+    """The layer as it was before disks, a directory on the host's file system: the "before" row only."""
+    layer = directory / "layer"
+    layer.mkdir(mode=0o755)
+    return layer
+
+
+async def _cold(runtime: LocalRuntime, base: Path) -> tuple[list[float], ...]:
+    create_ms, delete_ms, disk_make_ms, disk_release_ms, plain_ms = [], [], [], [], []
     for i in range(N):
+        # Interleaved with the real creates, so both see the same machine load.
+        with mock.patch.object(disk, "create", _plain_layer):
+            start = time.perf_counter()
+            await runtime.create(SandboxSpec(sandbox_id=f"plain-{i}"))
+            plain_ms.append((time.perf_counter() - start) * 1000)
+        await runtime.delete(f"plain-{i}")
         made, released = await asyncio.to_thread(_disk_once, base, i)
         disk_make_ms.append(made)
         disk_release_ms.append(released)
@@ -73,7 +88,7 @@ async def _cold(runtime: LocalRuntime, base: Path) -> tuple[list[float], list[fl
         start = time.perf_counter()
         await runtime.delete(f"cold-{i}")
         delete_ms.append((time.perf_counter() - start) * 1000)
-    return create_ms, delete_ms, disk_make_ms, disk_release_ms
+    return create_ms, delete_ms, disk_make_ms, disk_release_ms, plain_ms
 
 
 async def _idle(runtime: LocalRuntime, base: Path) -> dict[str, float]:
@@ -121,11 +136,12 @@ def main() -> None:
     """Run the benchmark, print the table and write bench/results/instance_local.json."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-instance-local-"))
     try:
-        (create_ms, delete_ms, disk_make_ms, disk_release_ms), idle = asyncio.run(_run(tmp / "instances"))
+        (create_ms, delete_ms, disk_make_ms, disk_release_ms, plain_ms), idle = asyncio.run(_run(tmp / "instances"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [
         {"what": "cold create -> agent healthy", **latency_summary(create_ms)},
+        {"what": "  the same, layer a plain directory (before disks)", **latency_summary(plain_ms)},
         {"what": "delete", **latency_summary(delete_ms)},
         {"what": "  of which disk: image + mkfs.ext4 + mount (2 GiB)", **latency_summary(disk_make_ms)},
         {"what": "  of which disk: unmount + loop detach", **latency_summary(disk_release_ms)},
