@@ -35,6 +35,7 @@ import ipaddress
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,6 +166,9 @@ def build_policy(
     resolver: Resolver = system_resolver,
 ) -> Policy:
     """Resolve the tenant's lists (blocking: host names are looked up now, at create time)."""
+    missing = [tool for tool in ("slirp4netns", "nft", "nsenter", "ip") if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError_(f"INTERNET instances need {', '.join(missing)} on the host (make setup installs them)")
     return Policy(
         allow=resolve(allow, resolver, "allow") if allow else None,
         deny=resolve(deny, resolver, "deny"),
