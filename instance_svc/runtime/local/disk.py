@@ -46,7 +46,10 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def _run(argv: list[str], what: str) -> None:
-    done = subprocess.run(argv, capture_output=True, check=False)
+    try:
+        done = subprocess.run(argv, capture_output=True, check=False)
+    except FileNotFoundError:
+        raise RuntimeError_(f"cannot {what}: {argv[0]} is not installed (run `make setup`: e2fsprogs)") from None
     if done.returncode != 0:
         raise RuntimeError_(f"cannot {what}: {done.stderr.decode(errors='replace').strip()[-500:]}")
 

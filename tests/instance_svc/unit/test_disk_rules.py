@@ -7,6 +7,7 @@ import pytest
 from cyberdesk_common.config import ConfigError
 from cyberdesk_proto.v1 import instance_pb2
 from instance_svc import pool, quotas
+from instance_svc.runtime.base import RuntimeError_
 from instance_svc.runtime.local import disk
 from instance_svc.validation import TEMPLATE_DISK_MIB, InvalidRequest, MachineLimits, validate_create
 
@@ -77,3 +78,8 @@ def test_mountinfo_paths_are_unescaped() -> None:
     assert disk._unescape(r"/a\134b\011c") == "/a\\b\tc"
     assert disk._unescape("/plain/path") == "/plain/path"
     assert disk._unescape("/ends/with\\04") == "/ends/with\\04"  # not a whole escape: kept
+
+
+def test_a_missing_mkfs_is_a_runtime_error_saying_what_to_install() -> None:
+    with pytest.raises(RuntimeError_, match=r"cannot format the 256 MiB disk: /nonexistent/mkfs.ext4 is not installed"):
+        disk._run(["/nonexistent/mkfs.ext4", "-q"], "format the 256 MiB disk")
