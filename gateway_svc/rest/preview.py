@@ -241,6 +241,11 @@ class Previews:
             set_cookie=set_cookie,
         )
 
+    def _unreachable(self, exc: RpcError, target: PreviewTarget) -> None:
+        """Forget the route of an instance whose agent could not be reached, as Admission does."""
+        if exc.message.startswith("the agent of instance"):
+            self.admission.routes.invalidate(target.instance_id)
+
     def _forwarded(self, scope: Scope, headers: Mapping[str, str], target: PreviewTarget) -> dict[str, str]:
         client = scope.get("client")
         return {
@@ -293,13 +298,16 @@ class Previews:
                     tunnel = await Tunnel.open(access, head)
             except RpcError as exc:
                 if pooled:
+                    pooled[0].cancel()
                     pooled = None
                     continue
+                self._unreachable(exc, target)
                 await respond_error(send, _bad_gateway(exc))
                 return
             relay = _HttpRelay(conn, tunnel, receive, send, access, reused=pooled is not None, body=not bodyless)
             outcome = await relay.run()
             if outcome is _Outcome.STALE:
+                tunnel.cancel()
                 pooled = None
                 continue
             if outcome is _Outcome.REUSABLE:
@@ -648,6 +656,7 @@ class _RawRelay:
             lines += [name + b": " + value for name, value in upstream]
             tunnel = await Tunnel.open(access, b"\r\n".join(lines) + b"\r\n\r\n")
         except RpcError as exc:
+            self.previews._unreachable(exc, target)
             if not self.lost:
                 self.transport.write(raw_error_response(_bad_gateway(exc)))
                 self.transport.close()
