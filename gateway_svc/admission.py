@@ -8,6 +8,7 @@ names), so auth, scopes, rate limits, tenant scoping and routing cannot drift be
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,6 +25,9 @@ from cyberdesk_common.status import RpcError, invalid_argument
 from cyberdesk_common.tracing import inject_metadata
 from gateway_svc.auth import SCOPE_INSTANCES, Principal
 from gateway_svc.routing import AgentRoute
+from gateway_svc.tenant_errors import tenant_message
+
+_log = logging.getLogger("gateway_svc.admission")
 
 INSTANCE_SERVICE = "cyberdesk.v1.InstanceService"
 # Services whose calls go to the instance's agent; InstanceService goes to instance_svc.
@@ -138,9 +142,23 @@ class Admission:
         return Target(self.routes.channel(route), tuple(inject_metadata(agent_md)), deadline, instance)
 
     def upstream_failed(self, target: Target, code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
-        """The status a caller gets for an upstream failure; an unreachable agent's route is forgotten."""
+        """The status a caller gets for an upstream failure; an unreachable agent's route is forgotten.
+
+        The caller's message never names the agent's address or a token (`tenant_message`); the
+        upstream's raw details go to this server's log when they were replaced.
+        """
         if code is grpc.StatusCode.UNAVAILABLE and target.instance_id:
             # The agent went away: forget its route so the next call asks instance_svc again.
             self.routes.invalidate(target.instance_id)
-            details = f"the agent of instance {target.instance_id} is unreachable ({details})"
-        return code, details
+        secrets = [self.internal_token, *(str(v) for k, v in target.metadata if k == AUTHORIZATION_METADATA)]
+        secrets += [value.split(" ", 1)[-1] for value in secrets if " " in value]  # the token without "Bearer "
+        message = tenant_message(target.instance_id, code, details, secrets)
+        if message != details:
+            logged = details
+            for secret in secrets:
+                logged = logged.replace(secret, "***") if secret else logged
+            _log.warning(
+                "upstream call failed",
+                extra={"instance_id": target.instance_id or "-", "code": code.name, "upstream_details": logged},
+            )
+        return code, message

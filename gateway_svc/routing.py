@@ -31,6 +31,7 @@ from cyberdesk_common.metadata import INTERNAL_TOKEN_METADATA
 from cyberdesk_common.status import RpcError, failed_precondition
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2
+from gateway_svc.tenant_errors import tenant_message
 
 _log = logging.getLogger("gateway_svc.routing")
 
@@ -204,7 +205,8 @@ class RouteCache:
                 raise RpcError(
                     grpc.StatusCode.UNAVAILABLE, "the instance service is unreachable; retry shortly"
                 ) from None
-            raise RpcError(err.code(), err.details() or "") from None
+            # instance_svc's own answers (NOT_FOUND naming the instance) pass; an address does not.
+            raise RpcError(err.code(), tenant_message("", err.code(), err.details() or "")) from None
         if reply.state != instance_pb2.INSTANCE_STATE_RUNNING:
             raise failed_precondition(
                 f"instance {instance_id} is {state_name(reply.state)}, not RUNNING; "

@@ -103,6 +103,8 @@ async def watch(redis_url: str, tenant: str, instance_id: str = "") -> AsyncIter
                 continue
             yield entry_id, event
     except EventStreamUnavailable as err:
-        raise RpcError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+        # The caller is a tenant (through the gateway): the condition, not where Redis lives.
+        _log.warning("a watcher lost the event stream", extra={"error": str(err)})
+        raise RpcError(grpc.StatusCode.UNAVAILABLE, "the event stream is unavailable; retry shortly") from None
     finally:
         await client.aclose()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from cyberdesk_proto.v1 import (
     process_pb2,
     process_pb2_grpc,
 )
-from tests.gateway_svc.conftest import Stack, agent
+from tests.gateway_svc.conftest import AGENT_TOKEN, INTERNAL_TOKEN, Stack, agent
 
 
 def _auth(key: str) -> tuple[tuple[str, str]]:
@@ -342,6 +345,47 @@ def test_agent_killed_mid_stream_gives_unavailable(stack: Stack, channel: grpc.C
         # UNAVAILABLE, not the 60 s DEADLINE_EXCEEDED: the gateway noticed the agent went away.
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
         assert "i-doomed" in (caught.value.details() or "")
+        _tenant_safe(caught.value.details() or "", stack, doomed.target, key)
+
+
+def _tenant_safe(message: str, stack: Stack, *secrets: str) -> None:
+    """A message a tenant reads names no host path, no socket address and no platform secret."""
+    assert "/" not in message, message
+    assert "unix:" not in message and "ipv4:" not in message, message
+    for secret in (INTERNAL_TOKEN, AGENT_TOKEN, str(stack.tmp), *secrets):
+        assert secret not in message, message
+
+
+def test_an_unreachable_agent_is_named_by_its_instance_never_its_socket(stack: Stack, channel: grpc.Channel) -> None:
+    """gRPC and REST: a dead agent is "instance i-… is not reachable", its socket only in the gateway's log."""
+    key = stack.new_key("tenant-a")
+    procs = process_pb2_grpc.ProcessServiceStub(channel)
+    with agent(stack.tmp / "agents", "i-dead") as dead:
+        stack.set_route("i-dead", "tenant-a", "RUNNING", dead.target)
+        procs.ListProcesses(process_pb2.ListProcessesRequest(instance_id="i-dead"), metadata=_auth(key), timeout=10)
+        dead.proc.send_signal(signal.SIGKILL)
+        dead.proc.wait()
+        socket_path = dead.target.removeprefix("unix://")
+    listing = process_pb2.ListProcessesRequest(instance_id="i-dead")
+    code, message = _code(lambda: procs.ListProcesses(listing, metadata=_auth(key), timeout=10))
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert message == "instance i-dead is not reachable (its agent does not answer)"
+    _tenant_safe(message, stack, socket_path, key)
+    # The REST face says the same (its errors come from the same Admission).
+    ready = next(
+        json.loads(line) for line in (stack.tmp / "gateway_svc.log").read_text().splitlines() if "gateway ready" in line
+    )
+    request = urllib.request.Request(
+        f"http://{ready['http']}/v1/instances/i-dead/processes", headers={"authorization": f"Bearer {key}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 503
+    body = json.loads(caught.value.read())
+    assert body["message"] == "instance i-dead is not reachable (its agent does not answer)"
+    _tenant_safe(json.dumps(body), stack, socket_path, key)
+    # The raw detail, socket and all, is in the server's log for the operator.
+    _until(lambda: socket_path in (stack.tmp / "gateway_svc.log").read_text())
 
 
 def test_caller_cancel_reaches_the_agent(stack: Stack, channel: grpc.Channel) -> None:

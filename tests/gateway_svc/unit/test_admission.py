@@ -158,7 +158,7 @@ def test_an_unreachable_agent_forgets_its_route_and_says_which_instance() -> Non
     agent = Target(AGENT_CHANNEL, (), None, "i-1")
     code, details = admission.upstream_failed(agent, grpc.StatusCode.UNAVAILABLE, "connection refused")
     assert code is grpc.StatusCode.UNAVAILABLE
-    assert details == "the agent of instance i-1 is unreachable (connection refused)"
+    assert details == "instance i-1 is not reachable (its agent does not answer)"
     assert routes.invalidated == ["i-1"]
     # Other failures of an agent, and any failure of instance_svc, keep the route and the details.
     assert admission.upstream_failed(agent, grpc.StatusCode.NOT_FOUND, "no such process") == (

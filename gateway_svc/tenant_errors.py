@@ -1,0 +1,71 @@
+"""What a tenant is told when a call behind the gateway fails: the instance and the condition.
+
+grpc-core makes a status itself when the transport fails (no server answered, or the connection
+dropped), and its details name the peer's address: an agent's unix socket under the platform's
+state directory (`unix:/.../instances/<sandbox>/agent.sock`), or a host:port inside the cluster.
+Neither is the tenant's business, and a path tells an attacker where the platform keeps its
+secrets. The gateway forwards an upstream's own messages unchanged (an agent's "no such file
+/home/user/x", instance_svc's "instance i-1 not found": they speak of the tenant's things), and
+replaces transport messages, and anything naming an address or a secret, with a sentence; the
+raw details go to the gateway's log (see `Admission.upstream_failed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+
+# How grpc-core begins the details of a status it made because the transport failed, compared in
+# lower case (its wording comes from strerror and varies in case). Matched at the start only: an
+# agent's own message may quote an errno text further in ("the service on port 3000 in the
+# instance dropped the connection (Connection reset by peer)") and must pass as it is. A dropped
+# connection and one that could not be made are told apart: the first may have run part of the
+# call.
+_LOST_PREFIXES = (
+    "stream removed",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "goaway",
+    "transport closed",
+    "cancelling all calls",
+)
+_CONNECT_PREFIXES = (
+    "failed to connect to all addresses",
+    "connections to all backends failing",
+    "connection refused",
+    "dns resolution failed",
+    "empty address list",
+    "handshake failed",
+    "endpoint",
+    "keepalive watchdog timeout",
+)
+# Addresses as grpc-core prints them (see its URI schemes): never in one of our own messages.
+_ADDRESS_MARKERS = ("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "dns:", "xds:")
+
+
+def tenant_message(instance_id: str, code: grpc.StatusCode, details: str, secrets: Iterable[str] = ()) -> str:
+    """What a tenant is told about a failed upstream call: the instance and the condition, no address.
+
+    `instance_id` is "" for a call to instance_svc. An upstream's own message (an agent's "no such
+    file /home/user/x", instance_svc's "instance i-1 not found") passes unchanged; grpc-core's
+    transport messages, and anything naming an address or one of `secrets` (the agent's token,
+    the internal token), become a sentence about the condition. Pure: the caller logs `details`.
+    """
+    text = details or ""
+    secrets = tuple(secrets)
+    leaks = any(marker in text for marker in _ADDRESS_MARKERS) or any(s and s in text for s in secrets)
+    lowered = text.lower()
+    lost = lowered.startswith(_LOST_PREFIXES)
+    unreachable = lost or lowered.startswith(_CONNECT_PREFIXES)
+    if code is grpc.StatusCode.UNAVAILABLE and (unreachable or leaks or not text):
+        if not instance_id:
+            return "the instance service is unreachable; retry shortly"
+        if lost:
+            return f"instance {instance_id} is not reachable (the connection to its agent was lost during the call)"
+        return f"instance {instance_id} is not reachable (its agent does not answer)"
+    if leaks:
+        where = f"instance {instance_id}" if instance_id else "the instance service"
+        return f"the call to {where} failed ({code.name}); retry, or report it with the time of the call"
+    return text
