@@ -52,6 +52,19 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(2)
             self.wfile.write(b"0\r\n\r\n")
             return
+        if self.path.startswith("/ticks"):
+            # Ticks until the client goes away, then leaves a mark: did its leaving reach us?
+            self.send_response(200)
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            try:
+                for n in range(100):
+                    self.wfile.write(b"5\r\ntick\n\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                open("/tmp/ticks-aborted", "w").close()
+            return
         headers = {k.lower(): v for k, v in self.headers.items()}
         self._send(json.dumps({"path": self.path, "headers": headers, "peer": self.client_address[1]}).encode())
 
@@ -230,6 +243,17 @@ def test_streamed_response_arrives_before_the_server_finishes(rest_stack: RestSt
     assert total >= 3.5 and (first + rest) == b"first\nsecond\n"
 
 
+def test_a_client_leaving_closes_the_connection_inside(rest_stack: RestStack, preview_instance: str) -> None:
+    with rest_stack.client() as c:
+        with c.stream("GET", f"/v1/instances/{preview_instance}/ports/{APP_PORT}/ticks") as r:
+            assert next(r.iter_raw()).startswith(b"tick")
+        # The response was closed after one tick: the service's next writes fail within a second or two.
+        deadline = time.monotonic() + 15
+        while c.get(f"/v1/instances/{preview_instance}/files/tmp/ticks-aborted").status_code != 200:
+            assert time.monotonic() < deadline, "the service never saw the client leave"
+            time.sleep(0.2)
+
+
 def test_request_body_streamed_chunked_and_with_length(rest_stack: RestStack, preview_instance: str) -> None:
     data = os.urandom(8 * 1024 * 1024 + 5)
 
@@ -334,6 +358,13 @@ def test_websocket_echo_through_both_forms(rest_stack: RestStack, preview_instan
         assert await refused(f"{base}/{WS_PORT}/", {}) == 401
         assert await refused(f"{base}/{WS_PORT}/", {"x-api-key": rest_stack.keys["other"]}) == 404
         assert await refused(f"{base}/{UNUSED_PORT}/", auth) == 502
+        # A browser's flow: a public link's cookie (set by the first page, see test_tokens) is all
+        # the page's WebSocket carries.
+        async with httpx.AsyncClient(base_url=rest_stack.base_url, headers=auth, timeout=20) as http:
+            url = f"/v1/instances/{preview_instance}/previewUrls"
+            link = (await http.post(url, json={"port": WS_PORT, "public": True})).json()
+        token = link["token"]
+        await echo(f"{base}/{WS_PORT}/", {"cookie": f"cyberdesk_preview_token={token}"})
         # The PTY WebSocket of the API still works beside previews.
         async with websockets.connect(
             f"{rest_stack.ws_url}/v1/instances/{preview_instance}/pty?open.size.cols=80&open.size.rows=24",
