@@ -457,13 +457,99 @@ def test_listen_addresses_are_the_container_ports() -> None:
             assert _port_of(value) == ports[port_name], f"{variable}={value} but port {port_name} is {ports[port_name]}"
 
 
-def test_redis_url_is_the_redis_service() -> None:
-    env = _one("ConfigMap", "cyberdesk-config")["data"]
-    url = env["CYBERDESK_REDIS_URL"]
-    host = url.split("://", 1)[1].split(":", 1)[0]
+def _redis_urls() -> Iterator[tuple[Doc, list[Obj], str, str]]:
+    """(workload, its container's env list, variable, value) of every Redis URL a workload is given."""
+    for workload in WORKLOADS:
+        for container in _pod_spec(workload.obj)["containers"]:
+            for item in container.get("env", []):
+                if str(item.get("value", "")).startswith(("redis://", "rediss://")):
+                    yield workload, container["env"], item["name"], item["value"]
+
+
+def test_no_configmap_carries_a_redis_url() -> None:
+    """A Redis URL carries the password: a ConfigMap is readable by anyone who may read the namespace's config."""
+    for configmap in _of_kind("ConfigMap"):
+        for name, value in configmap.obj["data"].items():
+            assert "REDIS_URL" not in name and not str(value).startswith("redis"), f"{configmap}: {name}"
+
+
+def test_every_redis_url_is_the_redis_service_with_the_secrets_password() -> None:
     service = _one("Service", "redis")
-    assert host in (service["metadata"]["name"], f"redis.{NAMESPACE}.svc", f"redis.{NAMESPACE}.svc.cluster.local")
-    assert _port_of(url) == service["spec"]["ports"][0]["port"]
+    urls = list(_redis_urls())
+    assert {w.name for w, *_ in urls} >= {"gateway"}  # the gateway's rate limits and route cache
+    for workload, env, name, url in urls:
+        assert name in ("CYBERDESK_REDIS_URL", "REDIS_URL"), f"{workload}: {name} is read by no service"
+        found = re.fullmatch(r"redis://:\$\((\w+)\)@([^:/]+):(\d+)/0", url)
+        assert found, f"{workload}: {name}={url} does not take its password from a variable"
+        variable, host, port = found.groups()
+        assert host in ("redis", f"redis.{NAMESPACE}.svc", f"redis.{NAMESPACE}.svc.cluster.local")
+        assert int(port) == service["spec"]["ports"][0]["port"]
+        # Kubernetes expands $(VAR) only from entries listed before it in the same container.
+        names = [item["name"] for item in env]
+        assert variable in names[: names.index(name)], f"{workload}: $({variable}) is not defined before {name}"
+        source = env[names.index(variable)]["valueFrom"]["secretKeyRef"]
+        assert (source["name"], source["key"]) == (SECRET_NAME, "redis-password"), f"{workload}: {variable}"
+
+
+def _redis_container() -> Obj:
+    container: Obj
+    (container,) = _pod_spec(_one("StatefulSet", "redis"))["containers"]
+    return container
+
+
+def test_redis_requires_the_secrets_password_and_its_probe_sends_it() -> None:
+    container = _redis_container()
+    env = {item["name"]: item.get("valueFrom", {}).get("secretKeyRef") for item in container["env"]}
+    assert env["REDIS_PASSWORD"] == {"name": SECRET_NAME, "key": "redis-password"}
+    assert env["REDISCLI_AUTH"] == {"name": SECRET_NAME, "key": "redis-password"}  # `redis-cli ping`
+    argv = [*container["command"], *container["args"]]
+    # Never on the command line, neither literally nor through Kubernetes' $(VAR) expansion.
+    assert "--requirepass" not in argv and not any("$(REDIS_PASSWORD)" in part for part in argv)
+    assert "requirepass" in container["command"][2] and "redis-server -" in container["command"][2]
+
+
+def test_the_redis_start_command_refuses_clients_without_the_password(tmp_path: Path) -> None:
+    """The manifest's own command and args, run here against the real redis-server (data dir and port swapped)."""
+    import os
+    import secrets
+    import shutil
+    import socket
+    import time
+
+    import redis
+
+    from cyberdesk_stack.processes import free_port, stop
+
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is not installed: run `make setup`"
+    container = _redis_container()
+    command = [part.replace("exec redis-server", f"exec {binary}") for part in container["command"]]
+    args = list(container["args"])
+    args[args.index("--dir") + 1] = str(tmp_path)
+    port, password = free_port(), secrets.token_urlsafe(24)
+    argv = [*command, *args, "--port", str(port), "--bind", "127.0.0.1"]
+    proc = subprocess.Popen(argv, env={**os.environ, "REDIS_PASSWORD": password}, stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password=password)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"PING\r\n")
+            assert sock.recv(100).startswith(b"-NOAUTH")
+        for pid in [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]:
+            try:
+                assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), f"pid {pid}"
+            except OSError:
+                continue  # ended meanwhile
+        client.close()
+    finally:
+        stop(proc)
 
 
 # --- redis, autoscaling ---------------------------------------------------------------------------
