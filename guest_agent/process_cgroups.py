@@ -24,8 +24,10 @@ What each controller is for:
   OOM killer, acting on the instance's limit (the parent's), killed a process of this command.
 
 A command that exits by itself leaves its cgroup in place while anything it started still runs
-(`nohup server &` keeps working); empty cgroups are removed when their command finishes, or later
-by `CommandCgroups.sweep`.
+(`nohup server &` keeps working); `CommandCgroups.sweep` recycles the empty ones for later
+commands (up to 16; the rest are removed). The table calls it shortly after a command finished,
+and readies the next command's cgroups right after a spawn, so that no mkdir or rmdir sits
+between a request and its reply.
 
 Limits of the scheme: tenant code runs as the agent's uid, so it can deliberately move its own
 processes into another cgroup of the instance and so survive its command's timeout; it can never
@@ -49,6 +51,7 @@ _log = logging.getLogger("guest_agent.process_cgroups")
 
 CONTROLLERS = ("pids", "freezer", "memory")
 _FREEZE_WAIT_SECONDS = 0.5
+_FREE_MAX = 16  # empty cgroups kept for reuse
 _MIB = 1024 * 1024
 
 
@@ -63,8 +66,19 @@ def _read(path: Path) -> str:
 
 
 def _subtree(top: Path) -> list[Path]:
-    """`top` and every cgroup below it, deepest first (tenant code may nest its own)."""
-    return [Path(d) for d, _, _ in os.walk(top, topdown=False)]
+    """`top` and every cgroup below it, deepest first (tenant code may nest its own).
+
+    One scandir per cgroup (os.walk cost ~0.1 ms more per command, measured).
+    """
+    found: list[Path] = []
+    try:
+        children = [Path(e.path) for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        children = []
+    for child in children:
+        found.extend(_subtree(child))
+    found.append(top)
+    return found
 
 
 def limit_text(root: str | None = None) -> str:
@@ -87,6 +101,26 @@ class CommandCgroup:
 
     def __init__(self, dirs: dict[str, Path]) -> None:
         self.dirs = dirs
+        # Write ends of each controller's `tasks`, opened ahead (`open_tasks`) so that the spawn
+        # itself opens nothing; closed right after it.
+        self.tasks_fds: list[int] = []
+        # OOM kills counted before this command (a recycled cgroup keeps its counter).
+        self.oom_base = 0
+
+    def open_tasks(self) -> None:
+        """Open the `tasks` files the spawn will write to (raises OSError; then nothing stays open)."""
+        try:
+            for path in self.dirs.values():
+                self.tasks_fds.append(os.open(path / "tasks", os.O_WRONLY | os.O_CLOEXEC))
+        except OSError:
+            self.close_tasks()
+            raise
+
+    def close_tasks(self) -> None:
+        """Close what `open_tasks` opened."""
+        fds, self.tasks_fds = self.tasks_fds, []
+        for fd in fds:
+            os.close(fd)
 
     def members(self) -> set[int]:
         """Pids of every live process of the command (its subtree), the agent itself never included."""
@@ -135,24 +169,48 @@ class CommandCgroup:
                     with contextlib.suppress(OSError):
                         _write(cgroup / "freezer.state", "THAWED")
 
-    def oom_kills(self) -> int:
-        """How many processes of the command the kernel's OOM killer killed (0 without a memory cgroup)."""
+    def oom_kills(self, nested: bool = True) -> int:
+        """How many processes of the command the kernel's OOM killer killed (0 without a memory cgroup).
+
+        v1 counts a victim only in its own cgroup, so child cgroups (made by tenant code) are read
+        too unless `nested` is False (the caller knows nothing failed: saves a scan per command).
+        """
         memory = self.dirs.get("memory")
         if memory is None:
             return 0
         total = 0
-        for cgroup in _subtree(memory):
+        for cgroup in _subtree(memory) if nested else [memory]:
             with contextlib.suppress(OSError, ValueError):
                 for line in _read(cgroup / "memory.oom_control").splitlines():
                     name, _, value = line.partition(" ")
                     if name == "oom_kill":
                         total += int(value)
-        return total
+        return total - self.oom_base
+
+    def reusable(self) -> bool:
+        """Empty, with no child cgroup, and thawed: fit to be the next command's (checked off the hot path)."""
+        try:
+            if "pids" in self.dirs and _read(self.dirs["pids"] / "pids.current").strip() != "0":
+                return False
+            if any(_subtree(top) != [top] for top in self.dirs.values()):
+                return False
+            freezer = self.dirs.get("freezer")
+            return freezer is None or _read(freezer / "freezer.state").strip() == "THAWED"
+        except OSError:
+            return False
 
     def remove(self) -> bool:
         """Remove the command's cgroups; False while some process still lives in them."""
+        self.close_tasks()
         done = True
         for top in self.dirs.values():
+            try:
+                os.rmdir(top)  # the usual case, without a scan: no child cgroup, no process left
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError:
+                pass
             for cgroup in _subtree(top):
                 try:
                     os.rmdir(cgroup)
@@ -172,10 +230,16 @@ class CommandCgroups:
         self.roots = roots
         self._counter = itertools.count(1)
         self._lingering: list[CommandCgroup] = []
+        self._spare: CommandCgroup | None = None
+        # Finished commands' empty cgroups, ready for the next ones: reusing one costs no mkdir or
+        # rmdir (and no memory cgroup created and destroyed in the kernel, ~0.5 ms a command measured).
+        self._free: list[CommandCgroup] = []
         self.home = {ctrl: root / "agent" for ctrl, root in roots.items()}
         for home in self.home.values():
             home.mkdir(exist_ok=True)
             _write(home / "cgroup.procs", str(os.getpid()))  # every thread of the agent
+        # Kept open: every spawn writes "0" here to move its thread back (a write needs no open).
+        self._home_fds = [os.open(home / "tasks", os.O_WRONLY | os.O_CLOEXEC) for home in self.home.values()]
 
     @classmethod
     def from_env(cls) -> CommandCgroups | None:
@@ -205,20 +269,47 @@ class CommandCgroups:
         return ""
 
     def new(self) -> CommandCgroup | None:
-        """Fresh cgroups for one command (None when they cannot be made: it then runs in the agent's)."""
-        self.sweep()
-        name = f"cmd-{next(self._counter)}"
-        dirs: dict[str, Path] = {}
-        try:
-            for ctrl, root in self.roots.items():
-                path = root / name
-                path.mkdir()
-                dirs[ctrl] = path
-        except OSError as err:
-            _log.warning("cannot make a command's cgroup", extra={"error": str(err)})
-            CommandCgroup(dirs).remove()
-            return None
-        return CommandCgroup(dirs)
+        """Fresh cgroups for one command (None when they cannot be made: it then runs in the agent's).
+
+        The spare made by `prepare_spare` after the previous spawn is taken when there is one, so
+        the mkdirs (~0.14 ms for three) are not on the path of a command's start.
+        """
+        spare, self._spare = self._spare, None
+        return spare if spare is not None else self._make()
+
+    def prepare_spare(self) -> None:
+        """Make the next command's cgroups ahead (called after a spawn, while the child starts)."""
+        while self._spare is None and self._free:
+            cgroup = self._free.pop()
+            try:
+                cgroup.open_tasks()
+            except OSError:
+                cgroup.remove()
+                continue
+            cgroup.oom_base = 0
+            cgroup.oom_base = cgroup.oom_kills(nested=False)
+            self._spare = cgroup
+        if self._spare is None:
+            self._spare = self._make()
+
+    def _make(self) -> CommandCgroup | None:
+        for _ in range(100):  # a name left by an earlier agent is skipped, not reused
+            name = f"cmd-{next(self._counter)}"
+            cgroup = CommandCgroup({})
+            try:
+                for ctrl, root in self.roots.items():
+                    path = root / name
+                    path.mkdir()
+                    cgroup.dirs[ctrl] = path
+                cgroup.open_tasks()
+                return cgroup
+            except FileExistsError:
+                cgroup.remove()
+            except OSError as err:
+                _log.warning("cannot make a command's cgroup", extra={"error": str(err)})
+                cgroup.remove()
+                return None
+        return None
 
     @contextlib.contextmanager
     def spawning_into(self, cgroup: CommandCgroup | None) -> Iterator[None]:
@@ -229,11 +320,13 @@ class CommandCgroups:
         if cgroup is None:
             yield
             return
-        moved: list[str] = []
+        moved = 0
         try:
-            for ctrl, path in cgroup.dirs.items():
-                _write(path / "tasks", "0")
-                moved.append(ctrl)
+            for fd in cgroup.tasks_fds:
+                os.write(fd, b"0")
+                moved += 1
+            if moved != len(cgroup.dirs):
+                raise OSError(errno.EBADF, "the command's cgroup files are not open")
         except OSError as err:
             # The command then runs without a cgroup (empty `dirs`), killed by process group.
             _log.warning("cannot spawn into a command's cgroup", extra={"error": str(err)})
@@ -246,11 +339,13 @@ class CommandCgroups:
             yield
         finally:
             self._move_back(moved)
+            cgroup.close_tasks()
 
-    def _move_back(self, controllers: list[str]) -> None:
-        for ctrl in controllers:
+    def _move_back(self, moved: int) -> None:
+        # The same controllers in the same order as the command's (both follow `roots`).
+        for fd in self._home_fds[:moved]:
             try:
-                _write(self.home[ctrl] / "tasks", "0")
+                os.write(fd, b"0")
             except OSError as err:
                 # Staying in a command's cgroup would put later children there and make us a
                 # target of its kill (members() excludes our pid, not our later children).
@@ -258,11 +353,17 @@ class CommandCgroups:
                 raise
 
     def finished(self, cgroup: CommandCgroup) -> None:
-        """The command finished: remove its cgroups now, or once what it left running is gone."""
-        if not cgroup.remove():
-            self._lingering.append(cgroup)
+        """The command finished: its cgroups go at the next `sweep`, or once what it left running is gone."""
+        self._lingering.append(cgroup)
 
     def sweep(self) -> None:
-        """Remove the cgroups of finished commands whose last process has gone."""
-        if self._lingering:
-            self._lingering = [cg for cg in self._lingering if not cg.remove()]
+        """Recycle (or remove) the cgroups of finished commands whose last process has gone."""
+        if not self._lingering:
+            return
+        left: list[CommandCgroup] = []
+        for cgroup in self._lingering:
+            if len(self._free) < _FREE_MAX and cgroup.reusable():
+                self._free.append(cgroup)
+            elif not cgroup.remove():
+                left.append(cgroup)
+        self._lingering = left

@@ -70,9 +70,12 @@ class OomScore:
     _PATH = "/proc/self/oom_score_adj"
 
     def __init__(self) -> None:
+        self._fd = -1
         try:
             with open(self._PATH) as fh:
                 self.agent: int | None = int(fh.read())
+            # Kept open: two writes per spawn, no open (procfs ignores the offset of a write).
+            self._fd = os.open(self._PATH, os.O_WRONLY | os.O_CLOEXEC)
         except (OSError, ValueError):
             self.agent = None
 
@@ -98,8 +101,7 @@ class OomScore:
                 self.agent = None  # stuck at CHILD: no worse than its children, and no more writes
 
     def _write(self, value: int) -> None:
-        with open(self._PATH, "w") as fh:
-            fh.write(str(value))
+        os.write(self._fd, str(value).encode())
 
 
 def set_winsize(fd: int, cols: int, rows: int) -> None:

@@ -78,6 +78,10 @@ class Limits:
         )
 
 
+# How long after a command's exit its cgroups are removed (when nothing it started still runs).
+_CGROUP_SWEEP_DELAY = 0.05
+
+
 def _set_once(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -227,7 +231,7 @@ class ManagedProcess:
         elif code < 0 and not error:
             error = f"killed by signal {signal.Signals(-code).name}"
         # Exact: the command's own memory cgroup counts the OOM killer's victims among its processes.
-        oom = self.cgroup is not None and self.cgroup.oom_kills() > 0
+        oom = self.cgroup is not None and self.cgroup.oom_kills(nested=code != 0) > 0
         if oom:
             limit = self.table.cgroups.memory_limit_text if self.table.cgroups is not None else ""
             who = "it was killed" if code == -signal.SIGKILL else "a process it started was killed"
@@ -484,6 +488,8 @@ class ProcessTable:
             del self._running_tags[proc.spec.tag]
         if proc.cgroup is not None and self.cgroups is not None:
             self.cgroups.finished(proc.cgroup)
+            # After the reply that this exit completes has gone out, not before it.
+            self.loop.call_later(_CGROUP_SWEEP_DELAY, self.cgroups.sweep)
 
         self._retired.append((self.loop.time() + self.limits.exit_retention_seconds, proc))
         if self._sweep_timer is None:
@@ -525,6 +531,8 @@ class ProcessTable:
                     with contextlib.suppress(OSError):
                         os.close(fd)
         proc = ManagedProcess(self, spec, pid, pty=False, cgroup=cgroup if cgroup and cgroup.dirs else None)
+        if self.cgroups is not None:
+            self.loop.call_soon(self.cgroups.prepare_spare)  # runs while the child execs
         self._register(proc)
         proc._attach({out_r: STDOUT, err_r: STDERR}, in_w)
         return proc
@@ -549,6 +557,8 @@ class ProcessTable:
         finally:
             os.close(slave)
         proc = ManagedProcess(self, spec, pid, pty=True, cgroup=cgroup if cgroup and cgroup.dirs else None)
+        if self.cgroups is not None:
+            self.loop.call_soon(self.cgroups.prepare_spare)
         self._register(proc)
         proc._attach({master: STDOUT}, master)
         return proc
