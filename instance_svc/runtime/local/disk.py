@@ -45,13 +45,17 @@ MOUNT_OPTIONS = "loop,nodev,nosuid,discard,noinit_itable"
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def _run(argv: list[str], what: str) -> None:
+def _run(argv: list[str], what: str, directory: Path | None = None) -> None:
     try:
         done = subprocess.run(argv, capture_output=True, check=False)
     except FileNotFoundError:
         raise RuntimeError_(f"cannot {what}: {argv[0]} is not installed (run `make setup`: e2fsprogs)") from None
     if done.returncode != 0:
-        raise RuntimeError_(f"cannot {what}: {done.stderr.decode(errors='replace').strip()[-500:]}")
+        text = done.stderr.decode(errors="replace").strip()
+        if directory is not None:
+            # The message reaches the tenant (state_message): no host path in it.
+            text = text.replace(str(directory), "<sandbox>")
+        raise RuntimeError_(f"cannot {what}: {text[-500:]}")
 
 
 def create(directory: Path, size_mib: int, uid: int, gid: int) -> Path:
@@ -80,9 +84,14 @@ def create(directory: Path, size_mib: int, uid: int, gid: int) -> Path:
             str(image),
         ],
         f"format the {size_mib} MiB disk",
+        directory,
     )
     layer.mkdir(mode=0o755)
-    _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(layer)], f"mount the {size_mib} MiB disk")
+    _run(
+        ["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(layer)],
+        f"mount the {size_mib} MiB disk",
+        directory,
+    )
     # mkfs leaves lost+found; nothing inside sees the layer's root (only its LAYER_DIRS are bound),
     # and without it snapshots and restores need no exception for it.
     with contextlib.suppress(OSError):

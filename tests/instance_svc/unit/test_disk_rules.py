@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cyberdesk_common.config import ConfigError
@@ -83,3 +85,9 @@ def test_mountinfo_paths_are_unescaped() -> None:
 def test_a_missing_mkfs_is_a_runtime_error_saying_what_to_install() -> None:
     with pytest.raises(RuntimeError_, match=r"cannot format the 256 MiB disk: /nonexistent/mkfs.ext4 is not installed"):
         disk._run(["/nonexistent/mkfs.ext4", "-q"], "format the 256 MiB disk")
+
+
+def test_a_failing_tool_names_what_failed_without_the_host_path(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError_) as err:
+        disk._run(["sh", "-c", f"echo 'mount: {tmp_path}/layer: bad superblock' >&2; exit 32"], "mount it", tmp_path)
+    assert str(err.value) == "cannot mount it: mount: <sandbox>/layer: bad superblock"
