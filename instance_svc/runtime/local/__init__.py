@@ -22,7 +22,8 @@ each concern it relies on has its own module:
 | `network.py` | an INTERNET sandbox gets its egress rules (nft) and slirp4netns, and loses them with it |
 
 Running sandboxes are found after a restart by `LocalRuntime.list()`: every directory under the
-base with a state file, alive when the recorded bubblewrap pid still has its recorded start time.
+base with a state file, alive when the recorded bubblewrap pid still has its recorded start time
+(and, never alive, a directory with a disk but no state file yet: a create cut short).
 
 Layout of `<base>/<sandbox_id>/` (the base is the platform state dir's `instances/`; no sandbox
 can see it):
