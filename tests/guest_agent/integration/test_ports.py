@@ -127,3 +127,30 @@ def test_refusals(
     with pytest.raises(grpc.RpcError) as err:
         list(stub.OpenPort(iter([first]), metadata=bound_agent.metadata if metadata is None else metadata, timeout=10))
     assert err.value.code() is code
+
+
+def test_a_service_on_the_ipv6_loopback_only_is_reached(bound_agent: RunningAgent) -> None:
+    # Node's `localhost` listens on ::1 alone on many systems; the agent tries 127.0.0.1, then ::1.
+    sock = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    port = sock.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = sock.accept()
+        with conn:
+            conn.sendall(b"via ::1")
+        sock.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    stub = agent_pb2_grpc.PortServiceStub(bound_agent.channel)
+    first = agent_pb2.OpenPortRequest(instance_id=bound_agent.instance_id, port=port)
+    items: queue.Queue[agent_pb2.OpenPortRequest | None] = queue.Queue()
+    items.put(first)
+    call = stub.OpenPort(_requests(items), metadata=bound_agent.metadata, timeout=20)
+    replies = iter(call)
+    assert next(replies).connected
+    data = bytearray()
+    for reply in replies:
+        if reply.eof:
+            items.put(None)
+        data += reply.data
+    assert data == b"via ::1" and call.code() is grpc.StatusCode.OK
