@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,13 @@ def make_runtime(name: str) -> Runtime:
             ranges = tuple(str(r) for r in network.parse_ranges(raw_ranges))
         except ValueError as err:
             raise ConfigError(f"CYBERDESK_EGRESS_ALLOW_RANGES: {err}") from None
-        options = module.LocalOptions(egress_allow_ranges=ranges)
+        # The resolver of INTERNET instances whose egress names hosts (their dns_guard.py's upstream).
+        upstream = env_str("EGRESS_DNS_UPSTREAM", network.SLIRP_DNS)
+        try:
+            ipaddress.ip_address(upstream)
+        except ValueError:
+            raise ConfigError(f"CYBERDESK_EGRESS_DNS_UPSTREAM={upstream!r} is not an IP address") from None
+        options = module.LocalOptions(egress_allow_ranges=ranges, egress_dns_upstream=upstream)
         runtime: Runtime = module.LocalRuntime(state_dir() / "instances", options)
         return runtime
     raise ConfigError(f"CYBERDESK_RUNTIME={name!r} is not available; use local")

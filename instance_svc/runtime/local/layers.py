@@ -69,7 +69,8 @@ def prepare(layer: Path, spec: SandboxSpec, hostname: str, uid: int, gid: int) -
     if spec.internet:
         # slirp4netns's resolver (network.py): the host's own resolver may sit on an address the
         # sandbox must not reach (a loopback stub, a private range).
-        resolv.write_text(f"nameserver {network.SLIRP_DNS}\n")
+        # With host names in the egress lists, dns_guard.py (network.py) answers instead.
+        resolv.write_text(f"nameserver {network.resolver_address(spec.egress_allow, spec.egress_deny)}\n")
     os.chmod(layer / "tmp", 0o1777)
     os.chmod(layer / "var" / "tmp", 0o1777)
     _chown_tree(layer, uid, gid)

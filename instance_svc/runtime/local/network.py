@@ -31,6 +31,7 @@ at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -49,6 +50,9 @@ from instance_svc.runtime.local import procscan
 
 SLIRP_NET = "10.0.2.0/24"
 SLIRP_DNS = "10.0.2.3"
+# dns_guard.py: where it listens inside the sandbox, and the socket mark only it can set.
+GUARD_LISTEN = "127.0.0.53"
+GUARD_MARK = 0x43440001
 TAP = "tap0"
 NETWORK_FILE = "network.json"
 TABLE = "cyberdesk_egress"
@@ -67,6 +71,8 @@ PRIVATE_V6 = ("fc00::/7",)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str], list[str]]
 
+# dns_guard.py runs from its text (`python3 -c`): the sandbox uid may not reach this checkout.
+_GUARD_SOURCE = (Path(__file__).parent / "dns_guard.py").read_text()
 # The number of read(2), to see in /proc/<pid>/syscall that PID 1 waits on its block fd.
 _READ_SYSCALL = {"x86_64": 0, "aarch64": 63, "riscv64": 63}
 # slirp4netns processes this instance_svc started, by pid: kept so that they are reaped (a slirp
@@ -101,6 +107,16 @@ class Policy:
     deny: Destinations
     operator_ranges: Destinations
     host: Destinations
+    # Host names and wildcards of the lists: when there are any, the sandbox resolves through
+    # dns_guard.py, which adds the addresses of allowed names to the rules as it answers.
+    allow_names: tuple[str, ...] = ()
+    deny_names: tuple[str, ...] = ()
+    dns_upstream: str = SLIRP_DNS
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the sandbox's DNS goes through dns_guard.py."""
+        return bool(self.allow_names or self.deny_names)
 
 
 def parse_ranges(text: str) -> tuple[Network, ...]:
@@ -123,11 +139,13 @@ def system_resolver(name: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def resolve(entries: Sequence[str], resolver: Resolver, what: str) -> Destinations:
-    """CIDRs, addresses and host names (validated before) as networks; RuntimeError_ names one that does not resolve.
+def resolve(entries: Sequence[str], resolver: Resolver) -> Destinations:
+    """The addresses and CIDRs of `entries` as networks, and the addresses host names resolve to now.
 
-    A wildcard `*.example.com` is resolved as `example.com`: an address set fixed at create time
-    cannot know the subdomains (see docs/network.md: an FQDN-aware proxy is what would).
+    Names are best effort here: a name that does not resolve (yet) adds nothing, and a wildcard
+    has no addresses at all. Names are enforced by dns_guard.py, which answers the sandbox's DNS:
+    it refuses denied names and adds the addresses of allowed ones as the sandbox asks for them.
+    Resolving deny names now as well refuses their current addresses to a client that skips DNS.
     """
     nets: list[Network] = []
     for entry in entries:
@@ -136,14 +154,10 @@ def resolve(entries: Sequence[str], resolver: Resolver, what: str) -> Destinatio
             continue
         except ValueError:
             pass
-        name = entry.removeprefix("*.")
-        try:
-            addresses = resolver(name)
-        except OSError as err:
-            raise RuntimeError_(f"egress {what} entry {entry!r} does not resolve: {err}") from None
-        if not addresses:
-            raise RuntimeError_(f"egress {what} entry {entry!r} does not resolve to any address")
-        nets += [ipaddress.ip_network(a) for a in addresses]
+        if entry.startswith("*."):
+            continue
+        with contextlib.suppress(OSError):
+            nets += [ipaddress.ip_network(a) for a in resolver(entry)]
     return Destinations.of(nets)
 
 
@@ -164,17 +178,39 @@ def build_policy(
     deny: Sequence[str],
     operator_ranges: Sequence[str],
     resolver: Resolver = system_resolver,
+    dns_upstream: str = SLIRP_DNS,
 ) -> Policy:
-    """Resolve the tenant's lists (blocking: host names are looked up now, at create time)."""
+    """The policy of one sandbox (blocking: deny names are looked up now, see `resolve`).
+
+    Allow names are not resolved here: an address the name has now might belong to someone else
+    by the time the sandbox connects, so only what dns_guard.py answers the sandbox is allowed.
+    """
     missing = [tool for tool in ("slirp4netns", "nft", "nsenter", "ip") if shutil.which(tool) is None]
     if missing:
         raise RuntimeError_(f"INTERNET instances need {', '.join(missing)} on the host (make setup installs them)")
     return Policy(
-        allow=resolve(allow, resolver, "allow") if allow else None,
-        deny=resolve(deny, resolver, "deny"),
+        allow=resolve([e for e in allow if not is_name(e)], resolver) if allow else None,
+        deny=resolve(deny, resolver),
         operator_ranges=Destinations.of(ipaddress.ip_network(r, strict=False) for r in operator_ranges),
         host=host_addresses(),
+        allow_names=tuple(e for e in allow if is_name(e)),
+        deny_names=tuple(e for e in deny if is_name(e)),
+        dns_upstream=dns_upstream,
     )
+
+
+def is_name(entry: str) -> bool:
+    """Whether a (validated) egress entry is a host name or wildcard rather than an address or CIDR."""
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return True
+    return False
+
+
+def resolver_address(allow: Sequence[str], deny: Sequence[str]) -> str:
+    """The nameserver of the sandbox's resolv.conf: dns_guard.py when the lists name hosts, else slirp's."""
+    return GUARD_LISTEN if any(is_name(e) for e in (*allow, *deny)) else SLIRP_DNS
 
 
 def _set(nets: Iterable[Network]) -> str:
@@ -204,11 +240,20 @@ def ruleset(policy: Policy) -> str:
         [ipaddress.ip_network(SLIRP_NET)] + [ipaddress.ip_network(n) for n in ALWAYS_DENIED_V4 + ALWAYS_DENIED_V6]
     )
     private = Destinations.of(ipaddress.ip_network(n) for n in PRIVATE_V4 + PRIVATE_V6)
+    if policy.guarded:
+        # Only dns_guard.py's marked sockets reach the resolver: the tenant cannot skip the guard.
+        # Connections are kept once accepted, so a learned address that times out ends no transfer.
+        dns = [
+            "ct state established,related accept",
+            f"ip daddr {policy.dns_upstream} meta mark {GUARD_MARK:#x} udp dport 53 accept",
+            f"ip daddr {policy.dns_upstream} meta mark {GUARD_MARK:#x} tcp dport 53 accept",
+        ]
+    else:
+        dns = [f"ip daddr {SLIRP_DNS} udp dport 53 accept", f"ip daddr {SLIRP_DNS} tcp dport 53 accept"]
     output = [
         "type filter hook output priority filter; policy drop;",
         'oifname "lo" accept',
-        f"ip daddr {SLIRP_DNS} udp dport 53 accept",
-        f"ip daddr {SLIRP_DNS} tcp dport 53 accept",
+        *dns,
         *_match(always, "goto refuse"),
         *_match(policy.host, "goto refuse"),
         *_match(policy.deny, "goto refuse"),
@@ -216,7 +261,14 @@ def ruleset(policy: Policy) -> str:
         *_match(private, "goto refuse"),
         "goto allowlist",
     ]
-    allowlist = ["accept"] if policy.allow is None else [*_match(policy.allow, "accept"), "goto refuse"]
+    learned = ["ip daddr @dyn_allow_v4 accept", "ip6 daddr @dyn_allow_v6 accept"] if policy.guarded else []
+    allowlist = ["accept"] if policy.allow is None else [*learned, *_match(policy.allow, "accept"), "goto refuse"]
+    sets = (
+        "  set dyn_allow_v4 {\n    type ipv4_addr\n    flags timeout\n  }\n"
+        "  set dyn_allow_v6 {\n    type ipv6_addr\n    flags timeout\n  }\n"
+        if policy.guarded
+        else ""
+    )
     refuse = ["meta l4proto tcp reject with tcp reset", "reject with icmpx type admin-prohibited"]
 
     def chain(name: str, rules: list[str]) -> str:
@@ -225,6 +277,7 @@ def ruleset(policy: Policy) -> str:
     # Chains that are jumped to must be declared before the rules naming them.
     return (
         f"table inet {TABLE} {{\n"
+        + sets
         + chain("refuse", refuse)
         + chain("allowlist", allowlist)
         + chain("output", output)
@@ -234,17 +287,27 @@ def ruleset(policy: Policy) -> str:
 
 @dataclass(frozen=True)
 class Slirp:
-    """The slirp4netns process of one sandbox, as recorded in network.json."""
+    """The slirp4netns process of one sandbox (and its dns_guard.py, if any), as recorded in network.json."""
 
     pid: int
     pid_start: int
+    guard_pid: int = 0
+    guard_start: int = 0
 
 
 def _save(directory: Path, slirp: Slirp) -> None:
     tmp = directory / (NETWORK_FILE + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"slirp_pid": slirp.pid, "slirp_start": slirp.pid_start}, f)
+        json.dump(
+            {
+                "slirp_pid": slirp.pid,
+                "slirp_start": slirp.pid_start,
+                "guard_pid": slirp.guard_pid,
+                "guard_start": slirp.guard_start,
+            },
+            f,
+        )
     os.replace(tmp, directory / NETWORK_FILE)
 
 
@@ -252,7 +315,9 @@ def load(directory: Path) -> Slirp | None:
     """The recorded slirp4netns of the sandbox in `directory`, if it has one."""
     try:
         raw = json.loads((directory / NETWORK_FILE).read_text())
-        return Slirp(int(raw["slirp_pid"]), int(raw["slirp_start"]))
+        return Slirp(
+            int(raw["slirp_pid"]), int(raw["slirp_start"]), int(raw.get("guard_pid", 0)), int(raw.get("guard_start", 0))
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -301,7 +366,9 @@ def _wait_blocked(init_pid: int, block_fd: int, timeout: float) -> None:
         time.sleep(0.001)
 
 
-def attach(directory: Path, init_pid: int, block_fd: int, policy: Policy, timeout: float = 10.0) -> Slirp:
+def attach(
+    directory: Path, init_pid: int, block_fd: int, policy: Policy, uid: int, gid: int, timeout: float = 10.0
+) -> Slirp:
     """Rules first, then slirp4netns on the sandbox's namespace; returns once its tap0 is configured (blocking).
 
     `init_pid` is the sandbox's PID 1, blocked on `block_fd` (its number inside the sandbox too)
@@ -349,6 +416,8 @@ def attach(directory: Path, init_pid: int, block_fd: int, policy: Policy, timeou
         while time.monotonic() < deadline:
             ready, _, _ = select.select([ready_r], [], [], 0.05)
             if ready and os.read(ready_r, 16):
+                if policy.guarded:
+                    slirp = _start_guard(directory, slirp, init_pid, policy, uid, gid, deadline)
                 return slirp
             if ready or proc.poll() is not None:
                 break
@@ -360,27 +429,91 @@ def attach(directory: Path, init_pid: int, block_fd: int, policy: Policy, timeou
             os.close(ready_w)
 
 
+def _start_guard(
+    directory: Path, slirp: Slirp, init_pid: int, policy: Policy, uid: int, gid: int, deadline: float
+) -> Slirp:
+    """Start dns_guard.py in the sandbox's namespace as the sandbox uid; returns once it listens (blocking)."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        raise RuntimeError_("egress rules with host names need the host's /usr/bin/python3 (for dns_guard.py)")
+    ready_r, ready_w = os.pipe()
+    try:
+        with open(directory / "dns_guard.log", "ab") as log:
+            proc = subprocess.Popen(
+                [
+                    "nsenter",
+                    f"--net=/proc/{init_pid}/ns/net",
+                    "--",
+                    "setpriv",
+                    f"--reuid={uid}",
+                    f"--regid={gid}",
+                    "--clear-groups",
+                    "--",
+                    python,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _GUARD_SOURCE,
+                    f"--init-pid={init_pid}",
+                    f"--ready-fd={ready_w}",
+                    f"--upstream={policy.dns_upstream}",
+                    f"--mark={GUARD_MARK:#x}",
+                    f"--table={TABLE}",
+                    *(f"--allow={name}" for name in policy.allow_names),
+                    *(f"--deny={name}" for name in policy.deny_names),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(ready_w,),
+                start_new_session=True,
+                cwd="/",
+            )
+        _children[proc.pid] = proc
+        os.close(ready_w)
+        ready_w = -1
+        slirp = dataclasses.replace(slirp, guard_pid=proc.pid, guard_start=procscan.start_time(proc.pid) or 0)
+        _save(directory, slirp)
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([ready_r], [], [], 0.05)
+            if ready and os.read(ready_r, 16):
+                return slirp
+            if ready or proc.poll() is not None:
+                break
+        raise RuntimeError_(f"the sandbox's DNS guard did not start: {_log_tail(directory, name='dns_guard.log')}")
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+
+
 def stop(directory: Path) -> None:
-    """Kill the sandbox's slirp4netns if it still runs (idempotent; blocking)."""
+    """Kill the sandbox's slirp4netns and DNS guard if they still run (idempotent; blocking)."""
     slirp = load(directory)
     if slirp is None:
         return
-    child = _children.pop(slirp.pid, None)
+    for pid, start in ((slirp.pid, slirp.pid_start), (slirp.guard_pid, slirp.guard_start)):
+        if pid:
+            _kill(pid, start)
+
+
+def _kill(pid: int, start: int) -> None:
+    child = _children.pop(pid, None)
     if child is not None:
         # Our own child: kill and reap it (it may already have exited with its sandbox).
         if child.poll() is None:
             child.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(5)
-    elif procscan.start_time(slirp.pid) == slirp.pid_start:
+    elif procscan.start_time(pid) == start:
         # Started by an earlier instance_svc (re-adopted sandbox): init reaps it.
         with contextlib.suppress(ProcessLookupError):
-            os.kill(slirp.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
 
-def _log_tail(directory: Path, limit: int = 800) -> str:
+def _log_tail(directory: Path, limit: int = 800, name: str = "slirp.log") -> str:
     try:
-        text = (directory / "slirp.log").read_text(errors="replace")
+        text = (directory / name).read_text(errors="replace")
     except OSError:
         return "(no log)"
     return text[-limit:].strip() or "(empty log)"

@@ -25,3 +25,6 @@ class LocalOptions:
     stage_dir: str = "/mnt"
     # CIDRs of private ranges INTERNET sandboxes may reach (CYBERDESK_EGRESS_ALLOW_RANGES, network.py).
     egress_allow_ranges: tuple[str, ...] = ()
+    # Where dns_guard.py sends the queries of sandboxes whose egress names hosts
+    # (CYBERDESK_EGRESS_DNS_UPSTREAM; default slirp4netns's resolver, i.e. the host's).
+    egress_dns_upstream: str = "10.0.2.3"

@@ -185,7 +185,11 @@ class LocalRuntime:
         if spec.internet:
             # Host names are resolved now, at create time; one that does not resolve fails the create.
             policy = await asyncio.to_thread(
-                network.build_policy, spec.egress_allow, spec.egress_deny, self._opts.egress_allow_ranges
+                network.build_policy,
+                spec.egress_allow,
+                spec.egress_deny,
+                self._opts.egress_allow_ranges,
+                dns_upstream=self._opts.egress_dns_upstream,
             )
             block_r, block_w = os.pipe()
         launch = bwrap.Launch(
@@ -230,7 +234,7 @@ class LocalRuntime:
             state_file.save(directory, state)
             if policy is not None:
                 # PID 1 is blocked on --block-fd: rules and slirp4netns are in place before it runs.
-                await asyncio.to_thread(network.attach, directory, state.init_pid, block_r, policy)
+                await asyncio.to_thread(network.attach, directory, state.init_pid, block_r, policy, uid, gid)
                 os.write(block_w, b"1")
         finally:
             if block_w >= 0:

@@ -29,10 +29,36 @@ from cyberdesk_proto.v1 import instance_pb2
 from instance_svc.runtime.local import LocalOptions
 from tests.instance_svc.conftest import Svc, meta, running
 
-# A small server per test host: a TCP greeting on 8080, a UDP echo on 8081, each naming the host.
+# A small server per test host: a TCP greeting on 8080, a UDP echo on 8081, each naming the host,
+# and a DNS server on UDP 53 for the names of `_NAMES` (A records; NXDOMAIN for other names).
+_NAMES = {
+    "a.egress.test": "198.18.71.2",
+    "www.a.egress.test": "198.18.71.2",
+    "b.egress.test": "198.18.72.2",
+    "egress.test": "198.18.72.2",
+}
 _SERVER = r"""
-import socket, sys, threading
+import socket, struct, sys, threading
 name = sys.argv[1]
+names = dict(arg.split("=") for arg in sys.argv[2:])
+dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dns.bind(("0.0.0.0", 53))
+def resolve():
+    while True:
+        query, peer = dns.recvfrom(2048)
+        i, labels = 12, []
+        while query[i]:
+            labels.append(query[i + 1 : i + 1 + query[i]].decode())
+            i += 1 + query[i]
+        qtype = struct.unpack("!H", query[i + 1 : i + 3])[0]
+        addr = names.get(".".join(labels).lower())
+        answers = b""
+        if addr and qtype == 1:
+            answers = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 30, 4) + socket.inet_aton(addr)
+        flags = 0x8180 if addr else 0x8183
+        header = query[:2] + struct.pack("!HHHHH", flags, 1, 1 if answers else 0, 0, 0)
+        dns.sendto(header + query[12 : i + 5] + answers, peer)
+threading.Thread(target=resolve, daemon=True).start()
 tcp = socket.socket()
 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 tcp.bind(("0.0.0.0", 8080))
@@ -53,7 +79,7 @@ while True:
 _UDP_CLIENT = (
     "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(3)\n"
     "try:\n"
-    "    s.sendto(b'ping',(sys.argv[1],8081)); print(s.recvfrom(2048)[0].decode())\n"
+    "    s.sendto(b'ping',(sys.argv[1],int(sys.argv[2]))); print(s.recvfrom(2048)[0].decode(errors='replace'))\n"
     "except OSError as e:\n"
     "    print('ERR', e)\n"
 )
@@ -96,7 +122,7 @@ def _make_host(tag: str, name: str, host_addr: str, addr: str, plen: int) -> Net
 
 @pytest.fixture(scope="module")
 def test_hosts() -> Iterator[dict[str, NetnsHost]]:
-    """Three test hosts (a, b: 198.18.0.0/15; p: 100.64.0.0/10), each running `_SERVER`; removed at the end."""
+    """Four test hosts (a, b, d: 198.18.0.0/15; p: 100.64.0.0/10), each running `_SERVER`; removed at the end."""
     if os.geteuid() != 0 or subprocess.run(["which", "ip"], capture_output=True).returncode != 0:
         pytest.fail("these tests need root and iproute2 (make setup)")
     tag = str(os.getpid() % 10000)
@@ -107,12 +133,14 @@ def test_hosts() -> Iterator[dict[str, NetnsHost]]:
             ("a", "198.18.71.1", "198.18.71.2"),
             ("b", "198.18.72.1", "198.18.72.2"),
             ("p", "100.64.71.1", "100.64.71.2"),
+            ("d", "198.18.73.1", "198.18.73.2"),  # the resolver of test_dns_guard_*
         ):
             host = _make_host(tag, name, host_addr, addr, 30)
             made.append(host)
             servers.append(
                 subprocess.Popen(
-                    ["ip", "netns", "exec", host.netns, sys.executable, "-c", _SERVER, name],
+                    ["ip", "netns", "exec", host.netns, sys.executable, "-c", _SERVER, name]
+                    + [f"{k}={v}" for k, v in _NAMES.items()],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -167,8 +195,8 @@ def _tcp(svc: Svc, instance_id: str, addr: str, port: int) -> str:
     return out.decode().strip()
 
 
-def _udp(svc: Svc, instance_id: str, addr: str) -> str:
-    code, out = svc.exec(instance_id, f"{PYTHON} -c {shlex.quote(_UDP_CLIENT)} {addr}")
+def _udp(svc: Svc, instance_id: str, addr: str, port: int = 8081) -> str:
+    code, out = svc.exec(instance_id, f"{PYTHON} -c {shlex.quote(_UDP_CLIENT)} {addr} {port}")
     assert code == 0
     return out.decode().strip()
 
@@ -317,16 +345,6 @@ def test_bad_egress_entries_are_invalid_argument_naming_the_entry(svc: Svc) -> N
             )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad in (err.value.details() or "")
-    # A host name that does not resolve fails the create, naming it (".invalid" never resolves).
-    inst = svc.instances.CreateInstance(
-        instance_pb2.CreateInstanceRequest(
-            network=instance_pb2.NETWORK_MODE_INTERNET, egress=instance_pb2.EgressPolicy(allow=["nowhere.invalid"])
-        ),
-        metadata=meta(),
-        timeout=60,
-    ).instance
-    assert inst.state == instance_pb2.INSTANCE_STATE_FAILED
-    assert "nowhere.invalid" in inst.state_message
     assert _slirp_pids(svc) == {}
 
 
@@ -389,3 +407,36 @@ def test_slirp_goes_with_its_sandbox_delete_restart_death_and_sweep(svc: Svc, te
     assert sweep_sandboxes(svc.state) == 1
     assert _wait_gone(slirp), "slirp4netns survived the stack's sweep"
     svc.start()  # so that the fixture's stop finds a process
+
+
+def test_dns_guard_learns_wildcard_names_and_refuses_denied_ones(
+    tmp_path: Path, redis_url: str, test_hosts: dict[str, NetnsHost]
+) -> None:
+    a, b, d = test_hosts["a"], test_hosts["b"], test_hosts["d"]
+    for host in (a, b, d):
+        assert _routed_via(host.addr, host.host_veth)
+    # The test's resolver (test host d) stands in for the host's: the guard's upstream.
+    with running(tmp_path, redis_url, egress_dns_upstream=d.addr) as svc:
+        inst = _create(svc, allow=["*.egress.test"], deny=["b.egress.test"])
+        assert list(inst.egress.allow) == ["*.egress.test"]
+        code, out = svc.exec(inst.instance_id, "cat /etc/resolv.conf")
+        assert out.decode().split() == ["nameserver", "127.0.0.53"]
+        # Nothing is reachable before its name was asked for.
+        assert _tcp(svc, inst.instance_id, a.addr, 8080) == "CLOSED"
+        code, out = svc.exec(inst.instance_id, "getent hosts www.a.egress.test")
+        assert code == 0 and out.decode().split() == [a.addr, "www.a.egress.test"]
+        assert _tcp(svc, inst.instance_id, a.addr, 8080) == "hello-a"
+        # A denied name is refused by the guard; the apex is answered but is no subdomain.
+        code, out = svc.exec(inst.instance_id, "getent hosts b.egress.test")
+        assert code != 0 and not out.strip()
+        code, out = svc.exec(inst.instance_id, "getent hosts egress.test")
+        assert code == 0 and out.decode().split()[0] == b.addr
+        assert _tcp(svc, inst.instance_id, b.addr, 8080) == "CLOSED"
+        # The tenant cannot ask a resolver itself: only the guard's marked sockets reach port 53.
+        assert _udp(svc, inst.instance_id, d.addr, 53).startswith("ERR")
+        assert _udp(svc, inst.instance_id, "10.0.2.3", 53).startswith("ERR")
+        # The guard goes with its sandbox, like slirp4netns.
+        raw = json.loads(next((svc.state / "instances").glob("*/network.json")).read_text())
+        assert _alive(raw["guard_pid"])
+        svc.instances.DeleteInstance(instance_pb2.DeleteInstanceRequest(instance_id=inst.instance_id), metadata=meta())
+        assert _wait_gone(raw["guard_pid"]) and _wait_gone(raw["slirp_pid"])

@@ -11,7 +11,6 @@ import re
 
 import pytest
 
-from instance_svc.runtime.base import RuntimeError_
 from instance_svc.runtime.local import network
 
 
@@ -41,13 +40,33 @@ def _chain(rules: str, name: str) -> list[str]:
     return [line.strip() for line in body.splitlines()]
 
 
-def test_names_resolve_to_their_addresses_and_wildcards_to_the_apex() -> None:
+def test_names_resolve_best_effort_and_wildcards_are_left_to_the_guard() -> None:
     resolver = _resolver({"pypi.org": ["151.101.0.223", "2a04:4e42::223"], "example.com": ["203.0.113.7"]})
-    dest = network.resolve(["pypi.org", "*.example.com", "198.18.0.0/15", "198.18.1.1"], resolver, "allow")
-    assert [str(n) for n in dest.v4] == ["151.101.0.223/32", "198.18.0.0/15", "203.0.113.7/32"]
+    dest = network.resolve(["pypi.org", "*.example.com", "198.18.0.0/15", "198.18.1.1", "nowhere.invalid"], resolver)
+    assert [str(n) for n in dest.v4] == ["151.101.0.223/32", "198.18.0.0/15"]
     assert [str(n) for n in dest.v6] == ["2a04:4e42::223/128"]
-    with pytest.raises(RuntimeError_, match=re.escape("egress deny entry 'nowhere.invalid' does not resolve")):
-        network.resolve(["nowhere.invalid"], resolver, "deny")
+    assert network.is_name("*.example.com") and network.is_name("pypi.org") and not network.is_name("::1")
+    assert network.resolver_address(["198.18.0.0/15"], []) == "10.0.2.3"
+    assert network.resolver_address(["198.18.0.0/15"], ["*.example.com"]) == "127.0.0.53"
+
+
+def test_with_names_only_the_guard_reaches_dns_and_learned_addresses_are_allowed() -> None:
+    rules = network.ruleset(
+        _policy(allow=network.Destinations(), allow_names=("*.example.com",), dns_upstream="198.18.73.2")
+    )
+    out = _chain(rules, "output")
+    assert out[2:5] == [
+        "ct state established,related accept",
+        "ip daddr 198.18.73.2 meta mark 0x43440001 udp dport 53 accept",
+        "ip daddr 198.18.73.2 meta mark 0x43440001 tcp dport 53 accept",
+    ]
+    assert "ip daddr 10.0.2.3 udp dport 53 accept" not in rules
+    assert _chain(rules, "allowlist") == [
+        "ip daddr @dyn_allow_v4 accept",
+        "ip6 daddr @dyn_allow_v6 accept",
+        "goto refuse",
+    ]
+    assert "set dyn_allow_v4 {" in rules and "flags timeout" in rules
 
 
 def test_operator_ranges_parse_or_name_the_bad_entry() -> None:
