@@ -20,6 +20,7 @@ each concern it relies on has its own module:
 | `teardown.py` | a sandbox is killed and its cgroups, disk and files removed |
 | `disk.py` | its disk is made (a sparse ext4 image loop-mounted as the layer), found and released |
 | `network.py` | an INTERNET sandbox gets its egress rules (nft) and slirp4netns, and loses them with it |
+| `dns_guard.py` | the DNS forwarder of a sandbox whose egress names hosts (learns allowed names' addresses) |
 
 Running sandboxes are found after a restart by `LocalRuntime.list()`: every directory under the
 base with a state file, alive when the recorded bubblewrap pid still has its recorded start time

@@ -19,7 +19,9 @@ Because slirp's sockets are the host's, everything the sandbox must not reach is
 the sandbox's namespace before slirp sees the packet: the slirp network itself (but DNS, port
 53 of 10.0.2.3), the host's own addresses (read at create time), loopback, link-local (cloud
 metadata), multicast and reserved ranges, the private ranges (other instances, the host's LAN)
-unless the operator lifts a range, then the tenant's deny list, then its allow list.
+unless the operator lifts a range, then the tenant's deny list, then its allow list. When the
+lists name hosts, the sandbox's DNS goes through dns_guard.py, which teaches the rules the
+addresses of allowed names as it answers and refuses denied ones.
 
 slirp4netns lives as long as the sandbox without anyone watching: its `--exit-fd` is a pidfd of
 the sandbox's PID 1, which becomes readable when the sandbox ends, so slirp exits with it even
