@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -26,6 +27,21 @@ _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)(
 def mask_secrets(text: str) -> str:
     """`text` with the password of every URL in it replaced by ***."""
     return _URL_PASSWORD.sub(r"\g<head>***@", text)
+
+
+def mask_paths(text: str, *roots: str | os.PathLike[str]) -> str:
+    """`text` with each of `roots` (the state directory...) written as `<state>`, for a tenant's eyes.
+
+    A runtime's error (tar's, bubblewrap's) names files under the platform's state directory; the
+    tenant may learn what failed, not where the platform keeps its files, nor the host's home.
+    Both the path as given and its resolved form are replaced (a symlinked /tmp, a relative root).
+    """
+    for root in roots:
+        forms = {os.fspath(root).rstrip("/"), os.path.realpath(root).rstrip("/")}
+        for form in sorted(forms, key=len, reverse=True):  # the longer first: one may prefix the other
+            if form:
+                text = text.replace(form, "<state>")
+    return text
 
 
 def redact(name: str, value: object) -> object:

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import grpc
 
+from cyberdesk_common.log import mask_paths
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found, resource_exhausted
 from instance_svc import expiry
 from instance_svc.clock import SYSTEM_CLOCK, Clock
@@ -98,6 +99,10 @@ class Lifecycle:
         self._sandboxes: dict[str, SandboxInfo] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._starting: dict[str, asyncio.Future[None]] = {}
+
+    def _public(self, err: Exception) -> str:
+        """A runtime error's text as a tenant may read it: no path of the state directory (see mask_paths)."""
+        return mask_paths(str(err), self.snapshot_dir.parent)
 
     # --- start and stop ----------------------------------------------------------------------
 
@@ -282,7 +287,7 @@ class Lifecycle:
             with contextlib.suppress(Exception):
                 await self.runtime.delete(sandbox_id)
             # FAILED is terminal: the quota slot is free again from this commit on.
-            return self._set(rec.id, State.FAILED, f"the runtime could not start the instance: {err}")
+            return self._set(rec.id, State.FAILED, f"the runtime could not start the instance: {self._public(err)}")
         self._sandboxes[rec.id] = info
         limits = [(lim.name, lim.value, lim.mechanism) for lim in info.limits]
         done = self._set(rec.id, State.RUNNING, "", sandbox_id=info.sandbox_id, limits=limits)
@@ -310,7 +315,8 @@ class Lifecycle:
             try:
                 await self.runtime.delete(rec.sandbox_id)
             except Exception as err:
-                return self._set(instance_id, State.FAILED, f"the runtime could not delete the sandbox: {err}")
+                message = f"the runtime could not delete the sandbox: {self._public(err)}"
+                return self._set(instance_id, State.FAILED, message)
         return self._set(instance_id, State.TERMINATED, message)
 
     async def _on_deadline(self, instance_id: str) -> None:
@@ -367,7 +373,7 @@ class Lifecycle:
             try:
                 await self.runtime.pause(rec.sandbox_id)
             except Unsupported as err:
-                raise failed_precondition(f"instance {instance_id} cannot be paused: {err}") from None
+                raise failed_precondition(f"instance {instance_id} cannot be paused: {self._public(err)}") from None
             return self._set(instance_id, State.PAUSED, "paused")
 
     async def resume(self, tenant: str, instance_id: str) -> InstanceRecord:
@@ -381,7 +387,7 @@ class Lifecycle:
             try:
                 await self.runtime.resume(rec.sandbox_id)
             except Unsupported as err:
-                raise failed_precondition(f"instance {instance_id} cannot be resumed: {err}") from None
+                raise failed_precondition(f"instance {instance_id} cannot be resumed: {self._public(err)}") from None
             new_deadline = expiry.resume_deadline(rec.expire_time_us, self.clock.now_us(), rec.timeout_us)
             rec = self._set(instance_id, State.RUNNING, "", expire_time_us=new_deadline)
             self.scheduler.arm(instance_id, rec.expire_time_us)
@@ -412,10 +418,11 @@ class Lifecycle:
             try:
                 result = await self.runtime.snapshot(rec.sandbox_id, dest)
             except Unsupported as err:
-                raise failed_precondition(f"instance {instance_id} cannot be snapshotted: {err}") from None
+                message = f"instance {instance_id} cannot be snapshotted: {self._public(err)}"
+                raise failed_precondition(message) from None
             except Exception as err:
                 dest.unlink(missing_ok=True)
-                message = f"the runtime could not snapshot {instance_id}: {err}"
+                message = f"the runtime could not snapshot {instance_id}: {self._public(err)}"
                 raise RpcError(grpc.StatusCode.INTERNAL, message) from None
             snap = SnapshotRecord(
                 id=snapshot_id,
