@@ -41,8 +41,9 @@ _CONNECT_PREFIXES = (
     "endpoint",
     "keepalive watchdog timeout",
 )
-# Addresses as grpc-core prints them (see its URI schemes): never in one of our own messages.
-_ADDRESS_MARKERS = ("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "dns:", "xds:")
+# Peer addresses as grpc-core prints them (resolved: a socket path or an IP, never a DNS name).
+# None of our services writes these in a message of its own.
+_ADDRESS_MARKERS = ("unix:/", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
 
 
 def tenant_message(instance_id: str, code: grpc.StatusCode, details: str, secrets: Iterable[str] = ()) -> str:
