@@ -299,10 +299,17 @@ class ManagedProcess:
         return self.pid
 
     def send_signal(self, sig: int, *, foreground: bool = False) -> None:
-        """Send `sig` to the whole process group (or a terminal's foreground group)."""
+        """Send `sig` to the whole process group (or a terminal's foreground group).
+
+        SIGKILL to a whole process is its kill: everything it started goes too (its cgroup), as
+        at a timeout. Other signals are messages to the group and reach only the group.
+        """
         if self.exited is not None:
             raise failed_precondition(f"process {self.pid} has already exited")
         _killpg(self.foreground_group() if foreground else self.pid, sig)
+        if sig == signal.SIGKILL and not foreground and self.cgroup is not None:
+            self._killing = True
+            self.cgroup.kill_all()
 
     def resize(self, cols: int, rows: int) -> None:
         """Set a terminal's window size; the kernel tells the foreground job with SIGWINCH."""

@@ -155,6 +155,32 @@ def test_ending_a_foreground_stream_ends_everything_it_started(sandboxes: Sandbo
         assert _wait_gone(sandboxes, "sb-stream", marker) == [], f"{marker} survived the cancelled stream"
 
 
+def test_sigkill_through_the_api_ends_everything_a_background_process_started(sandboxes: Sandboxes) -> None:
+    agent = _start(sandboxes, "sb-sigkill")
+    stream = agent.process.StartProcess(
+        process_pb2.StartProcessRequest(
+            instance_id=agent.instance_id, command=DAEMONS + "sleep 60", tag="job", background=True
+        ),
+        metadata=agent.metadata,
+    )
+    assert _first(stream).event.HasField("started")
+    stream.cancel()  # type: ignore[no-untyped-call]
+    deadline = time.monotonic() + 5
+    while not _live(sandboxes, "sb-sigkill", "sleep 304") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _live(sandboxes, "sb-sigkill", "sleep 301")  # a background process outlives its stream
+    agent.process.SendProcessSignal(
+        process_pb2.SendProcessSignalRequest(
+            instance_id=agent.instance_id,
+            selector=process_pb2.ProcessSelector(tag="job"),
+            signal=process_pb2.SIGNAL_SIGKILL,
+        ),
+        metadata=agent.metadata,
+    )
+    for marker in ("sleep 301", "sleep 302", "sleep 303", "sleep 304", "sleep 60"):
+        assert _wait_gone(sandboxes, "sb-sigkill", marker) == [], f"{marker} survived SIGKILL of its command"
+
+
 def test_a_command_that_exits_by_itself_leaves_its_daemon_running(sandboxes: Sandboxes) -> None:
     agent = _start(sandboxes, "sb-daemon")
     reply = agent.run("nohup sleep 305 >/dev/null 2>&1 &")
