@@ -34,6 +34,8 @@ _MIN_TTL = 60
 _MAX_TTL = 86_400
 _REFUSED = 5
 _TYPE_A, _TYPE_AAAA = 1, 28
+# Queries (and TCP connections) answered at once; more are dropped until one finishes.
+_IN_FLIGHT = 64
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -122,6 +124,7 @@ class Guard:
         self.allow = args.allow
         self.deny = args.deny
         self._nft_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(_IN_FLIGHT)
 
     def _learn(self, answer: bytes) -> None:
         lines = []
@@ -183,14 +186,23 @@ class Guard:
                 return b""
 
     def serve_udp(self, sock: socket.socket) -> None:
-        """Answer each datagram in a thread of its own (a slow upstream must not hold the others)."""
+        """Answer each datagram in a thread of its own (a slow upstream must not hold the others).
+
+        At most `_IN_FLIGHT` at once: beyond that a datagram is dropped (the client retries), so a
+        tenant flooding its resolver gets slower DNS, not a process with unbounded threads.
+        """
         while True:
             query, peer = sock.recvfrom(65535)
+            if not self._slots.acquire(blocking=False):
+                continue
 
             def reply(q: bytes = query, p: tuple[str, int] = peer) -> None:
-                out = self.answer(q, over_tcp=False)
-                if out:
-                    sock.sendto(out, p)
+                try:
+                    out = self.answer(q, over_tcp=False)
+                    if out:
+                        sock.sendto(out, p)
+                finally:
+                    self._slots.release()
 
             threading.Thread(target=reply, daemon=True).start()
 
@@ -198,6 +210,9 @@ class Guard:
         """Answer length-framed queries on each connection (clients retry truncated answers over TCP)."""
         while True:
             conn, _ = sock.accept()
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                continue
 
             def talk(c: socket.socket = conn) -> None:
                 with c:
@@ -208,6 +223,8 @@ class Guard:
                             c.sendall(struct.pack("!H", len(out)) + out)
                     except OSError:
                         pass
+                    finally:
+                        self._slots.release()
 
             threading.Thread(target=talk, daemon=True).start()
 

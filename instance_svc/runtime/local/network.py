@@ -369,7 +369,14 @@ def _wait_blocked(init_pid: int, block_fd: int, timeout: float) -> None:
 
 
 def attach(
-    directory: Path, init_pid: int, block_fd: int, policy: Policy, uid: int, gid: int, timeout: float = 10.0
+    directory: Path,
+    init_pid: int,
+    block_fd: int,
+    policy: Policy,
+    uid: int,
+    gid: int,
+    cgroup_procs: Sequence[str] = (),
+    timeout: float = 10.0,
 ) -> Slirp:
     """Rules first, then slirp4netns on the sandbox's namespace; returns once its tap0 is configured (blocking).
 
@@ -408,6 +415,7 @@ def attach(
                 cwd="/",
             )
         _children[proc.pid] = proc
+        _join_cgroups(proc.pid, cgroup_procs)
         os.close(ready_w)
         ready_w = -1
         start = procscan.start_time(proc.pid)
@@ -419,7 +427,7 @@ def attach(
             ready, _, _ = select.select([ready_r], [], [], 0.05)
             if ready and os.read(ready_r, 16):
                 if policy.guarded:
-                    slirp = _start_guard(directory, slirp, init_pid, policy, uid, gid, deadline)
+                    slirp = _start_guard(directory, slirp, init_pid, policy, uid, gid, cgroup_procs, deadline)
                 return slirp
             if ready or proc.poll() is not None:
                 break
@@ -432,7 +440,14 @@ def attach(
 
 
 def _start_guard(
-    directory: Path, slirp: Slirp, init_pid: int, policy: Policy, uid: int, gid: int, deadline: float
+    directory: Path,
+    slirp: Slirp,
+    init_pid: int,
+    policy: Policy,
+    uid: int,
+    gid: int,
+    cgroup_procs: Sequence[str],
+    deadline: float,
 ) -> Slirp:
     """Start dns_guard.py in the sandbox's namespace as the sandbox uid; returns once it listens (blocking)."""
     python = shutil.which("python3", path="/usr/bin:/bin")
@@ -472,6 +487,7 @@ def _start_guard(
                 cwd="/",
             )
         _children[proc.pid] = proc
+        _join_cgroups(proc.pid, cgroup_procs)
         os.close(ready_w)
         ready_w = -1
         slirp = dataclasses.replace(slirp, guard_pid=proc.pid, guard_start=procscan.start_time(proc.pid) or 0)
@@ -487,6 +503,15 @@ def _start_guard(
         os.close(ready_r)
         if ready_w >= 0:
             os.close(ready_w)
+
+
+def _join_cgroups(pid: int, procs_files: Sequence[str]) -> None:
+    """Put a helper of the sandbox into the sandbox's cgroups: the CPU, memory and threads the
+    tenant's traffic makes it use count against the instance, the freezer pauses it with the
+    sandbox, and teardown's cgroup sweep kills it. Best effort: it may already have exited."""
+    for path in procs_files:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(str(pid))
 
 
 def stop(directory: Path) -> None:

@@ -234,7 +234,9 @@ class LocalRuntime:
             state_file.save(directory, state)
             if policy is not None:
                 # PID 1 is blocked on --block-fd: rules and slirp4netns are in place before it runs.
-                await asyncio.to_thread(network.attach, directory, state.init_pid, block_r, policy, uid, gid)
+                await asyncio.to_thread(
+                    network.attach, directory, state.init_pid, block_r, policy, uid, gid, cg.procs_files
+                )
                 os.write(block_w, b"1")
         finally:
             if block_w >= 0:

@@ -440,3 +440,25 @@ def test_dns_guard_learns_wildcard_names_and_refuses_denied_ones(
         assert _alive(raw["guard_pid"])
         svc.instances.DeleteInstance(instance_pb2.DeleteInstanceRequest(instance_id=inst.instance_id), metadata=meta())
         assert _wait_gone(raw["guard_pid"]) and _wait_gone(raw["slirp_pid"])
+
+
+def test_network_helpers_count_against_the_instance_and_pause_with_it(
+    svc: Svc, test_hosts: dict[str, NetnsHost]
+) -> None:
+    a = test_hosts["a"]
+    assert _routed_via(a.addr, a.host_veth)
+    inst = _create(svc, allow=[a.addr, "*.egress.test"])  # a name: the DNS guard runs too
+    (sandbox_id,) = _slirp_pids(svc)
+    raw = json.loads((svc.state / "instances" / sandbox_id / "network.json").read_text())
+    cgroups = json.loads((svc.state / "instances" / sandbox_id / "state.json").read_text())["cgroups"]
+    assert cgroups, "this host gives no cgroups"
+    for path in cgroups.values():
+        members = {int(p) for p in Path(path, "cgroup.procs").read_text().split()}
+        assert {raw["slirp_pid"], raw["guard_pid"]} <= members, path
+    request = instance_pb2.PauseInstanceRequest(instance_id=inst.instance_id)
+    svc.instances.PauseInstance(request, metadata=meta(), timeout=30)
+    svc.instances.ResumeInstance(
+        instance_pb2.ResumeInstanceRequest(instance_id=inst.instance_id), metadata=meta(), timeout=30
+    )
+    # slirp4netns was frozen and thawed with the sandbox: the network works again at once.
+    assert _tcp(svc, inst.instance_id, a.addr, 8080) == "hello-a"
