@@ -4,7 +4,8 @@ Every sandbox has its own network namespace (bubblewrap `--unshare-all`). A sand
 network keeps only its loopback. An INTERNET sandbox additionally gets user-mode networking:
 
 1. bubblewrap starts with `--block-fd`, so the sandbox's PID 1 waits before it execs the agent;
-2. the root side (this module, in instance_svc) loads the nft ruleset of `ruleset()` into the
+2. once PID 1 sits in read() on that fd (bubblewrap's own setup of the namespace is done), the
+   root side (this module, in instance_svc) loads the nft ruleset of `ruleset()` into the
    sandbox's namespace (`nsenter --net`): the tenant holds no CAP_NET_ADMIN there and cannot
    change it;
 3. slirp4netns is attached to the namespace (`--netns-type=path /proc/<pid>/ns/net`: the `pid`
@@ -13,7 +14,8 @@ network keeps only its loopback. An INTERNET sandbox additionally gets user-mode
    ordinary sockets of its own on the host; `--disable-host-loopback` refuses 10.0.2.2 -> host
    127.0.0.1, `--enable-sandbox`/`--enable-seccomp` shrink what a compromised slirp could do;
    no API socket, so no port can ever be forwarded into the sandbox;
-4. only then the block is released and the agent runs.
+4. with host names in the policy, dns_guard.py starts in the namespace;
+5. only then the block is released and the agent runs.
 
 Because slirp's sockets are the host's, everything the sandbox must not reach is refused inside
 the sandbox's namespace before slirp sees the packet: the slirp network itself (but DNS, port
@@ -27,7 +29,8 @@ slirp4netns lives as long as the sandbox without anyone watching: its `--exit-fd
 the sandbox's PID 1, which becomes readable when the sandbox ends, so slirp exits with it even
 after instance_svc died. Its pid and start time are in `<dir>/network.json`, so a
 delete (also after a restart, and the stack's sweep, which deletes through the runtime) kills it
-at once.
+at once. The DNS guard is recorded and ends the same way. Both join the sandbox's cgroups, so what
+tenant traffic costs them counts against the instance and pausing the instance pauses them.
 """
 
 from __future__ import annotations
@@ -322,12 +325,6 @@ def load(directory: Path) -> Slirp | None:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def slirp_alive(directory: Path) -> bool:
-    """Whether the sandbox's recorded slirp4netns is still the process we started."""
-    slirp = load(directory)
-    return slirp is not None and procscan.start_time(slirp.pid) == slirp.pid_start
 
 
 def install_rules(init_pid: int, rules: str) -> None:
