@@ -49,6 +49,7 @@ from cyberdesk_proto.agent.v1 import agent_pb2
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc, ports_pb2, ports_pb2_grpc
 from gateway_svc.admission import Admission
 from gateway_svc.auth import SCOPE_INSTANCES
+from gateway_svc.keystore import KEY_PREFIX
 from gateway_svc.rest import http_errors
 from gateway_svc.rest.asgi import Receive, Scope, Send, respond_error
 from gateway_svc.rest.preview_links import (
@@ -213,6 +214,11 @@ class Previews:
             if grant.instance_id != target.instance_id or grant.port != target.port:
                 raise unauthenticated("the preview token is for another instance or port")
             tenant = grant.tenant_id
+            # The request's own Authorization is the app's (basic auth, its bearer tokens) and goes
+            # through, unless it is one of our keys; x-api-key is never an app's header.
+            drop.add("x-api-key")
+            if headers.get("authorization", "").startswith("Bearer " + KEY_PREFIX):
+                drop.add("authorization")
             if query_token:
                 path = target.path_prefix + "/" if target.path_prefix else "/"
                 max_age = max(0, int(grant.expires - time.time()))

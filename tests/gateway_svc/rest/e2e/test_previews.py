@@ -213,6 +213,21 @@ def test_the_service_sees_its_own_request_without_our_credentials(rest_stack: Re
         assert "authorization" not in headers and "x-api-key" not in headers
 
 
+def test_with_a_token_the_apps_authorization_passes_and_our_keys_do_not(
+    rest_stack: RestStack, preview_instance: str
+) -> None:
+    key = rest_stack.keys["main"]
+    with rest_stack.client() as c:
+        link = c.post(f"/v1/instances/{preview_instance}/previewUrls", json={"port": APP_PORT}).json()
+    url = link["pathUrl"] + "whoami"
+    with rest_stack.client(None) as anonymous:
+        token = {"x-cyberdesk-preview-token": link["token"]}
+        seen = anonymous.get(url, headers={**token, "authorization": "Basic dTpw"}).json()["headers"]
+        assert seen["authorization"] == "Basic dTpw" and "x-cyberdesk-preview-token" not in seen
+        seen = anonymous.get(url, headers={**token, "authorization": f"Bearer {key}", "x-api-key": key}).json()
+        assert "authorization" not in seen["headers"] and "x-api-key" not in seen["headers"]
+
+
 def test_keep_alive_tunnels_reused_and_a_stale_one_replaced(rest_stack: RestStack, preview_instance: str) -> None:
     with rest_stack.client() as c:
         url = f"/v1/instances/{preview_instance}/ports/{APP_PORT}/"
