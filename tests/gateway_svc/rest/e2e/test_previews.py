@@ -191,6 +191,8 @@ def test_http_server_through_both_url_forms(rest_stack: RestStack, preview_insta
         by_path = c.get(f"/v1/instances/{preview_instance}/ports/{HTTP_PORT}/hello.txt")
         assert by_path.status_code == 200, by_path.text
         assert by_path.content == b"hello from inside\n"
+        head = c.head(f"/v1/instances/{preview_instance}/ports/{HTTP_PORT}/hello.txt")
+        assert head.status_code == 200 and head.headers["content-length"] == "18" and head.content == b""
         listing = c.get(f"/v1/instances/{preview_instance}/ports/{HTTP_PORT}/")
         assert listing.status_code == 200 and b"hello.txt" in listing.content
         # The host form: every path of `<port>-<instance>.localhost` is the port's.
