@@ -100,3 +100,27 @@ def internal_token(base: Path | None = None) -> str:
     with os.fdopen(fd, "w") as out:
         out.write(token + "\n")
     return token
+
+
+# Where `cyberdesk up` starts its own redis-server (cyberdesk_stack.launcher.StackOptions.redis_port).
+LOCAL_REDIS_PORT = 6390
+
+
+def platform_redis_url(base: Path | None = None) -> str:
+    """The URL of the platform's Redis, credentials included.
+
+    CYBERDESK_REDIS_URL, else REDIS_URL (what `cyberdesk up` and Kubernetes hand every service),
+    else the local stack's Redis on 127.0.0.1:6390 with the password `cyberdesk up` keeps in
+    <state_dir>/redis_password, so a service started by hand beside the stack finds it without
+    being told the secret. The URL is a secret itself: never log it (cyberdesk_common.log masks
+    its password if it slips into a line).
+    """
+    for value in (_raw("REDIS_URL"), os.environ.get("REDIS_URL") or None):
+        if value is not None:
+            return value
+    path = (base or state_dir()) / "redis_password"
+    try:
+        password = path.read_text().strip()
+    except FileNotFoundError:
+        return f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"
+    return f"redis://:{password}@127.0.0.1:{LOCAL_REDIS_PORT}/0"

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyberdesk_common.config import ConfigError, env_float, env_int, env_str, internal_token, state_dir
+from cyberdesk_common.config import (
+    ConfigError,
+    env_float,
+    env_int,
+    env_str,
+    internal_token,
+    platform_redis_url,
+    state_dir,
+)
 from gateway_svc.ratelimit import Limit, parse_limit
 
 
@@ -61,7 +68,7 @@ class GatewayConfig:
             instance_target=env_str("INSTANCE_ADDR", "127.0.0.1:50061"),
             internal_token=internal_token(base),
             # `cyberdesk up` hands every service REDIS_URL; CYBERDESK_REDIS_URL wins when both are set.
-            redis_url=env_str("REDIS_URL", os.environ.get("REDIS_URL") or "redis://127.0.0.1:6390/0"),
+            redis_url=platform_redis_url(base),
             state_dir=base,
             default_limit=limit,
             auth_cache_seconds=env_float("AUTH_CACHE_SECONDS", 5.0),

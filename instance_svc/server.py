@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from cyberdesk_common.config import ConfigError, env_int, env_str, internal_token, state_dir
+from cyberdesk_common.config import ConfigError, env_int, env_str, internal_token, platform_redis_url, state_dir
 from cyberdesk_common.grpc_server import RunningServer, ServerSpec
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc
@@ -72,7 +71,7 @@ def build_app() -> App:
     base = state_dir()
     store = Store(base / "instance_svc.db")
     runtime = make_runtime(env_str("RUNTIME", "local"))
-    redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    redis_url = platform_redis_url(base)
     lifecycle = Lifecycle(
         store=store,
         runtime=runtime,

@@ -282,3 +282,18 @@ def test_the_password_file_is_made_once_and_kept(tmp_path: Path) -> None:
     path.write_text("short\n")
     with pytest.raises(ValueError, match="no usable Redis password"):
         redis_password(path)
+
+
+def test_the_services_find_the_url_and_its_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CYBERDESK_REDIS_URL, else REDIS_URL, else the local stack's Redis with <state>/redis_password."""
+    from cyberdesk_common.config import platform_redis_url
+
+    monkeypatch.delenv("CYBERDESK_REDIS_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert platform_redis_url(tmp_path) == "redis://127.0.0.1:6390/0"
+    password = redis_password(tmp_path / "redis_password")
+    assert platform_redis_url(tmp_path) == f"redis://:{password}@127.0.0.1:6390/0"
+    monkeypatch.setenv("REDIS_URL", "redis://user:given@10.0.0.2:6379/1")
+    assert platform_redis_url(tmp_path) == "redis://user:given@10.0.0.2:6379/1"
+    monkeypatch.setenv("CYBERDESK_REDIS_URL", "rediss://:first@redis.example:6380/0")
+    assert platform_redis_url(tmp_path) == "rediss://:first@redis.example:6380/0"

@@ -371,6 +371,8 @@ def _reads(package: str) -> list[EnvRead]:
                 reads.append(EnvRead("STATE_DIR", None, where))
             elif node.func.id == "internal_token":
                 reads.append(EnvRead("INTERNAL_TOKEN", None, where))
+            elif node.func.id == "platform_redis_url":
+                reads.append(EnvRead("REDIS_URL", None, where))
     return reads
 
 
