@@ -235,6 +235,13 @@ def test_every_service_works_with_the_password(up: RunningStack) -> None:
         created = up.cli("create", "--json")
         assert created.returncode == 0, created.stderr.decode()
         instance_id = json.loads(created.stdout)["instance_id"]
+        # Tenant code sees none of it: not in its environment, its PID 1's, or any process it can list.
+        probe = "env; tr '\\0' '\\n' < /proc/1/environ; cat /proc/[0-9]*/cmdline; ls -a / /run 2>&1"
+        inside = up.cli("exec", instance_id, "--", "sh", "-c", probe)
+        assert inside.returncode == 0, inside.stderr.decode()
+        assert b"CYBERDESK_AGENT_INSTANCE_ID" in inside.stdout  # the probe did read PID 1's environment
+        assert password.encode() not in inside.stdout + inside.stderr
+        assert b"REDIS" not in inside.stdout.upper()
         deleted = up.cli("rm", instance_id)
         assert deleted.returncode == 0, deleted.stderr.decode()
         # The publisher drains its outbox in the background: wait for the last change to arrive.
