@@ -76,6 +76,9 @@ PRIVATE_V6 = ("fc00::/7",)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str], list[str]]
 
+# The whole environment of slirp4netns and the DNS guard: never instance_svc's own, which holds
+# the platform's secrets (the guard runs as the sandbox uid).
+_HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 # dns_guard.py runs from its text (`python3 -c`): the sandbox uid may not reach this checkout.
 _GUARD_SOURCE = (Path(__file__).parent / "dns_guard.py").read_text()
 # The number of read(2), to see in /proc/<pid>/syscall that PID 1 waits on its block fd.
@@ -410,6 +413,7 @@ def attach(
                 pass_fds=(exit_fd, ready_w),
                 start_new_session=True,  # outlives instance_svc, like its sandbox
                 cwd="/",
+                env=_HELPER_ENV,
             )
         _children[proc.pid] = proc
         _join_cgroups(proc.pid, cgroup_procs)
@@ -482,6 +486,7 @@ def _start_guard(
                 pass_fds=(ready_w,),
                 start_new_session=True,
                 cwd="/",
+                env=_HELPER_ENV,
             )
         _children[proc.pid] = proc
         _join_cgroups(proc.pid, cgroup_procs)

@@ -455,6 +455,10 @@ def test_network_helpers_count_against_the_instance_and_pause_with_it(
     for path in cgroups.values():
         members = {int(p) for p in Path(path, "cgroup.procs").read_text().split()}
         assert {raw["slirp_pid"], raw["guard_pid"]} <= members, path
+    # Neither helper inherits instance_svc's environment (its internal token, Redis URL, ...).
+    for pid in (raw["slirp_pid"], raw["guard_pid"]):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith((b"CYBERDESK_", b"REDIS_URL"))], environ
     request = instance_pb2.PauseInstanceRequest(instance_id=inst.instance_id)
     svc.instances.PauseInstance(request, metadata=meta(), timeout=30)
     svc.instances.ResumeInstance(
