@@ -388,14 +388,17 @@ def test_slirp_goes_with_its_sandbox_delete_restart_death_and_sweep(svc: Svc, te
 
     # A sandbox that dies on its own (its PID 1, the agent, killed) takes slirp with it: slirp's
     # exit fd is a pidfd of that PID 1. Also when the outer bubblewrap was killed first.
-    dying = _create(svc)
+    # A wildcard (resolved by nobody at create) makes the DNS guard run too; it waits on the same pidfd.
+    dying = _create(svc, deny=["*.example.invalid"])
     sandbox_id, slirp = next(iter(_slirp_pids(svc).items()))
     state = json.loads((svc.state / "instances" / sandbox_id / "state.json").read_text())
+    guard = json.loads((svc.state / "instances" / sandbox_id / "network.json").read_text())["guard_pid"]
     os.kill(state["pid"], signal.SIGKILL)
     time.sleep(0.2)
-    assert _alive(slirp)  # the sandbox still runs without its outer bubblewrap
+    assert _alive(slirp) and _alive(guard)  # the sandbox still runs without its outer bubblewrap
     os.kill(state["init_pid"], signal.SIGKILL)
     assert _wait_gone(slirp, 5), "slirp4netns outlived its dead sandbox"
+    assert _wait_gone(guard, 5), "the DNS guard outlived its dead sandbox"
     svc.instances.DeleteInstance(instance_pb2.DeleteInstanceRequest(instance_id=dying.instance_id), metadata=meta())
 
     # The stack's stop sweep (instance_svc already gone) ends both sandbox and slirp.
