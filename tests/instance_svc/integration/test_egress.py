@@ -378,13 +378,17 @@ def test_slirp_goes_with_its_sandbox_delete_restart_death_and_sweep(svc: Svc, te
     assert _wait_gone(slirp), "slirp4netns outlived its deleted sandbox"
 
     # Re-adopted after kill -9 of instance_svc: the network still works, and a delete still ends slirp.
-    kept = _create(svc)
+    # (A wildcard in the policy: its DNS guard is re-adopted and ended the same way.)
+    kept = _create(svc, deny=["*.example.invalid"])
     svc.kill9()
     svc.start()
     assert _tcp(svc, kept.instance_id, a.addr, 8080) == "hello-a"
     (sandbox_id, slirp) = next(iter(_slirp_pids(svc).items()))
+    guard = json.loads((svc.state / "instances" / sandbox_id / "network.json").read_text())["guard_pid"]
+    assert _alive(guard)
     svc.instances.DeleteInstance(instance_pb2.DeleteInstanceRequest(instance_id=kept.instance_id), metadata=meta())
     assert _wait_gone(slirp), "slirp4netns outlived a sandbox deleted after a restart"
+    assert _wait_gone(guard), "the DNS guard outlived a sandbox deleted after a restart"
 
     # A sandbox that dies on its own (its PID 1, the agent, killed) takes slirp with it: slirp's
     # exit fd is a pidfd of that PID 1. Also when the outer bubblewrap was killed first.
