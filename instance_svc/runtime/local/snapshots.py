@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from instance_svc.runtime.base import RuntimeError_, SnapshotResult
-from instance_svc.runtime.local import freezer
+from instance_svc.runtime.local import disk, freezer
 from instance_svc.runtime.local.state_file import SandboxState
 
 
@@ -32,7 +32,8 @@ def restore(archive: Path, layer: Path) -> None:
     """Fill `layer` from a snapshot archive (blocking: run it in a thread).
 
     `layer` is the new sandbox's freshly mounted disk (disk.py), so it exists already; a snapshot
-    larger than that disk fails here with tar's "No space left on device".
+    larger than that disk fails here, said as such (tar itself reports a full disk either as
+    ENOSPC or as a short write).
     """
     layer.mkdir(mode=0o755, exist_ok=True)
     kind = archive_kind(archive)
@@ -42,6 +43,14 @@ def restore(archive: Path, layer: Path) -> None:
         check=False,
     )
     if done.returncode != 0:
+        st = os.statvfs(layer)
+        if st.f_bavail * st.f_frsize < 1024 * 1024:
+            image = layer.parent / disk.IMAGE  # the disk's own size, not what ext4 leaves of it
+            size_mib = (image.stat().st_size if image.exists() else st.f_blocks * st.f_frsize) // (1024 * 1024)
+            raise RuntimeError_(
+                f"cannot restore the snapshot: its files do not fit the instance's {size_mib} MiB disk "
+                "(no space left on device); restore it into a larger disk_mib"
+            )
         raise RuntimeError_(f"cannot restore {archive}: {done.stderr.decode(errors='replace')[-500:]}")
 
 
@@ -50,6 +59,13 @@ async def take(directory: Path, state: SandboxState, already_paused: bool, dest:
 
     A sandbox that was running is thawed again afterwards, also when the archive fails.
     """
+    if (directory / disk.IMAGE).exists() and not disk.mounts_under(directory / "layer"):
+        # The disk is mounted in the host's mount namespace; an instance_svc started in another
+        # one (systemd's PrivateMounts, a container) would archive the empty mount point.
+        raise RuntimeError_(
+            f"the disk of sandbox {state.sandbox_id} is not mounted where instance_svc runs "
+            "(run instance_svc in the host's mount namespace)"
+        )
     if not already_paused:
         await asyncio.to_thread(freezer.freeze, directory, state)
     try:
