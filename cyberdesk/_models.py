@@ -56,6 +56,9 @@ class Exited:
     signal: int = 0
     timed_out: bool = False
     error: str = ""
+    # The kernel killed the command (or a process it started) because the instance reached its
+    # memory limit; `error` then says so with the limit, `signal` is 9 when the command itself died.
+    out_of_memory: bool = False
 
 
 ExecEvent = Started | Stdout | Stderr | Exited
@@ -77,7 +80,7 @@ def event_from_proto(event: process_pb2.ProcessEvent) -> ExecEvent | None:
 
 def exited_from_proto(exited: process_pb2.ProcessExited) -> Exited:
     """The Exited event of a ProcessExited message."""
-    return Exited(exited.exit_code, exited.signal, exited.timed_out, exited.error)
+    return Exited(exited.exit_code, exited.signal, exited.timed_out, exited.error, exited.out_of_memory)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class ExecResult:
     # Set by exec() when output beyond RunProcess's cap (15 MiB of stdout and stderr together)
     # was dropped by the agent; the streaming path never drops output.
     truncated: bool = False
+    # The kernel killed the command (or a process it started) because the instance reached its
+    # memory limit (see Exited.out_of_memory).
+    out_of_memory: bool = False
 
     @property
     def ok(self) -> bool:
@@ -115,7 +121,15 @@ def result_from_run(reply: process_pb2.RunProcessResponse) -> ExecResult:
     """The ExecResult of a RunProcessResponse (pid 0 when the process never started)."""
     ex = exited_from_proto(reply.exited)
     return ExecResult(
-        ex.exit_code, reply.stdout, reply.stderr, reply.pid, ex.signal, ex.timed_out, ex.error, reply.truncated
+        ex.exit_code,
+        reply.stdout,
+        reply.stderr,
+        reply.pid,
+        ex.signal,
+        ex.timed_out,
+        ex.error,
+        reply.truncated,
+        ex.out_of_memory,
     )
 
 
@@ -147,7 +161,14 @@ class ResultCollector:
 
             raise Unavailable(f"the output stream of process {self.pid or '?'} ended before the process exited")
         return ExecResult(
-            ex.exit_code, b"".join(self._out), b"".join(self._err), self.pid, ex.signal, ex.timed_out, ex.error
+            ex.exit_code,
+            b"".join(self._out),
+            b"".join(self._err),
+            self.pid,
+            ex.signal,
+            ex.timed_out,
+            ex.error,
+            out_of_memory=ex.out_of_memory,
         )
 
 
@@ -311,6 +332,27 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class EgressPolicy:
+    """Where an INTERNET instance may connect to, as the server stored it (normalised).
+
+    Empty `allow`: every public address; otherwise only those destinations. `deny` wins over
+    `allow`. Entries are CIDRs, addresses, host names or "*.example.com" (its subdomains).
+    """
+
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, policy: instance_pb2.EgressPolicy) -> EgressPolicy:
+        """Build from an EgressPolicy message."""
+        return cls(list(policy.allow), list(policy.deny))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"allow": list(self.allow), "deny": list(self.deny)}
+
+
+@dataclass(frozen=True)
 class InstanceData:
     """The fields of an instance, as last read from the API."""
 
@@ -327,6 +369,12 @@ class InstanceData:
     desktop: bool
     runtime: str
     source_snapshot_id: str
+    # Size of the instance's disk (its writable layer) in MiB; 0 until read from the API.
+    disk_mib: int = 0
+    # Whether the instance has outbound network access (created with internet=True).
+    internet: bool = False
+    # The egress policy of an INTERNET instance (empty lists: no restriction beyond the platform's).
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
     raw: Any = field(repr=False, compare=False, default=None)
 
     @classmethod
@@ -349,6 +397,9 @@ class InstanceData:
             inst.desktop.enabled,
             inst.runtime,
             inst.source_snapshot_id,
+            inst.disk_mib,
+            inst.network == instance_pb2.NETWORK_MODE_INTERNET,
+            EgressPolicy.from_proto(inst.egress),
             inst,
         )
 
@@ -372,6 +423,9 @@ class InstanceData:
             "desktop": self.desktop,
             "runtime": self.runtime,
             "source_snapshot_id": self.source_snapshot_id,
+            "disk_mib": self.disk_mib,
+            "internet": self.internet,
+            "egress": self.egress.to_dict(),
         }
 
 

@@ -164,8 +164,25 @@ def create_request(
     snapshot_id: str | None = None,
     request_id: str | None = None,
     pause_on_timeout: bool = False,
+    disk_mib: int = 0,
+    allow: Sequence[str] | None = None,
+    deny: Sequence[str] | None = None,
 ) -> instance_pb2.CreateInstanceRequest:
-    """CreateInstanceRequest with the server's defaults wherever an argument is left out."""
+    """CreateInstanceRequest with the server's defaults wherever an argument is left out.
+
+    `allow` and `deny` (CIDRs, addresses, host names, "*.example.com") are the egress policy of
+    an instance with `internet=True`; given without it they are refused here, since the server
+    would store them and they would do nothing. The server checks each entry.
+    """
+    allowed, denied = _entries(allow, "allow"), _entries(deny, "deny")
+    if (allowed or denied) and not internet:
+        given = "allow and deny need" if allowed and denied else ("allow needs" if allowed else "deny needs")
+        raise InvalidArgument(
+            f"{given} internet=True (--internet in the CLI): an instance without it has no network at all, "
+            "so there is nothing to narrow"
+        )
+    if disk_mib < 0:
+        raise InvalidArgument(f"disk_mib must be a positive number of MiB (or 0 for the default), not {disk_mib}")
     request = instance_pb2.CreateInstanceRequest(
         template=template,
         vcpus=vcpus,
@@ -177,10 +194,23 @@ def create_request(
         snapshot_id=snapshot_id or "",
         request_id=request_id or "",
         timeout_action=instance_pb2.TIMEOUT_ACTION_PAUSE if pause_on_timeout else instance_pb2.TIMEOUT_ACTION_TERMINATE,
+        disk_mib=disk_mib,
+        egress=instance_pb2.EgressPolicy(allow=allowed, deny=denied),
     )
     if timeout is not None:
         request.timeout.CopyFrom(duration(timeout, "timeout"))
     return request
+
+
+def _entries(values: Sequence[str] | None, what: str) -> list[str]:
+    """The entries of an allow or deny list; a lone string is one entry, never its characters."""
+    if values is None:
+        return []
+    entries = [values] if isinstance(values, str) else list(values)
+    for entry in entries:
+        if not isinstance(entry, str) or not entry.strip():
+            raise InvalidArgument(f"{what}: {entry!r} is not a CIDR, an address or a host name")
+    return entries
 
 
 def pty_open(

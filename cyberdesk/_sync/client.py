@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from cyberdesk._config import resolve
 from cyberdesk._models import InstanceData, instance_started, unread_instance
@@ -38,11 +38,19 @@ class Instances:
         snapshot_id: str | None = None,
         request_id: str | None = None,
         pause_on_timeout: bool = False,
+        disk_mib: int = 0,
+        allow: Sequence[str] | None = None,
+        deny: Sequence[str] | None = None,
     ) -> Instance:
         """Create an instance and return it once RUNNING.
 
         `timeout` is its lifetime in seconds (server default 300); `desktop=True` gives it an X
         desktop; `snapshot_id` restores a snapshot's files; `request_id` makes a retry idempotent.
+        `disk_mib` is the size of its disk (default the template's: 2048 for "base"); writes
+        beyond it fail with ENOSPC inside. `internet=True` gives it outbound network access,
+        which `allow` narrows to those destinations and `deny` cuts out of (CIDRs, addresses,
+        host names, "*.example.com" for subdomains); allow/deny without internet=True raise
+        InvalidArgument, as does an entry the server cannot read (its message names it).
         """
         request = create_request(
             template,
@@ -58,6 +66,9 @@ class Instances:
             snapshot_id=snapshot_id,
             request_id=request_id,
             pause_on_timeout=pause_on_timeout,
+            disk_mib=disk_mib,
+            allow=allow,
+            deny=deny,
         )
         reply = self._t.unary(self._t.instances.CreateInstance, request, timeout=max(self._t.timeout, 120))
         return Instance(self._t, instance_started(InstanceData.from_proto(reply.instance)))

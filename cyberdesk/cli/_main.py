@@ -88,6 +88,9 @@ def cmd_create(args: argparse.Namespace) -> int:
             labels=_pairs(args.label, "--label"),
             internet=args.internet,
             snapshot_id=args.snapshot,
+            disk_mib=args.disk or 0,
+            allow=args.allow,
+            deny=args.deny,
         )
         if args.json:
             emit_json(inst.data.to_dict())
@@ -195,7 +198,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if exited.timed_out:
         print(f"cyberdesk: command killed after its timeout of {args.timeout} s", file=sys.stderr)
         return EXIT_TIMED_OUT
-    if exited.error and exited.exit_code != 0:
+    if exited.out_of_memory:
+        # One line whatever the agent's wording: the reason a bare "Killed" or 137 would not give.
+        reason = exited.error if exited.error.startswith("out of memory") else "out of memory: killed by the kernel"
+        print(f"cyberdesk: {reason}", file=sys.stderr)
+    elif exited.error and exited.exit_code != 0:
         print(f"cyberdesk: {exited.error}", file=sys.stderr)
     if exited.signal:
         return 128 + exited.signal
@@ -461,7 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--memory", type=int, metavar="MIB")
     create.add_argument("--env", action="append", metavar="KEY=VALUE")
     create.add_argument("--label", action="append", metavar="KEY=VALUE")
+    create.add_argument("--disk", type=int, metavar="MIB", help="disk size in MiB (default the template's: 2048)")
     create.add_argument("--internet", action="store_true", help="allow outbound network access")
+    create.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR_OR_HOST",
+        help="with --internet: connect only to these (CIDR, address, host name, *.example.com; repeatable)",
+    )
+    create.add_argument(
+        "--deny",
+        action="append",
+        metavar="CIDR_OR_HOST",
+        help="with --internet: never connect to these, even when allowed (repeatable)",
+    )
     create.add_argument("--snapshot", metavar="SNAPSHOT_ID", help="restore this snapshot's files")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_create)
