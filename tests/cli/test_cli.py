@@ -188,6 +188,42 @@ def test_snapshot_create_list_rm(stack: RunningStack, box: str) -> None:
     assert snap["snapshot_id"] not in [s["snapshot_id"] for s in listed]
 
 
+def test_create_with_a_disk_size(stack: RunningStack) -> None:
+    created = json.loads(_ok(stack.cli("create", "--disk", "512", "--json")))
+    try:
+        assert created["disk_mib"] == 512
+        size = int(_ok(stack.cli("exec", created["instance_id"], "--", "df -B1M --output=size /home | tail -1")))
+        assert 480 <= size <= 512  # ext4 keeps a few MiB for itself
+    finally:
+        _ok(stack.cli("rm", created["instance_id"]))
+
+
+def test_create_with_an_egress_policy(stack: RunningStack) -> None:
+    flags = ["--internet", "--allow", "198.51.100.7", "--allow", "pypi.org", "--deny", "203.0.113.0/24"]
+    created = json.loads(_ok(stack.cli("create", *flags, "--json")))
+    try:
+        expected = {"allow": ["198.51.100.7", "pypi.org"], "deny": ["203.0.113.0/24"]}
+        assert created["internet"] is True and created["egress"] == expected
+        assert json.loads(_ok(stack.cli("get", created["instance_id"], "--json")))["egress"] == expected
+    finally:
+        _ok(stack.cli("rm", created["instance_id"]))
+    without = stack.cli("create", "--allow", "198.51.100.7")
+    assert without.returncode == 2 and "internet" in _one_line_error(without)
+    bad = stack.cli("create", "--internet", "--deny", "not a host")
+    assert "egress.deny: 'not a host'" in _one_line_error(bad)
+
+
+def test_exec_says_when_the_kernel_killed_it_for_memory(stack: RunningStack) -> None:
+    small = _ok(stack.cli("create", "--memory", "256")).strip()
+    try:
+        bomb = stack.cli("exec", small, "--", "python3", "-c", "b = bytearray(2**31)")
+        assert bomb.returncode == 128 + signal.SIGKILL  # as for any death by SIGKILL
+        assert "out of memory" in _one_line_error(bomb) and "256 MiB" in bomb.stderr.decode()
+        assert _ok(stack.cli("exec", small, "--", "echo alive")) == "alive\n"
+    finally:
+        _ok(stack.cli("rm", small))
+
+
 @pytest.mark.desktop
 def test_screenshot(stack: RunningStack, tmp_path: Path) -> None:
     desk = _ok(stack.cli("create", "--desktop", "--width", "640", "--height", "480")).strip()

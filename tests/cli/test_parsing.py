@@ -34,6 +34,14 @@ def test_exec_options_before_the_double_dash() -> None:
     assert shell.cmd == ["python3", "-q"]
 
 
+def test_create_network_and_disk_options() -> None:
+    tokens = ["create", "--disk", "512", "--internet", "--allow", "a.test", "--allow", "10.1.0.0/16"]
+    args = parse(build_parser(), tokens)
+    assert (args.disk, args.internet, args.allow, args.deny) == (512, True, ["a.test", "10.1.0.0/16"], None)
+    plain = parse(build_parser(), ["create"])
+    assert (plain.disk, plain.internet, plain.allow, plain.deny) == (None, False, None, None)
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -41,6 +49,7 @@ def test_exec_options_before_the_double_dash() -> None:
         (["exec", "i-1", "--"], "no command"),
         (["config", "get", "colour"], "unknown setting"),
         (["config", "set", "endpoint", "h:0"], "not host:port"),
+        (["create", "--allow", "198.51.100.7"], "allow needs internet=True"),  # refused before any call
     ],
 )
 def test_usage_errors_are_one_line(argv: list[str], needle: str, tmp_path: object) -> None:
