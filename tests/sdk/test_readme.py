@@ -36,6 +36,8 @@ def test_python_example(stack: RunningStack, index: int, tmp_path: Path) -> None
         assert "got b'1" in done.stdout and "exit code 0" in done.stdout
         assert "done\n" in done.stdout and "hi there" in done.stdout and "42" in done.stdout
         assert "StatusCode.NOT_FOUND" in done.stdout
+        assert "True 9 out of memory: it was killed by the kernel" in done.stdout
+        assert "4096 ['pypi.org', '*.pythonhosted.org']" in done.stdout
     else:
         assert "(100, 200)" in done.stdout and "Linux" in done.stdout
 
