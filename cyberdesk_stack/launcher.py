@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from cyberdesk_common.log import mask_secrets
 from cyberdesk_stack import processes
 
 DEV_TENANT = "dev"
@@ -254,7 +255,7 @@ class Stack:
             print(f"  gateway (HTTP)   {self.http_endpoint}", file=p)
         print(f"  instance_svc     {self.options.instance_addr}", file=p)
         print(f"  billing_svc      {self.options.billing_addr}", file=p)
-        print(f"  redis            {mask_url(self.redis_url)}", file=p)
+        print(f"  redis            {mask_secrets(self.redis_url)}", file=p)
         print(f"  state directory  {self.options.state_dir} (logs in {self._logs()})", file=p)
         if self.options.write_config:
             from cyberdesk._config import save_file
@@ -332,13 +333,6 @@ def sweep_sandboxes(state_dir: Path) -> int:
         return count
 
     return asyncio.run(sweep())
-
-
-def mask_url(url: str) -> str:
-    """`url` with its password (if any) replaced by ***, for printing."""
-    from cyberdesk_common.log import mask_secrets
-
-    return mask_secrets(url)
 
 
 def _listening(addr: str) -> bool:

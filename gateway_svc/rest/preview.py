@@ -84,6 +84,13 @@ def _serialize(message: agent_pb2.OpenPortRequest) -> bytes:
     return message.SerializeToString()
 
 
+class AgentUnreachable(RpcError):
+    """The tunnel's transport failed: the instance's agent does not answer (its route is stale)."""
+
+    def __init__(self, instance_id: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, f"the agent of instance {instance_id} is unreachable")
+
+
 @dataclass(frozen=True)
 class Access:
     """An admitted preview request: the agent's channel and metadata, and what to send the service."""
@@ -141,7 +148,7 @@ class Tunnel:
             return RpcError(code, "the preview request was cancelled")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, None):
             # A transport failure: its details name the agent's socket, which a tenant never sees.
-            return RpcError(grpc.StatusCode.UNAVAILABLE, f"the agent of instance {self.instance_id} is unreachable")
+            return AgentUnreachable(self.instance_id)
         return RpcError(code or grpc.StatusCode.UNKNOWN, details)
 
     async def write(self, data: bytes) -> None:
@@ -249,7 +256,7 @@ class Previews:
 
     def _unreachable(self, exc: RpcError, target: PreviewTarget) -> None:
         """Forget the route of an instance whose agent could not be reached, as Admission does."""
-        if exc.message.startswith("the agent of instance"):
+        if isinstance(exc, AgentUnreachable):
             self.admission.routes.invalidate(target.instance_id)
 
     def _forwarded(self, scope: Scope, headers: Mapping[str, str], target: PreviewTarget) -> dict[str, str]:
