@@ -10,6 +10,20 @@ When Redis cannot be reached the limiter fails OPEN: the call goes through and o
 `_OUTAGE_LOG_SECONDS` is logged. A rate limit protects capacity, it is not an authorisation
 check (API keys and tenant checks do not depend on Redis), and refusing every call of every
 tenant because a cache node restarts would turn a small outage into a total one.
+
+Every call spends in Redis, but not every call waits for Redis to answer. While the last answer
+for a key left more than `EARLY_MARGIN` requests in its burst beyond the checks still in flight,
+the call is allowed at once and its reply only updates what the gateway knows (an *early* check).
+Why that is safe: a key's budget only grows by itself (refill) and shrinks only by spends, and the
+replies of one connection come back in order, so "last remaining minus checks in flight" is a
+lower bound of the key's budget as far as this replica's own calls go: a single gateway never
+lets a call through that Redis would refuse. Other replicas' spends since the last reply are what
+it cannot see; for them at most `EARLY_MARGIN` early checks per key are unconfirmed at any time,
+which bounds how far a key can overshoot its limit when several replicas drain it at once. (The
+margin also covers the few spends that escape the count: the first calls on a new connection and
+the EVAL that follows a NOSCRIPT.) Keys near their limit, and small limits (a few requests per
+window), wait for Redis as before.
+Measured: the wait was ~0.3-0.6 ms of every exec through the gateway on the 2-core bench machine.
 """
 
 from __future__ import annotations
@@ -32,6 +46,11 @@ _OUTAGE_LOG_SECONDS = 10.0
 # After a failed Redis call the limiter skips Redis for this long, so a dead Redis costs one
 # connect timeout per second rather than one per call.
 _OUTAGE_BACKOFF_SECONDS = 1.0
+# Early checks (see the module docstring): a key decides without waiting while its known budget
+# exceeds this many requests beyond its checks in flight, and never has more early ones unconfirmed.
+EARLY_MARGIN = 16
+# Keys whose last reply is remembered; beyond this the idle ones are forgotten (they wait once).
+_MAX_KNOWN_KEYS = 10_000
 
 # KEYS[1]: the key's TAT; ARGV[1]: emission interval (µs) = window / limit; ARGV[2]: window (µs).
 # Returns {allowed (0/1), retry_after_us, remaining}.
@@ -288,6 +307,11 @@ class RedisPipe:
             self._pipe = None
 
 
+def _is_gcra_reply(reply: object) -> bool:
+    """The script's answer: [allowed, retry_after_us, remaining], all integers."""
+    return isinstance(reply, list) and len(reply) == 3 and all(isinstance(v, int) for v in reply)
+
+
 @dataclass
 class PendingCheck:
     """A rate-limit check whose request may already be on its way to Redis (see RateLimiter.begin)."""
@@ -298,13 +322,28 @@ class PendingCheck:
     started: float
     future: asyncio.Future[object] | None  # None: not sent (not connected yet, or Redis is backed off)
     skip: bool = False  # Redis is in its back-off after a failure: allow without asking
+    early: bool = False  # allowed without waiting for the reply (see the module docstring)
+    estimate: int = -1  # for an early check: the key's budget left as far as this replica knows
+    limit: Limit | None = None
+    known: _Known | None = None  # the record that counted this check in flight
+
+
+@dataclass
+class _Known:
+    """What the replies so far say about one key's budget (replies of one connection come in order)."""
+
+    limit: Limit  # the limit the last reply was computed for
+    remaining: int  # the key's budget left after the last replied spend
+    in_flight: int = 0  # spends sent since, not yet replied
+    early: int = 0  # of those, the ones allowed without waiting
 
 
 class RateLimiter:
     """Checks and spends one request of a key's budget (see the module docstring for the rules).
 
-    `begin` writes the EVALSHA at once and returns; `finish` awaits its reply. The gateway resolves
-    the route and prepares the upstream call in between, so the Redis round trip overlaps that work;
+    `begin` writes the EVALSHA at once and returns; `finish` awaits its reply, unless the check is
+    early (the key's known budget is ample: see the module docstring). The gateway resolves the
+    route and prepares the upstream call in between, so the Redis round trip overlaps that work;
     nothing is forwarded before `finish` has allowed the call.
     """
 
@@ -314,6 +353,9 @@ class RateLimiter:
         self._prefix = prefix
         self._down_until = 0.0
         self._last_log = 0.0
+        self._known: dict[str, _Known] = {}  # by Redis key
+        self._tasks: set[asyncio.Task[None]] = set()  # early checks' EVAL after a NOSCRIPT
+        self._closed = False
 
     def begin(self, key_id: str, limit: Limit) -> PendingCheck:
         """Send the check for one request of `key_id` under `limit` now (when connected); finish() decides."""
@@ -324,12 +366,75 @@ class RateLimiter:
         payload = _command("EVALSHA", self._sha, 1, key, interval_us, window_us)
         if now < self._down_until:
             return PendingCheck(payload, key, (interval_us, window_us), now, None, skip=True)
-        return PendingCheck(payload, key, (interval_us, window_us), now, self._redis.send(payload))
+        pending = PendingCheck(payload, key, (interval_us, window_us), now, self._redis.send(payload), limit=limit)
+        if pending.future is None:
+            # (Re)connecting: what the replies of an old connection said no longer counts.
+            self._known.clear()
+            return pending
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= _MAX_KNOWN_KEYS:
+                self._known = {k: v for k, v in self._known.items() if v.in_flight}
+            known = self._known[key] = _Known(limit, -1)  # -1: no reply yet, so no early check
+        estimate = known.remaining - known.in_flight
+        if known.limit == limit and known.early < EARLY_MARGIN and estimate > EARLY_MARGIN:
+            pending.early, pending.estimate = True, estimate - 1
+            known.early += 1
+        known.in_flight += 1
+        pending.known = known
+        # Every reply updates the key's budget, whoever (if anyone) still waits for it.
+        pending.future.add_done_callback(lambda future: self._replied(pending, future))
+        return pending
+
+    def _replied(self, pending: PendingCheck, future: asyncio.Future[object]) -> None:
+        """A sent check's reply (or failure) arrived: remember the key's budget, settle an early check."""
+        known = pending.known
+        assert known is not None  # set by begin() with the callback
+        known.in_flight -= 1
+        if pending.early:
+            known.early -= 1
+        reply = None if future.cancelled() else (future.exception() or future.result())
+        current = self._known.get(pending.key) is known
+        if _is_gcra_reply(reply):
+            assert isinstance(reply, list)
+            allowed, _, remaining = reply
+            if current and pending.limit is not None:
+                known.limit, known.remaining = pending.limit, remaining if allowed else 0
+            return
+        # An error, a lost connection or NOSCRIPT: this key's next calls wait for Redis again.
+        if current:
+            del self._known[pending.key]
+        if not pending.early or self._closed:
+            return  # finish() handles it for the caller that waits; at close, nothing is wrong
+        if isinstance(reply, RedisUnavailable) and str(reply).startswith("NOSCRIPT"):
+            task = asyncio.get_running_loop().create_task(self._spend_with_eval(pending))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._outage(reply if isinstance(reply, BaseException) else RedisUnavailable(repr(reply)))
+
+    async def _spend_with_eval(self, pending: PendingCheck) -> None:
+        """Spend an early check whose EVALSHA found the script flushed (the call has gone already)."""
+        try:
+            reply = await self._redis.call(_command("EVAL", _GCRA, 1, pending.key, *pending.args))
+            if isinstance(reply, RedisUnavailable):
+                raise reply
+        except (RedisUnavailable, OSError) as err:
+            self._outage(err)
+
+    def _outage(self, err: BaseException) -> None:
+        now = time.monotonic()
+        self._down_until = now + _OUTAGE_BACKOFF_SECONDS
+        if now - self._last_log > _OUTAGE_LOG_SECONDS:
+            self._last_log = now
+            _log.warning("rate limits not enforced: redis unreachable (failing open)", extra={"error": str(err)})
 
     async def finish(self, pending: PendingCheck) -> Decision:
         """The decision of a begun check; fails open (allowed, remaining -1) when Redis is unreachable."""
         if pending.skip:
             return Decision(True, 0.0, -1)
+        if pending.early:
+            return Decision(True, 0.0, pending.estimate)
         try:
             # One round trip: EVALSHA of the cached script. After a Redis restart (or SCRIPT FLUSH)
             # the script is unknown once; EVAL then runs and caches it again.
@@ -338,15 +443,12 @@ class RateLimiter:
                 reply = await self._redis.call(_command("EVAL", _GCRA, 1, pending.key, *pending.args))
             if isinstance(reply, RedisUnavailable):
                 raise reply
-            if not isinstance(reply, list) or len(reply) != 3 or not all(isinstance(v, int) for v in reply):
+            if not _is_gcra_reply(reply):
                 raise RedisUnavailable(f"unexpected rate-limit reply {reply!r}")
+            assert isinstance(reply, list)
             allowed, retry_us, remaining = reply
         except (RedisUnavailable, OSError) as err:
-            now = time.monotonic()
-            self._down_until = now + _OUTAGE_BACKOFF_SECONDS
-            if now - self._last_log > _OUTAGE_LOG_SECONDS:
-                self._last_log = now
-                _log.warning("rate limits not enforced: redis unreachable (failing open)", extra={"error": str(err)})
+            self._outage(err)
             return Decision(True, 0.0, -1)
         return Decision(bool(allowed), retry_us / 1_000_000, remaining)
 
@@ -356,4 +458,5 @@ class RateLimiter:
 
     async def close(self) -> None:
         """Close the Redis connection."""
+        self._closed = True
         await self._redis.close()

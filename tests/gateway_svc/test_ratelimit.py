@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 
-from gateway_svc.ratelimit import Limit, RateLimiter, RedisUnavailable, _command, _Incomplete, _parse
+from gateway_svc.ratelimit import EARLY_MARGIN, Limit, RateLimiter, RedisUnavailable, _command, _Incomplete, _parse
 from tests.support.procs import free_port
 
 
@@ -71,6 +71,58 @@ def test_begun_check_is_decided_after_other_work(redis_url: str) -> None:
             await asyncio.sleep(0.01)
             decision = await limiter.finish(pending)
             assert not decision.allowed and decision.retry_after > 3000
+        finally:
+            await limiter.close()
+
+    asyncio.run(scenario())
+
+
+def test_ample_budget_allows_without_waiting_and_redis_still_counts_every_call(redis_url: str) -> None:
+    async def scenario() -> None:
+        limiter = RateLimiter(redis_url)
+        key = _fresh_key("early")
+        limit = Limit(100, 3600)
+        admin = redis.Redis.from_url(redis_url)
+        try:
+            # Nothing known about the key yet (the first also opens the connection): both wait for Redis.
+            for left in (99, 98):
+                pending = limiter.begin(key, limit)
+                assert not pending.early
+                assert (await limiter.finish(pending)).remaining == left
+            # 98 left, none in flight: the next ones may go without waiting, at most EARLY_MARGIN
+            # unconfirmed at a time, and never while fewer than EARLY_MARGIN would be left.
+            burst = [limiter.begin(key, limit) for _ in range(3 * EARLY_MARGIN)]
+            assert sum(p.early for p in burst) == EARLY_MARGIN
+            assert all(p.early for p in burst[:EARLY_MARGIN])
+            assert all([(await limiter.finish(p)).allowed for p in burst])
+            # Drain to the limit one by one: the calls near it wait for Redis, which refuses the 101st.
+            decisions = [await limiter.check(key, limit) for _ in range(100 - 2 - 3 * EARLY_MARGIN)]
+            assert all(d.allowed for d in decisions)
+            pending = limiter.begin(key, limit)
+            assert not pending.early
+            assert not (await limiter.finish(pending)).allowed
+            # Every call was spent in Redis, the early ones included (the TAT moved 101 intervals
+            # minus the refused one; about 100 * 36 s ahead).
+            tat_us = int(admin.get(f"cyberdesk:rl:{key}") or 0)
+            now_s, now_us = admin.time()
+            assert (tat_us - (now_s * 1_000_000 + now_us)) / 36e6 == pytest.approx(100, abs=0.1)
+        finally:
+            admin.close()
+            await limiter.close()
+
+    asyncio.run(scenario())
+
+
+def test_small_limits_always_wait_for_redis(redis_url: str) -> None:
+    async def scenario() -> None:
+        limiter = RateLimiter(redis_url)
+        key = _fresh_key("small")
+        try:
+            for _ in range(EARLY_MARGIN + 1):
+                pending = limiter.begin(key, Limit(EARLY_MARGIN + 1, 3600))
+                assert not pending.early
+                assert (await limiter.finish(pending)).allowed
+            assert not (await limiter.check(key, Limit(EARLY_MARGIN + 1, 3600))).allowed
         finally:
             await limiter.close()
 
