@@ -14,6 +14,9 @@ else:
   last id it has seen. Re-sending `$` on every XREAD would silently drop every entry written
   between two reads (while the consumer handles an entry, or between an empty read and the
   next); asking from an id cannot.
+- Cursors: a stream id ("<ms>-<seq>") is where a reader resumes. `parse_cursor` reads one,
+  `StreamBounds.problem` says (purely) whether the stream still holds everything after it, and
+  `bounds()` reads those bounds from Redis (XINFO STREAM).
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from cyberdesk_proto.v1 import instance_pb2
 
 STREAM = "cyberdesk:events"
+# Retention: the publisher trims the stream to about this many entries (XADD MAXLEN ~, which
+# trims whole stream nodes, so slightly more stay). Watch cursors older than that are refused
+# with OUT_OF_RANGE. At a few hundred changes a minute this is days of history.
+RETENTION_EVENTS = 1_000_000
 
 # A blocked XREAD must return before the socket timeout, or redis-py turns an idle stream into a
 # TimeoutError; both numbers live here so a reader cannot be configured into that trap.
@@ -119,6 +126,90 @@ class LifecycleEvent:
             raise MalformedEvent(f"not a lifecycle event: no field or state {err}") from None
         except ValueError as err:
             raise MalformedEvent(f"not a lifecycle event: {err}") from None
+
+
+class BadCursor(ValueError):
+    """A cursor that is not a stream id as this stream hands them out ("<ms>-<seq>")."""
+
+
+def parse_cursor(text: str) -> tuple[int, int]:
+    """The (milliseconds, sequence) of a stream id "<ms>-<seq>"; BadCursor for anything else.
+
+    Strict on purpose: Redis would also accept "<ms>", "-" or "$" in XREAD, but a cursor is only
+    ever one of our own ids, and a lenient parse would turn a typo into a silent replay from zero.
+    """
+    ms, sep, seq = text.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit() or len(ms) > 20 or len(seq) > 20:
+        raise BadCursor(f"{text[:60]!r} is not a watch cursor (the `cursor` of a response, like '1700000000000-0')")
+    parsed = (int(ms), int(seq))
+    if parsed[0] >= 2**64 or parsed[1] >= 2**64:
+        raise BadCursor(f"{text[:60]!r} is not a watch cursor (out of range)")
+    return parsed
+
+
+@dataclass(frozen=True)
+class StreamBounds:
+    """What the stream still holds: the last id it generated, its first entry, whether any entry went.
+
+    Trimming (MAXLEN, MINID) removes entries from the head only, so after a trim the stream holds
+    exactly the entries from `first_entry` on. A cursor before the first entry is refused once
+    anything was trimmed: the entries between the cursor and the first entry may be gone (Redis
+    does not say where the trim cut; the conservative answer costs an old watcher a re-list,
+    never a silent gap). `trimmed` comes from `entries-added` against `length` (Redis 7); an
+    older Redis does not report it, and then it is assumed.
+    """
+
+    last_generated: tuple[int, int]
+    first_entry: tuple[int, int] | None
+    trimmed: bool
+
+    def problem(self, cursor: tuple[int, int]) -> str | None:
+        """Why resuming after `cursor` could miss entries (None when it misses none)."""
+        if cursor > self.last_generated:
+            return (
+                "the cursor is newer than every event the stream holds (the event stream was reset); "
+                "read the current state with ListInstances and watch without a cursor"
+            )
+        if not self.trimmed or cursor == self.last_generated:
+            return None
+        if self.first_entry is None or cursor < self.first_entry:
+            return (
+                f"the cursor is older than the event stream's retention (about {RETENTION_EVENTS:,} events): "
+                "the changes after it were trimmed; read the current state with ListInstances and "
+                "watch without a cursor"
+            )
+        return None
+
+
+async def bounds(client: aioredis.Redis) -> StreamBounds:
+    """The stream's bounds (XINFO STREAM); an absent stream has generated nothing.
+
+    Raises EventStreamUnavailable when Redis cannot be reached.
+    """
+    try:
+        info: Any = await client.xinfo_stream(STREAM)
+    except ResponseError as err:
+        if "no such key" not in str(err).lower():
+            raise EventStreamUnavailable(f"the event stream ({_where(client)}) cannot be read: {err}") from err
+        return StreamBounds((0, 0), None, trimmed=False)
+    except (RedisError, OSError) as err:
+        raise EventStreamUnavailable(f"the event stream ({_where(client)}) is unreachable: {err}") from err
+    first = info.get("first-entry")
+    added = info.get("entries-added")
+    return StreamBounds(
+        last_generated=parse_cursor(_text(info["last-generated-id"])),
+        first_entry=parse_cursor(_text(first[0])) if first else None,
+        trimmed=added is None or int(added) > int(info.get("length", 0)),
+    )
+
+
+async def last_id(client: aioredis.Redis) -> str:
+    """The id of the stream's newest entry ("0-0" when it is empty): where "from now" starts."""
+    try:
+        newest: Any = await client.xrevrange(STREAM, count=1)
+    except (RedisError, OSError) as err:
+        raise EventStreamUnavailable(f"the event stream ({_where(client)}) is unreachable: {err}") from err
+    return _text(newest[0][0]) if newest else "0-0"
 
 
 def _text(value: str | bytes) -> str:

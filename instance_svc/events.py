@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import grpc
@@ -27,8 +28,9 @@ from cyberdesk_common.lifecycle_events import STREAM, EventStreamUnavailable, Li
 from cyberdesk_common.status import RpcError
 from instance_svc.store import Store
 
-# Approximate cap of the stream: billing consumes far faster than this fills.
-STREAM_MAXLEN = 1_000_000
+# Approximate cap of the stream (the documented retention of watch cursors, see
+# lifecycle_events.RETENTION_EVENTS): billing consumes far faster than this fills.
+STREAM_MAXLEN = lifecycle_events.RETENTION_EVENTS
 
 _log = logging.getLogger("instance_svc.events")
 
@@ -91,20 +93,96 @@ class Publisher:
                 delay = min(delay * 2, 5.0)
 
 
-async def watch(redis_url: str, tenant: str, instance_id: str = "") -> AsyncIterator[tuple[str, LifecycleEvent]]:
-    """Yield (stream id, event) for the tenant's changes (of `instance_id` when given) from now on.
+_DEDUP_WINDOW = 4096
 
-    One Redis connection per watcher; UNAVAILABLE when Redis cannot be reached.
+# Response header of WatchInstances: the cursor the watch starts after (see instance.proto).
+WATCH_CURSOR_METADATA = "cyberdesk-watch-cursor"
+
+
+class Watch:
+    """One watcher's reader: `start` is the cursor it resumes after; iterate for (stream id, event).
+
+    Made by `open_watch`, which has already checked the cursor against the stream's bounds, so a
+    caller can announce `start` (the watch is in place) before the first event. Holds one Redis
+    connection, closed when the iteration ends.
     """
+
+    def __init__(self, client: aioredis.Redis, start: str, tenant: str, instance_id: str) -> None:
+        self._client = client
+        self.start = start
+        self._tenant = tenant
+        self._instance_id = instance_id
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, LifecycleEvent]]:
+        # The publisher sends at least once: an event re-sent after a crash between XADD and its
+        # outbox mark is a second entry with the same event_id, usually right after the first.
+        # A bounded window of recent ids drops those within one watch.
+        seen: OrderedDict[str, None] = OrderedDict()
+        try:
+            async with contextlib.aclosing(lifecycle_events.tail(self._client, after=self.start)) as entries:
+                async for entry_id, event in entries:
+                    if event.tenant != self._tenant or (self._instance_id and event.instance_id != self._instance_id):
+                        continue
+                    if event.event_id in seen:
+                        continue
+                    seen[event.event_id] = None
+                    if len(seen) > _DEDUP_WINDOW:
+                        seen.popitem(last=False)
+                    yield entry_id, event
+        except EventStreamUnavailable as err:
+            raise _unavailable(err) from None
+        finally:
+            await self._client.aclose()
+
+    async def close(self) -> None:
+        """Release the connection of a watch that is not iterated."""
+        await self._client.aclose()
+
+
+def _unavailable(err: EventStreamUnavailable) -> RpcError:
+    # The caller is a tenant (through the gateway): the condition, not where Redis lives. Ending
+    # the call (rather than retrying inside it) is the contract: the client resumes with its last
+    # cursor and misses nothing, and a watch never hangs silently on a dead store.
+    _log.warning("a watcher lost the event stream", extra={"error": str(err)})
+    return RpcError(grpc.StatusCode.UNAVAILABLE, "the event stream is unavailable; retry shortly")
+
+
+async def open_watch(redis_url: str, tenant: str, instance_id: str = "", cursor: str = "") -> Watch:
+    """A watch of the tenant's changes (of `instance_id` when given) after `cursor`, or from now.
+
+    INVALID_ARGUMENT for a malformed cursor, OUT_OF_RANGE when the stream no longer holds every
+    change after it (trimmed past it, or reset), UNAVAILABLE when Redis cannot be reached.
+    """
+    if cursor:
+        try:
+            position = lifecycle_events.parse_cursor(cursor)
+        except lifecycle_events.BadCursor as err:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"cursor: {err}") from None
     client = lifecycle_events.connect(redis_url)
     try:
-        async for entry_id, event in lifecycle_events.tail(client):
-            if event.tenant != tenant or (instance_id and event.instance_id != instance_id):
-                continue
-            yield entry_id, event
+        if cursor:
+            problem = (await lifecycle_events.bounds(client)).problem(position)
+            if problem is not None:
+                raise RpcError(grpc.StatusCode.OUT_OF_RANGE, f"cursor {cursor}: {problem}")
+            start = cursor
+        else:
+            start = await lifecycle_events.last_id(client)
     except EventStreamUnavailable as err:
-        # The caller is a tenant (through the gateway): the condition, not where Redis lives.
-        _log.warning("a watcher lost the event stream", extra={"error": str(err)})
-        raise RpcError(grpc.StatusCode.UNAVAILABLE, "the event stream is unavailable; retry shortly") from None
-    finally:
         await client.aclose()
+        raise _unavailable(err) from None
+    except BaseException:
+        await client.aclose()
+        raise
+    return Watch(client, start, tenant, instance_id)
+
+
+async def watch(
+    redis_url: str, tenant: str, instance_id: str = "", cursor: str = ""
+) -> AsyncIterator[tuple[str, LifecycleEvent]]:
+    """Yield (stream id, event) for the tenant's changes (of `instance_id` when given) after `cursor` or from now.
+
+    One Redis connection per watcher; the errors of `open_watch`, and UNAVAILABLE when Redis goes away.
+    """
+    opened = await open_watch(redis_url, tenant, instance_id, cursor)
+    async for item in opened:
+        yield item

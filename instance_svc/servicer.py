@@ -197,16 +197,28 @@ class InstanceServicer(instance_pb2_grpc.InstanceServiceServicer):
     async def WatchInstances(
         self, request: instance_pb2.WatchInstancesRequest, context: Context
     ) -> AsyncIterator[instance_pb2.WatchInstancesResponse]:
-        """Stream the tenant's state changes from now on, read from the Redis event stream."""
+        """Stream the tenant's state changes after `cursor` (or from now), read from the Redis event stream.
+
+        The response headers go out once the watch is in place and carry the cursor it starts
+        after (`cyberdesk-watch-cursor`), so a client that is cut off before any change can still
+        resume without a gap. Redis unreachable ends the call with UNAVAILABLE (see events.py).
+        """
         tenant = await self._tenant(context)
         if request.instance_id:
             self._lc.owned(tenant, request.instance_id)
-        async for stream_id, event in events.watch(self._redis_url, tenant, request.instance_id):
+        opened = await events.open_watch(self._redis_url, tenant, request.instance_id, request.cursor)
+        try:
+            await context.send_initial_metadata(((events.WATCH_CURSOR_METADATA, opened.start),))
+        except BaseException:
+            await opened.close()
+            raise
+        async for stream_id, event in opened:
             rec = self._lc.store.get(event.instance_id)
             if rec is None:
                 continue
             yield instance_pb2.WatchInstancesResponse(
                 event_id=stream_id,
+                cursor=stream_id,
                 instance=instance_proto(rec, event.new_state),
                 previous_state=event.old_state.value if event.old_state else 0,  # type: ignore[arg-type]
                 event_time=_ts(event.time_us),

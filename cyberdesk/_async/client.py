@@ -4,16 +4,27 @@
 # ruff: noqa: ASYNC109
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+from cyberdesk._async import _retry
 from cyberdesk._async._transport import AsyncTransport
 from cyberdesk._async.instance import AsyncInstance
 from cyberdesk._async.keys import AsyncKeys
 from cyberdesk._async.snapshots import AsyncSnapshots
+from cyberdesk._async.watch import AsyncInstanceWatch
 from cyberdesk._config import resolve
+from cyberdesk._errors import Unavailable
 from cyberdesk._models import InstanceData, instance_started, unread_instance
 from cyberdesk._requests import create_request, state_filter
+from cyberdesk._watch import Backoff
 from cyberdesk_proto.v1 import instance_pb2
+
+# How long create() keeps retrying UNAVAILABLE: long enough for a gateway or instance_svc to be
+# restarted (a rolling update, a crash and its supervisor's restart), short enough that a stack
+# that is really down is reported within a minute.
+CREATE_RETRY_SECONDS = 60.0
 
 
 class AsyncInstances:
@@ -45,13 +56,17 @@ class AsyncInstances:
         """Create an instance and return it once RUNNING.
 
         `timeout` is its lifetime in seconds (server default 300); `desktop=True` gives it an X
-        desktop; `snapshot_id` restores a snapshot's files; `request_id` makes a retry idempotent.
+        desktop; `snapshot_id` restores a snapshot's files. `request_id` (a new UUID unless given)
+        makes the call idempotent: UNAVAILABLE is retried with back-off for up to a minute and can
+        never make a second instance; pass your own to retry across processes.
         `disk_mib` is the size of its disk (default the template's: 2048 for "base"); writes
         beyond it fail with ENOSPC inside. `internet=True` gives it outbound network access,
         which `allow` narrows to those destinations and `deny` cuts out of (CIDRs, addresses,
         host names, "*.example.com" for subdomains); allow/deny without internet=True raise
         InvalidArgument, as does an entry the server cannot read (its message names it).
         """
+        # Always a request_id: it is what makes the retries below safe (see _create_with_retries).
+        request_id = request_id or str(uuid.uuid4())
         request = create_request(
             template,
             timeout=timeout,
@@ -70,8 +85,43 @@ class AsyncInstances:
             allow=allow,
             deny=deny,
         )
-        reply = await self._t.unary(self._t.instances.CreateInstance, request, timeout=max(self._t.timeout, 120))
+        reply = await self._create_with_retries(request)
         return AsyncInstance(self._t, instance_started(InstanceData.from_proto(reply.instance)))
+
+    async def _create_with_retries(self, request: instance_pb2.CreateInstanceRequest) -> Any:
+        """CreateInstance, retried on UNAVAILABLE with back-off for up to CREATE_RETRY_SECONDS.
+
+        Only UNAVAILABLE is retried. It means the request did not reach a server that could
+        answer (gateway or instance_svc restarting, connection dropped); whether or not the first
+        attempt got as far as creating something, the request_id makes the retry return that same
+        instance instead of a second one. DEADLINE_EXCEEDED is not retried: the call was bounded
+        by the caller's own time, and spending more of it is not this method's decision. Other
+        codes are answers (a bad template, a quota) that a retry would only repeat.
+        """
+        backoff = Backoff(first=0.5, cap=5.0, give_up_after=CREATE_RETRY_SECONDS)
+        while True:
+            try:
+                return await self._t.unary(self._t.instances.CreateInstance, request, timeout=max(self._t.timeout, 120))
+            except Unavailable:
+                delay = backoff.next_delay()
+                if delay is None:
+                    raise
+                await _retry.sleep(delay)
+
+    async def watch(
+        self, instance_id: str | None = None, *, cursor: str | None = None, give_up_after: float = 300.0
+    ) -> AsyncInstanceWatch:
+        """Watch the lifecycle changes of the caller's instances (or of one); returns once the watch is in place.
+
+        Iterate it for `InstanceEvent`s. Every change after that point (or after `cursor`, the
+        `InstanceEvent.cursor` of an earlier watch) is seen once, in order, even across a
+        restart of the event store or of the services: the watch reconnects by itself with
+        back-off and resumes where it was. A cursor older than the server's retention raises
+        CyberdeskError with code OUT_OF_RANGE; a revoked key ends it with Unauthenticated.
+        """
+        watch = AsyncInstanceWatch(self._t, instance_id or "", cursor or "", give_up_after)
+        await watch._start()
+        return watch
 
     async def get(self, instance_id: str) -> AsyncInstance:
         """One instance by id (NotFound if it is not the caller's)."""

@@ -407,7 +407,11 @@ class CreateInstanceRequest(_message.Message):
     snapshot_id: _builtins.str
     """Restore the files (and, where possible, memory) of this snapshot."""
     request_id: _builtins.str
-    """Idempotency key: a retried request with the same id returns the same instance."""
+    """Idempotency key: a retried request with the same id returns the same instance, so a
+    client may resend a CreateInstance that failed with UNAVAILABLE (the SDKs send a random
+    UUID by default and retry UNAVAILABLE with back-off). Unique per tenant; at most 128
+    characters.
+    """
     disk_mib: _builtins.int
     """Disk size of the instance's writable layer in MiB (default: the template's, 2048 for "base").
     The kernel enforces it: writes beyond it fail with ENOSPC inside the instance.
@@ -810,16 +814,24 @@ class WatchInstancesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """Only changes of this instance (all of the tenant's when empty)."""
+    cursor: _builtins.str
+    """Replay every change after this one (the `cursor` of a response received earlier), then
+    continue live. Empty: from now on. OUT_OF_RANGE when the stream no longer holds the changes
+    after it (older than the retention of about 1,000,000 changes); INVALID_ARGUMENT when it is
+    not a cursor. In REST: `GET /v1/instances:watch?cursor=...`.
+    """
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -835,10 +847,15 @@ class WatchInstancesResponse(_message.Message):
     INSTANCE_FIELD_NUMBER: _builtins.int
     PREVIOUS_STATE_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id of the event (a Redis stream id); events are delivered at least once."""
     previous_state: Global___InstanceState.ValueType
     """The state before the change."""
+    cursor: _builtins.str
+    """Where this change sits in the event stream: pass it as WatchInstancesRequest.cursor to
+    resume after it (today the same value as `event_id`; treat it as opaque).
+    """
     @_builtins.property
     def instance(self) -> Global___Instance:
         """The instance after the change."""
@@ -854,10 +871,11 @@ class WatchInstancesResponse(_message.Message):
         instance: Global___Instance | None = ...,
         previous_state: Global___InstanceState.ValueType = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "instance", b"instance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "event_time", b"event_time", "instance", b"instance", "previous_state", b"previous_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event_id", b"event_id", "event_time", b"event_time", "instance", b"instance", "previous_state", b"previous_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

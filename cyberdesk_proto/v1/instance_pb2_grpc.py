@@ -160,6 +160,14 @@ class InstanceServiceServicer:
 
     def WatchInstances(self, request, context):
         """Streams the state changes of the caller's instances (or of one instance) as they happen.
+        Every response carries a `cursor`; a watch opened with `cursor` replays every change after
+        that one, then goes on live, with no gap and no duplicate. The stream keeps about the last
+        1,000,000 changes of all tenants: a cursor older than that is OUT_OF_RANGE (read the current
+        state with ListInstances, then watch without a cursor), a cursor this API did not hand out is
+        INVALID_ARGUMENT. When the event store is unreachable the watch ends with UNAVAILABLE: open it
+        again with the last cursor received (the SDKs do this by themselves). The watch is in place
+        when the response headers arrive; they carry `cyberdesk-watch-cursor`, the position it
+        starts after, so a watcher that received no change yet can resume from there too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,7 +56,16 @@ class InstanceServiceStub:
     ResumeInstance: _grpc.UnaryUnaryMultiCallable[_instance_pb2.ResumeInstanceRequest, _instance_pb2.ResumeInstanceResponse]
     """Resumes a paused instance. FAILED_PRECONDITION when the instance is not PAUSED."""
     WatchInstances: _grpc.UnaryStreamMultiCallable[_instance_pb2.WatchInstancesRequest, _instance_pb2.WatchInstancesResponse]
-    """Streams the state changes of the caller's instances (or of one instance) as they happen."""
+    """Streams the state changes of the caller's instances (or of one instance) as they happen.
+    Every response carries a `cursor`; a watch opened with `cursor` replays every change after
+    that one, then goes on live, with no gap and no duplicate. The stream keeps about the last
+    1,000,000 changes of all tenants: a cursor older than that is OUT_OF_RANGE (read the current
+    state with ListInstances, then watch without a cursor), a cursor this API did not hand out is
+    INVALID_ARGUMENT. When the event store is unreachable the watch ends with UNAVAILABLE: open it
+    again with the last cursor received (the SDKs do this by themselves). The watch is in place
+    when the response headers arrive; they carry `cyberdesk-watch-cursor`, the position it
+    starts after, so a watcher that received no change yet can resume from there too.
+    """
     CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_instance_pb2.CreateSnapshotRequest, _instance_pb2.CreateSnapshotResponse]
     """Takes a snapshot of an instance's files (and, where the runtime can, its memory)."""
     GetSnapshot: _grpc.UnaryUnaryMultiCallable[_instance_pb2.GetSnapshotRequest, _instance_pb2.GetSnapshotResponse]
@@ -94,7 +103,16 @@ class InstanceServiceAsyncStub(InstanceServiceStub):
     ResumeInstance: _aio.UnaryUnaryMultiCallable[_instance_pb2.ResumeInstanceRequest, _instance_pb2.ResumeInstanceResponse]  # type: ignore[assignment]
     """Resumes a paused instance. FAILED_PRECONDITION when the instance is not PAUSED."""
     WatchInstances: _aio.UnaryStreamMultiCallable[_instance_pb2.WatchInstancesRequest, _instance_pb2.WatchInstancesResponse]  # type: ignore[assignment]
-    """Streams the state changes of the caller's instances (or of one instance) as they happen."""
+    """Streams the state changes of the caller's instances (or of one instance) as they happen.
+    Every response carries a `cursor`; a watch opened with `cursor` replays every change after
+    that one, then goes on live, with no gap and no duplicate. The stream keeps about the last
+    1,000,000 changes of all tenants: a cursor older than that is OUT_OF_RANGE (read the current
+    state with ListInstances, then watch without a cursor), a cursor this API did not hand out is
+    INVALID_ARGUMENT. When the event store is unreachable the watch ends with UNAVAILABLE: open it
+    again with the last cursor received (the SDKs do this by themselves). The watch is in place
+    when the response headers arrive; they carry `cyberdesk-watch-cursor`, the position it
+    starts after, so a watcher that received no change yet can resume from there too.
+    """
     CreateSnapshot: _aio.UnaryUnaryMultiCallable[_instance_pb2.CreateSnapshotRequest, _instance_pb2.CreateSnapshotResponse]  # type: ignore[assignment]
     """Takes a snapshot of an instance's files (and, where the runtime can, its memory)."""
     GetSnapshot: _aio.UnaryUnaryMultiCallable[_instance_pb2.GetSnapshotRequest, _instance_pb2.GetSnapshotResponse]  # type: ignore[assignment]
@@ -177,7 +195,16 @@ class InstanceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _instance_pb2.WatchInstancesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_instance_pb2.WatchInstancesResponse], _abc.AsyncIterator[_instance_pb2.WatchInstancesResponse]]:
-        """Streams the state changes of the caller's instances (or of one instance) as they happen."""
+        """Streams the state changes of the caller's instances (or of one instance) as they happen.
+        Every response carries a `cursor`; a watch opened with `cursor` replays every change after
+        that one, then goes on live, with no gap and no duplicate. The stream keeps about the last
+        1,000,000 changes of all tenants: a cursor older than that is OUT_OF_RANGE (read the current
+        state with ListInstances, then watch without a cursor), a cursor this API did not hand out is
+        INVALID_ARGUMENT. When the event store is unreachable the watch ends with UNAVAILABLE: open it
+        again with the last cursor received (the SDKs do this by themselves). The watch is in place
+        when the response headers arrive; they carry `cyberdesk-watch-cursor`, the position it
+        starts after, so a watcher that received no change yet can resume from there too.
+        """
 
     @_abc_1.abstractmethod
     def CreateSnapshot(

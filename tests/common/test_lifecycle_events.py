@@ -150,3 +150,26 @@ def test_a_block_longer_than_the_socket_timeout_is_refused() -> None:
 
     with pytest.raises(ValueError, match="outlast the socket timeout"):
         _run(scenario())
+
+
+# -- cursors (pure) ---------------------------------------------------------------------------
+
+
+def test_a_cursor_is_a_stream_id_and_nothing_else() -> None:
+    assert lifecycle_events.parse_cursor("1700000000000-3") == (1700000000000, 3)
+    for bad in ("", "$", "-", "0", "12-", "-3", "a-1", "1-2-3", " 1-2", "1-" + "9" * 21):
+        with pytest.raises(lifecycle_events.BadCursor):
+            lifecycle_events.parse_cursor(bad)
+
+
+def test_stream_bounds_refuse_only_a_cursor_whose_followers_may_be_trimmed() -> None:
+    untrimmed = lifecycle_events.StreamBounds(last_generated=(50, 0), first_entry=(10, 0), trimmed=False)
+    assert untrimmed.problem((0, 0)) is None and untrimmed.problem((20, 0)) is None
+    trimmed = lifecycle_events.StreamBounds(last_generated=(50, 0), first_entry=(30, 0), trimmed=True)
+    assert trimmed.problem((30, 0)) is None and trimmed.problem((40, 1)) is None
+    assert "retention" in (trimmed.problem((29, 5)) or "")
+    assert "retention" in (trimmed.problem((0, 0)) or "")
+    emptied = lifecycle_events.StreamBounds(last_generated=(50, 0), first_entry=None, trimmed=True)
+    assert emptied.problem((50, 0)) is None and "retention" in (emptied.problem((49, 0)) or "")
+    # A cursor ahead of everything the stream generated is from a stream that was reset.
+    assert "reset" in (trimmed.problem((51, 0)) or "")
