@@ -6,10 +6,18 @@
 - `inject_metadata()` adds the current span's `traceparent` to outgoing metadata (for code that
   builds metadata itself, like the gateway's proxy); `TracingClientInterceptor` does the same for
   every call of a grpc.aio channel (`grpc.aio.insecure_channel(..., interceptors=[TracingClientInterceptor()])`).
+
+Without an exporter (`telemetry.setup_tracing` then installs no SDK provider) nothing would ever
+read a span, so none is recorded: each call runs in a *hop* span instead, a bare span context
+with a span id of its own under the caller's trace. Every service still passes on a traceparent
+naming its own hop, so a downstream service that does export joins the caller's trace all the
+same. Measured: an SDK span with its extract, inject and status cost ~75 us a call on the 2-core
+bench machine, paid twice per exec through the gateway (gateway and agent).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,7 +25,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from cyberdesk_common.server_interceptors import MethodWrappingInterceptor
 
@@ -43,6 +51,28 @@ def inject_metadata(metadata: Iterable[tuple[str, Any]] = ()) -> list[tuple[str,
     return [(k, v) for k, v in metadata if k not in _TRACE_KEYS] + list(carrier.items())
 
 
+def _recording() -> bool:
+    """Whether spans go anywhere: an SDK provider is installed (by setup_tracing with an exporter, or a test)."""
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
+def _hop(parent: otel_context.Context) -> otel_context.Context:
+    """`parent` with a non-recording span of this call as current: the caller's trace, a new span id.
+
+    A call without a caller's trace starts one (sampled, as the SDK's default sampler would).
+    """
+    caller = trace.get_current_span(parent).get_span_context()
+    trace_id = caller.trace_id if caller.is_valid else 0
+    while not trace_id:
+        trace_id = random.getrandbits(128)
+    span_id = 0
+    while not span_id:
+        span_id = random.getrandbits(64)
+    flags = caller.trace_flags if caller.is_valid else TraceFlags(TraceFlags.SAMPLED)
+    hop = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=caller.trace_state)
+    return trace.set_span_in_context(NonRecordingSpan(hop), parent)
+
+
 def _span_name(method: str) -> str:
     # "/cyberdesk.v1.ProcessService/StartProcess" -> "cyberdesk.v1.ProcessService/StartProcess"
     return method.lstrip("/")
@@ -63,6 +93,12 @@ def _wrap(method: str, fn: Callable[..., Any], streaming: bool) -> Callable[...,
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
         carrier: Sequence[tuple[str, Any]] = tuple(context.invocation_metadata() or ())
         parent = propagate.extract(carrier, getter=_GETTER)
+        if not _recording():
+            token = otel_context.attach(_hop(parent))
+            try:
+                return await fn(request, context)
+            finally:
+                otel_context.detach(token)
         with tracer.start_as_current_span(
             _span_name(method), context=parent, kind=SpanKind.SERVER, attributes=attributes
         ) as span:
@@ -74,8 +110,13 @@ def _wrap(method: str, fn: Callable[..., Any], streaming: bool) -> Callable[...,
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
         carrier: Sequence[tuple[str, Any]] = tuple(context.invocation_metadata() or ())
         parent = propagate.extract(carrier, getter=_GETTER)
-        span = tracer.start_span(_span_name(method), context=parent, kind=SpanKind.SERVER, attributes=attributes)
-        span_context = trace.set_span_in_context(span, parent)
+        recording = _recording()
+        span = (
+            tracer.start_span(_span_name(method), context=parent, kind=SpanKind.SERVER, attributes=attributes)
+            if recording
+            else None
+        )
+        span_context = trace.set_span_in_context(span, parent) if span is not None else _hop(parent)
         inner = fn(request, context).__aiter__()
         # The span is current only while the handler runs (each step of `inner`), never across our
         # own `yield`: a cancelled stream is closed from another context, where detaching a token
@@ -91,8 +132,9 @@ def _wrap(method: str, fn: Callable[..., Any], streaming: bool) -> Callable[...,
                     otel_context.detach(token)
                 yield item
         finally:
-            _finish(span, context)
-            span.end()
+            if span is not None:
+                _finish(span, context)
+                span.end()
 
     return stream if streaming else unary
 
