@@ -41,6 +41,7 @@ import grpc
 from bench._launch import ROOT, AgentProcess, agent, baseline_execd
 from bench._report import print_table, report
 from cyberdesk import keep_large_blocks
+from cyberdesk._requests import upload_trailer
 from cyberdesk_common.channel_options import SERVER_OPTIONS as DEFAULT_OPTIONS
 from cyberdesk_proto.v1 import filesystem_pb2 as fs
 from cyberdesk_proto.v1 import filesystem_pb2_grpc
@@ -128,6 +129,8 @@ def _agent_runs(running: AgentProcess, total: int, expected: str) -> list[dict[s
                 yield fs.UploadFileRequest(instance_id=running.instance_id, header=header)
                 for piece in chunks(total, CHUNK):
                     yield fs.UploadFileRequest(chunk=piece)
+                # The agent commits only on the trailer; `expected` is the sha256 of these chunks.
+                yield upload_trailer(total, expected)
 
             mark = cpu.mark()
             start = time.perf_counter()

@@ -37,6 +37,7 @@ import grpc
 from bench._launch import AgentProcess, agent, free_port
 from bench._report import latency_summary, print_table, report
 from bench.agent_files import chunks
+from cyberdesk._requests import upload_trailer
 from cyberdesk_proto.v1 import filesystem_pb2 as fs
 from cyberdesk_proto.v1 import filesystem_pb2_grpc, instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
 from cyberdesk_stack.processes import redis_server, spawn, stop, wait_healthy
@@ -236,6 +237,8 @@ def _transfer(
         yield fs.UploadFileRequest(instance_id=instance_id, header=fs.UploadFileHeader(path=path, overwrite=True))
         for piece in chunks(TOTAL, MIB):
             yield fs.UploadFileRequest(chunk=piece)
+        # The agent commits only on the trailer; `expected` is the sha256 of these chunks.
+        yield upload_trailer(TOTAL, expected)
 
     cpu0 = cpu()
     start = time.perf_counter()

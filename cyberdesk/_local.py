@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO
 
 Progress = Callable[[int, int | None], None]
@@ -35,3 +37,45 @@ def open_source(source: Source) -> tuple[BinaryIO, bool]:
     if isinstance(source, str | os.PathLike):
         return open(source, "rb"), True
     return source, False
+
+
+def seekable(stream: BinaryIO) -> bool:
+    """Whether `stream` can be read again from an earlier position (what resuming an upload needs)."""
+    try:
+        return bool(stream.seekable())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def new_upload_id() -> str:
+    """A fresh upload_id (24 hex digits, within the agent's 8-64 of [A-Za-z0-9_-])."""
+    return secrets.token_hex(12)
+
+
+@dataclass
+class Backoff:
+    """When to try an interrupted transfer again: exponential delays, a bounded number in a row.
+
+    Pure (it never sleeps). A retry that moved bytes forward starts the count again, so a long
+    transfer over a flaky link may be resumed many times, but one that keeps failing without
+    progress gives up after `attempts` tries (about 20 s of waiting with the defaults: long enough
+    for a gateway to be restarted, short enough for a person at a terminal).
+    """
+
+    attempts: int = 8
+    first: float = 0.25
+    cap: float = 4.0
+    failures: int = 0
+
+    def next_delay(self, progressed: bool) -> float | None:
+        """Seconds to wait before the next try; None when the transfer should give up."""
+        if progressed:
+            self.failures = 0
+        self.failures += 1
+        if self.failures > self.attempts:
+            return None
+        return float(min(self.cap, self.first * 2 ** (self.failures - 1)))
+
+    def reset(self) -> None:
+        """Bytes moved forward since the last failure: the count of tries in a row starts again."""
+        self.failures = 0

@@ -139,14 +139,32 @@ def state_filter(states: list[str] | None) -> list[instance_pb2.InstanceState.Va
 
 
 def upload_header(
-    path: str, *, overwrite: bool, create_parents: bool, mode: int | None, expected_sha256: str = ""
+    path: str,
+    *,
+    overwrite: bool,
+    create_parents: bool,
+    mode: int | None,
+    expected_sha256: str = "",
+    upload_id: str = "",
+    offset: int = 0,
 ) -> filesystem_pb2.UploadFileHeader:
-    """The UploadFileHeader for a destination path."""
+    """The UploadFileHeader for a destination path (a named one resumes from `offset`)."""
     if not path.startswith("/"):
         raise InvalidArgument(f"remote path {path!r} must be absolute (start with /)")
     return filesystem_pb2.UploadFileHeader(
-        path=path, mode=mode or 0, overwrite=overwrite, create_parents=create_parents, expected_sha256=expected_sha256
+        path=path,
+        mode=mode or 0,
+        overwrite=overwrite,
+        create_parents=create_parents,
+        expected_sha256=expected_sha256,
+        upload_id=upload_id,
+        offset=offset,
     )
+
+
+def upload_trailer(size: int, sha256: str) -> filesystem_pb2.UploadFileRequest:
+    """The last message of an upload: without it the instance commits nothing."""
+    return filesystem_pb2.UploadFileRequest(trailer=filesystem_pb2.UploadFileTrailer(size=size, sha256=sha256))
 
 
 def create_request(

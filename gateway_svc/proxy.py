@@ -11,6 +11,13 @@ Flow and lifetime rules:
 - The upstream call gets the caller's remaining time as its deadline; when the caller cancels,
   the handler task is cancelled and the `finally` cancels the upstream call; an upstream error
   reaches the caller with the same code, details and trailers (status details included).
+- A caller that dies between messages is not always a cancel here: grpc.aio ends the request
+  iterator normally when the connection drops (kill -9 of a client process: the kernel's FIN,
+  no END_STREAM) and cancels the handler only a moment later, so relaying that end would
+  half-close the upstream call as if the caller had finished. For a method whose last request
+  must carry an end marker (UploadFile's trailer, `_END_FIELDS`), a request stream that ends
+  without it cancels the upstream call instead (the agent discards or keeps the partial upload,
+  and never commits it) and the caller, if still there, gets ABORTED.
 - Metadata: the caller's API key and any `x-cyberdesk-*` header are stripped (a caller must not
   be able to claim a tenant); instance_svc gets the verified tenant and the internal token, an
   agent gets its own bearer token; `traceparent` is replaced by the gateway's span.
@@ -18,6 +25,7 @@ Flow and lifetime rules:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +40,14 @@ from gateway_svc.routing import WireError, read_instance_id
 __all__ = ["AGENT_SERVICES", "INSTANCE_SERVICE", "MethodInfo", "Proxy", "forwardable", "public_methods"]
 
 _FILES = (instance_pb2, process_pb2, filesystem_pb2, desktop_pb2)
+
+# Client-streaming methods -> the field number their last request must carry (see the module rules).
+_END_FIELDS: dict[str, int] = {
+    "/cyberdesk.v1.FilesystemService/UploadFile": filesystem_pb2.UploadFileRequest.DESCRIPTOR.fields_by_name[
+        "trailer"
+    ].number,
+}
+UNFINISHED = "the upload ended before its trailer (size and sha256); nothing was committed"
 
 
 @dataclass(frozen=True)
@@ -127,13 +143,19 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         async def stream_unary(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
             first = await _first(requests)
             up = await self._upstream(info, context, first)
-            call = up.channel.stream_unary(path, None, None)(
-                _chain(first, requests), metadata=up.metadata, timeout=up.timeout
-            )
+            relay = _Requests(first, requests, _END_FIELDS.get(path))
+            call = up.channel.stream_unary(path, None, None)(relay.messages(), metadata=up.metadata, timeout=up.timeout)
             try:
                 response: bytes = await call
             except grpc.aio.AioRpcError as err:
+                if relay.unfinished:
+                    await context.abort(grpc.StatusCode.ABORTED, UNFINISHED)
                 await self._fail(context, up, err)
+                raise
+            except asyncio.CancelledError:
+                # grpc.aio reports the call it cancelled itself (our iterator raised) this way.
+                if relay.unfinished:
+                    await context.abort(grpc.StatusCode.ABORTED, UNFINISHED)
                 raise
             finally:
                 call.cancel()
@@ -171,6 +193,71 @@ async def _first(requests: AsyncIterator[bytes]) -> bytes:
         return await anext(requests)
     except StopAsyncIteration:
         raise invalid_argument("the stream ended before its first message (which names the instance)") from None
+
+
+class _Unfinished(Exception):
+    """The caller's request stream ended without its end marker (raised into grpc.aio: it cancels the call)."""
+
+
+class _Requests:
+    """The caller's requests relayed upstream; with `end_field`, ended only by a message carrying it."""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes], end_field: int | None) -> None:
+        self._first = first
+        self._rest = rest
+        self._end_field = end_field
+        self.unfinished = False
+
+    async def messages(self) -> AsyncIterator[bytes]:
+        """`first`, then the rest; raises _Unfinished at the end when the last lacked the end field."""
+        ended = False
+        async for message in _chain(self._first, self._rest):
+            yield message
+            if self._end_field is not None:
+                ended = _carries_field(message, self._end_field)
+        if self._end_field is not None and not ended:
+            self.unfinished = True
+            raise _Unfinished()
+
+
+def _carries_field(data: bytes, number: int) -> bool:
+    """Whether the serialized message `data` has a top-level field `number` (tags read, payloads skipped).
+
+    A malformed message says False: the call is then cancelled rather than ended, the safe side.
+    """
+    view = memoryview(data)
+    pos, end = 0, len(view)
+    try:
+        while pos < end:
+            key, pos = _varint(view, pos)
+            field, wire = key >> 3, key & 7
+            if field == number:
+                return True
+            if wire == 0:
+                _, pos = _varint(view, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                length, pos = _varint(view, pos)
+                pos += length
+            else:
+                return False
+    except IndexError:
+        return False
+    return False
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = view[pos]  # IndexError when truncated
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80 or shift > 63:
+            return result, pos
+        shift += 7
 
 
 async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

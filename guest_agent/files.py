@@ -38,7 +38,7 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
         request_iterator: AsyncIterator[filesystem_pb2.UploadFileRequest],
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> filesystem_pb2.UploadFileResponse:
-        """Receive a header then chunks; write them to a temporary file and rename it onto the target."""
+        """Receive a header, chunks and a trailer; write a temporary file, rename it onto the target on the trailer."""
         messages = aiter(request_iterator)
         first = await anext(messages, None)
         if first is None or first.WhichOneof("data") != "header":
@@ -58,6 +58,16 @@ class FilesystemServicer(filesystem_pb2_grpc.FilesystemServiceServicer):
         async with contextlib.aclosing(self._transfers.download(request)) as chunks:
             async for message in chunks:
                 yield message
+
+    async def StatUpload(
+        self,
+        request: filesystem_pb2.StatUploadRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> filesystem_pb2.StatUploadResponse:
+        """How many bytes an interrupted named upload holds: the offset to resume it from."""
+        self._identity.check(request.instance_id)
+        stored = await self._transfers.stat_upload(request.path, request.upload_id)
+        return filesystem_pb2.StatUploadResponse(stored_size=stored)
 
     async def StatPath(
         self,

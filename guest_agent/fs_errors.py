@@ -22,7 +22,9 @@ _ERRNO: dict[int, tuple[grpc.StatusCode, str]] = {
     errno.EEXIST: (grpc.StatusCode.ALREADY_EXISTS, "already exists"),
     errno.EACCES: (grpc.StatusCode.PERMISSION_DENIED, "permission denied"),
     errno.EPERM: (grpc.StatusCode.PERMISSION_DENIED, "operation not permitted"),
-    errno.EROFS: (grpc.StatusCode.PERMISSION_DENIED, "read-only file system"),
+    # FAILED_PRECONDITION, not PERMISSION_DENIED: no credential would help; the place is mounted
+    # read-only (/usr in a sandbox) and the caller must write elsewhere.
+    errno.EROFS: (grpc.StatusCode.FAILED_PRECONDITION, "read-only file system"),
     errno.ENOTDIR: (grpc.StatusCode.FAILED_PRECONDITION, "not a directory (a path component is a file)"),
     errno.EISDIR: (grpc.StatusCode.FAILED_PRECONDITION, "is a directory, a file was expected"),
     errno.ENOTEMPTY: (grpc.StatusCode.FAILED_PRECONDITION, "directory not empty (set recursive to remove it)"),

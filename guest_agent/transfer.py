@@ -7,13 +7,18 @@ in parallel, written, chunk N+1 is being received; while chunk N is sent, chunk 
 hashed (the lanes of `transfer_lanes`).
 
 Uploads are atomic: bytes go to a temporary file in the target's directory, which is renamed onto
-the target only once complete (and matching `expected_sha256`). Writing to a path that is a
-symbolic link replaces the file the link points to and keeps the link, as `echo > link` would.
-A named upload (`upload_id`) that is interrupted keeps its temporary file, so it can resume from
-the offset it reached; its final sha256 covers the whole file. An upload that does not fit the
-instance's disk (ENOSPC, EDQUOT) is RESOURCE_EXHAUSTED naming the disk's size, and its temporary
-file is removed, named or not: the target keeps its old content and no partial file holds space.
-Downloads may ask for a range; the last message carries the sha256 of the bytes sent.
+the target only once the caller's trailer has arrived and its size and sha256 match what was
+stored (and `expected_sha256`, when set). The end of the request stream is not enough: a caller
+that dies between messages can reach the agent as a clean half-close (grpc.aio ends the request
+iterator normally before it cancels the handler, and a proxy may pass the end on), so without the
+trailer nothing is committed. Writing to a path that is a symbolic link replaces the file the link
+points to and keeps the link, as `echo > link` would. A named upload (`upload_id`) that is
+interrupted keeps its temporary file, so it can resume from the offset it reached (`stat_upload`
+reports it); its final sha256 covers the whole file. An upload that does not fit the instance's
+disk (ENOSPC, EDQUOT) is RESOURCE_EXHAUSTED naming the disk's size, and its temporary file is
+removed, named or not: the target keeps its old content and no partial file holds space.
+Downloads may ask for a range; the last message carries the sha256 of the bytes sent and, when
+asked, of the whole file (a resumed download's check).
 """
 
 from __future__ import annotations
@@ -108,9 +113,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _hash_prefix(fd: int, size: int) -> hashlib._Hash:
-    """sha256 of the first `size` bytes of `fd` (a resumed upload's partial file)."""
-    digest = hashlib.sha256()
+def _hash_prefix(fd: int, size: int, digest: hashlib._Hash | None = None) -> hashlib._Hash:
+    """`digest` (a new sha256 by default) updated with the first `size` bytes of `fd`.
+
+    A resumed upload's partial file, or the bytes before a resumed download's offset.
+    """
+    if digest is None:
+        digest = hashlib.sha256()
     position = 0
     while position < size:
         block = os.pread(fd, min(DOWNLOAD_CHUNK, size - position), position)
@@ -196,7 +205,8 @@ class Upload:
                 ) from None
             raise not_found(f"directory {parent} does not exist") from None
         except OSError as err:
-            raise os_error(err, parent, "write in") from None
+            # The temporary file is an implementation detail: the caller asked to write the target.
+            raise os_error(err, target, "write") from None
         partial = os.fstat(self.fd).st_size
         if partial < offset:
             raise failed_precondition(
@@ -224,15 +234,28 @@ class Upload:
             start_writeback(self.fd, self.written_back, self.size - self.written_back)
             self.written_back = self.size
 
-    def commit(self) -> str:
-        """Check the hash, make the bytes durable and put them under the target name; returns the hex digest."""
+    def commit(self, trailer: filesystem_pb2.UploadFileTrailer) -> str:
+        """Check the trailer and the hash, make the bytes durable and put them under the target name.
+
+        Returns the hex digest. A mismatch drops the partial file even of a named upload: bytes
+        that do not add up to what the caller says it sent are no base to resume from.
+        """
         sha = self.digest.hexdigest()
-        if self.expected and sha != self.expected:
+        if trailer.size != self.size:
             self.keep_partial = False
             raise RpcError(
                 grpc.StatusCode.DATA_LOSS,
-                f"content of {self.target} has sha256 {sha}, not the expected {self.expected}; nothing was written",
+                f"the trailer of the upload to {self.target} says {trailer.size} bytes but {self.size} arrived; "
+                "nothing was written",
             )
+        claimed = check_sha256(trailer.sha256, "trailer.sha256")
+        for what, wanted in (("the trailer's", claimed), ("the expected", self.expected)):
+            if wanted and sha != wanted:
+                self.keep_partial = False
+                raise RpcError(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"content of {self.target} has sha256 {sha}, not {what} {wanted}; nothing was written",
+                )
         try:
             os.fchmod(self.fd, self.mode)
             # fsync before the rename: otherwise a crash could leave an empty file under the target name.
@@ -274,7 +297,9 @@ class Upload:
                 ) from None
             os.rename(self.temp, self.target)
             return
-        os.unlink(self.temp)
+        # The target is in place; a temporary name left behind would only be clutter.
+        with contextlib.suppress(OSError):
+            os.unlink(self.temp)
 
     def cleanup(self) -> None:
         """Close the descriptor; drop the temporary file unless a named upload may resume it."""
@@ -282,7 +307,10 @@ class Upload:
             os.close(self.fd)
             self.fd = -1
         if not self.keep_partial:
-            with contextlib.suppress(FileNotFoundError):
+            # Any OSError, not only a missing file: on a read-only file system unlink(2) fails with
+            # EROFS even for a name that does not exist (the mount is checked before the lookup),
+            # and raised here, from a `finally`, it replaced the meaningful status with INTERNAL.
+            with contextlib.suppress(OSError):
                 os.unlink(self.temp)
 
 
@@ -308,9 +336,15 @@ class TransferEngine:
         cancelled = False
         try:
             await asyncio.to_thread(upload.prepare)
+            trailer: filesystem_pb2.UploadFileTrailer | None = None
             async for message in chunks:
-                if message.WhichOneof("data") == "header":
+                kind = message.WhichOneof("data")
+                if kind == "header":
                     raise invalid_argument("only the first message of an upload may carry a header")
+                if kind == "trailer":
+                    # The caller's explicit end: what follows it, if anything, is not read.
+                    trailer = message.trailer
+                    break
                 chunk = message.chunk
                 if not chunk:
                     continue
@@ -318,7 +352,9 @@ class TransferEngine:
                 await writing.submit(upload.write, chunk)
             await hashing.drain()
             await writing.drain()
-            sha = await asyncio.to_thread(upload.commit)
+            if trailer is None:
+                raise RpcError(grpc.StatusCode.ABORTED, self._unfinished(upload))
+            sha = await asyncio.to_thread(upload.commit, trailer)
             return filesystem_pb2.UploadFileResponse(path=upload.target, size=upload.size, sha256=sha)
         except asyncio.CancelledError:
             cancelled = True
@@ -338,6 +374,33 @@ class TransferEngine:
                     await settle([hashing, writing])
             finally:
                 when_idle([hashing, writing], release)
+
+    @staticmethod
+    def _unfinished(upload: Upload) -> str:
+        what = f"the upload to {upload.target} ended before its trailer (size and sha256); the target is unchanged"
+        if upload.keep_partial:
+            return f"{what}; {upload.size} bytes are kept under upload_id {upload.header.upload_id}: resume from there"
+        return f"{what} and the bytes sent were discarded"
+
+    async def stat_upload(self, path: str, upload_id: str) -> int:
+        """Bytes stored by the interrupted named upload `upload_id` to `path`: the offset to resume from."""
+        requested = require_absolute(path, "path")
+        if not upload_id:
+            raise invalid_argument("upload_id is required")
+        check_upload_id(upload_id)
+        target = await asyncio.to_thread(_resolve_target, requested)
+        temp = temp_name(target, upload_id)
+        if temp in self._active:
+            # Its last write may still be landing (a cancelled call releases once its lanes are
+            # idle): a size read now could be stale by the time the caller resumes.
+            raise RpcError(grpc.StatusCode.ABORTED, f"upload {upload_id} of {target} is still in progress; ask again")
+        try:
+            st = await asyncio.to_thread(os.stat, temp)
+        except FileNotFoundError:
+            raise not_found(f"no interrupted upload {upload_id} of {target} is stored") from None
+        except OSError as err:
+            raise os_error(err, target, "inspect the upload to") from None
+        return st.st_size
 
     async def download(
         self, request: filesystem_pb2.DownloadFileRequest
@@ -366,6 +429,19 @@ class TransferEngine:
                 )
             end = total if request.length == 0 else min(total, request.offset + request.length)
             digest = hashlib.sha256()
+            # The whole file's hash: from offset 0 it is the hash of the bytes sent; from further on,
+            # the bytes before the offset are hashed first (read again, in the reading lane), then
+            # every chunk sent goes into both.
+            whole: hashlib._Hash | None = None
+            if request.file_sha256 and end == total and request.offset > 0:
+                whole = hashlib.sha256()
+
+            def prefix() -> None:
+                assert whole is not None
+                try:
+                    _hash_prefix(fd, request.offset, whole)
+                except OSError as err:
+                    raise os_error(err, path, "read") from None
 
             def read(position: int) -> bytes:
                 # Hashing here, not on the event loop, overlaps it with sending the previous
@@ -376,10 +452,19 @@ class TransferEngine:
                 except OSError as err:
                     raise os_error(err, path, "read") from None
                 digest.update(chunk)
+                if whole is not None:
+                    whole.update(chunk)
                 return chunk
+
+            def file_sha() -> str:
+                if not request.file_sha256 or end != total:
+                    return ""
+                return (whole or digest).hexdigest()
 
             position = request.offset
             first = True
+            if whole is not None:
+                await reader.submit(prefix)
             if position < end:
                 await reader.submit(read, position)
             while reader.job is not None:
@@ -396,11 +481,15 @@ class TransferEngine:
                     chunk=chunk,
                     total_size=total if first else 0,
                     sha256=digest.hexdigest() if last else "",
+                    file_sha256=file_sha() if last else "",
                 )
                 first = False
                 if last:
                     return
-            yield filesystem_pb2.DownloadFileResponse(total_size=total if first else 0, sha256=digest.hexdigest())
+            await reader.drain()  # The prefix's hash, when nothing after it was to be sent.
+            yield filesystem_pb2.DownloadFileResponse(
+                total_size=total if first else 0, sha256=digest.hexdigest(), file_sha256=file_sha()
+            )
         finally:
             # A read may still run in a thread when the call is cancelled: close after it.
             when_idle([reader], lambda: os.close(fd))

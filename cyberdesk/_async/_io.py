@@ -12,7 +12,19 @@ import asyncio
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+
+T = TypeVar("T")
+
+
+async def pause(seconds: float) -> None:
+    """Wait before a transfer's next try (asyncio.sleep; time.sleep on the sync side)."""
+    await asyncio.sleep(seconds)
+
+
+async def in_thread(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) in a worker thread (local disk work: re-hashing a resumed upload's bytes)."""
+    return await asyncio.to_thread(fn, *args)
 
 
 async def read_chunk(stream: BinaryIO, size: int) -> bytes:

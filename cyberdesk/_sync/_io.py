@@ -9,9 +9,22 @@ thread they overlap with sending or receiving the next chunk.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+
+T = TypeVar("T")
+
+
+def pause(seconds: float) -> None:
+    """Wait before a transfer's next try."""
+    time.sleep(seconds)
+
+
+def in_thread(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) (the sync side is already off any event loop)."""
+    return fn(*args)
 
 
 def read_chunk(stream: BinaryIO, size: int) -> bytes:

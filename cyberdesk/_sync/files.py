@@ -5,18 +5,35 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from cyberdesk._errors import DataLoss, NotFound
-from cyberdesk._local import Destination, Progress, Source, open_source, size_of
+import grpc
+
+from cyberdesk._errors import CyberdeskError, DataLoss, NotFound, Unavailable
+from cyberdesk._local import Backoff, Destination, Progress, Source, new_upload_id, open_source, seekable, size_of
 from cyberdesk._models import FileInfo, FsEvent, UploadResult
-from cyberdesk._requests import CHUNK, upload_header
-from cyberdesk._sync._io import Background, open_local, read_chunk
+from cyberdesk._requests import CHUNK, upload_header, upload_trailer
+from cyberdesk._sync._io import Background, in_thread, open_local, pause, read_chunk
 from cyberdesk._sync._transport import ResponseStream, Transport
 from cyberdesk_proto.v1 import filesystem_pb2
+
+# Interruptions and resumes are logged as warnings: silent unless the application (or the CLI)
+# configures logging, as a library should be.
+_log = logging.getLogger("cyberdesk.files")
+_log.addHandler(logging.NullHandler())
+
+
+def _resumable(err: CyberdeskError, upload: bool) -> bool:
+    """Whether `err` ended a transfer in a way worth trying again.
+
+    Unavailable: the connection or a server on the way went away (a gateway restarted). For an
+    upload, ABORTED too: an earlier try of the same upload is still being released by the agent.
+    """
+    return isinstance(err, Unavailable) or (upload and err.code is grpc.StatusCode.ABORTED)
 
 
 def upload_requests(
@@ -27,12 +44,14 @@ def upload_requests(
     total: int | None,
     progress: Progress | None,
 ) -> Iterator[filesystem_pb2.UploadFileRequest]:
-    """Header, then chunks of `stream`, hashing what is sent and reporting progress.
+    """Header, then chunks of `stream`, hashing what is sent and reporting progress, then the trailer.
 
-    `digest` is complete once the iteration is exhausted (the last hash job is waited for).
+    `digest` holds the hash of the `header.offset` bytes before (a resumed upload) and covers the
+    whole file when the trailer goes out: the instance commits only on a trailer whose size and
+    sha256 match, so a caller that dies mid-stream can never leave a half file.
     """
     yield filesystem_pb2.UploadFileRequest(instance_id=instance_id, header=header)
-    done = 0
+    done = header.offset
     with Background() as hasher:
         while chunk := read_chunk(stream, CHUNK):
             # The chunk is hashed while gRPC serialises and sends it (bytes are immutable, so
@@ -45,6 +64,21 @@ def upload_requests(
         hasher.wait()
     if progress is not None and done == 0:
         progress(0, total)
+    yield upload_trailer(done, digest.hexdigest())
+
+
+def _hash_prefix(stream: BinaryIO, start: int, size: int) -> hashlib._Hash:
+    """The sha256 of `size` bytes of `stream` from `start`, leaving it positioned after them."""
+    digest = hashlib.sha256()
+    stream.seek(start)
+    left = size
+    while left > 0:
+        block = stream.read(min(CHUNK, left))
+        if not block:
+            raise DataLoss(f"the source ended {left} bytes before the {size} bytes already uploaded")
+        digest.update(block)
+        left -= len(block)
+    return digest
 
 
 class Files:
@@ -63,25 +97,82 @@ class Files:
         create_parents: bool = True,
         mode: int | None = None,
         progress: Progress | None = None,
+        resume: bool = True,
     ) -> UploadResult:
         """Upload a local file (path), an open binary file or bytes to `path`.
 
         The file appears under its name only once complete, and its sha256 is checked against the
-        bytes sent (DataLoss on a mismatch).
+        bytes sent (DataLoss on a mismatch). With `resume` (the default) and a source that can
+        seek, an upload cut by a lost connection (Unavailable) is resumed from the bytes the
+        instance holds, with backoff, a bounded number of tries in a row without progress; a
+        resumed upload is checked by the whole file's sha256 all the same. An upload given up
+        leaves its partial bytes in a hidden file beside the target.
         """
         stream, owned = open_source(source)
         try:
-            digest = hashlib.sha256()
-            total = size_of(stream)
-            head = upload_header(path, overwrite=overwrite, create_parents=create_parents, mode=mode)
-            requests = upload_requests(self._id, stream, head, digest, total, progress)
-            reply = self._t.unary(self._t.files.UploadFile, requests, timeout=None)
+            return self._upload(stream, path, overwrite, create_parents, mode, progress, resume)
         finally:
             if owned:
                 stream.close()
+
+    def _upload(
+        self,
+        stream: BinaryIO,
+        path: str,
+        overwrite: bool,
+        create_parents: bool,
+        mode: int | None,
+        progress: Progress | None,
+        resume: bool,
+    ) -> UploadResult:
+        total = size_of(stream)
+        can_resume = resume and seekable(stream)
+        upload_id = new_upload_id() if can_resume else ""
+        start = stream.tell() if can_resume else 0
+        backoff = Backoff()
+        offset = 0
+        reached = 0
+        digest = hashlib.sha256()
+        while True:
+            head = upload_header(
+                path, overwrite=overwrite, create_parents=create_parents, mode=mode, upload_id=upload_id, offset=offset
+            )
+            requests = upload_requests(self._id, stream, head, digest, total, progress)
+            try:
+                reply = self._t.unary(self._t.files.UploadFile, requests, timeout=None)
+                break
+            except CyberdeskError as err:
+                if not (can_resume and _resumable(err, upload=True)):
+                    raise
+                offset = self._stored(path, upload_id, backoff, err)
+                if offset > reached:
+                    backoff.reset()  # bytes moved forward since the last interruption
+                    reached = offset
+                _log.warning("resuming the upload to %s from byte %d", path, offset)
+                digest = in_thread(_hash_prefix, stream, start, offset)
         if reply.sha256 and reply.sha256 != digest.hexdigest():
             raise DataLoss(f"upload of {path}: the instance stored sha256 {reply.sha256}, sent {digest.hexdigest()}")
         return UploadResult(reply.path, reply.size, reply.sha256)
+
+    def _stored(self, path: str, upload_id: str, backoff: Backoff, err: CyberdeskError) -> int:
+        """After `err` cut the upload: wait, then ask the instance how many bytes it kept (0: none)."""
+        request = filesystem_pb2.StatUploadRequest(instance_id=self._id, path=path, upload_id=upload_id)
+        while True:
+            delay = backoff.next_delay(progressed=False)
+            if delay is None:
+                raise err
+            _log.warning("the upload to %s was interrupted (%s); trying again in %.2f s", path, err, delay)
+            pause(delay)
+            try:
+                reply = self._t.unary(self._t.files.StatUpload, request)
+            except NotFound:
+                return 0
+            except CyberdeskError as again:
+                if not _resumable(again, upload=True):
+                    raise
+                err = again
+                continue
+            return int(reply.stored_size)
 
     def write(
         self, path: str, data: bytes | str, *, mode: int | None = None, create_parents: bool = True
@@ -90,29 +181,74 @@ class Files:
         payload = data.encode() if isinstance(data, str) else data
         return self.upload(payload, path, overwrite=True, create_parents=create_parents, mode=mode)
 
-    def iter_download(self, path: str, *, offset: int = 0, length: int = 0) -> Iterator[tuple[bytes, int]]:
-        """Chunks of a file with the file's total size; the sha256 is checked at the end."""
-        request = filesystem_pb2.DownloadFileRequest(instance_id=self._id, path=path, offset=offset, length=length)
-        digest = hashlib.sha256()
-        total = 0
-        with Background() as hasher:
-            for reply in self._t.stream(self._t.files.DownloadFile, request):
-                total = reply.total_size or total
-                chunk = reply.chunk  # Each read of the field is a copy: read it once.
-                if chunk:
-                    # Hashed while the next message is received.
-                    hasher.run(digest.update, chunk)
-                    yield chunk, total
-                if reply.sha256:
-                    hasher.wait()
-                    sha = digest.hexdigest()
-                    if reply.sha256 != sha:
-                        raise DataLoss(f"download of {path}: sha256 {sha} differs from the instance's {reply.sha256}")
+    def iter_download(
+        self, path: str, *, offset: int = 0, length: int = 0, resume: bool = True
+    ) -> Iterator[tuple[bytes, int]]:
+        """Chunks of a file with the file's total size; the sha256 is checked at the end.
 
-    def download(self, path: str, destination: Destination, *, progress: Progress | None = None) -> int:
+        A whole-file download (offset and length 0) cut by a lost connection (Unavailable) is
+        resumed from the next byte, with backoff (see `upload`), unless `resume` is False; it then
+        ends with the instance's sha256 of the whole file compared with the hash of every byte
+        received. A file whose size changes between tries is DataLoss.
+        """
+        whole = resume and offset == 0 and length == 0
+        digest = hashlib.sha256()
+        position = offset
+        total = -1
+        backoff = Backoff()
+        with Background() as hasher:
+            while True:
+                resumed = position > offset
+                request = filesystem_pb2.DownloadFileRequest(
+                    instance_id=self._id, path=path, offset=position, length=length, file_sha256=resumed
+                )
+                before = position
+                try:
+                    for reply in self._t.stream(self._t.files.DownloadFile, request):
+                        if reply.total_size or total < 0:
+                            if total >= 0 and reply.total_size != total:
+                                raise DataLoss(
+                                    f"download of {path}: the file changed from {total} to {reply.total_size} "
+                                    "bytes while it was being resumed"
+                                )
+                            total = reply.total_size
+                        chunk = reply.chunk  # Each read of the field is a copy: read it once.
+                        if chunk:
+                            # Hashed while the next message is received.
+                            hasher.run(digest.update, chunk)
+                            position += len(chunk)
+                            yield chunk, total
+                        if reply.sha256:
+                            hasher.wait()
+                            sha = digest.hexdigest()
+                            theirs = reply.file_sha256 if resumed else reply.sha256
+                            if theirs != sha:
+                                what = "the whole file's" if resumed else "the instance's"
+                                raise DataLoss(f"download of {path}: sha256 {sha} differs from {what} {theirs}")
+                            return
+                    return
+                except CyberdeskError as err:
+                    if not (whole and _resumable(err, upload=False)):
+                        raise
+                    delay = backoff.next_delay(progressed=position > before)
+                    if delay is None:
+                        raise
+                    _log.warning(
+                        "the download of %s was interrupted at byte %d (%s); resuming in %.2f s",
+                        path,
+                        position,
+                        err,
+                        delay,
+                    )
+                    pause(delay)
+
+    def download(
+        self, path: str, destination: Destination, *, progress: Progress | None = None, resume: bool = True
+    ) -> int:
         """Download `path` into a local file (path or open binary file); returns the byte count.
 
-        A local path is written to a temporary name beside it and renamed when complete and verified.
+        A local path is written to a temporary name beside it and renamed when complete and
+        verified. A lost connection is resumed from the next byte (see `iter_download`).
         """
         if isinstance(destination, str | os.PathLike):
             target = Path(destination)
@@ -122,7 +258,7 @@ class Files:
                 try:
                     with Background() as writer:
                         # The file is ours: it is written in a helper thread while the next chunk arrives.
-                        count = self._copy(path, out, progress, writer)
+                        count = self._copy(path, out, progress, resume, writer)
                         writer.wait()
                 finally:
                     out.close()
@@ -130,11 +266,13 @@ class Files:
             finally:
                 partial.unlink(missing_ok=True)
             return count
-        return self._copy(path, destination, progress)
+        return self._copy(path, destination, progress, resume)
 
-    def _copy(self, path: str, out: BinaryIO, progress: Progress | None, writer: Background | None = None) -> int:
+    def _copy(
+        self, path: str, out: BinaryIO, progress: Progress | None, resume: bool, writer: Background | None = None
+    ) -> int:
         done = 0
-        for chunk, total in self.iter_download(path):
+        for chunk, total in self.iter_download(path, resume=resume):
             if writer is not None:
                 writer.run(out.write, chunk)
             else:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import posixpath
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +252,8 @@ def cmd_cp(args: argparse.Namespace) -> int:
                 target = posixpath.join(target, local.name)
             bar = ProgressBar(f"{local.name} ->")
             try:
-                result = files.upload(local, target, progress=bar)
+                with _notes(bar):
+                    result = files.upload(local, target, progress=bar)
             finally:
                 bar.finish()
             if not args.quiet:
@@ -264,7 +267,8 @@ def cmd_cp(args: argparse.Namespace) -> int:
             bar = ProgressBar(f"-> {dest.name}")
             digest = hashlib.sha256()
             try:
-                count = files.download(src[1], dest, progress=bar)
+                with _notes(bar):
+                    count = files.download(src[1], dest, progress=bar)
             finally:
                 bar.finish()
             if not args.quiet:
@@ -272,6 +276,29 @@ def cmd_cp(args: argparse.Namespace) -> int:
                     digest = hashlib.file_digest(got, "sha256")
                 print(f"{dest}  {human_size(count)}  sha256 {digest.hexdigest()}")
     return 0
+
+
+class _BarNotes(logging.Handler):
+    """The SDK's transfer warnings (an interruption, a resume) as lines above the progress bar."""
+
+    def __init__(self, bar: ProgressBar) -> None:
+        super().__init__(logging.WARNING)
+        self._bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._bar.note(record.getMessage())
+
+
+@contextmanager
+def _notes(bar: ProgressBar) -> Iterator[None]:
+    """Show the SDK's transfer warnings while the block runs: a resumed transfer says so and from where."""
+    logger = logging.getLogger("cyberdesk.files")
+    handler = _BarNotes(bar)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _is_remote_dir(files: Any, path: str) -> bool:

@@ -61,6 +61,14 @@ class ProgressBar:
         sys.stderr.flush()
         self._shown = True
 
+    def note(self, text: str) -> None:
+        """Print `text` on a line of its own (a terminal or not); the bar goes on below it."""
+        if self._shown:
+            sys.stderr.write("\n")
+            self._shown = False
+        sys.stderr.write(f"cyberdesk: {text}\n")
+        sys.stderr.flush()
+
     def finish(self) -> None:
         """End the bar's line."""
         if self._shown:

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63yberdesk/v1/filesystem.proto\x12\x0c\x63yberdesk.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.cyberdesk.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0c\n\x04mode\x18\x05 \x01(\r\x12/\n\x0bmodify_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esymlink_target\x18\x07 \x01(\t\"\x95\x01\n\x10UploadFileHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x11\n\toverwrite\x18\x03 \x01(\x08\x12\x16\n\x0e\x63reate_parents\x18\x04 \x01(\x08\x12\x17\n\x0f\x65xpected_sha256\x18\x05 \x01(\t\x12\x11\n\tupload_id\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x03\"s\n\x11UploadFileRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x30\n\x06header\x18\x02 \x01(\x0b\x32\x1e.cyberdesk.v1.UploadFileHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"@\n\x12UploadFileResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"X\n\x13\x44ownloadFileRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"I\n\x14\x44ownloadFileResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"4\n\x0fStatPathRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"8\n\x10StatPathResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.cyberdesk.v1.FileInfo\"H\n\x14ListDirectoryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\"@\n\x15ListDirectoryResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.cyberdesk.v1.FileInfo\"X\n\x14MakeDirectoryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07parents\x18\x03 \x01(\x08\x12\x0c\n\x04mode\x18\x04 \x01(\r\"=\n\x15MakeDirectoryResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.cyberdesk.v1.FileInfo\"^\n\x0fMovePathRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x11\n\toverwrite\x18\x04 \x01(\x08\"8\n\x10MovePathResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.cyberdesk.v1.FileInfo\"I\n\x11RemovePathRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\trecursive\x18\x03 \x01(\x08\"\x14\n\x12RemovePathResponse\"M\n\x15WatchDirectoryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\trecursive\x18\x03 \x01(\x08\"\xa8\x01\n\x0f\x46ilesystemEvent\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.cyberdesk.v1.FilesystemEventType\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x10\n\x08old_path\x18\x03 \x01(\t\x12\x14\n\x0cis_directory\x18\x04 \x01(\x08\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x0e\n\x0cWatchStarted\"\x81\x01\n\x16WatchDirectoryResponse\x12-\n\x07started\x18\x01 \x01(\x0b\x32\x1a.cyberdesk.v1.WatchStartedH\x00\x12/\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x1d.cyberdesk.v1.FilesystemEventH\x00\x42\x07\n\x05\x65vent*~\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02\x12\x15\n\x11\x46ILE_TYPE_SYMLINK\x10\x03\x12\x13\n\x0f\x46ILE_TYPE_OTHER\x10\x04*\xe5\x01\n\x13\x46ilesystemEventType\x12%\n!FILESYSTEM_EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x46ILESYSTEM_EVENT_TYPE_CREATE\x10\x01\x12 \n\x1c\x46ILESYSTEM_EVENT_TYPE_MODIFY\x10\x02\x12 \n\x1c\x46ILESYSTEM_EVENT_TYPE_REMOVE\x10\x03\x12 \n\x1c\x46ILESYSTEM_EVENT_TYPE_RENAME\x10\x04\x12\x1f\n\x1b\x46ILESYSTEM_EVENT_TYPE_CHMOD\x10\x05\x32\xda\x08\n\x11\x46ilesystemService\x12\x94\x01\n\nUploadFile\x12\x1f.cyberdesk.v1.UploadFileRequest\x1a .cyberdesk.v1.UploadFileResponse\"A\x82\xd3\xe4\x93\x02;\x1a\x32/v1/instances/{instance_id}/files/{header.path=**}:\x05\x63hunk(\x01\x12\x8c\x01\n\x0c\x44ownloadFile\x12!.cyberdesk.v1.DownloadFileRequest\x1a\".cyberdesk.v1.DownloadFileResponse\"3\x82\xd3\xe4\x93\x02-\x12+/v1/instances/{instance_id}/files/{path=**}0\x01\x12v\n\x08StatPath\x12\x1d.cyberdesk.v1.StatPathRequest\x1a\x1e.cyberdesk.v1.StatPathResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/instances/{instance_id}/fs:stat\x12\x85\x01\n\rListDirectory\x12\".cyberdesk.v1.ListDirectoryRequest\x1a#.cyberdesk.v1.ListDirectoryResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/instances/{instance_id}/fs:list\x12\x91\x01\n\rMakeDirectory\x12\".cyberdesk.v1.MakeDirectoryRequest\x1a#.cyberdesk.v1.MakeDirectoryResponse\"7\x82\xd3\xe4\x93\x02\x31\",/v1/instances/{instance_id}/fs:makeDirectory:\x01*\x12y\n\x08MovePath\x12\x1d.cyberdesk.v1.MovePathRequest\x1a\x1e.cyberdesk.v1.MovePathResponse\".\x82\xd3\xe4\x93\x02(\"#/v1/instances/{instance_id}/fs:move:\x01*\x12\x81\x01\n\nRemovePath\x12\x1f.cyberdesk.v1.RemovePathRequest\x1a .cyberdesk.v1.RemovePathResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/instances/{instance_id}/fs:remove:\x01*\x12\x8b\x01\n\x0eWatchDirectory\x12#.cyberdesk.v1.WatchDirectoryRequest\x1a$.cyberdesk.v1.WatchDirectoryResponse\",\x82\xd3\xe4\x93\x02&\x12$/v1/instances/{instance_id}/fs:watch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63yberdesk/v1/filesystem.proto\x12\x0c\x63yberdesk.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.cyberdesk.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0c\n\x04mode\x18\x05 \x01(\r\x12/\n\x0bmodify_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esymlink_target\x18\x07 \x01(\t\"\x95\x01\n\x10UploadFileHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x11\n\toverwrite\x18\x03 \x01(\x08\x12\x16\n\x0e\x63reate_parents\x18\x04 \x01(\x08\x12\x17\n\x0f\x65xpected_sha256\x18\x05 \x01(\t\x12\x11\n\tupload_id\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x03\"1\n\x11UploadFileTrailer\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\xa7\x01\n\x11UploadFileRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x30\n\x06header\x18\x02 \x01(\x0b\x32\x1e.cyberdesk.v1.UploadFileHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x12\x32\n\x07trailer\x18\x04 \x01(\x0b\x32\x1f.cyberdesk.v1.UploadFileTrailerH\x00\x42\x06\n\x04\x64\x61ta\"@\n\x12UploadFileResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"m\n\x13\x44ownloadFileRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\x12\x13\n\x0b\x66ile_sha256\x18\x05 \x01(\x08\"^\n\x14\x44ownloadFileResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x66ile_sha256\x18\x04 \x01(\t\"I\n\x11StatUploadRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\")\n\x12StatUploadResponse\x12\x13\n\x0bstored_size\x18\x01 \x01(\x03\"4\n\x0fStatPathRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"8\n\x10StatPathResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.cyberdesk.v1.FileInfo\"H\n\x14ListDirectoryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\"@\n\x15ListDirectoryResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.cyberdesk.v1.FileInfo\"X\n\x14MakeDirectoryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07parents\x18\x03 \x01(\x08\x12\x0c\n\x04mode\x18\x04 \x01(\r\"=\n\x15MakeDirectoryResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.cyberdesk.v1.FileInfo\"^\n\x0fMovePathRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x11\n\toverwrite\x18\x04 \x01(\x08\"8\n\x10MovePathResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.cyberdesk.v1.FileInfo\"I\n\x11RemovePathRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\trecursive\x18\x03 \x01(\x08\"\x14\n\x12RemovePathResponse\"M\n\x15WatchDirectoryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\trecursive\x18\x03 \x01(\x08\"\xa8\x01\n\x0f\x46ilesystemEvent\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.cyberdesk.v1.FilesystemEventType\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x10\n\x08old_path\x18\x03 \x01(\t\x12\x14\n\x0cis_directory\x18\x04 \x01(\x08\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x0e\n\x0cWatchStarted\"\x81\x01\n\x16WatchDirectoryResponse\x12-\n\x07started\x18\x01 \x01(\x0b\x32\x1a.cyberdesk.v1.WatchStartedH\x00\x12/\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x1d.cyberdesk.v1.FilesystemEventH\x00\x42\x07\n\x05\x65vent*~\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02\x12\x15\n\x11\x46ILE_TYPE_SYMLINK\x10\x03\x12\x13\n\x0f\x46ILE_TYPE_OTHER\x10\x04*\xe5\x01\n\x13\x46ilesystemEventType\x12%\n!FILESYSTEM_EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x46ILESYSTEM_EVENT_TYPE_CREATE\x10\x01\x12 \n\x1c\x46ILESYSTEM_EVENT_TYPE_MODIFY\x10\x02\x12 \n\x1c\x46ILESYSTEM_EVENT_TYPE_REMOVE\x10\x03\x12 \n\x1c\x46ILESYSTEM_EVENT_TYPE_RENAME\x10\x04\x12\x1f\n\x1b\x46ILESYSTEM_EVENT_TYPE_CHMOD\x10\x05\x32\xdf\t\n\x11\x46ilesystemService\x12\x94\x01\n\nUploadFile\x12\x1f.cyberdesk.v1.UploadFileRequest\x1a .cyberdesk.v1.UploadFileResponse\"A\x82\xd3\xe4\x93\x02;\x1a\x32/v1/instances/{instance_id}/files/{header.path=**}:\x05\x63hunk(\x01\x12\x8c\x01\n\x0c\x44ownloadFile\x12!.cyberdesk.v1.DownloadFileRequest\x1a\".cyberdesk.v1.DownloadFileResponse\"3\x82\xd3\xe4\x93\x02-\x12+/v1/instances/{instance_id}/files/{path=**}0\x01\x12\x82\x01\n\nStatUpload\x12\x1f.cyberdesk.v1.StatUploadRequest\x1a .cyberdesk.v1.StatUploadResponse\"1\x82\xd3\xe4\x93\x02+\x12)/v1/instances/{instance_id}/fs:statUpload\x12v\n\x08StatPath\x12\x1d.cyberdesk.v1.StatPathRequest\x1a\x1e.cyberdesk.v1.StatPathResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/instances/{instance_id}/fs:stat\x12\x85\x01\n\rListDirectory\x12\".cyberdesk.v1.ListDirectoryRequest\x1a#.cyberdesk.v1.ListDirectoryResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/instances/{instance_id}/fs:list\x12\x91\x01\n\rMakeDirectory\x12\".cyberdesk.v1.MakeDirectoryRequest\x1a#.cyberdesk.v1.MakeDirectoryResponse\"7\x82\xd3\xe4\x93\x02\x31\",/v1/instances/{instance_id}/fs:makeDirectory:\x01*\x12y\n\x08MovePath\x12\x1d.cyberdesk.v1.MovePathRequest\x1a\x1e.cyberdesk.v1.MovePathResponse\".\x82\xd3\xe4\x93\x02(\"#/v1/instances/{instance_id}/fs:move:\x01*\x12\x81\x01\n\nRemovePath\x12\x1f.cyberdesk.v1.RemovePathRequest\x1a .cyberdesk.v1.RemovePathResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/instances/{instance_id}/fs:remove:\x01*\x12\x8b\x01\n\x0eWatchDirectory\x12#.cyberdesk.v1.WatchDirectoryRequest\x1a$.cyberdesk.v1.WatchDirectoryResponse\",\x82\xd3\xe4\x93\x02&\x12$/v1/instances/{instance_id}/fs:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILESYSTEMSERVICE'].methods_by_name['UploadFile']._serialized_options = b'\202\323\344\223\002;\0322/v1/instances/{instance_id}/files/{header.path=**}:\005chunk'
   _globals['_FILESYSTEMSERVICE'].methods_by_name['DownloadFile']._loaded_options = None
   _globals['_FILESYSTEMSERVICE'].methods_by_name['DownloadFile']._serialized_options = b'\202\323\344\223\002-\022+/v1/instances/{instance_id}/files/{path=**}'
+  _globals['_FILESYSTEMSERVICE'].methods_by_name['StatUpload']._loaded_options = None
+  _globals['_FILESYSTEMSERVICE'].methods_by_name['StatUpload']._serialized_options = b'\202\323\344\223\002+\022)/v1/instances/{instance_id}/fs:statUpload'
   _globals['_FILESYSTEMSERVICE'].methods_by_name['StatPath']._loaded_options = None
   _globals['_FILESYSTEMSERVICE'].methods_by_name['StatPath']._serialized_options = b'\202\323\344\223\002%\022#/v1/instances/{instance_id}/fs:stat'
   _globals['_FILESYSTEMSERVICE'].methods_by_name['ListDirectory']._loaded_options = None
@@ -49,50 +51,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILESYSTEMSERVICE'].methods_by_name['RemovePath']._serialized_options = b'\202\323\344\223\002*\"%/v1/instances/{instance_id}/fs:remove:\001*'
   _globals['_FILESYSTEMSERVICE'].methods_by_name['WatchDirectory']._loaded_options = None
   _globals['_FILESYSTEMSERVICE'].methods_by_name['WatchDirectory']._serialized_options = b'\202\323\344\223\002&\022$/v1/instances/{instance_id}/fs:watch'
-  _globals['_FILETYPE']._serialized_start=1844
-  _globals['_FILETYPE']._serialized_end=1970
-  _globals['_FILESYSTEMEVENTTYPE']._serialized_start=1973
-  _globals['_FILESYSTEMEVENTTYPE']._serialized_end=2202
+  _globals['_FILETYPE']._serialized_start=2108
+  _globals['_FILETYPE']._serialized_end=2234
+  _globals['_FILESYSTEMEVENTTYPE']._serialized_start=2237
+  _globals['_FILESYSTEMEVENTTYPE']._serialized_end=2466
   _globals['_FILEINFO']._serialized_start=111
   _globals['_FILEINFO']._serialized_end=288
   _globals['_UPLOADFILEHEADER']._serialized_start=291
   _globals['_UPLOADFILEHEADER']._serialized_end=440
-  _globals['_UPLOADFILEREQUEST']._serialized_start=442
-  _globals['_UPLOADFILEREQUEST']._serialized_end=557
-  _globals['_UPLOADFILERESPONSE']._serialized_start=559
-  _globals['_UPLOADFILERESPONSE']._serialized_end=623
-  _globals['_DOWNLOADFILEREQUEST']._serialized_start=625
-  _globals['_DOWNLOADFILEREQUEST']._serialized_end=713
-  _globals['_DOWNLOADFILERESPONSE']._serialized_start=715
-  _globals['_DOWNLOADFILERESPONSE']._serialized_end=788
-  _globals['_STATPATHREQUEST']._serialized_start=790
-  _globals['_STATPATHREQUEST']._serialized_end=842
-  _globals['_STATPATHRESPONSE']._serialized_start=844
-  _globals['_STATPATHRESPONSE']._serialized_end=900
-  _globals['_LISTDIRECTORYREQUEST']._serialized_start=902
-  _globals['_LISTDIRECTORYREQUEST']._serialized_end=974
-  _globals['_LISTDIRECTORYRESPONSE']._serialized_start=976
-  _globals['_LISTDIRECTORYRESPONSE']._serialized_end=1040
-  _globals['_MAKEDIRECTORYREQUEST']._serialized_start=1042
-  _globals['_MAKEDIRECTORYREQUEST']._serialized_end=1130
-  _globals['_MAKEDIRECTORYRESPONSE']._serialized_start=1132
-  _globals['_MAKEDIRECTORYRESPONSE']._serialized_end=1193
-  _globals['_MOVEPATHREQUEST']._serialized_start=1195
-  _globals['_MOVEPATHREQUEST']._serialized_end=1289
-  _globals['_MOVEPATHRESPONSE']._serialized_start=1291
-  _globals['_MOVEPATHRESPONSE']._serialized_end=1347
-  _globals['_REMOVEPATHREQUEST']._serialized_start=1349
-  _globals['_REMOVEPATHREQUEST']._serialized_end=1422
-  _globals['_REMOVEPATHRESPONSE']._serialized_start=1424
-  _globals['_REMOVEPATHRESPONSE']._serialized_end=1444
-  _globals['_WATCHDIRECTORYREQUEST']._serialized_start=1446
-  _globals['_WATCHDIRECTORYREQUEST']._serialized_end=1523
-  _globals['_FILESYSTEMEVENT']._serialized_start=1526
-  _globals['_FILESYSTEMEVENT']._serialized_end=1694
-  _globals['_WATCHSTARTED']._serialized_start=1696
-  _globals['_WATCHSTARTED']._serialized_end=1710
-  _globals['_WATCHDIRECTORYRESPONSE']._serialized_start=1713
-  _globals['_WATCHDIRECTORYRESPONSE']._serialized_end=1842
-  _globals['_FILESYSTEMSERVICE']._serialized_start=2205
-  _globals['_FILESYSTEMSERVICE']._serialized_end=3319
+  _globals['_UPLOADFILETRAILER']._serialized_start=442
+  _globals['_UPLOADFILETRAILER']._serialized_end=491
+  _globals['_UPLOADFILEREQUEST']._serialized_start=494
+  _globals['_UPLOADFILEREQUEST']._serialized_end=661
+  _globals['_UPLOADFILERESPONSE']._serialized_start=663
+  _globals['_UPLOADFILERESPONSE']._serialized_end=727
+  _globals['_DOWNLOADFILEREQUEST']._serialized_start=729
+  _globals['_DOWNLOADFILEREQUEST']._serialized_end=838
+  _globals['_DOWNLOADFILERESPONSE']._serialized_start=840
+  _globals['_DOWNLOADFILERESPONSE']._serialized_end=934
+  _globals['_STATUPLOADREQUEST']._serialized_start=936
+  _globals['_STATUPLOADREQUEST']._serialized_end=1009
+  _globals['_STATUPLOADRESPONSE']._serialized_start=1011
+  _globals['_STATUPLOADRESPONSE']._serialized_end=1052
+  _globals['_STATPATHREQUEST']._serialized_start=1054
+  _globals['_STATPATHREQUEST']._serialized_end=1106
+  _globals['_STATPATHRESPONSE']._serialized_start=1108
+  _globals['_STATPATHRESPONSE']._serialized_end=1164
+  _globals['_LISTDIRECTORYREQUEST']._serialized_start=1166
+  _globals['_LISTDIRECTORYREQUEST']._serialized_end=1238
+  _globals['_LISTDIRECTORYRESPONSE']._serialized_start=1240
+  _globals['_LISTDIRECTORYRESPONSE']._serialized_end=1304
+  _globals['_MAKEDIRECTORYREQUEST']._serialized_start=1306
+  _globals['_MAKEDIRECTORYREQUEST']._serialized_end=1394
+  _globals['_MAKEDIRECTORYRESPONSE']._serialized_start=1396
+  _globals['_MAKEDIRECTORYRESPONSE']._serialized_end=1457
+  _globals['_MOVEPATHREQUEST']._serialized_start=1459
+  _globals['_MOVEPATHREQUEST']._serialized_end=1553
+  _globals['_MOVEPATHRESPONSE']._serialized_start=1555
+  _globals['_MOVEPATHRESPONSE']._serialized_end=1611
+  _globals['_REMOVEPATHREQUEST']._serialized_start=1613
+  _globals['_REMOVEPATHREQUEST']._serialized_end=1686
+  _globals['_REMOVEPATHRESPONSE']._serialized_start=1688
+  _globals['_REMOVEPATHRESPONSE']._serialized_end=1708
+  _globals['_WATCHDIRECTORYREQUEST']._serialized_start=1710
+  _globals['_WATCHDIRECTORYREQUEST']._serialized_end=1787
+  _globals['_FILESYSTEMEVENT']._serialized_start=1790
+  _globals['_FILESYSTEMEVENT']._serialized_end=1958
+  _globals['_WATCHSTARTED']._serialized_start=1960
+  _globals['_WATCHSTARTED']._serialized_end=1974
+  _globals['_WATCHDIRECTORYRESPONSE']._serialized_start=1977
+  _globals['_WATCHDIRECTORYRESPONSE']._serialized_end=2106
+  _globals['_FILESYSTEMSERVICE']._serialized_start=2469
+  _globals['_FILESYSTEMSERVICE']._serialized_end=3716
 # @@protoc_insertion_point(module_scope)

@@ -158,7 +158,9 @@ class UploadFileHeader(_message.Message):
     create_parents: _builtins.bool
     """Create missing parent directories; otherwise NOT_FOUND."""
     expected_sha256: _builtins.str
-    """When set, the upload fails with DATA_LOSS unless the content has this sha256 (hex)."""
+    """When set, the upload fails with DATA_LOSS unless the content has this sha256 (hex); checked
+    like the trailer's sha256 (both when both are set).
+    """
     upload_id: _builtins.str
     """Identifies the upload so that an interrupted one can be resumed (client-chosen, 8-64 of
     [A-Za-z0-9_-]). Without it an interrupted upload is discarded.
@@ -185,14 +187,41 @@ class UploadFileHeader(_message.Message):
 Global___UploadFileHeader: _TypeAlias = UploadFileHeader  # noqa: Y015
 
 @_typing.final
+class UploadFileTrailer(_message.Message):
+    """Last message of an upload: the caller's statement that it sent everything, and what."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """Size in bytes of the whole file (for a resumed upload: including the bytes stored before)."""
+    sha256: _builtins.str
+    """sha256 (64 hex digits) of the whole file."""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadFileTrailer: _TypeAlias = UploadFileTrailer  # noqa: Y015
+
+@_typing.final
 class UploadFileRequest(_message.Message):
-    """Request of UploadFile: a header, then chunks."""
+    """Request of UploadFile: a header, then chunks, then a trailer."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """The instance (first message)."""
     chunk: _builtins.bytes
@@ -201,18 +230,23 @@ class UploadFileRequest(_message.Message):
     def header(self) -> Global___UploadFileHeader:
         """First message only."""
 
+    @_builtins.property
+    def trailer(self) -> Global___UploadFileTrailer:
+        """Last message only; required: without it nothing is committed."""
+
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
         header: Global___UploadFileHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        trailer: Global___UploadFileTrailer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "data", b"data", "header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "data", b"data", "header", b"header", "trailer", b"trailer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "data", b"data", "header", b"header", "instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "data", b"data", "header", b"header", "instance_id", b"instance_id", "trailer", b"trailer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_data: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_data: _TypeAlias = _typing.Literal["header", "chunk", "trailer"]  # noqa: Y015
     _WhichOneofArgType_data: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_data) -> _WhichOneofReturnType_data | None: ...
 
@@ -258,6 +292,7 @@ class DownloadFileRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    FILE_SHA256_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """The instance."""
     path: _builtins.str
@@ -266,6 +301,10 @@ class DownloadFileRequest(_message.Message):
     """First byte to send."""
     length: _builtins.int
     """Number of bytes to send (to the end when 0)."""
+    file_sha256: _builtins.bool
+    """Also send the sha256 of the whole file in the last message (`file_sha256`). From an offset
+    above 0 the instance first reads and hashes the bytes before it, so this costs reading them.
+    """
     def __init__(
         self,
         *,
@@ -273,10 +312,11 @@ class DownloadFileRequest(_message.Message):
         path: _builtins.str = ...,
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
+        file_sha256: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "length", b"length", "offset", b"offset", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_sha256", b"file_sha256", "instance_id", b"instance_id", "length", b"length", "offset", b"offset", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,26 +331,84 @@ class DownloadFileResponse(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    FILE_SHA256_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """File content, in order."""
     total_size: _builtins.int
     """Size of the whole file; set in the first message."""
     sha256: _builtins.str
     """sha256 (hex) of all bytes sent; set in the last message only."""
+    file_sha256: _builtins.str
+    """sha256 (hex) of the whole file as read during this call; in the last message, only when the
+    request set `file_sha256` and the range reached the end of the file.
+    """
     def __init__(
         self,
         *,
         chunk: _builtins.bytes = ...,
         total_size: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        file_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "file_sha256", b"file_sha256", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadFileResponse: _TypeAlias = DownloadFileResponse  # noqa: Y015
+
+@_typing.final
+class StatUploadRequest(_message.Message):
+    """Request of StatUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The instance."""
+    path: _builtins.str
+    """Absolute destination path, as in the upload's header."""
+    upload_id: _builtins.str
+    """The upload_id of the interrupted upload."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "path", b"path", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatUploadRequest: _TypeAlias = StatUploadRequest  # noqa: Y015
+
+@_typing.final
+class StatUploadResponse(_message.Message):
+    """Response of StatUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_SIZE_FIELD_NUMBER: _builtins.int
+    stored_size: _builtins.int
+    """Bytes stored so far: resume with this header.offset."""
+    def __init__(
+        self,
+        *,
+        stored_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored_size", b"stored_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatUploadResponse: _TypeAlias = StatUploadResponse  # noqa: Y015
 
 @_typing.final
 class StatPathRequest(_message.Message):

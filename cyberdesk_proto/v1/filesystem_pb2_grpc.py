@@ -47,6 +47,11 @@ class FilesystemServiceStub:
                 request_serializer=cyberdesk_dot_v1_dot_filesystem__pb2.DownloadFileRequest.SerializeToString,
                 response_deserializer=cyberdesk_dot_v1_dot_filesystem__pb2.DownloadFileResponse.FromString,
                 _registered_method=True)
+        self.StatUpload = channel.unary_unary(
+                '/cyberdesk.v1.FilesystemService/StatUpload',
+                request_serializer=cyberdesk_dot_v1_dot_filesystem__pb2.StatUploadRequest.SerializeToString,
+                response_deserializer=cyberdesk_dot_v1_dot_filesystem__pb2.StatUploadResponse.FromString,
+                _registered_method=True)
         self.StatPath = channel.unary_unary(
                 '/cyberdesk.v1.FilesystemService/StatPath',
                 request_serializer=cyberdesk_dot_v1_dot_filesystem__pb2.StatPathRequest.SerializeToString,
@@ -86,9 +91,14 @@ class FilesystemServiceServicer:
     """
 
     def UploadFile(self, request_iterator, context):
-        """Uploads a file. The first message is a header, the rest are chunks. The file is written to a
-        temporary name and renamed when complete, so an interrupted upload never leaves a half file
-        under the target name; it can be resumed from the offset the partial file reached.
+        """Uploads a file. The first message is a header, then chunks, then a trailer with the size and
+        sha256 of the whole file. The file is written to a temporary name and renamed onto the target
+        (atomically) only when the trailer arrives and both match what was stored (DATA_LOSS
+        otherwise, and the target is untouched). A request stream that ends without a trailer (a
+        dropped caller, a dying gateway, a cancel) leaves the target as it was and gets ABORTED "the
+        upload ended before its trailer" (or CANCELLED): a named upload (`upload_id`) keeps its
+        partial file so it can be resumed from the offset StatUpload reports; an anonymous one is
+        discarded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,7 +106,17 @@ class FilesystemServiceServicer:
 
     def DownloadFile(self, request, context):
         """Downloads a file, or a byte range of it, as a stream of chunks; the last message carries the
-        sha256 of the bytes sent.
+        sha256 of the bytes sent and, when asked (`file_sha256`), the sha256 of the whole file, so a
+        download resumed from an offset can be verified as a whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatUpload(self, request, context):
+        """Reports how many bytes of an interrupted named upload (`upload_id`) the instance holds: the
+        offset to resume it from. ABORTED while that upload is still being received or released (try
+        again shortly); NOT_FOUND when nothing is stored under that upload_id for that path.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +176,11 @@ def add_FilesystemServiceServicer_to_server(servicer, server):
                     servicer.DownloadFile,
                     request_deserializer=cyberdesk_dot_v1_dot_filesystem__pb2.DownloadFileRequest.FromString,
                     response_serializer=cyberdesk_dot_v1_dot_filesystem__pb2.DownloadFileResponse.SerializeToString,
+            ),
+            'StatUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatUpload,
+                    request_deserializer=cyberdesk_dot_v1_dot_filesystem__pb2.StatUploadRequest.FromString,
+                    response_serializer=cyberdesk_dot_v1_dot_filesystem__pb2.StatUploadResponse.SerializeToString,
             ),
             'StatPath': grpc.unary_unary_rpc_method_handler(
                     servicer.StatPath,
@@ -245,6 +270,33 @@ class FilesystemService:
             '/cyberdesk.v1.FilesystemService/DownloadFile',
             cyberdesk_dot_v1_dot_filesystem__pb2.DownloadFileRequest.SerializeToString,
             cyberdesk_dot_v1_dot_filesystem__pb2.DownloadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyberdesk.v1.FilesystemService/StatUpload',
+            cyberdesk_dot_v1_dot_filesystem__pb2.StatUploadRequest.SerializeToString,
+            cyberdesk_dot_v1_dot_filesystem__pb2.StatUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,13 +37,24 @@ class FilesystemServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> FilesystemServiceAsyncStub: ...
     UploadFile: _grpc.StreamUnaryMultiCallable[_filesystem_pb2.UploadFileRequest, _filesystem_pb2.UploadFileResponse]
-    """Uploads a file. The first message is a header, the rest are chunks. The file is written to a
-    temporary name and renamed when complete, so an interrupted upload never leaves a half file
-    under the target name; it can be resumed from the offset the partial file reached.
+    """Uploads a file. The first message is a header, then chunks, then a trailer with the size and
+    sha256 of the whole file. The file is written to a temporary name and renamed onto the target
+    (atomically) only when the trailer arrives and both match what was stored (DATA_LOSS
+    otherwise, and the target is untouched). A request stream that ends without a trailer (a
+    dropped caller, a dying gateway, a cancel) leaves the target as it was and gets ABORTED "the
+    upload ended before its trailer" (or CANCELLED): a named upload (`upload_id`) keeps its
+    partial file so it can be resumed from the offset StatUpload reports; an anonymous one is
+    discarded.
     """
     DownloadFile: _grpc.UnaryStreamMultiCallable[_filesystem_pb2.DownloadFileRequest, _filesystem_pb2.DownloadFileResponse]
     """Downloads a file, or a byte range of it, as a stream of chunks; the last message carries the
-    sha256 of the bytes sent.
+    sha256 of the bytes sent and, when asked (`file_sha256`), the sha256 of the whole file, so a
+    download resumed from an offset can be verified as a whole.
+    """
+    StatUpload: _grpc.UnaryUnaryMultiCallable[_filesystem_pb2.StatUploadRequest, _filesystem_pb2.StatUploadResponse]
+    """Reports how many bytes of an interrupted named upload (`upload_id`) the instance holds: the
+    offset to resume it from. ABORTED while that upload is still being received or released (try
+    again shortly); NOT_FOUND when nothing is stored under that upload_id for that path.
     """
     StatPath: _grpc.UnaryUnaryMultiCallable[_filesystem_pb2.StatPathRequest, _filesystem_pb2.StatPathResponse]
     """Returns the metadata of a path (symlinks are not followed)."""
@@ -67,13 +78,24 @@ class FilesystemServiceAsyncStub(FilesystemServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadFile: _aio.StreamUnaryMultiCallable[_filesystem_pb2.UploadFileRequest, _filesystem_pb2.UploadFileResponse]  # type: ignore[assignment]
-    """Uploads a file. The first message is a header, the rest are chunks. The file is written to a
-    temporary name and renamed when complete, so an interrupted upload never leaves a half file
-    under the target name; it can be resumed from the offset the partial file reached.
+    """Uploads a file. The first message is a header, then chunks, then a trailer with the size and
+    sha256 of the whole file. The file is written to a temporary name and renamed onto the target
+    (atomically) only when the trailer arrives and both match what was stored (DATA_LOSS
+    otherwise, and the target is untouched). A request stream that ends without a trailer (a
+    dropped caller, a dying gateway, a cancel) leaves the target as it was and gets ABORTED "the
+    upload ended before its trailer" (or CANCELLED): a named upload (`upload_id`) keeps its
+    partial file so it can be resumed from the offset StatUpload reports; an anonymous one is
+    discarded.
     """
     DownloadFile: _aio.UnaryStreamMultiCallable[_filesystem_pb2.DownloadFileRequest, _filesystem_pb2.DownloadFileResponse]  # type: ignore[assignment]
     """Downloads a file, or a byte range of it, as a stream of chunks; the last message carries the
-    sha256 of the bytes sent.
+    sha256 of the bytes sent and, when asked (`file_sha256`), the sha256 of the whole file, so a
+    download resumed from an offset can be verified as a whole.
+    """
+    StatUpload: _aio.UnaryUnaryMultiCallable[_filesystem_pb2.StatUploadRequest, _filesystem_pb2.StatUploadResponse]  # type: ignore[assignment]
+    """Reports how many bytes of an interrupted named upload (`upload_id`) the instance holds: the
+    offset to resume it from. ABORTED while that upload is still being received or released (try
+    again shortly); NOT_FOUND when nothing is stored under that upload_id for that path.
     """
     StatPath: _aio.UnaryUnaryMultiCallable[_filesystem_pb2.StatPathRequest, _filesystem_pb2.StatPathResponse]  # type: ignore[assignment]
     """Returns the metadata of a path (symlinks are not followed)."""
@@ -100,9 +122,14 @@ class FilesystemServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_filesystem_pb2.UploadFileRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_filesystem_pb2.UploadFileResponse, _abc.Awaitable[_filesystem_pb2.UploadFileResponse]]:
-        """Uploads a file. The first message is a header, the rest are chunks. The file is written to a
-        temporary name and renamed when complete, so an interrupted upload never leaves a half file
-        under the target name; it can be resumed from the offset the partial file reached.
+        """Uploads a file. The first message is a header, then chunks, then a trailer with the size and
+        sha256 of the whole file. The file is written to a temporary name and renamed onto the target
+        (atomically) only when the trailer arrives and both match what was stored (DATA_LOSS
+        otherwise, and the target is untouched). A request stream that ends without a trailer (a
+        dropped caller, a dying gateway, a cancel) leaves the target as it was and gets ABORTED "the
+        upload ended before its trailer" (or CANCELLED): a named upload (`upload_id`) keeps its
+        partial file so it can be resumed from the offset StatUpload reports; an anonymous one is
+        discarded.
         """
 
     @_abc_1.abstractmethod
@@ -112,7 +139,19 @@ class FilesystemServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_filesystem_pb2.DownloadFileResponse], _abc.AsyncIterator[_filesystem_pb2.DownloadFileResponse]]:
         """Downloads a file, or a byte range of it, as a stream of chunks; the last message carries the
-        sha256 of the bytes sent.
+        sha256 of the bytes sent and, when asked (`file_sha256`), the sha256 of the whole file, so a
+        download resumed from an offset can be verified as a whole.
+        """
+
+    @_abc_1.abstractmethod
+    def StatUpload(
+        self,
+        request: _filesystem_pb2.StatUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filesystem_pb2.StatUploadResponse, _abc.Awaitable[_filesystem_pb2.StatUploadResponse]]:
+        """Reports how many bytes of an interrupted named upload (`upload_id`) the instance holds: the
+        offset to resume it from. ABORTED while that upload is still being received or released (try
+        again shortly); NOT_FOUND when nothing is stored under that upload_id for that path.
         """
 
     @_abc_1.abstractmethod

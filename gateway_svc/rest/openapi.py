@@ -310,6 +310,15 @@ def _operation(binding: HttpBinding, s: _Schemas) -> dict[str, Any]:
     if binding.body != "*":
         if binding.body:
             bound.add(binding.body)
+            # The other members of the body's oneof that no path variable fills (an upload's
+            # trailer) are later messages of the stream, never query parameters of the first.
+            body = req.fields_by_name[binding.body]
+            if body.containing_oneof is not None:
+                bound |= {
+                    f.name
+                    for f in body.containing_oneof.fields
+                    if not any(b == f.name or b.startswith(f.name + ".") for b in bound)
+                }
         params += _query_params(s, req, "", bound, (req.full_name,))
     if params:
         op["parameters"] = params

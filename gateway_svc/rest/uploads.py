@@ -3,12 +3,21 @@
 The first message comes from the path and the query (the upload options); the body follows in
 `UPLOAD_CHUNK` messages. At most one chunk plus one ASGI read is held: each chunk is handed to the
 call, and its flow control awaited, before more of the body is read.
+
+The last message is the trailer (size and sha256 of the body, hashed here as it is relayed), sent
+only once the whole body has arrived: the ASGI server's last body event (Content-Length reached,
+or the chunked terminator) and, when a Content-Length was given, exactly that many bytes. A client
+that goes away mid-body makes the request stream fail, so the call is cancelled without a trailer
+and the agent commits nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import re
 from collections.abc import AsyncIterator, Mapping
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -33,10 +42,14 @@ async def upload_raw_body(
 ) -> None:
     """PUT of a raw body: the first message from the path and query, then the body in chunks."""
     first = json_mapping.decode_request(binding, variables, upload_query(binding, query), None)
+    declared = _content_length(headers)
 
     async def requests() -> AsyncIterator[Message]:
         yield first
         pending = bytearray()
+        digest = hashlib.sha256()
+        size = 0
+        hashing: asyncio.Future[None] | None = None
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -46,12 +59,38 @@ async def upload_raw_body(
             while len(pending) >= UPLOAD_CHUNK or (pending and not more):
                 take = bytes(pending[:UPLOAD_CHUNK])
                 del pending[:UPLOAD_CHUNK]
+                size += len(take)
+                # Hashed in a thread while the chunk is sent (hashlib releases the GIL); one at a
+                # time, so the digest sees the body in order.
+                if hashing is not None:
+                    await hashing
+                hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, take))
                 yield json_mapping.chunk_message(binding, take)
             if not more:
-                return
+                break
+        if hashing is not None:
+            await hashing
+        if declared is not None and size != declared:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the body has {size} bytes, not its Content-Length of {declared}"
+            )
+        yield trailer_message(binding, size, digest.hexdigest())
 
     reply = await upstream.client_stream(binding, requests(), headers)
     await respond_message(send, binding, reply)
+
+
+def trailer_message(binding: HttpBinding, size: int, sha256: str) -> Message:
+    """The last message of the upload: the size and sha256 of the whole body."""
+    msg: Any = binding.new_request()
+    msg.trailer.size = size
+    msg.trailer.sha256 = sha256
+    return cast(Message, msg)
+
+
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    value = headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
 
 
 def upload_query(binding: HttpBinding, query: bytes) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from cyberdesk._requests import upload_trailer
 from cyberdesk_common.status import decode_details
 from cyberdesk_proto.internal.v1 import auth_pb2, auth_pb2_grpc
 from cyberdesk_proto.v1 import (
@@ -258,6 +259,7 @@ def test_upload_and_download_through_the_gateway(stack: Stack, channel: grpc.Cha
         )
         for off in range(0, len(payload), 1 << 20):
             yield filesystem_pb2.UploadFileRequest(chunk=payload[off : off + (1 << 20)])
+        yield upload_trailer(len(payload), hashlib.sha256(payload).hexdigest())
 
     reply = files.UploadFile(chunks(), metadata=_auth(key), timeout=30)
     assert reply.size == len(payload) and reply.sha256 == hashlib.sha256(payload).hexdigest()

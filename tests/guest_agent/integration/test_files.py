@@ -27,19 +27,25 @@ def _stub(agent: RunningAgent) -> Stub:
 
 
 def _messages(
-    agent: RunningAgent, header: fs.UploadFileHeader, chunks: Iterator[bytes]
+    agent: RunningAgent, header: fs.UploadFileHeader, chunks: Iterator[bytes], prefix: bytes = b""
 ) -> Iterator[fs.UploadFileRequest]:
+    """Header, chunks, then the trailer of the whole file (`prefix`: what a resumed upload stored before)."""
     yield fs.UploadFileRequest(instance_id=agent.instance_id, header=header)
+    digest = hashlib.sha256(prefix)
+    size = len(prefix)
     for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
         yield fs.UploadFileRequest(chunk=chunk)
+    yield fs.UploadFileRequest(trailer=fs.UploadFileTrailer(size=size, sha256=digest.hexdigest()))
 
 
 def upload(
-    agent: RunningAgent, header: fs.UploadFileHeader, data: bytes, chunk: int = 64 * 1024
+    agent: RunningAgent, header: fs.UploadFileHeader, data: bytes, chunk: int = 64 * 1024, prefix: bytes = b""
 ) -> fs.UploadFileResponse:
     pieces = (data[i : i + chunk] for i in range(0, len(data), chunk))
     reply: fs.UploadFileResponse = _stub(agent).UploadFile(
-        _messages(agent, header, pieces), metadata=agent.metadata, timeout=30
+        _messages(agent, header, pieces, prefix), metadata=agent.metadata, timeout=30
     )
     return reply
 
@@ -295,7 +301,7 @@ def test_interrupted_upload_resumes_with_whole_file_sha256(bound_agent: RunningA
         mode=0o640,
         expected_sha256=hashlib.sha256(data).hexdigest(),
     )
-    reply = upload(bound_agent, resumed, data[offset:])
+    reply = upload(bound_agent, resumed, data[offset:], prefix=data[:offset])
     assert reply.size == len(data)
     assert reply.sha256 == hashlib.sha256(data).hexdigest()
     assert target.read_bytes() == data
@@ -559,3 +565,115 @@ def test_1gib_round_trip_with_sha256(bound_agent: RunningAgent, tmp_path: Path) 
     # Flat memory: the agent's peak RSS grows by a few chunks' worth, not by the file's size.
     assert _peak_rss(bound_agent) - peak_before < 64 * MiB
     target.unlink()  # pytest keeps the last runs' tmp dirs: do not leave a GiB behind.
+
+
+def test_file_errors_name_their_cause_and_path(bound_agent: RunningAgent, tmp_path: Path) -> None:
+    """Every errno a person can cause maps to the status of its meaning, with the path in the message.
+
+    Root passes permission checks, so the refusals come from the kernel's other rules: a read-only
+    mount (EROFS, also reached through a symlink), an immutable directory (EPERM), a full tmpfs
+    (ENOSPC); the rest from the shape of the tree.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a read-only and a small tmpfs mount, chattr +i")
+    stub, iid, md = _stub(bound_agent), bound_agent.instance_id, bound_agent.metadata
+    readonly, small, locked = tmp_path / "ro", tmp_path / "small", tmp_path / "locked"
+    for directory in (readonly, small, locked):
+        directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(readonly)], check=True)
+    (readonly / "present").write_bytes(b"kept")
+    (readonly / "sub").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(readonly)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    (locked / "f").write_bytes(b"x")
+    subprocess.run(["chattr", "+i", str(locked)], check=True)
+    link = tmp_path / "into-ro"
+    link.symlink_to(readonly / "present")
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"x")
+    long_name = str(tmp_path / ("n" * 300))
+    FP, PD, RE = (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    IA, NF = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+
+    def up(path: Path | str, data: bytes = b"new") -> None:
+        upload(bound_agent, fs.UploadFileHeader(path=str(path), overwrite=True, create_parents=True), data)
+
+    def call(method: str, request: object) -> None:
+        getattr(stub, method)(request, metadata=md, timeout=30)
+
+    cases: list[tuple[str, object, grpc.StatusCode, str]] = [
+        ("upload", lambda: up(readonly / "x"), FP, f"{readonly / 'x'}: read-only file system"),
+        ("upload over a file", lambda: up(readonly / "present"), FP, f"{readonly / 'present'}: read-only file system"),
+        ("upload through a symlink", lambda: up(link), FP, "read-only file system"),
+        ("upload with parents", lambda: up(readonly / "a" / "b"), FP, "read-only file system"),
+        ("upload, immutable", lambda: up(locked / "new"), PD, f"{locked / 'new'}: operation not permitted"),
+        ("upload, full disk", lambda: up(small / "big", os.urandom(3 * MiB)), RE, "no space left on device"),
+        ("upload, not a dir", lambda: up(a_file / "f"), FP, "not a directory"),
+        ("upload, long name", lambda: up(long_name), IA, "name too long"),
+        (
+            "mkdir",
+            lambda: call("MakeDirectory", fs.MakeDirectoryRequest(instance_id=iid, path=str(readonly / "d"))),
+            FP,
+            f"{readonly / 'd'}: read-only file system",
+        ),
+        (
+            "remove",
+            lambda: call("RemovePath", fs.RemovePathRequest(instance_id=iid, path=str(readonly / "present"))),
+            FP,
+            f"{readonly / 'present'}: read-only file system",
+        ),
+        (
+            "remove, immutable",
+            lambda: call("RemovePath", fs.RemovePathRequest(instance_id=iid, path=str(locked / "f"))),
+            PD,
+            str(locked / "f"),
+        ),
+        (
+            "move",
+            lambda: call(
+                "MovePath",
+                fs.MovePathRequest(instance_id=iid, source=str(readonly / "present"), destination=str(readonly / "m")),
+            ),
+            FP,
+            "read-only file system",
+        ),
+        (
+            "stat, not a dir",
+            lambda: call("StatPath", fs.StatPathRequest(instance_id=iid, path=str(a_file / "x"))),
+            FP,
+            f"{a_file / 'x'}: not a directory",
+        ),
+        (
+            "stat, long name",
+            lambda: call("StatPath", fs.StatPathRequest(instance_id=iid, path=long_name)),
+            IA,
+            "name too long",
+        ),
+        (
+            "list, missing",
+            lambda: call("ListDirectory", fs.ListDirectoryRequest(instance_id=iid, path=str(readonly / "none"))),
+            NF,
+            str(readonly / "none"),
+        ),
+        (
+            "download, a directory",
+            lambda: download(bound_agent, str(readonly / "sub")),
+            FP,
+            f"{readonly / 'sub'} is a directory",
+        ),
+        ("download, not a dir", lambda: download(bound_agent, str(a_file / "x")), FP, "not a directory"),
+    ]
+    try:
+        for what, action, code, text in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                action()  # type: ignore[operator]
+            assert (_code(err), text in _details(err)) == (code, True), (what, _code(err), _details(err))
+        assert (readonly / "present").read_bytes() == b"kept" and list(small.iterdir()) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+        subprocess.run(["umount", str(small)], check=True)
+        subprocess.run(["umount", str(readonly)], check=True)

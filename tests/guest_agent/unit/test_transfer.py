@@ -31,15 +31,27 @@ def _run(scenario: Callable[[], Awaitable[_T]]) -> _T:
     return asyncio.run(bounded())
 
 
-async def _chunks(parts: Iterable[bytes], fail_after: int | None = None) -> AsyncIterator[fs.UploadFileRequest]:
+def _trailer(data: bytes) -> fs.UploadFileRequest:
+    return fs.UploadFileRequest(trailer=fs.UploadFileTrailer(size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+
+
+async def _chunks(
+    parts: Iterable[bytes], fail_after: int | None = None, prefix: bytes = b""
+) -> AsyncIterator[fs.UploadFileRequest]:
+    """The chunks, then the trailer of the whole file (`prefix`: the bytes a resumed upload stored before)."""
+    sent = []
     for n, part in enumerate(parts):
         if fail_after is not None and n == fail_after:
             raise ConnectionResetError("the client went away")
+        sent.append(part)
         yield fs.UploadFileRequest(chunk=part)
+    yield _trailer(prefix + b"".join(sent))
 
 
-def _upload(engine: TransferEngine, header: fs.UploadFileHeader, parts: Iterable[bytes]) -> fs.UploadFileResponse:
-    return _run(lambda: engine.upload(header, _chunks(parts)))
+def _upload(
+    engine: TransferEngine, header: fs.UploadFileHeader, parts: Iterable[bytes], prefix: bytes = b""
+) -> fs.UploadFileResponse:
+    return _run(lambda: engine.upload(header, _chunks(parts, prefix=prefix)))
 
 
 def _download(engine: TransferEngine, path: str, offset: int = 0, length: int = 0) -> list[fs.DownloadFileResponse]:
@@ -92,7 +104,7 @@ def test_an_interrupted_named_upload_resumes_with_the_whole_file_sha256(tmp_path
     assert "resume from offset 6" in err.value.message
 
     resumed = fs.UploadFileHeader(path=str(target), upload_id="resume-me-42", offset=6)
-    reply = _upload(engine, resumed, [b"second"])
+    reply = _upload(engine, resumed, [b"second"], prefix=b"first ")
     assert target.read_bytes() == b"first second"
     assert reply.sha256 == hashlib.sha256(b"first second").hexdigest()
     assert reply.size == 12
@@ -124,6 +136,7 @@ def test_a_second_upload_of_the_same_id_while_the_first_runs_is_aborted(tmp_path
         async def held() -> AsyncIterator[fs.UploadFileRequest]:
             yield fs.UploadFileRequest(chunk=b"part")
             await go_on.wait()
+            yield _trailer(b"part")
 
         first = asyncio.create_task(engine.upload(header, held()))
         await asyncio.sleep(0.05)
@@ -253,3 +266,112 @@ def test_a_download_closed_early_releases_its_descriptor(tmp_path: Path) -> None
         raise AssertionError("the file stayed open after the download was closed")
 
     _run(scenario)
+
+
+async def _without_trailer(parts: Iterable[bytes]) -> AsyncIterator[fs.UploadFileRequest]:
+    """A request stream that ends cleanly after its chunks: what a dropped caller can look like."""
+    for part in parts:
+        yield fs.UploadFileRequest(chunk=part)
+
+
+@pytest.mark.parametrize("upload_id", ["", "kept-partial-1"])
+def test_a_stream_that_ends_without_its_trailer_commits_nothing(tmp_path: Path, upload_id: str) -> None:
+    target = tmp_path / "f"
+    target.write_bytes(b"old content!")
+    engine = TransferEngine()
+    header = fs.UploadFileHeader(path=str(target), overwrite=True, upload_id=upload_id)
+    with pytest.raises(RpcError) as err:
+        _run(lambda: engine.upload(header, _without_trailer([b"new ", b"half"])))
+    assert err.value.code == grpc.StatusCode.ABORTED
+    assert "ended before its trailer" in err.value.message and str(target) in err.value.message
+    assert target.read_bytes() == b"old content!"
+    if upload_id:
+        # A named upload keeps what arrived, StatUpload says how much, and it resumes from there.
+        assert _leftovers(tmp_path) != []
+        assert _run(lambda: engine.stat_upload(str(target), upload_id)) == 8
+        resumed = fs.UploadFileHeader(path=str(target), overwrite=True, upload_id=upload_id, offset=8)
+        reply = _upload(engine, resumed, [b" done"], prefix=b"new half")
+        assert target.read_bytes() == b"new half done" and reply.size == 13
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("trailer", "text"),
+    [
+        (fs.UploadFileTrailer(size=4, sha256=hashlib.sha256(b"data").hexdigest()), "says 4 bytes but 8 arrived"),
+        (fs.UploadFileTrailer(size=8, sha256="0" * 64), "not the trailer's " + "0" * 64),
+    ],
+)
+def test_a_trailer_that_does_not_match_is_data_loss_and_keeps_the_old_content(
+    tmp_path: Path, trailer: fs.UploadFileTrailer, text: str
+) -> None:
+    target = tmp_path / "f"
+    target.write_bytes(b"old")
+
+    async def requests() -> AsyncIterator[fs.UploadFileRequest]:
+        yield fs.UploadFileRequest(chunk=b"datadata")
+        yield fs.UploadFileRequest(trailer=trailer)
+
+    header = fs.UploadFileHeader(path=str(target), overwrite=True, upload_id="mismatch-1")
+    with pytest.raises(RpcError) as err:
+        _run(lambda: TransferEngine().upload(header, requests()))
+    assert err.value.code == grpc.StatusCode.DATA_LOSS and text in err.value.message, err.value.message
+    assert target.read_bytes() == b"old"
+    assert _leftovers(tmp_path) == []  # even named: bytes that do not add up are no base to resume from
+
+
+def test_stat_upload_errors(tmp_path: Path) -> None:
+    engine = TransferEngine()
+    with pytest.raises(RpcError) as err:
+        _run(lambda: engine.stat_upload(str(tmp_path / "f"), "never-started"))
+    assert err.value.code == grpc.StatusCode.NOT_FOUND and "never-started" in err.value.message
+    for path, upload_id in (("relative", "abcdefgh"), (str(tmp_path / "f"), ""), (str(tmp_path / "f"), "bad id")):
+        with pytest.raises(RpcError) as err:
+            _run(lambda path=path, upload_id=upload_id: engine.stat_upload(path, upload_id))  # type: ignore[misc]
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stat_upload_of_an_upload_in_progress_is_aborted(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        engine = TransferEngine()
+        header = fs.UploadFileHeader(path=str(tmp_path / "f"), upload_id="still-running")
+        go_on, reading = asyncio.Event(), asyncio.Event()
+
+        async def held() -> AsyncIterator[fs.UploadFileRequest]:
+            reading.set()  # the engine has prepared the upload and asks for its chunks
+            yield fs.UploadFileRequest(chunk=b"part")
+            await go_on.wait()
+            yield _trailer(b"part")
+
+        running = asyncio.create_task(engine.upload(header, held()))
+        await reading.wait()
+        with pytest.raises(RpcError) as err:
+            await engine.stat_upload(str(tmp_path / "f"), "still-running")
+        assert err.value.code == grpc.StatusCode.ABORTED
+        go_on.set()
+        assert (await running).size == 4
+
+    _run(scenario)
+
+
+def test_a_download_from_an_offset_can_carry_the_whole_files_sha256(tmp_path: Path) -> None:
+    data = os.urandom(DOWNLOAD_CHUNK * 2 + 10)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    engine = TransferEngine()
+
+    async def scenario(offset: int, length: int = 0) -> list[fs.DownloadFileResponse]:
+        request = fs.DownloadFileRequest(path=str(path), offset=offset, length=length, file_sha256=True)
+        return [message async for message in engine.download(request)]
+
+    whole = hashlib.sha256(data).hexdigest()
+    for offset in (0, 7, DOWNLOAD_CHUNK, len(data)):
+        messages = _run(lambda offset=offset: scenario(offset))  # type: ignore[misc]
+        assert b"".join(m.chunk for m in messages) == data[offset:]
+        assert messages[-1].sha256 == hashlib.sha256(data[offset:]).hexdigest()  # still of the bytes sent
+        assert messages[-1].file_sha256 == whole, offset
+        assert [m.file_sha256 for m in messages[:-1]] == [""] * (len(messages) - 1)
+    # A range that stops short of the end has no whole-file hash to give.
+    assert _run(lambda: scenario(3, 10))[-1].file_sha256 == ""
+    # Not asked: not sent (the prefix is not read for nothing).
+    assert _download(engine, str(path), offset=7)[-1].file_sha256 == ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cyberdesk._requests import upload_trailer
 from cyberdesk_proto.v1 import filesystem_pb2, filesystem_pb2_grpc, instance_pb2
 from cyberdesk_stack.launcher import sweep_sandboxes
 from instance_svc.runtime.base import RuntimeError_, SandboxSpec
@@ -200,8 +202,11 @@ def _upload(svc: Svc, instance_id: str, path: str, size: int, upload_id: str = "
     def messages() -> Iterator[filesystem_pb2.UploadFileRequest]:
         yield filesystem_pb2.UploadFileRequest(instance_id=instance_id, header=header)
         chunk = b"\xa5" * MiB
+        digest = hashlib.sha256()
         for _ in range(size // MiB):
+            digest.update(chunk)
             yield filesystem_pb2.UploadFileRequest(chunk=chunk)
+        yield upload_trailer(size // MiB * MiB, digest.hexdigest())
 
     with grpc.insecure_channel(resolved.agent_target) as channel:
         reply: filesystem_pb2.UploadFileResponse = filesystem_pb2_grpc.FilesystemServiceStub(channel).UploadFile(

@@ -39,6 +39,9 @@ async def test_upload_requests_hash_every_byte_in_order() -> None:
     assert messages[0].header.path == "/x" and messages[0].instance_id == "i-1"
     assert b"".join(m.chunk for m in messages[1:]) == data
     assert max(len(m.chunk) for m in messages[1:]) == CHUNK
+    # The last message is the trailer: the whole file's size and sha256, without which nothing is committed.
+    assert messages[-1].WhichOneof("data") == "trailer"
+    assert (messages[-1].trailer.size, messages[-1].trailer.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     # Complete as soon as the iteration is exhausted: the last job was waited for.
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
     assert progress[-1] == (len(data), len(data))
