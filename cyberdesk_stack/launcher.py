@@ -9,11 +9,20 @@ key-store bootstrap (`gateway_svc.keystore.create_key`, a function call: no gate
 is kept in `<state>/dev_api_key` (0600) and written, with the endpoint, to the CLI config file
 so that `cyberdesk create` works at once.
 
-Stopping is ordered so that nothing is left behind: the instances of the development tenant are
-deleted through the API while everything still runs, then the services get SIGTERM (gateway
-first, Redis last), then any sandbox still running under this state directory (the warm pool's,
-or another tenant's) is destroyed with the local runtime's own code. instance_svc keeps sandboxes
-across its own restarts on purpose; `up` owns its state directory, so it cleans up after itself.
+While it runs, `up` supervises (cyberdesk_stack/supervisor.py): a service or Redis that dies is
+logged with its cause and restarted with back-off, for as long as `up` runs, and the instances go
+on running meanwhile: instance_svc re-adopts their sandboxes when it comes back, the gateway and
+instance_svc reconnect to a restarted Redis (same port, same password, its append-only file).
+The current pids are in `<state>/pids.json`.
+
+Stopping (Ctrl-C, SIGTERM) follows `--on-exit`:
+- `end` (the default): the instances end at the time of the stop. instance_svc is started with
+  INSTANCE_SVC_ON_SHUTDOWN=end, gets SIGTERM (after the gateway and billing_svc) and time to
+  destroy its sandboxes and record their end itself; only what it left running (it did not exit
+  in time, or was down) is destroyed by the launcher's sweep, which says how many it found.
+- `keep`: the services stop, the sandboxes keep running (INSTANCE_SVC_ON_SHUTDOWN=keep), and the
+  next `up` on the same state directory re-adopts them, deadlines included.
+Redis stops last either way: instance_svc publishes the instances' last events while it drains.
 
 Services run in their own process group: the terminal's Ctrl-C reaches only this launcher, which
 then stops them in order instead of all of them dying at once.
@@ -22,21 +31,35 @@ then stops them in order instead of all of them dying at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from subprocess import Popen
+from typing import Literal, TextIO
 
 from cyberdesk_common.log import mask_secrets
 from cyberdesk_stack import processes
+from cyberdesk_stack.supervisor import Child, Supervisor, tail
 
 DEV_TENANT = "dev"
 _READY_TIMEOUT = 90.0
+# How long instance_svc may take to end its instances on SIGTERM (--on-exit end) before the
+# launcher kills it and sweeps; the others only drain calls (their gRPC grace is 10 s).
+_INSTANCE_SVC_STOP_TIMEOUT = 30.0
+_STOP_TIMEOUT = 15.0
+
+Check = Callable[[], None]
+OnExit = Literal["end", "keep"]
+ON_EXIT_CHOICES: tuple[OnExit, ...] = ("end", "keep")
 
 
 class StackError(Exception):
@@ -60,6 +83,7 @@ class StackOptions:
     redis_url: str | None = None
     warm_pool: str | None = None
     write_config: bool = True
+    on_exit: OnExit = "end"
 
     @classmethod
     def from_env(cls) -> StackOptions:
@@ -75,14 +99,15 @@ class StackOptions:
             redis_port=int(env.get("CYBERDESK_REDIS_PORT") or cls.redis_port),
             redis_url=env.get("REDIS_URL") or None,
             warm_pool=env.get("CYBERDESK_WARM_POOL") or None,
+            on_exit=_on_exit(env.get("CYBERDESK_ON_EXIT") or cls.on_exit),
         )
 
 
-@dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+def _on_exit(value: str) -> OnExit:
+    for choice in ON_EXIT_CHOICES:
+        if value == choice:
+            return choice
+    raise StackError(f"on-exit policy {value!r} is not one of {', '.join(ON_EXIT_CHOICES)}")
 
 
 @dataclass
@@ -91,12 +116,14 @@ class Stack:
 
     options: StackOptions
     out: TextIO = field(default=sys.stdout)
-    children: list[_Child] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
     redis_url: str = ""
     api_key: str = ""
     http_endpoint: str = ""
     stopping: bool = False
     lock_fd: int | None = None
+    supervisor: Supervisor | None = None
+    _pids_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _lock(self) -> None:
         """One `up` per state directory: a second one would share (and on exit destroy) its sandboxes."""
@@ -128,11 +155,33 @@ class Stack:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None) -> _Child:
+    def _child(
+        self, name: str, argv: list[str], env: dict[str, str] | None, ready: Callable[[Popen[bytes], Check], None]
+    ) -> Child:
+        """Start `argv` (logging to logs/<name>.log) and wait until `ready` says it serves."""
         log = self._logs() / f"{name}.log"
-        child = _Child(name, processes.spawn(argv, env, log, process_group=True), log)
+
+        def start() -> Popen[bytes]:
+            if log.exists():
+                # The log is shared by every run of the service: mark where this one begins.
+                with open(log, "a") as out:
+                    out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} started by cyberdesk up\n")
+            return processes.spawn(argv, env, log, process_group=True)
+
+        child = Child(name, log, start, ready, start())
         self.children.append(child)
+        self._write_pids()
+        ready(child.proc, self._check)
         return child
+
+    def _write_pids(self) -> None:
+        """<state>/pids.json: the current pid of each child, rewritten (atomically) after every restart."""
+        path = self.options.state_dir / "pids.json"
+        scratch = path.with_suffix(".tmp")
+        with self._pids_lock:  # supervisor threads restart children concurrently
+            pids = {"up": os.getpid(), **{c.name: c.proc.pid for c in self.children}}
+            scratch.write_text(json.dumps(pids) + "\n")
+            scratch.replace(path)
 
     def _env(self) -> dict[str, str]:
         opts = self.options
@@ -167,20 +216,30 @@ class Stack:
             argv = processes.redis_argv(port, data, password, persist=True)
         except FileNotFoundError:
             raise StackError("redis-server is not installed: run `make setup` (or set REDIS_URL)") from None
-        child = self._spawn("redis", argv, None)
-        self.redis_url = processes.redis_url(port, password)
-        try:
-            processes.wait_redis(self.redis_url, child.proc, check=self._check)
-        except (RuntimeError, TimeoutError) as err:
-            raise StackError(f"redis-server did not start on port {port} ({err}); see {child.log}") from None
+        url = processes.redis_url(port, password)
 
-    def _wait_healthy(self, child: _Child, target: str) -> None:
+        def ready(proc: Popen[bytes], check: Check) -> None:
+            processes.wait_redis(url, proc, timeout=_READY_TIMEOUT, check=check)
+
+        self.redis_url = url
         try:
-            processes.wait_healthy(target, timeout=_READY_TIMEOUT, proc=child.proc, check=self._check)
+            self._child("redis", argv, None, ready)
+        except (RuntimeError, TimeoutError) as err:
+            log = self._logs() / "redis.log"
+            raise StackError(f"redis-server did not start on port {port} ({err}); see {log}") from None
+
+    def _start_service(self, module: str, target: str, env: dict[str, str]) -> None:
+        def ready(proc: Popen[bytes], check: Check) -> None:
+            processes.wait_healthy(target, timeout=_READY_TIMEOUT, proc=proc, check=check)
+
+        log = self._logs() / f"{module}.log"
+        try:
+            self._child(module, [sys.executable, "-m", module], env, ready)
         except RuntimeError:
-            raise StackError(f"{child.name} exited with code {child.proc.returncode}:\n{_tail(child.log)}") from None
+            code = self.children[-1].proc.returncode
+            raise StackError(f"{module} exited with code {code}:\n{tail(log)}") from None
         except TimeoutError:
-            raise StackError(f"{child.name} did not become healthy on {target}; see {child.log}") from None
+            raise StackError(f"{module} did not become healthy on {target}; see {log}") from None
 
     def start(self) -> None:
         """Start Redis, then the services in dependency order, each once the one before answers."""
@@ -191,14 +250,11 @@ class Stack:
         self._lock()
         self._start_redis()
         env = self._env()
-        python = sys.executable
-        for module, target in (
-            ("instance_svc", self.options.instance_addr),
-            ("billing_svc", self.options.billing_addr),
-            ("gateway_svc", self.options.gateway_addr),
-        ):
-            child = self._spawn(module, [python, "-m", module], env)
-            self._wait_healthy(child, target)
+        # instance_svc ends its instances on SIGTERM, or keeps them for the next start.
+        on_shutdown = {"INSTANCE_SVC_ON_SHUTDOWN": self.options.on_exit}
+        self._start_service("instance_svc", self.options.instance_addr, {**env, **on_shutdown})
+        self._start_service("billing_svc", self.options.billing_addr, env)
+        self._start_service("gateway_svc", self.options.gateway_addr, env)
         # The gateway's REST face (uvicorn in the same process) may bind a moment after gRPC.
         deadline = time.monotonic() + 5
         while True:
@@ -249,14 +305,17 @@ class Stack:
     def announce(self) -> None:
         """Print the endpoints; write endpoint and key to the CLI config."""
         p = self.out
-        print("Cyberdesk is running (Ctrl-C stops everything)", file=p)
+        if self.options.on_exit == "end":
+            print("Cyberdesk is running (Ctrl-C stops it and ends the instances)", file=p)
+        else:
+            print("Cyberdesk is running (Ctrl-C stops the services; instances keep running for the next `up`)", file=p)
         print(f"  gateway (gRPC)   {self.options.gateway_addr}", file=p)
         if self.http_endpoint:
             print(f"  gateway (HTTP)   {self.http_endpoint}", file=p)
         print(f"  instance_svc     {self.options.instance_addr}", file=p)
         print(f"  billing_svc      {self.options.billing_addr}", file=p)
         print(f"  redis            {mask_secrets(self.redis_url)}", file=p)
-        print(f"  state directory  {self.options.state_dir} (logs in {self._logs()})", file=p)
+        print(f"  state directory  {self.options.state_dir} (logs in {self._logs()}, pids in pids.json)", file=p)
         if self.options.write_config:
             from cyberdesk._config import save_file
 
@@ -270,44 +329,64 @@ class Stack:
     # --- run and stop ----------------------------------------------------------------------
 
     def watch(self) -> int:
-        """Block until a signal sets `stopping` or a child dies; the exit code to return."""
+        """Supervise the children until a signal sets `stopping`; the exit code to return."""
+        self.supervisor = Supervisor(self._say, self._write_pids)
+        for child in self.children:
+            self.supervisor.watch(child)
         while not self.stopping:
-            for child in self.children:
-                if child.proc.poll() is not None:
-                    print(f"{child.name} exited with code {child.proc.returncode}; stopping the stack", file=sys.stderr)
-                    print(_tail(child.log), file=sys.stderr)
-                    return 1
             time.sleep(0.2)
         return 0
 
+    def _say(self, message: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
     def stop(self) -> None:
-        """Delete the development tenant's instances, stop every child, destroy leftover sandboxes."""
+        """Stop every child (gateway first, Redis last); end or keep the instances as `on_exit` says."""
         if self.lock_fd is None:
             return  # nothing of ours runs: the state directory belongs to another `up`
-        if self.api_key and self._all_alive():
-            try:
-                with self._client(self.api_key) as client:
-                    for inst in client.instances.list(states=["PENDING", "STARTING", "RUNNING", "PAUSED"]):
-                        inst.delete()
-            except Exception as err:  # stopping goes on whatever the API says
-                print(f"could not delete instances through the API ({err}); sweeping sandboxes", file=sys.stderr)
-        # Gateway first (no new calls), Redis last (the others may write to it while draining).
+        if self.supervisor is not None:
+            self.supervisor.halt()  # from here on nobody restarts anything: `child.proc` is final
+        end = self.options.on_exit == "end"
+        instance_svc_ended = False
         for child in reversed(self.children):
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-            try:
-                child.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
-        swept = sweep_sandboxes(self.options.state_dir)
-        if swept:
-            print(f"destroyed {swept} leftover sandbox(es)", file=self.out)
+            proc = child.proc
+            if child.name == "instance_svc":
+                timeout = _INSTANCE_SVC_STOP_TIMEOUT
+                if proc.poll() is not None:
+                    self._say("instance_svc was not running at the stop")
+                else:
+                    if end:
+                        print("ending the instances (instance_svc destroys their sandboxes)", file=self.out, flush=True)
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        instance_svc_ended = proc.wait(timeout) == 0
+                    except subprocess.TimeoutExpired:
+                        self._say(f"instance_svc did not exit within {timeout:g} s of SIGTERM; killing it")
+                        proc.kill()
+                        proc.wait()
+                continue
+            processes.stop(proc, _STOP_TIMEOUT)
+        if end:
+            # The last resort: what instance_svc did not end (it was killed, was down, or predates
+            # INSTANCE_SVC_ON_SHUTDOWN). Their records say so at the next start ("sandbox vanished").
+            swept = sweep_sandboxes(self.options.state_dir)
+            if swept:
+                cause = "it exited" if instance_svc_ended else "it did not stop cleanly"
+                print(f"destroyed {swept} sandbox(es) instance_svc left running ({cause})", file=self.out, flush=True)
+        else:
+            kept = _running_sandboxes(self.options.state_dir)
+            print(
+                f"{kept} sandbox(es) keep running; the next `cyberdesk up --state-dir {self.options.state_dir}` "
+                "re-adopts them",
+                file=self.out,
+                flush=True,
+            )
+        if self.supervisor is not None:
+            self.supervisor.join()
+        with contextlib.suppress(OSError):
+            (self.options.state_dir / "pids.json").unlink()
         os.close(self.lock_fd)
         self.lock_fd = None
-
-    def _all_alive(self) -> bool:
-        return all(child.proc.poll() is None for child in self.children)
 
 
 def sweep_sandboxes(state_dir: Path) -> int:
@@ -335,6 +414,23 @@ def sweep_sandboxes(state_dir: Path) -> int:
     return asyncio.run(sweep())
 
 
+def _running_sandboxes(state_dir: Path) -> int:
+    """How many sandboxes of the local runtime under `state_dir` are running."""
+    base = state_dir / "instances"
+    if not base.is_dir():
+        return 0
+    from instance_svc.runtime.local import LocalRuntime
+
+    async def count() -> int:
+        runtime = LocalRuntime(base)
+        try:
+            return sum(info.running for info in await runtime.list())
+        finally:
+            await runtime.close()
+
+    return asyncio.run(count())
+
+
 def _listening(addr: str) -> bool:
     import socket
 
@@ -346,15 +442,8 @@ def _listening(addr: str) -> bool:
         return False
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def run(options: StackOptions, out: TextIO = sys.stdout) -> int:
-    """Start the stack, serve until SIGINT/SIGTERM or a child dies, stop it cleanly. Returns the exit code."""
+    """Start the stack, supervise it until SIGINT/SIGTERM, stop it as `options.on_exit` says. Returns the exit code."""
     stack = Stack(options, out)
 
     def _on_signal(signum: int, frame: object) -> None:

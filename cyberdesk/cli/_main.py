@@ -63,7 +63,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ) from None
 
     opts = StackOptions.from_env()
-    for name in ("gateway_addr", "http_addr", "instance_addr", "billing_addr", "redis_port", "warm_pool"):
+    for name in ("gateway_addr", "http_addr", "instance_addr", "billing_addr", "redis_port", "warm_pool", "on_exit"):
         value = getattr(args, name)
         if value is not None:
             setattr(opts, name, value)
@@ -483,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-port", type=int, help="port of the stack's own redis-server (default 6390)")
     up.add_argument("--warm-pool", help="warm pool sizes, e.g. base=2,desktop=0")
     up.add_argument("--no-config", action="store_true", help="do not write the CLI config file")
+    up.add_argument(
+        "--on-exit",
+        choices=("end", "keep"),
+        help="on Ctrl-C: end the instances (end, the default), or leave them running for the next `up` (keep)",
+    )
     up.set_defaults(func=cmd_up)
 
     create = sub.add_parser("create", help="create an instance and print its id")
