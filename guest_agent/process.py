@@ -10,10 +10,12 @@ Back-pressure (see `_fanout` for the mechanics)
 * A foreground StartProcess stream is the pacer of its process: when the client reads slowly,
   the agent stops reading the process's pipes, so the process blocks on write. Nothing is lost
   and the agent's memory stays flat whatever the volume (100 MB streams through a few MiB).
-* Every other stream (a background StartProcess, each ConnectProcess, each terminal client) is
-  lossy-but-honest: it can lag by up to CYBERDESK_AGENT_SUBSCRIBER_BYTES; beyond that it ends
-  with RESOURCE_EXHAUSTED while the process and the other streams carry on unaffected. The
-  client reconnects and replays the ring buffer (CYBERDESK_AGENT_RING_BYTES, 1 MiB by default).
+* The clients of a terminal pace it together, at the speed of the slowest one still reading;
+  one that stopped reading is detached alone (see `pty`).
+* Every other stream (a background StartProcess, each ConnectProcess) is lossy-but-honest: it
+  can lag by up to CYBERDESK_AGENT_SUBSCRIBER_BYTES; beyond that it ends with
+  RESOURCE_EXHAUSTED while the process and the other streams carry on unaffected. The client
+  reconnects and replays the ring buffer (CYBERDESK_AGENT_RING_BYTES, 1 MiB by default).
 * RunProcess keeps the output in memory up to its cap (max_output_bytes, at most 15 MiB) and
   drops the rest, so it never slows the process down and its memory is bounded by the cap.
 

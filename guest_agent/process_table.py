@@ -39,13 +39,24 @@ import signal
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from cyberdesk_common.config import env_float, env_int
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found, resource_exhausted
-from guest_agent._fanout import STDERR, STDOUT, Chunk, Collector, Exited, Ring, Subscriber
+from guest_agent._fanout import (
+    STDERR,
+    STDOUT,
+    Chunk,
+    Collector,
+    Exited,
+    Ring,
+    Subscriber,
+    TerminalPace,
+    TerminalPacing,
+    pace_terminal,
+)
 from guest_agent._reaper import Reaper
 from guest_agent.process_cgroups import CommandCgroup, CommandCgroups, pids_exhausted_message
 from guest_agent.process_spawn import OomScore, Spec, not_started, set_winsize, spawn_on_pipes, spawn_on_terminal
@@ -62,13 +73,24 @@ class Limits:
     exit_retention_seconds: float = 60.0
     kill_grace_seconds: float = 2.0
     drain_seconds: float = 0.5
+    terminal: TerminalPacing = field(default_factory=TerminalPacing)
 
     @classmethod
     def from_env(cls) -> Limits:
         """Read CYBERDESK_AGENT_RING_BYTES, _SUBSCRIBER_BYTES, _KEEPALIVE_SECONDS, _EXIT_RETENTION_SECONDS,
-        _KILL_GRACE_SECONDS and _DRAIN_SECONDS."""
+        _KILL_GRACE_SECONDS, _DRAIN_SECONDS and, for terminals, _PTY_WINDOW_BYTES, _PTY_WAIT_SECONDS,
+        _PTY_STALL_SECONDS and _PTY_BEHIND_BYTES."""
         d = cls()
+        t = d.terminal
+        window = env_int("AGENT_PTY_WINDOW_BYTES", t.window_bytes, minimum=d.chunk_bytes)
+        terminal = TerminalPacing(
+            window_bytes=window,
+            wait_seconds=env_float("AGENT_PTY_WAIT_SECONDS", t.wait_seconds),
+            stall_seconds=env_float("AGENT_PTY_STALL_SECONDS", t.stall_seconds),
+            behind_bytes=env_int("AGENT_PTY_BEHIND_BYTES", t.behind_bytes, minimum=window),
+        )
         return cls(
+            terminal=terminal,
             ring_bytes=env_int("AGENT_RING_BYTES", d.ring_bytes, minimum=0),
             subscriber_bytes=env_int("AGENT_SUBSCRIBER_BYTES", d.subscriber_bytes, minimum=d.chunk_bytes),
             keepalive_seconds=env_float("AGENT_KEEPALIVE_SECONDS", d.keepalive_seconds),
@@ -117,6 +139,8 @@ class ManagedProcess:
         self._drain_timer: asyncio.TimerHandle | None = None
         self._timeout_timer: asyncio.TimerHandle | None = None
         self._stdin_fd: int | None = None
+        self._held_master: int | None = None  # a terminal's master kept open until its leader exits
+        self._pace_timer: asyncio.TimerHandle | None = None  # a terminal's next pacing decision
         # Created only for a process with a stdin pipe: a finished process stays in the table for a
         # minute, and every object it holds lengthens the garbage collector's full passes.
         self._stdin_queue: asyncio.Queue[tuple[bytes | None, asyncio.Future[None]]] | None = None
@@ -155,7 +179,10 @@ class ManagedProcess:
                 raise
             data = b""
         if not data:
-            self._close_output(fd)
+            if self.pty and self._status is None:
+                self._hold_master(fd)
+            else:
+                self._close_output(fd)
             return
         chunk = Chunk(self._outputs[fd], data)
         self.ring.append(chunk)
@@ -163,6 +190,9 @@ class ManagedProcess:
             sub.push(chunk)
         if self._drain_timer is not None:
             self._arm_drain()
+        if self.pty:
+            self._pace_terminal()
+            return
         pacer = next((s for s in self.subscribers if s.above_high_water()), None)
         if pacer is not None:
             self._pause(pacer)
@@ -179,6 +209,58 @@ class ManagedProcess:
                 self._loop.add_reader(fd, self._on_readable, fd)
 
         self.table.keep(self._loop.create_task(resume()))
+
+    def _pace_terminal(self) -> TerminalPace | None:
+        """Apply a terminal's pacing rule now (`_fanout.pace_terminal`): detach, pause, recheck later."""
+        if self._pace_timer is not None:
+            self._pace_timer.cancel()
+            self._pace_timer = None
+        if self.exited is not None:
+            return None
+        pace = pace_terminal(self.subscribers, self.table.limits.terminal, time.monotonic())
+        for sub, why in pace.detach:
+            self.subscribers.discard(sub)
+            sub.detach(resource_exhausted(why))
+        if pace.recheck_in is not None:
+            self._pace_timer = self._loop.call_later(pace.recheck_in, self._pace_terminal)
+        if pace.blocking is not None and not self._paused:
+            self._pause_terminal()
+        return pace
+
+    def _pause_terminal(self) -> None:
+        """Stop reading the master until no reader the terminal waits for is behind by its window.
+
+        The kernel's tty buffer then fills and the program blocks on write: the back-pressure of a
+        foreground exec, applied to the slowest reader that is still reading.
+        """
+        self._paused = True
+        for fd in self._outputs:
+            self._loop.remove_reader(fd)
+
+        async def resume() -> None:
+            while (pace := self._pace_terminal()) is not None and pace.blocking is not None:
+                # Woken by that reader's progress, or when time may have changed who is reading.
+                with contextlib.suppress(TimeoutError):
+                    wait = pace.recheck_in or self.table.limits.terminal.wait_seconds
+                    await asyncio.wait_for(pace.blocking.wait_drained(), wait)
+            self._paused = False
+            for fd in self._outputs:
+                self._loop.add_reader(fd, self._on_readable, fd)
+
+        self.table.keep(self._loop.create_task(resume()))
+
+    def _hold_master(self, fd: int) -> None:
+        """Every slave end of the terminal is closed, but its leader may not have exited yet.
+
+        `cat` closes 0, 1 and 2 and only then calls exit_group; closing the master in between hangs
+        up the session, and the kernel's SIGHUP kills the leader before it exits (exit 0 reported
+        as 'killed by SIGHUP', about 1 run in 8 with input typed ahead). So stop reading (nothing
+        more can come) and close the master once the leader's status is in.
+        """
+        self._loop.remove_reader(fd)
+        del self._outputs[fd]
+        self._stdin_fd = None  # no slave to deliver keystrokes to
+        self._held_master = fd
 
     def _close_output(self, fd: int) -> None:
         if fd == self._stdin_fd:  # a terminal's master is both; never write to a closed (reused) fd
@@ -204,6 +286,9 @@ class ManagedProcess:
 
     def _on_exit_status(self, status: int) -> None:
         self._status = status
+        if self._held_master is not None:
+            os.close(self._held_master)
+            self._held_master = None
         if self._killing and self.cgroup is not None:
             # Its leader is gone: nothing of the command may outlive the exit we are about to report.
             self.cgroup.kill_all()
@@ -218,6 +303,8 @@ class ManagedProcess:
             self._drain_timer.cancel()
         if self._timeout_timer is not None:
             self._timeout_timer.cancel()
+        if self._pace_timer is not None:
+            self._pace_timer.cancel()
         code = os.waitstatus_to_exitcode(self._status)
         error = self._kill_reason
         if self._timed_out:
@@ -408,7 +495,10 @@ class ManagedProcess:
 
     def subscribe(self, *, replay: bool, pacer: bool = False) -> Subscriber:
         """A new consumer of the output; with `replay`, it starts with the buffered output."""
-        sub = Subscriber(self.table.limits.subscriber_bytes, pacer=pacer)
+        if self.pty:  # every reader of a terminal paces it (see `_pace_terminal`)
+            sub = Subscriber(self.table.limits.terminal.window_bytes, pacer=True)
+        else:
+            sub = Subscriber(self.table.limits.subscriber_bytes, pacer=pacer)
         if replay:
             for chunk in self.ring.snapshot():
                 sub.push(chunk)

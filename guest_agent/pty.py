@@ -1,10 +1,15 @@
 """Interactive terminals (ProcessService.ConnectPty): open or attach, keystrokes, resize, signals.
 
-Several clients may attach to one terminal (by pid or tag). Each has its own bounded queue fed by
-the terminal's single reader; a client that cannot keep up is cut off with RESOURCE_EXHAUSTED and
-may reattach (the attach replays the recent output), while the terminal and the other clients go
-on. When the last client leaves a terminal that was not opened in the background, the session is
-hung up (SIGHUP, SIGKILL after a grace period), the way closing a terminal window does.
+Several clients may attach to one terminal (by pid or tag). Each has its own queue fed by the
+terminal's single reader, and the terminal's output goes at the pace of the slowest client that is
+still reading: the agent stops reading the terminal while such a client is more than a window
+behind, so the program blocks on write and nothing is lost (`_fanout.pace_terminal`). A client
+that stopped reading is detached alone, with RESOURCE_EXHAUSTED saying why, once it read nothing
+for CYBERDESK_AGENT_PTY_STALL_SECONDS (30 s) or fell CYBERDESK_AGENT_PTY_BEHIND_BYTES (16 MiB)
+behind while another client kept reading; it may attach again (the attach replays the recent
+output). When nobody reads, the terminal waits: a slow client never hangs a terminal up. When the
+last client leaves a terminal that was not opened in the background, the session is hung up
+(SIGHUP, SIGKILL after a grace period), the way closing a terminal window does.
 """
 
 from __future__ import annotations
@@ -59,8 +64,11 @@ async def _pump_input(proc: ManagedProcess, requests: AsyncIterator[process_pb2.
     async for message in requests:
         which = message.WhichOneof("event")
         if which == "input":
-            if proc.exited is None:
-                await proc.write(message.input)
+            # Keys typed after the program let go of its terminal are dropped, as a closed
+            # terminal window drops them, instead of failing the stream before the exit arrives.
+            if proc.stdin_open:
+                with contextlib.suppress(RpcError):
+                    await proc.write(message.input)
         elif which == "resize":
             if proc.exited is None:
                 proc.resize(*_size(message.resize, "resize"))

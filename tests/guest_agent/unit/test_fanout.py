@@ -1,4 +1,5 @@
-"""The output fan-out alone: the replay ring, bounded subscriber queues, the pacer, the collector.
+"""The output fan-out alone: the replay ring, bounded subscriber queues, the pacer, the collector,
+and the pacing rule of a terminal's readers (on a clock of the test's own).
 
 In-process, on an event loop of the test's own (no process, no socket): each rule of
 `guest_agent._fanout`'s docstring is checked by pushing events by hand.
@@ -11,7 +12,18 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from guest_agent._fanout import STDERR, STDOUT, Chunk, Collector, Exited, Overflow, Ring, Subscriber
+from guest_agent._fanout import (
+    STDERR,
+    STDOUT,
+    Chunk,
+    Collector,
+    Exited,
+    Overflow,
+    Ring,
+    Subscriber,
+    TerminalPacing,
+    pace_terminal,
+)
 
 EXITED = Exited(exit_code=0, signal=0, timed_out=False, error="", end_time=1.0)
 
@@ -269,5 +281,150 @@ def test_an_exit_after_the_caller_gave_up_is_ignored() -> None:
         collector.finished.cancel()  # the RunProcess call was cancelled
         collector.push(EXITED)  # must not raise InvalidStateError
         assert collector.finished.cancelled()
+
+    _run(scenario)
+
+
+# -- a terminal's readers --------------------------------------------------------------------------
+
+PACING = TerminalPacing(window_bytes=10, wait_seconds=2.0, stall_seconds=30.0, behind_bytes=100)
+
+
+class Clock:
+    """Time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _reader(clock: Clock) -> Subscriber:
+    return Subscriber(PACING.window_bytes, pacer=True, clock=clock)
+
+
+def test_idle_counts_from_the_first_waiting_chunk_and_restarts_at_every_take() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        sub = _reader(clock)
+        clock.now += 50  # nothing waited meanwhile: an idle terminal makes nobody idle
+        assert sub.idle(clock.now) == 0.0
+        sub.push(_out(b"ab"))
+        clock.now += 3
+        sub.push(_out(b"cd"))
+        assert sub.idle(clock.now) == 3.0
+        await sub.get(1)
+        assert sub.idle(clock.now) == 0.0  # it took something: the clock restarts, output still waits
+        clock.now += 1
+        assert sub.idle(clock.now) == 1.0
+        await sub.get(1)
+        clock.now += 10
+        assert sub.idle(clock.now) == 0.0  # nothing waits any more
+
+    _run(scenario)
+
+
+def test_the_terminal_waits_for_a_reader_that_is_reading_but_behind() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        fast, slow = _reader(clock), _reader(clock)
+        for sub in (fast, slow):
+            sub.push(_out(b"x" * 11))  # one byte over the window
+        await fast.get(1)
+        pace = pace_terminal([fast, slow], PACING, clock.now)
+        assert pace.blocking is slow and pace.detach == []
+        assert pace.recheck_in == 2.0  # when `slow` would stop counting as reading
+        clock.now += 1.5
+        assert pace_terminal([fast, slow], PACING, clock.now).recheck_in == 0.5
+
+    _run(scenario)
+
+
+def test_a_reader_within_its_window_holds_nobody() -> None:
+    clock = Clock()
+    sub = _reader(clock)
+    sub.push(_out(b"x" * 10))
+    assert pace_terminal([sub], PACING, clock.now).blocking is None
+
+
+def test_a_reader_that_stopped_no_longer_holds_the_others_and_is_detached_after_the_stall_bound() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        reading, stalled = _reader(clock), _reader(clock)
+        for sub in (reading, stalled):
+            sub.push(_out(b"x" * 11))
+        clock.now += 2.0
+        await reading.get(1)  # `reading` took; `stalled` has taken nothing for 2 s
+        pace = pace_terminal([reading, stalled], PACING, clock.now)
+        assert pace.blocking is None and pace.detach == []
+        assert pace.recheck_in == 28.0  # when `stalled` reaches the stall bound
+        clock.now += 28.0
+        reading.push(_out(b"y"))
+        await reading.get(1)
+        pace = pace_terminal([reading, stalled], PACING, clock.now)
+        assert [sub for sub, _ in pace.detach] == [stalled]
+        assert "read nothing for 30 s" in pace.detach[0][1] and "attach again" in pace.detach[0][1]
+
+    _run(scenario)
+
+
+def test_a_reader_too_far_behind_the_others_is_detached_before_the_stall_bound() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        reading, stalled = _reader(clock), _reader(clock)
+        stalled.push(_out(b"x" * 60))
+        clock.now += 3.0
+        stalled.push(_out(b"x" * 60))  # 120 bytes behind, more than behind_bytes
+        reading.push(_out(b"x" * 60))
+        await reading.get(1)
+        (detached,) = pace_terminal([reading, stalled], PACING, clock.now).detach
+        assert detached[0] is stalled and "more than 100 bytes behind" in detached[1]
+
+    _run(scenario)
+
+
+def test_when_nobody_reads_the_terminal_waits_and_nobody_is_detached() -> None:
+    clock = Clock()
+    only = _reader(clock)
+    only.push(_out(b"x" * 50))
+    clock.now += 3600  # an hour without a take: still attached, the program just blocks
+    pace = pace_terminal([only], PACING, clock.now)
+    assert pace.blocking is only and pace.detach == [] and pace.recheck_in is None
+    other = _reader(clock)
+    other.push(_out(b"x" * 50))
+    clock.now += 10
+    pace = pace_terminal([only, other], PACING, clock.now)
+    assert pace.blocking is only and pace.detach == []
+
+
+def test_a_reader_that_comes_back_holds_the_terminal_again_until_it_caught_up() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        reading, away = _reader(clock), _reader(clock)
+        away.push(_out(b"x" * 40))
+        clock.now += 5
+        assert pace_terminal([reading, away], PACING, clock.now).blocking is None
+        away.push(_out(b"x" * 40))
+        await away.get(1)  # back: 40 bytes still waiting, beyond its window
+        assert pace_terminal([reading, away], PACING, clock.now).blocking is away
+
+    _run(scenario)
+
+
+def test_a_detached_reader_gets_the_error_at_once_and_nothing_more() -> None:
+    async def scenario() -> None:
+        sub = _reader(Clock())
+        sub.push(_out(b"x" * 11))
+        waiter = asyncio.ensure_future(sub.wait_drained())
+        await asyncio.sleep(0)
+        sub.detach(RuntimeError("detached: gone"))
+        await asyncio.wait_for(waiter, 1)  # a terminal paused on it resumes
+        assert sub.pending == 0 and sub.idle(1e9) == 0.0
+        sub.push(_out(b"late"))
+        sub.push(EXITED)
+        assert sub.pending == 0
+        with pytest.raises(RuntimeError, match="detached: gone"):
+            await sub.get(1)
 
     _run(scenario)
