@@ -33,6 +33,14 @@ def call_metadata(config: ClientConfig) -> tuple[tuple[str, str], ...]:
 END = object()
 """Put in a duplex stream's reply queue when the call has ended (or was closed by us)."""
 
+REPLY_WINDOW = 64
+"""Replies a duplex stream takes from the call ahead of its reader (a terminal's are at most 64 KiB).
+
+Bounded so that a reader that falls behind (a slow local terminal under `seq 1 3000000`) stops the
+call being read: gRPC's flow control then holds the server back, and the agent waits for that
+reader (guest_agent/pty.py), instead of the client's memory taking the whole output.
+"""
+
 
 def settle(item: Any, put_back: Callable[[Any], None]) -> Any | None:
     """A reply taken from a duplex stream's reply queue: the reply, None at the end, or its error raised.

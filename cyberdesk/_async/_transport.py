@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from cyberdesk._channel import END, Stubs, deadline_of, open_channel, settle
+from cyberdesk._channel import END, REPLY_WINDOW, Stubs, deadline_of, open_channel, settle
 from cyberdesk._config import ClientConfig
 from cyberdesk._errors import from_rpc_error
 
@@ -91,19 +91,22 @@ class AsyncDuplexStream:
     A reader task moves replies into a queue as they come. `read` waits on the queue, never on the
     call: a timed-out `call.read()` is a cancelled coroutine, and grpc.aio cancels the whole call
     with it. The queue ends with END (the call ended, or was closed by us) or a CyberdeskError,
-    which stay in the queue so that every later read sees them too.
+    which stay in the queue so that every later read sees them too. At most REPLY_WINDOW replies
+    wait in it (`_room`); the end and an error always fit.
     """
 
     def __init__(self, call: Any, first: Any) -> None:
         self._call = call
         self._closed = False
         self._replies: asyncio.Queue[Any] = asyncio.Queue()
+        self._room = asyncio.Semaphore(REPLY_WINDOW)
         self._reader = asyncio.get_running_loop().create_task(self._read_all(first))
 
     async def _read_all(self, first: Any) -> None:
         try:
             await self._call.write(first)
             async for reply in self._call:
+                await self._room.acquire()
                 self._replies.put_nowait(reply)
             self._replies.put_nowait(END)
         except grpc.RpcError as err:
@@ -125,7 +128,10 @@ class AsyncDuplexStream:
             item = await asyncio.wait_for(self._replies.get(), timeout)
         except TimeoutError:
             raise TimeoutError(f"no reply within {timeout} s") from None
-        return settle(item, self._replies.put_nowait)
+        reply = settle(item, self._replies.put_nowait)
+        if reply is not None:
+            self._room.release()
+        return reply
 
     async def close(self) -> None:
         """End the call and wait for the reader to stop."""
@@ -133,4 +139,5 @@ class AsyncDuplexStream:
             return
         self._closed = True
         self._call.cancel()
+        self._room.release()  # a reader waiting for room goes on, and finds the call cancelled
         await self._reader

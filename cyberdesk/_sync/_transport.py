@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cyberdesk._channel import END, Stubs, deadline_of, open_channel, settle
+from cyberdesk._channel import END, REPLY_WINDOW, Stubs, deadline_of, open_channel, settle
 from cyberdesk._config import ClientConfig
 from cyberdesk._errors import from_rpc_error
 
@@ -87,7 +87,8 @@ class DuplexStream:
     Requests go through a queue that gRPC's request iterator drains; one reader thread moves
     replies into a second queue, so `read` can wait with a timeout. The reply queue ends with END
     (the call ended, or was closed by us) or a CyberdeskError, which stay in the queue so that
-    every later read sees them too.
+    every later read sees them too. At most REPLY_WINDOW replies wait in it (`_room`); the end and
+    an error always fit.
     """
 
     def __init__(self, transport: Transport, method: Callable[..., Any], first: Any) -> None:
@@ -95,6 +96,7 @@ class DuplexStream:
         self._requests: queue.Queue[Any] = queue.Queue()
         self._requests.put(first)
         self._replies: queue.Queue[Any] = queue.Queue()
+        self._room = threading.Semaphore(REPLY_WINDOW)
         self._call = method(self._request_iter(), metadata=transport.metadata)
         self._reader = threading.Thread(target=self._read_all, name="cyberdesk-stream", daemon=True)
         self._reader.start()
@@ -106,6 +108,7 @@ class DuplexStream:
     def _read_all(self) -> None:
         try:
             for reply in self._call:
+                self._room.acquire()
                 self._replies.put(reply)
             self._replies.put(END)
         except grpc.RpcError as err:
@@ -121,7 +124,10 @@ class DuplexStream:
             item = self._replies.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"no reply within {timeout} s") from None
-        return settle(item, self._replies.put)
+        reply = settle(item, self._replies.put)
+        if reply is not None:
+            self._room.release()
+        return reply
 
     def close(self) -> None:
         """End the call and wait (up to 5 s) for the reader to stop."""
@@ -130,4 +136,5 @@ class DuplexStream:
         self._closed = True
         self._requests.put(END)
         self._call.cancel()
+        self._room.release()  # a reader waiting for room goes on, and finds the call cancelled
         self._reader.join(5)

@@ -231,21 +231,56 @@ def _attach(pid: int) -> process_pb2.ConnectPtyRequest:
     return process_pb2.ConnectPtyRequest(instance_id=INSTANCE, attach=process_pb2.PtyAttach(selector=selector))
 
 
-def test_a_reader_alone_that_stops_reading_is_waited_for_not_detached(stack: ShellStack) -> None:
-    reader = Reader(stack, _open(["bash", "--norc", "-i"]))
+def _writer_blocked(session: int, name: str) -> bool:
+    """Whether the process `name` of the terminal's session is alive and wrote nothing for a second."""
+    (pid,) = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _stat(entry)[:2] == (name, session)
+    ]
+    before = _wchar(pid)
+    time.sleep(1)
+    return _wchar(pid) == before and _stat(Path(f"/proc/{pid}"))[0] == name
+
+
+def _stat(proc: Path) -> tuple[str, int]:
     try:
-        reader.started()
-        reader.type(COMMAND + "\n")
-        reader.read_until(b"BEGIN-2\r\n")
-        # Twice the stall bound without reading: seq blocks on its terminal, nothing is dropped.
-        time.sleep(2 * STALL_SECONDS)
-        reader.read_until(b"END-4\r\n")
-        check_every_line(bytes(reader.output))
-        reader.type("exit 3\n")
-        reader.read_until(b"\0never\0")
-        assert reader.exited is not None and reader.exited.exit_code == 3
-    finally:
-        reader.close()
+        raw = (proc / "stat").read_text()
+    except OSError:
+        return "", 0
+    return raw[raw.find("(") + 1 : raw.rfind(")")], int(raw[raw.rfind(")") + 2 :].split()[3])
+
+
+def _wchar(pid: int) -> int:
+    return int(
+        next(line for line in Path(f"/proc/{pid}/io").read_text().splitlines() if line.startswith("wchar")).split()[1]
+    )
+
+
+def test_an_sdk_reader_alone_that_stops_reading_holds_the_writer_back_and_loses_nothing(stack: ShellStack) -> None:
+    with Cyberdesk(api_key=stack.key, endpoint=stack.gateway) as client:
+        shell = client.instances.handle(INSTANCE).shell(argv=["bash", "--norc", "-i"])
+        try:
+            shell.send(COMMAND + "\n")
+            chunks = [shell.recv(timeout=60)]
+            while b"BEGIN-2" not in b"".join(chunks[-2:]):
+                chunks.append(shell.recv(timeout=60))
+            # Twice the stall bound without reading. Every hop has a bounded buffer (the SDK's
+            # reply window, gRPC flow control at the gateway, the agent's window), so seq ends up
+            # blocked on its terminal: nothing is dropped, nobody is detached.
+            time.sleep(2 * STALL_SECONDS)
+            assert _writer_blocked(shell.pid, "seq")
+            tail = b""
+            while b"END-4\r\n" not in tail:
+                chunk = shell.recv(timeout=120)
+                assert chunk, f"the terminal ended: {shell.exited} {shell.error}"
+                chunks.append(chunk)
+                tail = (tail + chunk)[-64:]
+            check_every_line(b"".join(chunks))
+            shell.send("exit 3\n")
+            assert shell.wait(60) is not None and shell.exit_code == 3 and shell.error is None
+        finally:
+            shell.close()
 
 
 def test_of_two_readers_the_one_that_stops_is_detached_alone_and_the_other_gets_every_line(
