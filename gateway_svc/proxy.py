@@ -35,11 +35,13 @@ import grpc
 from cyberdesk_common.status import invalid_argument
 from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 from gateway_svc.admission import AGENT_SERVICES, INSTANCE_SERVICE, Admission, Target, forwardable
-from gateway_svc.routing import WireError, read_instance_id
+from gateway_svc.routing import WireError, explain_lost, read_instance_id
 
 __all__ = ["AGENT_SERVICES", "INSTANCE_SERVICE", "MethodInfo", "Proxy", "forwardable", "public_methods"]
 
 _FILES = (instance_pb2, process_pb2, filesystem_pb2, desktop_pb2)
+# Upstream codes of a call lost under the caller (the agent's connection dropped, its channel closed).
+_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 # Client-streaming methods -> the field number their last request must carry (see the module rules).
 _END_FIELDS: dict[str, int] = {
@@ -106,6 +108,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     async def _fail(self, context: grpc.aio.ServicerContext, up: Target, err: grpc.aio.AioRpcError) -> None:  # type: ignore[type-arg]
         """End the call with the upstream's status, details and trailers."""
         code, details = self._admission.upstream_failed(up, err.code(), err.details() or "")
+        if err.code() in _LOST and not context.cancelled():
+            # Lost mid-call: say what happened to the instance (deleted, failed...), if that is why.
+            code, details = await explain_lost(self._admission.routes, up.instance_id, code, details)
         trailers = err.trailing_metadata()
         if trailers:
             context.set_trailing_metadata(tuple(trailers))  # type: ignore[arg-type]

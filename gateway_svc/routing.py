@@ -8,6 +8,9 @@
   (bounded), and drops entries when instance_svc announces a lifecycle change: `follow_events`
   reads the stream with the shared tail reader (`cyberdesk_common.lifecycle_events`).
 - `ChannelPool` keeps one channel per agent; gRPC multiplexes every call to that agent over it.
+- `RouteCache.explain_lost` turns a call lost mid-way into what happened to the instance (deleted,
+  failed, paused) from the states the lifecycle events announced and, failing that, a fresh
+  ResolveInstance (see `tenant_errors.lost_call_status`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from redis.exceptions import RedisError
@@ -31,9 +34,12 @@ from cyberdesk_common.metadata import INTERNAL_TOKEN_METADATA
 from cyberdesk_common.status import RpcError, failed_precondition
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2
-from gateway_svc.tenant_errors import tenant_message
+from gateway_svc.tenant_errors import lost_call_status, tenant_message
 
 _log = logging.getLogger("gateway_svc.routing")
+
+# How long a call lost under a STOPPING instance waits for the event saying how it ended.
+LOST_SETTLE_SECONDS = 3.0
 
 
 class WireError(ValueError):
@@ -184,6 +190,10 @@ class RouteCache:
         # instance_id -> (expires, route). Only RUNNING answers are cached; the tenant is kept in
         # the route and compared on every hit, so a cached route never serves another tenant.
         self._cache: OrderedDict[str, tuple[float, AgentRoute]] = OrderedDict()
+        # Kept past invalidation, for explaining a lost call: instance -> the tenant a route was
+        # resolved for (an admitted caller of that tenant), and the last state an event announced.
+        self._tenants: OrderedDict[str, str] = OrderedDict()
+        self._states: OrderedDict[str, tuple[InstanceState, str]] = OrderedDict()
         self.pool = ChannelPool()
 
     async def resolve(self, tenant_id: str, instance_id: str, deadline: float | None) -> AgentRoute:
@@ -221,7 +231,49 @@ class RouteCache:
             self._cache[instance_id] = (time.monotonic() + self.ttl, route)
             while len(self._cache) > self._max:
                 self._cache.popitem(last=False)
+        _remember(self._tenants, instance_id, tenant_id, self._max)
         return route
+
+    async def explain_lost(
+        self, instance_id: str, code: grpc.StatusCode, message: str, *, settle: float = LOST_SETTLE_SECONDS
+    ) -> tuple[grpc.StatusCode, str]:
+        """The status for a call to `instance_id`'s agent that failed with `code` (UNAVAILABLE, CANCELLED).
+
+        A delete records STOPPING before it kills the sandbox, so when the agent's connection
+        drops, instance_svc already knows; the event saying so may still be on its way, hence a
+        fresh ResolveInstance when the events have not told. A STOPPING instance is given up to
+        `settle` seconds to announce how it ended ("deleted" or "expired at its deadline").
+        Unknown (no tenant on record, instance_svc unreachable): `code` and `message` unchanged.
+        """
+        known = self._states.get(instance_id)
+        state = known[0] if known else None
+        if state is None or state is InstanceState.RUNNING:
+            tenant = self._tenants.get(instance_id)
+            if tenant is None:
+                return code, message
+            try:
+                reply = await self._stub.ResolveInstance(
+                    routing_pb2.ResolveInstanceRequest(tenant_id=tenant, instance_id=instance_id),
+                    metadata=self._metadata,
+                    timeout=2.0,
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() is grpc.StatusCode.NOT_FOUND:
+                    return grpc.StatusCode.NOT_FOUND, f"instance {instance_id} no longer exists"
+                return code, message
+            try:
+                state = InstanceState(reply.state)
+            except ValueError:
+                return code, message
+        deadline = time.monotonic() + settle
+        while state is InstanceState.STOPPING and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            known = self._states.get(instance_id)
+            if known is not None and known[0] is not InstanceState.STOPPING:
+                state = known[0]
+        known = self._states.get(instance_id)
+        why = known[1] if known is not None and known[0] is state else ""
+        return lost_call_status(instance_id, state, why, code, message)
 
     def channel(self, route: AgentRoute) -> grpc.aio.Channel:
         """The pooled channel to `route`'s agent."""
@@ -235,6 +287,7 @@ class RouteCache:
 
     def apply(self, event: LifecycleEvent) -> None:
         """A lifecycle change of an instance: forget its route; close its channel once it is gone."""
+        _remember(self._states, event.instance_id, (event.new_state, event.state_message), self._max)
         self.invalidate(event.instance_id, close_channel=event.new_state.terminal)
 
     def clear(self) -> None:
@@ -243,6 +296,13 @@ class RouteCache:
 
     def __contains__(self, instance_id: str) -> bool:
         return instance_id in self._cache
+
+
+def _remember(table: OrderedDict[str, Any], key: str, value: Any, limit: int) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
 
 
 class FollowsEvents(Protocol):
@@ -312,3 +372,12 @@ async def _follow(routes: FollowsEvents, redis_url: str, block_ms: int, max_back
                 delay = min(delay * 2, max_backoff)
     finally:
         await client.aclose()
+
+
+async def explain_lost(
+    routes: object, instance_id: str, code: grpc.StatusCode, message: str
+) -> tuple[grpc.StatusCode, str]:
+    """`RouteCache.explain_lost` for whatever routes the admission holds (a test's fake: unchanged)."""
+    if isinstance(routes, RouteCache) and instance_id:
+        return await routes.explain_lost(instance_id, code, message)
+    return code, message

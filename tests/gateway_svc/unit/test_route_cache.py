@@ -149,3 +149,64 @@ def test_routes_expire_after_the_ttl() -> None:
 def test_state_names_are_the_enum_without_its_prefix() -> None:
     assert state_name(instance_pb2.INSTANCE_STATE_STOPPING) == "STOPPING"
     assert state_name(99) == "UNKNOWN(99)"
+
+
+UNREACHABLE = "instance i-1 is not reachable (the connection to its agent was lost during the call)"
+
+
+def test_a_lost_call_is_explained_by_the_state_the_events_announced() -> None:
+    async def scenario() -> list[tuple[grpc.StatusCode, str]]:
+        cache = RouteCache(None, "secret", routing=FakeRouting({"i-1": _running()}))
+        await cache.resolve("t", "i-1", None)
+        failed = LifecycleEvent("e", "t", "i-1", InstanceState.RUNNING, InstanceState.FAILED, 1, 1, 512, "base", "oom")
+        cache.apply(failed)
+        first = await cache.explain_lost("i-1", grpc.StatusCode.UNAVAILABLE, UNREACHABLE)
+        ended = LifecycleEvent("f", "t", "i-1", InstanceState.STOPPING, InstanceState.TERMINATED, 2, 1, 512, "base", "")
+        cache.apply(ended)
+        return [first, await cache.explain_lost("i-1", grpc.StatusCode.CANCELLED, "Channel closed!")]
+
+    assert _run(scenario()) == [
+        (grpc.StatusCode.FAILED_PRECONDITION, "instance i-1 is FAILED: oom"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "instance i-1 was deleted"),
+    ]
+
+
+def test_a_lost_call_asks_instance_svc_when_no_event_told_and_waits_for_a_stopping_end() -> None:
+    async def scenario() -> tuple[tuple[grpc.StatusCode, str], tuple[grpc.StatusCode, str], int]:
+        routing = FakeRouting({"i-1": _running()})
+        cache = RouteCache(None, "secret", routing=routing)
+        await cache.resolve("t", "i-1", None)
+        # The agent went away while instance_svc still says RUNNING: the agent itself is lost.
+        still = await cache.explain_lost("i-1", grpc.StatusCode.UNAVAILABLE, UNREACHABLE)
+        routing.answers["i-1"] = routing_pb2.ResolveInstanceResponse(state=instance_pb2.INSTANCE_STATE_STOPPING)
+        expired = LifecycleEvent(
+            "g",
+            "t",
+            "i-1",
+            InstanceState.STOPPING,
+            InstanceState.TERMINATED,
+            3,
+            1,
+            512,
+            "base",
+            "expired at its deadline",
+        )
+        asyncio.get_running_loop().call_later(0.2, cache.apply, expired)
+        ended = await cache.explain_lost("i-1", grpc.StatusCode.UNAVAILABLE, UNREACHABLE, settle=10)
+        return still, ended, len(routing.asked)
+
+    still, ended, asks = _run(scenario())
+    assert still == (
+        grpc.StatusCode.UNAVAILABLE,
+        f"{UNREACHABLE}; instance_svc still reports it RUNNING, retry shortly",
+    )
+    assert ended == (grpc.StatusCode.FAILED_PRECONDITION, "instance i-1 was terminated: expired at its deadline")
+    assert asks == 3  # the first resolve, then one fresh ResolveInstance per lost call
+
+
+def test_a_lost_call_of_an_instance_never_routed_here_is_left_as_it_is() -> None:
+    cache = RouteCache(None, "secret", routing=FakeRouting({}))
+    assert _run(cache.explain_lost("i-9", grpc.StatusCode.UNAVAILABLE, UNREACHABLE)) == (
+        grpc.StatusCode.UNAVAILABLE,
+        UNREACHABLE,
+    )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from gateway_svc.tenant_errors import tenant_message
+from cyberdesk_common.lifecycle_events import InstanceState
+from gateway_svc.tenant_errors import LOST_DURING_CALL, lost_call_status, tenant_message
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 SOCKET = "unix:/root/.local/state/cyberdesk/instances/sb-1/agent.sock"
@@ -59,3 +60,27 @@ def test_any_code_naming_an_address_or_a_secret_is_replaced() -> None:
     leaked = tenant_message("i-1", grpc.StatusCode.PERMISSION_DENIED, f"token {token} refused", secrets=[token])
     assert token not in leaked and "i-1" in leaked
     assert "instance service" in tenant_message("", grpc.StatusCode.UNKNOWN, "peer ipv6:[::1]:50061 sent garbage")
+
+
+def test_a_lost_call_names_what_happened_to_its_instance() -> None:
+    lost = f"instance i-1 is not reachable ({LOST_DURING_CALL})"
+    unavailable, precondition = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
+
+    def status(state: InstanceState | None, why: str = "", message: str = lost) -> tuple[grpc.StatusCode, str]:
+        return lost_call_status("i-1", state, why, unavailable, message)
+
+    assert status(InstanceState.TERMINATED, "deleted") == (precondition, "instance i-1 was deleted")
+    assert status(InstanceState.TERMINATED, "expired at its deadline") == (
+        precondition,
+        "instance i-1 was terminated: expired at its deadline",
+    )
+    assert status(InstanceState.STOPPING) == (precondition, "instance i-1 is being deleted (STOPPING)")
+    assert status(InstanceState.FAILED, "out of memory") == (precondition, "instance i-1 is FAILED: out of memory")
+    assert status(InstanceState.PAUSED) == (precondition, "instance i-1 was paused")
+    assert status(InstanceState.RUNNING) == (
+        unavailable,
+        f"{lost}; instance_svc still reports it RUNNING, retry shortly",
+    )
+    never = "instance i-1 is not reachable (its agent does not answer)"
+    assert status(InstanceState.RUNNING, message=never) == (unavailable, never)
+    assert status(None) == (unavailable, lost)
