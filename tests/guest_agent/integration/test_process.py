@@ -169,8 +169,11 @@ def test_missing_command_exits_127_with_a_reason(
 
 
 def test_timeout_kills_the_whole_group(agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub) -> None:
-    call = start(agent, stub, command="sleep 100 & echo $!; sleep 100", timeout=duration_pb2.Duration(seconds=1))
+    # 3 s, not 1: on a loaded 2-core machine the shell once had not reached its `echo` within 1 s of the
+    # spawn, so the timeout fired before there was a grandchild to check.
+    call = start(agent, stub, command="sleep 100 & echo $!; sleep 100", timeout=duration_pb2.Duration(seconds=3))
     result = collect(call)  # type: ignore[arg-type]
+    assert result.stdout, f"the shell printed nothing before its timeout: {result.exited}"
     grandchild = int(result.stdout.split()[0])
     assert result.exited is not None and result.exited.timed_out
     assert result.exited.exit_code == -1 and result.exited.signal == signal.SIGTERM
@@ -606,8 +609,9 @@ def test_bad_run_requests(
 
 
 # -- the two ways of spawning ---------------------------------------------------------------------
-# The agent spawns with posix_spawn when the process runs in the agent's own working directory
-# with the agent's PATH, and with subprocess otherwise; both must give a child the same start.
+# The agent spawns with os.posix_spawnp when the process runs in the agent's own working directory
+# with the agent's PATH, with glibc's posix_spawnp and its chdir action in another directory, and
+# with subprocess when the PATH differs; all must give a child the same start.
 
 
 @pytest.fixture(params=["agent-cwd", "other-cwd"])
@@ -657,3 +661,13 @@ def test_program_is_looked_up_in_the_requested_path(
     reply = run_once(agent, stub, argv=["only-here-xyz"], cwd=spawn_cwd)
     assert isinstance(reply, process_pb2.RunProcessResponse)
     assert reply.exited.exit_code == 127
+
+
+def test_a_relative_program_is_found_in_the_requested_cwd(
+    agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub, tmp_path: Path
+) -> None:
+    (tmp_path / "here.sh").write_text("#!/bin/sh\necho relative\n")
+    (tmp_path / "here.sh").chmod(0o755)
+    reply = run_once(agent, stub, argv=["./here.sh"], cwd=str(tmp_path))
+    assert isinstance(reply, process_pb2.RunProcessResponse)
+    assert reply.stdout == b"relative\n" and reply.exited.exit_code == 0
