@@ -8,6 +8,8 @@ exists before the instance that will claim it.
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -113,6 +115,21 @@ class Runtime(Protocol):
 
     async def list(self) -> list[SandboxInfo]:
         """The sandboxes that exist now, for re-adoption after a restart of instance_svc."""
+        ...
+
+    async def sweep(self, keep: Collection[str]) -> builtins.list[str]:
+        """Destroy every sandbox but `keep`, found on the host rather than in any record; the ids destroyed.
+
+        The start-up reconciliation's cleanup: whatever a create, delete or warm-pool refill cut
+        short by a crash of instance_svc left behind (processes, files, cgroups, mounts).
+        """
+        ...
+
+    def watch(self, sandbox_id: str, on_exit: Callable[[str, str], None]) -> None:
+        """Call `on_exit(sandbox_id, reason)` on the event loop once the sandbox dies by itself (once).
+
+        A `delete` ends the watch first; a sandbox already gone is reported at once.
+        """
         ...
 
     async def close(self) -> None:

@@ -15,8 +15,9 @@ on it returns when the clock reaches its end, so the scheduler's timers fire wit
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -133,6 +134,7 @@ class FakeRuntime:
         self.calls: list[tuple[str, str]] = []  # (operation, sandbox id)
         self.fail_next: dict[str, RuntimeError_] = {}  # operation -> what its next call raises
         self.closed = False
+        self.watches: dict[str, Callable[[str, str], None]] = {}
 
     def _enter(self, operation: str, sandbox_id: str) -> None:
         self.calls.append((operation, sandbox_id))
@@ -165,6 +167,28 @@ class FakeRuntime:
         """The sandbox dies behind the runtime's back (host reboot, OOM killer)."""
         self.sandboxes[sandbox_id].running = False
 
+    def die(self, sandbox_id: str, reason: str) -> None:
+        """The sandbox dies while watched: its watcher hears `reason` (as LocalRuntime's pidfd watch says it)."""
+        self.sandboxes[sandbox_id].running = False
+        handler = self.watches.pop(sandbox_id, None)
+        if handler is not None:
+            handler(sandbox_id, reason)
+
+    def watch(self, sandbox_id: str, on_exit: Callable[[str, str], None]) -> None:
+        """Remember the handler; a sandbox that is gone already is reported at once."""
+        box = self.sandboxes.get(sandbox_id)
+        if box is None or not box.running:
+            asyncio.get_running_loop().call_soon(on_exit, sandbox_id, "the guest agent was gone")
+            return
+        self.watches[sandbox_id] = on_exit
+
+    async def sweep(self, keep: Collection[str]) -> builtins.list[str]:
+        """Delete every sandbox but `keep` (what the start-up reconciliation leaves to the runtime)."""
+        gone = sorted(set(self.sandboxes) - set(keep))
+        for sandbox_id in gone:
+            await self.delete(sandbox_id)
+        return gone
+
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         """Record a running sandbox."""
         self._enter("create", spec.sandbox_id)
@@ -178,6 +202,7 @@ class FakeRuntime:
         """Forget the sandbox; a gone one is not an error."""
         self._enter("delete", sandbox_id)
         self.sandboxes.pop(sandbox_id, None)
+        self.watches.pop(sandbox_id, None)
 
     async def pause(self, sandbox_id: str) -> None:
         """Mark the sandbox frozen (Unsupported when built without pause)."""

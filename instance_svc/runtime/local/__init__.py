@@ -21,10 +21,15 @@ each concern it relies on has its own module:
 | `disk.py` | its disk is made (a sparse ext4 image loop-mounted as the layer), found and released |
 | `network.py` | an INTERNET sandbox gets its egress rules (nft) and slirp4netns, and loses them with it |
 | `dns_guard.py` | the DNS forwarder of a sandbox whose egress names hosts (learns allowed names' addresses) |
+| `watch.py` | its death is noticed (pidfds of its agent and bubblewrap on the event loop) and explained |
 
 Running sandboxes are found after a restart by `LocalRuntime.list()`: every directory under the
 base with a state file, alive when the recorded bubblewrap pid still has its recorded start time
-(and, never alive, a directory with a disk but no state file yet: a create cut short).
+(and, never alive, a directory without a started sandbox: a create cut short). Whatever else of
+a sandbox exists on the host is found without any record by `LocalRuntime.sweep()`: processes by
+the mark in their environment (procscan.MARK_ENV), cgroups by name under the base's own group,
+mounts and loop devices by path; the start-up reconciliation destroys all of it that no instance
+owns, so a crash of instance_svc at any point leaves nothing behind.
 
 Layout of `<base>/<sandbox_id>/` (the base is the platform state dir's `instances/`; no sandbox
 can see it):
@@ -58,7 +63,8 @@ The agent token reaches the agent through an inherited pipe (CYBERDESK_AGENT_TOK
 environment afterwards.
 
 Sandboxes outlive instance_svc: bubblewrap runs in its own session and is not told to die with
-its parent, so a restarted instance_svc finds them with `list()`.
+its parent, so a restarted instance_svc finds them with `list()` and watches them again
+(`watch()`: pidfds work for processes that are not our children).
 
 What a snapshot cannot keep: running processes and their memory (including the X server's
 screen). Restoring gives the files of the writable layer and a freshly started agent. The

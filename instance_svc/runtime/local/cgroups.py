@@ -206,12 +206,40 @@ class SandboxCgroups:
 
 
 class CgroupManager:
-    """Creates sandbox cgroups where the host lets us, and says which limits it could set."""
+    """Creates sandbox cgroups where the host lets us, and says which limits it could set.
+
+    `group` is the directory the sandboxes' cgroups go in; a LocalRuntime names it after its base
+    (`cyberdesk-<tag>`), so that the start-up sweep of one instance_svc removes only its own
+    sandboxes' cgroups, never those of another instance_svc on the same host.
+    """
 
     def __init__(self, root: Path = CGROUP_ROOT, group: str = "cyberdesk") -> None:
         self._root = root
         self._group = group
         self.version = 2 if (root / "cgroup.controllers").exists() else 1
+
+    def _parents(self) -> list[tuple[str, Path]]:
+        """(controller, dir) where this manager puts sandbox cgroups, whether or not the dir exists yet."""
+        if self.version == 1:
+            return [(c, p) for c in _V1_CONTROLLERS if (p := self._v1_parent(c)) is not None]
+        own = self._root / _own_path(None).lstrip("/")
+        return [("unified", own / self._group), ("unified", self._root / self._group)]
+
+    def find(self, sandbox_id: str) -> SandboxCgroups:
+        """The cgroups of `sandbox_id` that exist now, found by name (also when no state file recorded them)."""
+        cg = SandboxCgroups(version=self.version)
+        for ctrl, parent in self._parents():
+            if (parent / sandbox_id).is_dir() and ctrl not in cg.paths:
+                cg.paths[ctrl] = str(parent / sandbox_id)
+        return cg
+
+    def existing(self) -> set[str]:
+        """The sandbox ids that have a cgroup under this manager's group now (in any hierarchy)."""
+        found: set[str] = set()
+        for _, parent in self._parents():
+            with contextlib.suppress(OSError):
+                found.update(e.name for e in os.scandir(parent) if e.is_dir(follow_symlinks=False))
+        return found
 
     def _v1_parent(self, controller: str) -> Path | None:
         mount = self._root / controller

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from instance_svc.runtime.base import RuntimeError_
+from instance_svc.runtime.local import procscan
 
 IMAGE = "disk.img"
 MIB = 1024 * 1024
@@ -45,9 +46,12 @@ MOUNT_OPTIONS = "loop,nodev,nosuid,discard,noinit_itable"
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def _run(argv: list[str], what: str, directory: Path | None = None) -> None:
+def _run(argv: list[str], what: str, directory: Path | None = None, mark: str = "") -> None:
+    # The sandbox's mark (procscan.MARK_ENV): a mkfs or mount that outlives a killed instance_svc
+    # is found and killed by the start-up sweep before it releases the sandbox's disk.
+    env = {**os.environ, procscan.MARK_ENV: mark} if mark else None
     try:
-        done = subprocess.run(argv, capture_output=True, check=False)
+        done = subprocess.run(argv, capture_output=True, check=False, env=env)
     except FileNotFoundError:
         raise RuntimeError_(f"cannot {what}: {argv[0]} is not installed (run `make setup`: e2fsprogs)") from None
     if done.returncode != 0:
@@ -58,7 +62,7 @@ def _run(argv: list[str], what: str, directory: Path | None = None) -> None:
         raise RuntimeError_(f"cannot {what}: {text[-500:]}")
 
 
-def create(directory: Path, size_mib: int, uid: int, gid: int) -> Path:
+def create(directory: Path, size_mib: int, uid: int, gid: int, mark: str = "") -> Path:
     """Make `<directory>/disk.img` of `size_mib` and mount it at `<directory>/layer`; returns the layer.
 
     Blocking (run it in a thread). On failure nothing stays mounted; the image is left for the
@@ -85,12 +89,14 @@ def create(directory: Path, size_mib: int, uid: int, gid: int) -> Path:
         ],
         f"format the {size_mib} MiB disk",
         directory,
+        mark,
     )
     layer.mkdir(mode=0o755)
     _run(
         ["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(layer)],
         f"mount the {size_mib} MiB disk",
         directory,
+        mark,
     )
     # mkfs leaves lost+found; nothing inside sees the layer's root (only its LAYER_DIRS are bound),
     # and without it snapshots and restores need no exception for it.
@@ -175,3 +181,20 @@ def usage_bytes(image: Path) -> int:
         return os.stat(image).st_blocks * 512
     except FileNotFoundError:
         return 0
+
+
+def owners(base: Path) -> set[str]:
+    """Names of the sandbox dirs under `base` that hold a mount or a loop device now (also once the dir is gone)."""
+    prefix = os.path.realpath(base).rstrip("/") + "/"
+    found: set[str] = set()
+    for point in mounts_under(base):
+        if point.startswith(prefix):
+            found.add(point[len(prefix) :].split("/", 1)[0])
+    for entry in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (entry / "loop" / "backing_file").read_text().strip().removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if backing.startswith(prefix):
+            found.add(backing[len(prefix) :].split("/", 1)[0])
+    return found

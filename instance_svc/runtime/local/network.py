@@ -377,6 +377,7 @@ def attach(
     gid: int,
     cgroup_procs: Sequence[str] = (),
     timeout: float = 10.0,
+    mark: str = "",
 ) -> Slirp:
     """Rules first, then slirp4netns on the sandbox's namespace; returns once its tap0 is configured (blocking).
 
@@ -389,6 +390,8 @@ def attach(
     """
     _wait_blocked(init_pid, block_fd, timeout)
     install_rules(init_pid, ruleset(policy))
+    # The sandbox's mark (procscan.MARK_ENV) lets the start-up sweep find a helper no file recorded.
+    env = {**_HELPER_ENV, procscan.MARK_ENV: mark} if mark else _HELPER_ENV
     ready_r, ready_w = os.pipe()
     exit_fd = os.pidfd_open(init_pid)
     try:
@@ -413,7 +416,7 @@ def attach(
                 pass_fds=(exit_fd, ready_w),
                 start_new_session=True,  # outlives instance_svc, like its sandbox
                 cwd="/",
-                env=_HELPER_ENV,
+                env=env,
             )
         _children[proc.pid] = proc
         _join_cgroups(proc.pid, cgroup_procs)
@@ -428,7 +431,7 @@ def attach(
             ready, _, _ = select.select([ready_r], [], [], 0.05)
             if ready and os.read(ready_r, 16):
                 if policy.guarded:
-                    slirp = _start_guard(directory, slirp, init_pid, policy, uid, gid, cgroup_procs, deadline)
+                    slirp = _start_guard(directory, slirp, init_pid, policy, uid, gid, cgroup_procs, deadline, env)
                 return slirp
             if ready or proc.poll() is not None:
                 break
@@ -449,6 +452,7 @@ def _start_guard(
     gid: int,
     cgroup_procs: Sequence[str],
     deadline: float,
+    env: dict[str, str],
 ) -> Slirp:
     """Start dns_guard.py in the sandbox's namespace as the sandbox uid; returns once it listens (blocking)."""
     python = shutil.which("python3", path="/usr/bin:/bin")
@@ -486,7 +490,7 @@ def _start_guard(
                 pass_fds=(ready_w,),
                 start_new_session=True,
                 cwd="/",
-                env=_HELPER_ENV,
+                env=env,
             )
         _children[proc.pid] = proc
         _join_cgroups(proc.pid, cgroup_procs)

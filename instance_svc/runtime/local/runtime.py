@@ -16,6 +16,7 @@ import re
 import secrets
 import subprocess
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from instance_svc.runtime.base import (
@@ -42,6 +43,7 @@ from instance_svc.runtime.local.cgroups import CgroupManager, SandboxCgroups
 from instance_svc.runtime.local.options import LocalOptions
 from instance_svc.runtime.local.state_file import SandboxState
 from instance_svc.runtime.local.teardown import destroy
+from instance_svc.runtime.local.watch import ExitHandler, Watcher
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -58,7 +60,10 @@ class LocalRuntime:
         self._base.mkdir(parents=True, exist_ok=True)
         os.chmod(self._base, 0o700)
         self._opts = options or LocalOptions()
-        self._cgroups = CgroupManager() if self._opts.use_cgroups else None
+        # Named after the base: the sweep of this runtime must never touch another one's sandboxes.
+        group = f"cyberdesk-{procscan.base_tag(self._base)}"
+        self._cgroups = CgroupManager(group=group) if self._opts.use_cgroups else None
+        self._watcher = Watcher()
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._site = self._opts.site_packages or agent_code.site_packages()
         self._packages = self._opts.packages or tuple(agent_code.package_dirs())
@@ -77,6 +82,9 @@ class LocalRuntime:
                 "starting with a letter or digit"
             )
         return self._base / sandbox_id
+
+    def _mark(self, sandbox_id: str) -> str:
+        return procscan.mark(self._base, sandbox_id)
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
@@ -137,6 +145,7 @@ class LocalRuntime:
             try:
                 return await self._start(spec, directory)
             except BaseException:
+                self._watcher.unwatch(spec.sandbox_id)
                 await self._destroy(spec.sandbox_id)
                 raise
 
@@ -145,7 +154,8 @@ class LocalRuntime:
         hostname = spec.instance_id or spec.sandbox_id
         sock = directory / "sock"
         # The layer is the sandbox's own file system (disk.py): mounted before anything is written to it.
-        layer = await asyncio.to_thread(disk.create, directory, spec.disk_mib, uid, gid)
+        mark = self._mark(spec.sandbox_id)
+        layer = await asyncio.to_thread(disk.create, directory, spec.disk_mib, uid, gid, mark)
         await asyncio.to_thread(layers.prepare, layer, spec, hostname, uid, gid)
         sock.mkdir(mode=0o700)
         os.chown(sock, uid, gid)
@@ -212,7 +222,7 @@ class LocalRuntime:
             block_fd=block_r,
         )
         try:
-            proc, info_r = spawn.spawn_sandbox(directory, spec, launch, token)
+            proc, info_r = spawn.spawn_sandbox(directory, spec, launch, token, self._mark(spec.sandbox_id))
         finally:
             if block_r >= 0:
                 os.close(block_r)
@@ -235,7 +245,15 @@ class LocalRuntime:
             if policy is not None:
                 # PID 1 is blocked on --block-fd: rules and slirp4netns are in place before it runs.
                 await asyncio.to_thread(
-                    network.attach, directory, state.init_pid, block_r, policy, uid, gid, cg.procs_files
+                    network.attach,
+                    directory,
+                    state.init_pid,
+                    block_r,
+                    policy,
+                    uid,
+                    gid,
+                    cg.procs_files,
+                    mark=self._mark(spec.sandbox_id),
                 )
                 os.write(block_w, b"1")
         finally:
@@ -250,15 +268,59 @@ class LocalRuntime:
         """Kill every process of the sandbox, remove its cgroups and its directory. Idempotent."""
         self._dir(sandbox_id)
         async with self._lock(sandbox_id):
+            self._watcher.unwatch(sandbox_id)
             await self._destroy(sandbox_id)
         self._locks.pop(sandbox_id, None)
 
     async def _destroy(self, sandbox_id: str) -> None:
         await asyncio.to_thread(self._destroy_sync, sandbox_id)
 
-    def _destroy_sync(self, sandbox_id: str) -> None:
+    def _destroy_sync(self, sandbox_id: str, strays: builtins.list[int] | None = None) -> None:
         state = self._load(sandbox_id)
-        destroy(self._base / sandbox_id, state, self._children.pop(sandbox_id, None))
+        if strays is None:
+            # Without a recorded, started bubblewrap the sandbox's processes are found by their mark.
+            strays = procscan.marked(self._base).get(sandbox_id, []) if state is None or not state.pid_start else []
+        found = self._cgroups.find(sandbox_id) if self._cgroups else None
+        destroy(self._base / sandbox_id, state, self._children.pop(sandbox_id, None), found, strays)
+
+    # --- the start-up sweep, and noticing a sandbox's death ------------------------------------
+
+    async def sweep(self, keep: Collection[str]) -> builtins.list[str]:
+        """Destroy everything of every sandbox under the base but `keep`; returns the ids destroyed.
+
+        "Everything" is found on the host, not in records: directories under the base, processes
+        carrying a sandbox's mark (procscan.MARK_ENV), cgroups under this runtime's group, mounts
+        and loop devices of images under the base. Run at start-up, before any create.
+        """
+        return await asyncio.to_thread(self._sweep_sync, set(keep))
+
+    def _sweep_sync(self, keep: set[str]) -> builtins.list[str]:
+        procs = procscan.marked(self._base)
+        found = {e.name for e in self._base.iterdir() if e.is_dir()}
+        found |= procs.keys() | disk.owners(self._base)
+        if self._cgroups is not None:
+            found |= self._cgroups.existing()
+        removed = []
+        for sandbox_id in sorted(found - keep):
+            if not _ID_RE.match(sandbox_id):
+                continue
+            self._destroy_sync(sandbox_id, procs.get(sandbox_id, []))
+            removed.append(sandbox_id)
+        return removed
+
+    def watch(self, sandbox_id: str, on_exit: ExitHandler) -> None:
+        """Call `on_exit(sandbox_id, reason)` on the loop once the sandbox's agent or bubblewrap exits by itself.
+
+        Not for a delete of the runtime's own (delete stops the watch first). A sandbox that is
+        already gone is reported at once.
+        """
+        state = self._load(sandbox_id)
+        if state is None:
+            self._watcher.watch(sandbox_id, 0, 0, 0, None, on_exit)
+            return
+        self._watcher.watch(
+            sandbox_id, state.init_pid, state.pid, state.pid_start, self._children.get(sandbox_id), on_exit
+        )
 
     # --- pause, resume ---------------------------------------------------------------------
 
@@ -289,7 +351,7 @@ class LocalRuntime:
     # --- list, close -----------------------------------------------------------------------
 
     async def list(self) -> list[SandboxInfo]:
-        """Every sandbox with a state file; `running` is False when its bubblewrap is gone (or the pid was reused)."""
+        """Every sandbox directory; `running` is False when its bubblewrap is gone, never ran, or the pid was reused."""
         return await asyncio.to_thread(self._list_sync)
 
     def _list_sync(self) -> builtins.list[SandboxInfo]:
@@ -302,10 +364,9 @@ class LocalRuntime:
             state = self._load(entry.name)
             if state is not None and state.pid:
                 found.append(self._info(state))
-            elif (entry / disk.IMAGE).exists():
-                # A create cut short (instance_svc died after mounting the disk, before the sandbox
-                # ran): listed as not running, so the start-up reconciliation deletes it as an
-                # orphan and its disk does not stay mounted.
+            else:
+                # A create cut short (instance_svc died before the sandbox ran): listed as not
+                # running, so that whoever deletes what is listed also deletes its disk and cgroups.
                 found.append(SandboxInfo(entry.name, self._endpoint(entry.name, ""), running=False))
         return found
 
@@ -323,6 +384,7 @@ class LocalRuntime:
 
     async def close(self) -> None:
         """Forget our children without stopping them: sandboxes outlive instance_svc."""
+        self._watcher.close()
         for child in self._children.values():
             child.poll()
         self._children.clear()

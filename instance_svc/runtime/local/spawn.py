@@ -23,13 +23,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from instance_svc.runtime.base import RuntimeError_, SandboxSpec
-from instance_svc.runtime.local import bwrap, seccomp
+from instance_svc.runtime.local import bwrap, procscan, seccomp
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def sandbox_env(spec: SandboxSpec, token_fd: int) -> dict[str, str]:
-    """The environment of the sandbox's PID 1: the spec's env, then what the agent needs (which wins)."""
+def sandbox_env(spec: SandboxSpec, token_fd: int, mark: str = "") -> dict[str, str]:
+    """The environment of the sandbox's PID 1: the spec's env, then what the agent needs (which wins).
+
+    `mark` (procscan.MARK_ENV) is how the start-up sweep finds the launcher and bubblewrap of a
+    sandbox whose pid no state file recorded yet.
+    """
     env = {
         "PATH": _PATH,
         "HOME": "/home/user",
@@ -45,13 +49,15 @@ def sandbox_env(spec: SandboxSpec, token_fd: int) -> dict[str, str]:
         # For messages: a full disk is the instance's own (RESOURCE_EXHAUSTED "disk (N MiB) is full").
         "CYBERDESK_AGENT_DISK_MIB": str(spec.disk_mib),
     }
+    if mark:
+        env[procscan.MARK_ENV] = mark
     if spec.desktop is not None:
         env["DISPLAY"] = ":99"
     return env
 
 
 def spawn_sandbox(
-    directory: Path, spec: SandboxSpec, launch: bwrap.Launch, token: str
+    directory: Path, spec: SandboxSpec, launch: bwrap.Launch, token: str, mark: str = ""
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start the sandbox's launcher; returns the process and the read end of the --info-fd pipe (yours to close).
 
@@ -60,7 +66,7 @@ def spawn_sandbox(
     token_r, token_w = os.pipe()
     info_r, info_w = os.pipe()
     seccomp_fd = seccomp.filter_fd(launch.nested_userns)
-    env = sandbox_env(spec, token_r)
+    env = sandbox_env(spec, token_r, mark)
     if launch.cgroup_binds:
         # The agent's own per-command cgroups (guest_agent/process_cgroups.py) live under this dir.
         env["CYBERDESK_AGENT_CGROUP_DIR"] = bwrap.CGROUP_DIR

@@ -26,7 +26,7 @@ import grpc
 import pytest
 
 from cyberdesk_proto.v1 import instance_pb2
-from instance_svc.runtime.local import LocalOptions
+from instance_svc.runtime.local import LocalOptions, procscan
 from tests.instance_svc.conftest import Svc, meta, running
 
 # A small server per test host: a TCP greeting on 8080, a UDP echo on 8081, each naming the host,
@@ -390,20 +390,25 @@ def test_slirp_goes_with_its_sandbox_delete_restart_death_and_sweep(svc: Svc, te
     assert _wait_gone(slirp), "slirp4netns outlived a sandbox deleted after a restart"
     assert _wait_gone(guard), "the DNS guard outlived a sandbox deleted after a restart"
 
-    # A sandbox that dies on its own (its PID 1, the agent, killed) takes slirp with it: slirp's
-    # exit fd is a pidfd of that PID 1. Also when the outer bubblewrap was killed first.
-    # A wildcard (resolved by nobody at create) makes the DNS guard run too; it waits on the same pidfd.
+    # A sandbox that dies on its own (its PID 1, the agent, killed) takes slirp with it, also while
+    # no instance_svc watches it (killed here first; a watching one tears the sandbox down itself,
+    # tests/faults/test_agent_death.py): slirp's exit fd is a pidfd of that PID 1. Also when the
+    # outer bubblewrap was killed first. A wildcard (resolved by nobody at create) makes the DNS
+    # guard run too; it waits on the same pidfd.
     dying = _create(svc, deny=["*.example.invalid"])
     sandbox_id, slirp = next(iter(_slirp_pids(svc).items()))
     state = json.loads((svc.state / "instances" / sandbox_id / "state.json").read_text())
     guard = json.loads((svc.state / "instances" / sandbox_id / "network.json").read_text())["guard_pid"]
+    svc.kill9()
     os.kill(state["pid"], signal.SIGKILL)
     time.sleep(0.2)
     assert _alive(slirp) and _alive(guard)  # the sandbox still runs without its outer bubblewrap
     os.kill(state["init_pid"], signal.SIGKILL)
     assert _wait_gone(slirp, 5), "slirp4netns outlived its dead sandbox"
     assert _wait_gone(guard, 5), "the DNS guard outlived its dead sandbox"
-    svc.instances.DeleteInstance(instance_pb2.DeleteInstanceRequest(instance_id=dying.instance_id), metadata=meta())
+    svc.start()
+    got = svc.instances.GetInstance(instance_pb2.GetInstanceRequest(instance_id=dying.instance_id), metadata=meta())
+    assert got.instance.state == instance_pb2.INSTANCE_STATE_FAILED, got
 
     # The stack's stop sweep (instance_svc already gone) ends both sandbox and slirp.
     _create(svc)
@@ -462,10 +467,13 @@ def test_network_helpers_count_against_the_instance_and_pause_with_it(
     for path in cgroups.values():
         members = {int(p) for p in Path(path, "cgroup.procs").read_text().split()}
         assert {raw["slirp_pid"], raw["guard_pid"]} <= members, path
-    # Neither helper inherits instance_svc's environment (its internal token, Redis URL, ...).
+    # Neither helper inherits instance_svc's environment (its internal token, Redis URL, ...); each
+    # carries only its sandbox's mark, by which the start-up sweep finds it (procscan.MARK_ENV).
     for pid in (raw["slirp_pid"], raw["guard_pid"]):
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert not [v for v in environ if v.startswith((b"CYBERDESK_", b"REDIS_URL"))], environ
+        assert f"CYBERDESK_SANDBOX_MARK={procscan.mark(svc.state / 'instances', sandbox_id)}".encode() in environ
+        others = [v for v in environ if not v.startswith(b"CYBERDESK_SANDBOX_MARK=")]
+        assert not [v for v in others if v.startswith((b"CYBERDESK_", b"REDIS_URL"))], environ
     request = instance_pb2.PauseInstanceRequest(instance_id=inst.instance_id)
     svc.instances.PauseInstance(request, metadata=meta(), timeout=30)
     svc.instances.ResumeInstance(
