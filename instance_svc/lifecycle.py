@@ -37,8 +37,14 @@ from instance_svc.validation import TEMPLATE_DISK_MIB, CreateSpec
 
 _log = logging.getLogger("instance_svc.lifecycle")
 
-VANISHED = "sandbox vanished while instance_svc was down"
-INTERRUPTED = "instance_svc stopped while the instance was starting"
+# Why a record no sandbox backs any more is FAILED (state_message): what happened, as far as it is known.
+VANISHED = "the sandbox's processes were gone when instance_svc restarted"
+FILES_GONE = "the sandbox's files were gone when instance_svc restarted"
+INTERRUPTED = "instance_svc restarted while the sandbox was being created"
+STOPPED_STARTING = "instance_svc stopped while the sandbox was being created"
+_DRAIN_WAIT_STEPS = 100  # of 20 ms
+# The reason of instances ended by a stop of instance_svc with INSTANCE_SVC_ON_SHUTDOWN=end.
+STACK_STOPPED = "the stack was stopped"
 
 
 @contextlib.contextmanager
@@ -99,6 +105,11 @@ class Lifecycle:
         self._sandboxes: dict[str, SandboxInfo] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._starting: dict[str, asyncio.Future[None]] = {}
+        # Creates run as tasks of their own: a caller that goes away does not cut its create short
+        # (a retry with the same request_id waits for it instead).
+        self._create_tasks: dict[str, asyncio.Task[InstanceRecord]] = {}
+        self._creates: set[asyncio.Task[InstanceRecord]] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     def _public(self, err: Exception) -> str:
         """A runtime error's text as a tenant may read it: no path of the state directory (see mask_paths)."""
@@ -114,45 +125,148 @@ class Lifecycle:
         self.pool.start()
         self.ready.set()
 
-    async def stop(self) -> None:
-        """Stop background work. Instance sandboxes keep running; the next start re-adopts them."""
+    async def stop(self, end_instances: bool = False, budget: float = 10.0) -> None:
+        """Stop background work; with `end_instances`, first end every live instance ("the stack was stopped").
+
+        Without it sandboxes keep running and the next start re-adopts them. With it, each live
+        instance's sandbox is deleted (in parallel, for at most `budget` seconds) and its record ends
+        TERMINATED with end_time now; the publisher's last drain sends their events.
+        """
         await self.scheduler.stop()
         await self.pool.stop()
+        if end_instances:
+            await self._end_all(budget)
+        for task in list(self._creates):
+            task.cancel()
+        await asyncio.gather(*self._creates, return_exceptions=True)
+        # Let the publisher send what these last changes wrote before it is stopped: cancelled in
+        # the middle of a drain, its Redis client was seen never to return (instance_svc hung on
+        # SIGTERM until killed). Bounded, for a Redis that is down.
+        for _ in range(_DRAIN_WAIT_STEPS):
+            if not self.store.unsent(1):
+                break
+            await asyncio.sleep(0.02)
         await self.publisher.stop()
         await self.runtime.close()
 
+    async def _end_all(self, budget: float) -> None:
+        async def end(rec: InstanceRecord) -> None:
+            # A create still starting is cancelled first: it deletes what it started, and its
+            # record then ends here.
+            task = self._create_tasks.get(rec.id)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            async with self._locks[rec.id]:
+                fresh = self.store.get(rec.id)
+                if fresh is None or fresh.state.terminal:
+                    return
+                if fresh.state is State.PENDING:
+                    self._set(rec.id, State.FAILED, STACK_STOPPED)
+                    return
+                await self._terminate(rec.id, STACK_STOPPED)
+
+        live = self.store.live()
+        if not live:
+            return
+        _log.info("ending every instance", extra={"count": len(live)})
+        try:
+            await asyncio.wait_for(asyncio.gather(*(end(r) for r in live), return_exceptions=True), budget)
+        except TimeoutError:
+            _log.warning("not every instance ended in time", extra={"budget_s": budget})
+
     async def _reconcile(self) -> None:
+        """Make records and the host agree after a restart (also after a kill -9 at any point).
+
+        Every live record is decided first: RUNNING or PAUSED with a running sandbox is re-adopted
+        (and its freezer made to agree with the record: a pause or snapshot cut short leaves it
+        frozen); every other live record is ended. Then everything of every sandbox no re-adopted
+        record owns is destroyed (runtime.sweep: processes, files, cgroups, mounts found on the
+        host), and only then are the ended records written, so a record says FAILED or TERMINATED
+        only once its sandbox is gone. A crash in between repeats the same decisions next time.
+        """
         existing = {info.sandbox_id: info for info in await self.runtime.list()}
-        kept: set[str] = set()
+        keep: set[str] = set()
+        ends: list[tuple[str, State, str]] = []
         for rec in self.store.live():
             info = existing.get(rec.sandbox_id) if rec.sandbox_id else None
             if rec.state in (State.RUNNING, State.PAUSED):
                 if info is not None and info.running:
-                    kept.add(info.sandbox_id)
+                    keep.add(info.sandbox_id)
                     self._sandboxes[rec.id] = info
+                    await self._align_pause(rec, info)
                     self.scheduler.arm(rec.id, rec.expire_time_us)
+                    self.runtime.watch(info.sandbox_id, self._on_sandbox_exit)
                     _log.info("re-adopted", extra={"instance_id": rec.id, "state": rec.state.name})
                 else:
-                    _log.warning(
-                        "sandbox vanished",
-                        extra={"instance_id": rec.id, "sandbox_id": rec.sandbox_id, "listed": info is not None},
-                    )
-                    self._set(rec.id, State.FAILED, VANISHED)
+                    reason = VANISHED if info is not None else FILES_GONE
+                    _log.warning("sandbox gone", extra={"instance_id": rec.id, "sandbox_id": rec.sandbox_id})
+                    ends.append((rec.id, State.FAILED, reason))
             elif rec.state in (State.PENDING, State.STARTING):
-                self._set(rec.id, State.FAILED, INTERRUPTED)
+                ends.append((rec.id, State.FAILED, INTERRUPTED))
             elif rec.state is State.STOPPING:
-                # The delete was cut short: finish it (runtime.delete is idempotent).
-                if rec.sandbox_id:
-                    kept.add(rec.sandbox_id)
-                    await self.runtime.delete(rec.sandbox_id)
-                self._set(rec.id, State.TERMINATED, "deleted")
-        for sandbox_id in existing.keys() - kept:
-            # A warm-pool sandbox of the previous run, or one whose instance ended meanwhile.
-            _log.info("deleting orphan sandbox", extra={"sandbox_id": sandbox_id})
+                # The delete was cut short: the sweep finishes it.
+                ends.append((rec.id, State.TERMINATED, rec.state_message or "deleted"))
+        try:
+            removed = await self.runtime.sweep(keep)
+        except Exception as err:
+            _log.warning("start-up sweep failed", extra={"error": str(err)})
+        else:
+            if removed:
+                _log.info("destroyed sandboxes no record owns", extra={"sandbox_ids": removed})
+        for instance_id, state, reason in ends:
+            self._set(instance_id, state, reason)
+        self._sweep_snapshots()
+
+    async def _align_pause(self, rec: InstanceRecord, info: SandboxInfo) -> None:
+        try:
+            if rec.state is State.RUNNING and info.paused:
+                await self.runtime.resume(info.sandbox_id)
+                _log.info("thawed a sandbox left frozen", extra={"instance_id": rec.id})
+            elif rec.state is State.PAUSED and not info.paused:
+                await self.runtime.pause(info.sandbox_id)
+                _log.info("froze a sandbox left running", extra={"instance_id": rec.id})
+        except Exception as err:
+            _log.warning("pause state not aligned", extra={"instance_id": rec.id, "error": str(err)})
+
+    def _sweep_snapshots(self) -> None:
+        """Archives no snapshot record names: a snapshot cut short (`.partial`, or written but not recorded)."""
+        if not self.snapshot_dir.is_dir():
+            return
+        recorded = self.store.snapshot_paths()
+        for path in self.snapshot_dir.iterdir():
+            if str(path) not in recorded and path.is_file():
+                _log.info("removing an unrecorded snapshot archive", extra={"file": path.name})
+                path.unlink(missing_ok=True)
+
+    # --- a sandbox that dies by itself --------------------------------------------------------
+
+    def _on_sandbox_exit(self, sandbox_id: str, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._sandbox_died(sandbox_id, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _sandbox_died(self, sandbox_id: str, reason: str) -> None:
+        """The instance of a dead sandbox ends FAILED with the reason; its sandbox is torn down first.
+
+        Not restarted in place: the tenant's processes died with the agent (a sandbox's PID 1),
+        so a new agent would be a different machine under the same id (docs/instance_svc.md).
+        """
+        rec = self.store.by_sandbox(sandbox_id)
+        if rec is None:
+            return
+        async with self._locks[rec.id]:
+            rec = self.store.get(rec.id)
+            if rec is None or rec.sandbox_id != sandbox_id or rec.state not in (State.RUNNING, State.PAUSED):
+                return  # a delete, deadline or restart got there first
+            _log.warning("sandbox died", extra={"instance_id": rec.id, "sandbox_id": sandbox_id, "reason": reason})
+            self.scheduler.cancel(rec.id)
+            self._sandboxes.pop(rec.id, None)
             try:
                 await self.runtime.delete(sandbox_id)
             except Exception as err:
-                _log.warning("orphan sandbox not deleted", extra={"sandbox_id": sandbox_id, "error": str(err)})
+                reason += f"; the runtime could not delete the sandbox: {self._public(err)}"
+            self._set(rec.id, State.FAILED, reason)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -221,12 +335,30 @@ class Lifecycle:
             desktop=spec.desktop,
             internet=spec.internet,
             source_snapshot_id=spec.snapshot_id,
+            # Recorded with the reservation, before anything of the sandbox exists on the host.
+            sandbox_id="sb-" + instance_id.removeprefix("i-"),
             request_id=spec.request_id or None,
             egress_allow=spec.egress_allow,
             egress_deny=spec.egress_deny,
         )
+        task = asyncio.get_running_loop().create_task(self._create(rec, spec, snapshot))
+        self._create_tasks[instance_id] = task
+        self._creates.add(task)
+
+        def forget(done: asyncio.Task[InstanceRecord]) -> None:
+            self._creates.discard(done)
+            if self._create_tasks.get(instance_id) is done:
+                del self._create_tasks[instance_id]
+
+        task.add_done_callback(forget)
+        return await asyncio.shield(task)
+
+    async def _create(self, rec: InstanceRecord, spec: CreateSpec, snapshot: SnapshotRecord | None) -> InstanceRecord:
+        instance_id, tenant = rec.id, rec.tenant
         async with self._locks[instance_id]:
             try:
+                # The reservation (quota, request_id, sandbox id) is committed before the spawn:
+                # after a crash at any later point the restart finds the record and ends it.
                 rec, created = self.store.insert_within_quota(rec, self.quotas.for_tenant(tenant))
             except QuotaExceeded as err:
                 raise resource_exhausted(str(err)) from None
@@ -237,6 +369,12 @@ class Lifecycle:
             self.publisher.kick()
             try:
                 return await self._start(rec, spec, snapshot)
+            except asyncio.CancelledError:
+                # instance_svc is stopping: runtime.create deleted what it had started.
+                fresh = self.store.get(instance_id)
+                if fresh is not None and not fresh.state.terminal:
+                    self._set(instance_id, State.FAILED, STOPPED_STARTING)
+                raise
             finally:
                 done.set_result(None)
                 del self._starting[instance_id]
@@ -262,7 +400,7 @@ class Lifecycle:
 
     async def _start(self, rec: InstanceRecord, spec: CreateSpec, snapshot: SnapshotRecord | None) -> InstanceRecord:
         self._set(rec.id, State.STARTING)
-        sandbox_id = "sb-" + rec.id.removeprefix("i-")
+        sandbox_id = rec.sandbox_id
         try:
             info = await self.pool.claim(spec, rec.id)
             if info is None:
@@ -290,8 +428,10 @@ class Lifecycle:
             return self._set(rec.id, State.FAILED, f"the runtime could not start the instance: {self._public(err)}")
         self._sandboxes[rec.id] = info
         limits = [(lim.name, lim.value, lim.mechanism) for lim in info.limits]
+        # A claimed pool sandbox has its own id: the record takes it with the RUNNING state.
         done = self._set(rec.id, State.RUNNING, "", sandbox_id=info.sandbox_id, limits=limits)
         self.scheduler.arm(rec.id, done.expire_time_us)
+        self.runtime.watch(info.sandbox_id, self._on_sandbox_exit)
         return done
 
     # --- delete and deadlines ----------------------------------------------------------------

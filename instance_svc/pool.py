@@ -10,8 +10,10 @@ for another size starts cold rather than resizing at claim (growing an ext4 imag
 work, but costs a truncate, a loop resize and resize2fs on the claim's millisecond path, and a
 disk can never shrink online).
 
-Pooled sandboxes are not recorded in the database: after a restart they are orphans, deleted by
-the start-up reconciliation, and the pool refills.
+Pooled sandboxes are not recorded in the database: after a restart they are orphans, destroyed by
+the start-up sweep (also one whose start a crash cut short), and the pool refills. A pooled
+sandbox that dies while idle is dropped and deleted at once (the runtime's exit watch), so no
+create claims a dead one and nothing of it stays on the host.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class WarmPool:
         self._slots = {t: _Slot([], n) for t, n in sizes.items() if n > 0}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._deletes: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         """Start filling (inside the running loop)."""
@@ -122,6 +125,7 @@ class WarmPool:
                     try:
                         info = await self._runtime.create(pool_spec(template))
                         slot.ready.append(info)
+                        self._runtime.watch(info.sandbox_id, self._died)
                         failures = 0
                     except Exception as err:
                         failures += 1
@@ -133,11 +137,29 @@ class WarmPool:
                     finally:
                         slot.starting -= 1
 
+    def _died(self, sandbox_id: str, reason: str) -> None:
+        for template, slot in self._slots.items():
+            idle = [info for info in slot.ready if info.sandbox_id == sandbox_id]
+            if not idle:
+                continue  # claimed meanwhile: its instance's watch reports it
+            slot.ready.remove(idle[0])
+            extra = {"template": template, "sandbox_id": sandbox_id, "reason": reason}
+            _log.warning("pooled sandbox died", extra=extra)
+            task = asyncio.get_running_loop().create_task(self._delete(sandbox_id))
+            self._deletes.add(task)
+            task.add_done_callback(self._deletes.discard)
+            self._wake.set()
+
+    async def _delete(self, sandbox_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._runtime.delete(sandbox_id)
+
     async def stop(self) -> None:
         """Stop refilling and delete the idle sandboxes (they hold no instance)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._deletes, return_exceptions=True)
         for slot in self._slots.values():
             for info in slot.ready:
                 with contextlib.suppress(Exception):

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE UNIQUE INDEX IF NOT EXISTS instances_request ON instances(tenant, request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS instances_tenant_time ON instances(tenant, create_time_us DESC, id DESC);
 CREATE INDEX IF NOT EXISTS instances_state ON instances(state);
+CREATE INDEX IF NOT EXISTS instances_sandbox ON instances(sandbox_id);
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -259,7 +260,7 @@ class Store:
                 "INSERT INTO instances(id, tenant, template, vcpus, memory_mib, disk_mib, state, state_message,"
                 " create_time_us,"
                 " expire_time_us, timeout_us, timeout_action, labels, desktop, internet, source_snapshot_id, runtime,"
-                " request_id, egress) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " request_id, egress, sandbox_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.id,
                     rec.tenant,
@@ -280,10 +281,18 @@ class Store:
                     rec.runtime,
                     rec.request_id,
                     json.dumps({"allow": list(rec.egress_allow), "deny": list(rec.egress_deny)}),
+                    rec.sandbox_id,
                 ),
             )
             self._outbox(db, rec, None, rec.create_time_us)
         return rec, True
+
+    def by_sandbox(self, sandbox_id: str) -> InstanceRecord | None:
+        """The newest instance whose sandbox is `sandbox_id` (a dead sandbox names its instance)."""
+        row = self._db.execute(
+            "SELECT * FROM instances WHERE sandbox_id = ? ORDER BY create_time_us DESC LIMIT 1", (sandbox_id,)
+        ).fetchone()
+        return _row_instance(row) if row else None
 
     def get(self, instance_id: str) -> InstanceRecord | None:
         """The instance with this id, of any tenant."""
@@ -390,6 +399,10 @@ class Store:
         """The snapshot with this id, of any tenant."""
         row = self._db.execute("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
         return _row_snapshot(row) if row else None
+
+    def snapshot_paths(self) -> set[str]:
+        """The archive path of every snapshot (the start-up sweep removes archives no record names)."""
+        return {row[0] for row in self._db.execute("SELECT path FROM snapshots")}
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Forget a snapshot."""

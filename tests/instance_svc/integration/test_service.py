@@ -151,7 +151,7 @@ def test_vanished_sandbox_is_failed_and_orphans_are_deleted(tmp_path: Path, redi
         svc.start()
         got = _wait_state(svc, lost.instance_id, instance_pb2.INSTANCE_STATE_FAILED)
         assert got.state == instance_pb2.INSTANCE_STATE_FAILED
-        assert got.state_message == "sandbox vanished while instance_svc was down"
+        assert got.state_message == "the sandbox's files were gone when instance_svc restarted"
 
 
 def test_fifty_racing_creates_against_a_quota_of_ten(tmp_path: Path, redis_url: str) -> None:

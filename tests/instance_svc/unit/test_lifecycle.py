@@ -19,7 +19,7 @@ import pytest
 
 from cyberdesk_common.status import RpcError
 from instance_svc.expiry import US, TimeoutAction
-from instance_svc.lifecycle import INTERRUPTED, VANISHED, Lifecycle
+from instance_svc.lifecycle import INTERRUPTED, STACK_STOPPED, VANISHED, Lifecycle
 from instance_svc.pool import WarmPool
 from instance_svc.quotas import Limits, QuotaTable
 from instance_svc.runtime.base import RuntimeError_, SandboxSpec
@@ -373,3 +373,97 @@ def test_a_restart_fails_instances_whose_create_was_cut_short(tmp_path: Path) ->
         assert ended.state is State.FAILED and ended.state_message == INTERRUPTED
 
     _run(tmp_path, scenario)
+
+
+def test_a_restart_deletes_the_sandbox_of_a_create_cut_short_before_failing_it(tmp_path: Path) -> None:
+    runtime = FakeRuntime()
+    store = Store(tmp_path / "instance_svc.db")
+    now = FakeClock().now_us()
+    rec = InstanceRecord(
+        id="i-000000000002",
+        tenant="t1",
+        template="base",
+        vcpus=1,
+        memory_mib=512,
+        state=State.PENDING,
+        create_time_us=now,
+        expire_time_us=now + 300 * US,
+        timeout_us=300 * US,
+        timeout_action=TimeoutAction.TERMINATE,
+        runtime="fake",
+        sandbox_id="sb-000000000002",
+        request_id="r-cut",
+    )
+    store.insert_within_quota(rec, Limits())
+    store.transition(rec.id, State.STARTING, now)
+    store.close()
+    # The sandbox had started when instance_svc died; the record still says STARTING.
+    asyncio.run(runtime.create(SandboxSpec(sandbox_id="sb-000000000002")))
+
+    async def scenario(w: World) -> None:
+        ended = _state(w, rec.id)
+        assert ended.state is State.FAILED and ended.state_message == INTERRUPTED
+        assert "sb-000000000002" not in runtime.sandboxes
+        # The retry of that create gets its failure, not a second instance.
+        again = await w.lifecycle.create("t1", replace(SPEC, request_id="r-cut"))
+        assert again.id == rec.id and again.state is State.FAILED
+
+    _run(tmp_path, scenario, runtime=runtime)
+
+
+def test_a_sandbox_that_dies_fails_its_instance_with_the_reason_and_frees_its_slot(tmp_path: Path) -> None:
+    async def scenario(w: World) -> None:
+        rec = await w.lifecycle.create("t1", SPEC)
+        assert rec.sandbox_id in w.runtime.watches
+        w.runtime.die(rec.sandbox_id, "the guest agent exited (killed by SIGKILL)")
+        await settle(until=lambda: _state(w, rec.id).state is State.FAILED)
+        ended = _state(w, rec.id)
+        assert ended.state_message == "the guest agent exited (killed by SIGKILL)" and ended.end_time_us
+        assert ("delete", rec.sandbox_id) in w.runtime.calls and rec.sandbox_id not in w.runtime.sandboxes
+        assert w.lifecycle.scheduler.deadline(rec.id) is None
+        assert _events(w.store, rec.id)[-1] == (State.RUNNING, State.FAILED)
+        # At the quota of one instance, the slot is free again.
+        assert (await w.lifecycle.create("t1", SPEC)).state is State.RUNNING
+
+    _run(tmp_path, scenario, limits=Limits(instances=1))
+
+
+def test_a_death_after_a_delete_began_changes_nothing(tmp_path: Path) -> None:
+    async def scenario(w: World) -> None:
+        rec = await w.lifecycle.create("t1", SPEC)
+        handler = w.runtime.watches[rec.sandbox_id]
+        await w.lifecycle.delete("t1", rec.id)
+        handler(rec.sandbox_id, "the guest agent exited (killed by SIGKILL)")  # a late report
+        await settle()
+        assert _state(w, rec.id).state is State.TERMINATED and _state(w, rec.id).state_message == "deleted"
+
+    _run(tmp_path, scenario)
+
+
+def test_a_create_whose_caller_goes_away_still_finishes(tmp_path: Path) -> None:
+    async def scenario(w: World) -> None:
+        caller = asyncio.create_task(w.lifecycle.create("t1", replace(SPEC, request_id="r-gone")))
+        await settle(until=lambda: bool(w.runtime.calls))
+        caller.cancel()  # the client's connection dropped
+        await asyncio.gather(caller, return_exceptions=True)
+        again = await w.lifecycle.create("t1", replace(SPEC, request_id="r-gone"))
+        assert again.state is State.RUNNING and [op for op, _ in w.runtime.calls] == ["create"]
+
+    _run(tmp_path, scenario)
+
+
+def test_stop_with_end_instances_ends_every_live_instance(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with _world(tmp_path) as w:
+            running_ = await w.lifecycle.create("t1", SPEC)
+            paused = await w.lifecycle.create("t1", SPEC)
+            await w.lifecycle.pause("t1", paused.id)
+            await w.lifecycle.stop(end_instances=True)
+            for rec in (running_, paused):
+                ended = _state(w, rec.id)
+                assert ended.state is State.TERMINATED and ended.state_message == STACK_STOPPED
+                assert ended.end_time_us == w.clock.now_us()
+            assert w.runtime.sandboxes == {}
+            assert w.publisher.stopped
+
+    asyncio.run(main())
