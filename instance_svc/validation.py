@@ -14,6 +14,9 @@ TEMPLATES = ("base", "desktop")
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# An idempotency key (AIP-155): a UUID fits, as do the SDKs' and most clients' own keys. Kept to
+# a safe alphabet so that it can be logged and shown as it is.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_LABELS = 64
 # One DNS label (RFC 1123): letters, digits, inner hyphens, at most 63 characters.
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -154,8 +157,11 @@ def validate_create(request: instance_pb2.CreateInstanceRequest, limits: Machine
         instance_pb2.NETWORK_MODE_INTERNET,
     ):
         raise InvalidRequest(f"network {request.network} is unknown; use NONE or INTERNET")
-    if len(request.request_id) > 128:
-        raise InvalidRequest("request_id must hold at most 128 characters")
+    if request.request_id and not _REQUEST_ID.match(request.request_id):
+        raise InvalidRequest(
+            "request_id must be 1 to 128 letters, digits, '-' or '_' (a UUID, for example); "
+            f"got {len(request.request_id)} characters"
+        )
     # Checked even without INTERNET (where it has no effect): a bad entry is a mistake either way.
     egress_allow, egress_deny = check_egress(request.egress.allow, request.egress.deny)
     return CreateSpec(

@@ -409,8 +409,11 @@ class CreateInstanceRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key: a retried request with the same id returns the same instance, so a
     client may resend a CreateInstance that failed with UNAVAILABLE (the SDKs send a random
-    UUID by default and retry UNAVAILABLE with back-off). Unique per tenant; at most 128
-    characters.
+    UUID by default and retry UNAVAILABLE with back-off). Unique per tenant; 1 to 128 letters,
+    digits, '-' or '_' (a UUID fits), INVALID_ARGUMENT otherwise. The key is stored with the
+    instance before its sandbox starts, so a retry after a crash of the server returns that
+    instance too (FAILED when the crash cut its start short), never a second one. Reused with a
+    different request body, it returns the original instance unchanged (AIP-155).
     """
     disk_mib: _builtins.int
     """Disk size of the instance's writable layer in MiB (default: the template's, 2048 for "base").

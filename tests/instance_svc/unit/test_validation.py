@@ -40,10 +40,17 @@ def test_create_defaults() -> None:
         (_req(labels={"team": "a b"}), "labels[team]"),
         (_req(desktop=instance_pb2.DesktopConfig(enabled=True, width=10, height=10)), "desktop: screen 10x10"),
         (_req(network=9), "network 9 is unknown"),
-        (_req(request_id="r" * 129), "request_id"),
+        (_req(request_id="r" * 129), "request_id must be 1 to 128 letters"),
+        (_req(request_id="req 1"), "request_id must be 1 to 128 letters"),
+        (_req(request_id="req/1"), "request_id"),
     ],
 )
 def test_create_rejects_bad_input_naming_the_field(request_: instance_pb2.CreateInstanceRequest, field: str) -> None:
     with pytest.raises(InvalidRequest) as err:
         validate_create(request_, MachineLimits())
     assert field in str(err.value)
+
+
+def test_request_ids_a_client_would_send_are_accepted() -> None:
+    for request_id in ("", "3f2b8c1e-9d4a-4f7e-8b21-0c6a5e9d7f10", "job_42-retry", "r" * 128):
+        assert validate_create(_req(request_id=request_id), MachineLimits()).request_id == request_id
