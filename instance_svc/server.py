@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,25 @@ def make_runtime(name: str) -> Runtime:
     raise ConfigError(f"CYBERDESK_RUNTIME={name!r} is not available; use local")
 
 
+# What a SIGTERM does to the instances (set by `cyberdesk up`, cyberdesk_stack/launcher.py):
+# "keep" leaves their sandboxes running for the next start to re-adopt; "end" ends each one
+# ("the stack was stopped", end time = now, its event published) before instance_svc exits.
+ON_SHUTDOWN_ENV = "INSTANCE_SVC_ON_SHUTDOWN"
+ON_SHUTDOWN_CHOICES = ("keep", "end")
+# With "end": how long in-flight calls may drain, then how long ending the instances may take.
+# Together they stay well inside the 15 s a supervisor should wait before it kills.
+_END_GRACE_S = 2.0
+_END_BUDGET_S = 10.0
+
+
+def on_shutdown_policy() -> str:
+    """INSTANCE_SVC_ON_SHUTDOWN: "keep" (the default) or "end"."""
+    value = os.environ.get(ON_SHUTDOWN_ENV, "").strip() or "keep"
+    if value not in ON_SHUTDOWN_CHOICES:
+        raise ConfigError(f"{ON_SHUTDOWN_ENV}={value!r}: use keep or end")
+    return value
+
+
 @dataclass
 class App:
     """Everything instance_svc runs, built before the event loop starts."""
@@ -53,6 +73,7 @@ class App:
     spec: ServerSpec
     lifecycle: Lifecycle
     running: RunningServer | None = None
+    on_shutdown: str = "keep"
 
     async def on_started(self, running: RunningServer) -> None:
         """Reconcile and start background work (calls wait for `lifecycle.ready`)."""
@@ -60,15 +81,17 @@ class App:
         await self.lifecycle.start()
 
     async def on_stopping(self) -> None:
-        """Stop accepting calls first, then background work; sandboxes keep running."""
+        """Stop accepting calls first, then background work; sandboxes keep running unless the policy is "end"."""
+        end = self.on_shutdown == "end"
         if self.running is not None:
-            await self.running.stop(self.spec.grace_seconds)
-        await self.lifecycle.stop()
+            await self.running.stop(_END_GRACE_S if end else self.spec.grace_seconds)
+        await self.lifecycle.stop(end_instances=end, budget=_END_BUDGET_S)
 
 
 def build_app() -> App:
     """Build instance_svc from the environment."""
     base = state_dir()
+    on_shutdown = on_shutdown_policy()
     store = Store(base / "instance_svc.db")
     runtime = make_runtime(env_str("RUNTIME", "local"))
     redis_url = platform_redis_url(base)
@@ -98,7 +121,7 @@ def build_app() -> App:
         ]
 
     spec = ServerSpec(name="instance_svc", addresses=[env_str("INSTANCE_ADDR", "127.0.0.1:50061")], register=register)
-    return App(spec, lifecycle)
+    return App(spec, lifecycle, on_shutdown=on_shutdown)
 
 
 def build_spec() -> ServerSpec:

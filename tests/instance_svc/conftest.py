@@ -119,8 +119,8 @@ def _sandbox_ready() -> None:
 
 
 @contextmanager
-def running(tmp: Path, redis_url: str, **extra: str) -> Iterator[Svc]:
-    """Start instance_svc with `extra` CYBERDESK_* settings; stop it (SIGTERM) at the end."""
+def running(tmp: Path, redis_url: str, environ: dict[str, str] | None = None, **extra: str) -> Iterator[Svc]:
+    """Start instance_svc with `extra` CYBERDESK_* settings (and `environ` as given); stop it (SIGTERM) at the end."""
     _sandbox_ready()
     # A short path: agent sockets live under it and a unix socket path holds at most 107 bytes.
     state = Path(tempfile.mkdtemp(prefix="cdi-", dir="/tmp"))
@@ -132,6 +132,7 @@ def running(tmp: Path, redis_url: str, **extra: str) -> Iterator[Svc]:
         "CYBERDESK_WARM_POOL": "base=0",
         "REDIS_URL": redis_url,
         **{f"CYBERDESK_{k.upper()}": v for k, v in extra.items()},
+        **(environ or {}),
     }
     svc = Svc(state, tmp, env, target=f"127.0.0.1:{port}")
     svc.start()
