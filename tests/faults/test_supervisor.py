@@ -18,6 +18,7 @@ import datetime
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -208,15 +209,29 @@ def test_a_killed_service_is_restarted_and_the_instance_survives(session: Sessio
 
 
 def test_a_crash_looping_service_is_retried_with_backoff_and_up_stays(session: Session) -> None:
-    """billing_svc killed as soon as it is back, again and again: `up` says it loops and keeps trying."""
+    """billing_svc killed, its port then held by another socket: every restart fails until the port is free."""
     up = session.up
+    port = up.ports["billing"]
     mark = len(up.output)
-    for _ in range(3):
+    with socket.socket() as squatter:
         os.kill(up.pids()["billing_svc"], signal.SIGKILL)
-        up.wait_output("billing_svc is back", 60, after=len(up.output))
-    assert "billing_svc is crash-looping (" in up.output[mark:]
-    assert "restarting in 0.4 s" in up.output[mark:]  # 0.1 (or 0.2 after the kill above), 0.2, 0.4: backing off
-    assert up.proc.poll() is None
+        # Without SO_REUSEPORT: the new billing_svc's gRPC server cannot bind beside it.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                squatter.bind(("127.0.0.1", port))
+                break
+            except OSError:  # the killed one's socket may linger a moment
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+        squatter.listen()
+        up.wait_output("billing_svc is crash-looping (3 deaths in a row", 60, after=mark)
+        assert up.proc.poll() is None
+    looped = up.output[mark:]
+    assert "exited with code 1 before it became healthy; restarting in 0.4 s" in looped  # 0.1, 0.2, 0.4...
+    assert "Address already in use" in looped or "Failed to bind" in looped  # its log's last lines
+    up.wait_output("billing_svc is back", 60, after=mark)
+    wait_healthy(f"127.0.0.1:{port}", timeout=1)
     session.work.check_intact(session.client)
 
 
