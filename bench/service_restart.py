@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,8 @@ class _Up:
             self.proc.kill()
             self.proc.wait()
         self._reader.join(10)
+        # Its instances ended with it (--on-exit end): nothing of the stack is left in the directory.
+        shutil.rmtree(self.state.parent, ignore_errors=True)
 
 
 def _dead(pid: int) -> bool:
