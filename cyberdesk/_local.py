@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -45,6 +46,31 @@ def seekable(stream: BinaryIO) -> bool:
         return bool(stream.seekable())
     except (OSError, ValueError, AttributeError):
         return False
+
+
+class Cursor(io.RawIOBase):
+    """A read position of its own in a shared seekable stream: `read` seeks there first, under a lock.
+
+    Each try of a resumable upload reads through a new Cursor, so a try given up while its request
+    iterator is still inside a read (the gRPC side stops pulling only after the call ended) can
+    never move the position of the try that replaces it.
+    """
+
+    def __init__(self, stream: BinaryIO, position: int, lock: threading.Lock) -> None:
+        super().__init__()
+        self._stream = stream
+        self._lock = lock
+        self.position = position
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        with self._lock:
+            self._stream.seek(self.position)
+            data = self._stream.read(size)
+        self.position += len(data)
+        return data
 
 
 def new_upload_id() -> str:

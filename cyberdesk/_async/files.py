@@ -5,16 +5,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import grpc
 
 from cyberdesk._async._io import AsyncBackground, in_thread, open_local, pause, read_chunk
 from cyberdesk._async._transport import AsyncResponseStream, AsyncTransport
 from cyberdesk._errors import CyberdeskError, DataLoss, NotFound, Unavailable
-from cyberdesk._local import Backoff, Destination, Progress, Source, new_upload_id, open_source, seekable, size_of
+from cyberdesk._local import (
+    Backoff,
+    Cursor,
+    Destination,
+    Progress,
+    Source,
+    new_upload_id,
+    open_source,
+    seekable,
+    size_of,
+)
 from cyberdesk._models import FileInfo, FsEvent, UploadResult
 from cyberdesk._requests import CHUNK, upload_header, upload_trailer
 from cyberdesk_proto.v1 import filesystem_pb2
@@ -65,13 +76,12 @@ async def upload_requests(
     yield upload_trailer(done, digest.hexdigest())
 
 
-def _hash_prefix(stream: BinaryIO, start: int, size: int) -> hashlib._Hash:
-    """The sha256 of `size` bytes of `stream` from `start`, leaving it positioned after them."""
+def _hash_prefix(source: Cursor, size: int) -> hashlib._Hash:
+    """The sha256 of the next `size` bytes of `source` (the part of a resumed upload already stored)."""
     digest = hashlib.sha256()
-    stream.seek(start)
     left = size
     while left > 0:
-        block = stream.read(min(CHUNK, left))
+        block = source.read(min(CHUNK, left))
         if not block:
             raise DataLoss(f"the source ended {left} bytes before the {size} bytes already uploaded")
         digest.update(block)
@@ -127,15 +137,20 @@ class AsyncFiles:
         can_resume = resume and seekable(stream)
         upload_id = new_upload_id() if can_resume else ""
         start = stream.tell() if can_resume else 0
+        lock = threading.Lock()
         backoff = Backoff()
         offset = 0
         reached = 0
         digest = hashlib.sha256()
+        source: BinaryIO = stream
         while True:
             head = upload_header(
                 path, overwrite=overwrite, create_parents=create_parents, mode=mode, upload_id=upload_id, offset=offset
             )
-            requests = upload_requests(self._id, stream, head, digest, total, progress)
+            if can_resume:
+                # A cursor per try: the previous try's reader may still be finishing a read.
+                source = cast(BinaryIO, Cursor(stream, start + offset, lock))
+            requests = upload_requests(self._id, source, head, digest, total, progress)
             try:
                 reply = await self._t.unary(self._t.files.UploadFile, requests, timeout=None)
                 break
@@ -147,7 +162,7 @@ class AsyncFiles:
                     backoff.reset()  # bytes moved forward since the last interruption
                     reached = offset
                 _log.warning("resuming the upload to %s from byte %d", path, offset)
-                digest = await in_thread(_hash_prefix, stream, start, offset)
+                digest = await in_thread(_hash_prefix, Cursor(stream, start, lock), offset)
         if reply.sha256 and reply.sha256 != digest.hexdigest():
             raise DataLoss(f"upload of {path}: the instance stored sha256 {reply.sha256}, sent {digest.hexdigest()}")
         return UploadResult(reply.path, reply.size, reply.sha256)

@@ -7,14 +7,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import grpc
 
 from cyberdesk._errors import CyberdeskError, DataLoss, NotFound, Unavailable
-from cyberdesk._local import Backoff, Destination, Progress, Source, new_upload_id, open_source, seekable, size_of
+from cyberdesk._local import (
+    Backoff,
+    Cursor,
+    Destination,
+    Progress,
+    Source,
+    new_upload_id,
+    open_source,
+    seekable,
+    size_of,
+)
 from cyberdesk._models import FileInfo, FsEvent, UploadResult
 from cyberdesk._requests import CHUNK, upload_header, upload_trailer
 from cyberdesk._sync._io import Background, in_thread, open_local, pause, read_chunk
@@ -67,13 +78,12 @@ def upload_requests(
     yield upload_trailer(done, digest.hexdigest())
 
 
-def _hash_prefix(stream: BinaryIO, start: int, size: int) -> hashlib._Hash:
-    """The sha256 of `size` bytes of `stream` from `start`, leaving it positioned after them."""
+def _hash_prefix(source: Cursor, size: int) -> hashlib._Hash:
+    """The sha256 of the next `size` bytes of `source` (the part of a resumed upload already stored)."""
     digest = hashlib.sha256()
-    stream.seek(start)
     left = size
     while left > 0:
-        block = stream.read(min(CHUNK, left))
+        block = source.read(min(CHUNK, left))
         if not block:
             raise DataLoss(f"the source ended {left} bytes before the {size} bytes already uploaded")
         digest.update(block)
@@ -129,15 +139,20 @@ class Files:
         can_resume = resume and seekable(stream)
         upload_id = new_upload_id() if can_resume else ""
         start = stream.tell() if can_resume else 0
+        lock = threading.Lock()
         backoff = Backoff()
         offset = 0
         reached = 0
         digest = hashlib.sha256()
+        source: BinaryIO = stream
         while True:
             head = upload_header(
                 path, overwrite=overwrite, create_parents=create_parents, mode=mode, upload_id=upload_id, offset=offset
             )
-            requests = upload_requests(self._id, stream, head, digest, total, progress)
+            if can_resume:
+                # A cursor per try: the previous try's reader may still be finishing a read.
+                source = cast(BinaryIO, Cursor(stream, start + offset, lock))
+            requests = upload_requests(self._id, source, head, digest, total, progress)
             try:
                 reply = self._t.unary(self._t.files.UploadFile, requests, timeout=None)
                 break
@@ -149,7 +164,7 @@ class Files:
                     backoff.reset()  # bytes moved forward since the last interruption
                     reached = offset
                 _log.warning("resuming the upload to %s from byte %d", path, offset)
-                digest = in_thread(_hash_prefix, stream, start, offset)
+                digest = in_thread(_hash_prefix, Cursor(stream, start, lock), offset)
         if reply.sha256 and reply.sha256 != digest.hexdigest():
             raise DataLoss(f"upload of {path}: the instance stored sha256 {reply.sha256}, sent {digest.hexdigest()}")
         return UploadResult(reply.path, reply.size, reply.sha256)

@@ -200,6 +200,10 @@ class GatewayUpstream:
             try:
                 async for message in requests:
                     yield message
+            except GeneratorExit:
+                # grpc.aio closing the iterator because the call already ended (the agent refused
+                # the upload after its header): the body did not fail, the call's status stands.
+                raise
             except BaseException as exc:  # grpc.aio cancels the call when its iterator raises
                 failure.append(exc)
                 raise
