@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import grpc
 import redis
@@ -36,6 +37,8 @@ from cyberdesk_stack.processes import free_port, redis_server, spawn, wait_healt
 N = int(os.environ.get("BENCH_N", "10"))
 TOKEN = "bench-internal-" + "x" * 32
 META = internal_metadata("bench", TOKEN)
+# XREAD's reply with decode_responses: [(stream, [(entry id, fields)])].
+_XRead = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
 
 class _Svc:
@@ -110,7 +113,8 @@ def _kill_to_event(svc: _Svc, client: redis.Redis, instance_id: str) -> tuple[fl
     os.kill(int(state["init_pid"]), signal.SIGKILL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for _stream, entries in client.xread({STREAM: since}, block=1000) or []:
+        reply = cast(_XRead, client.xread({STREAM: since}, block=1000) or [])
+        for _stream, entries in reply:
             for entry_id, fields in entries:
                 since = entry_id
                 if fields["instance_id"] == instance_id and fields["new_state"] == "FAILED":
