@@ -315,6 +315,7 @@ def main() -> None:
     exec_rows: list[dict[str, Any]] = []
     file_rows: list[dict[str, Any]] = []
     pids: dict[str, int] = {}
+    load_before = os.getloadavg()  # the machine is shared: say how busy it was
     with agent() as running, gateway_in_front_of(running, pids=pids) as (gw_addr, gw_meta):
         path = str(running.workdir / "bench.bin")
         with grpc.insecure_channel(running.target) as direct, grpc.insecure_channel(gw_addr) as via:
@@ -345,6 +346,7 @@ def main() -> None:
             )
         os.unlink(path)
         unary = asyncio.run(_unary_rate(gw_addr, running.instance_id, gw_meta))
+    load_after = os.getloadavg()
     direct_ex, via_ex, direct_run, via_run = exec_rows
     sdk_whole, sdk_streamed = sdk_rows
     exec_rows += sdk_rows
@@ -364,7 +366,16 @@ def main() -> None:
     }
     print_table(file_rows)
     print_table([{"target": "GetInstance via gateway", **unary}])
-    report("gateway_proxy", exec_rows, transfers=file_rows, unary=unary, summary=summary, calls=N)
+    report(
+        "gateway_proxy",
+        exec_rows,
+        transfers=file_rows,
+        unary=unary,
+        summary=summary,
+        calls=N,
+        loadavg_before=[round(x, 2) for x in load_before],
+        loadavg_after=[round(x, 2) for x in load_after],
+    )
 
 
 if __name__ == "__main__":
