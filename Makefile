@@ -7,12 +7,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
+TS := sdk/typescript
+NPM_STAMP := $(TS)/node_modules/.setup-stamp
 AGAINST ?= HEAD~1
 PYTEST_ARGS ?=
 
 .PHONY: setup system proto proto-check lint format test run bench breaking clean
 
-setup: system $(STAMP)
+setup: system $(STAMP) $(NPM_STAMP)
 
 # Debian packages the stack runs: bubblewrap (sandboxes), redis-server, and for desktops Xvfb, xdotool,
 # a small window manager (matchbox) and xdpyinfo (x11-utils); for INTERNET instances slirp4netns
@@ -43,9 +45,17 @@ $(STAMP): pyproject.toml sdk/python/pyproject.toml
 	$(PY) -m pip install -q -e ./sdk/python -e '.[dev]'
 	touch $@
 
+# The TypeScript SDK's tools (typescript, openapi-typescript) and its one Node runtime dependency (ws),
+# exactly as locked; again only when the lockfile changed. Node 20+ is needed (fs.openAsBlob, AbortSignal.any).
+$(NPM_STAMP): $(TS)/package.json $(TS)/package-lock.json
+	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null || { echo "Node.js 20 or newer is needed for sdk/typescript"; exit 1; }
+	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 proto: setup
 	$(PY) tools/gen_proto.py
 	$(PY) tools/gen_openapi.py
+	cd $(TS) && node scripts/gen.mjs
 	$(BIN)/buf format -w
 	$(BIN)/buf lint
 
@@ -54,12 +64,14 @@ proto-check: setup
 	$(BIN)/buf format --exit-code --diff >/dev/null || { echo "buf format would change proto/; run make proto"; exit 1; }
 	$(PY) tools/gen_proto.py --check
 	$(PY) tools/gen_openapi.py --check
+	cd $(TS) && node scripts/gen.mjs --check
 	$(PY) tools/unasync.py --check
 
 lint: proto-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	cd $(TS) && node_modules/.bin/tsc --noEmit -p tsconfig.json
 
 format: setup
 	$(BIN)/ruff check --fix .

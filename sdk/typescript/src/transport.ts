@@ -1,0 +1,248 @@
+/**
+ * HTTP to the gateway's REST face, typed by the generated OpenAPI types: a call names a path of
+ * `paths` and a method, and its path parameters, query, JSON body and JSON answer are checked
+ * against the document at compile time, so a renamed proto field breaks the build, not a user.
+ *
+ * Three shapes of call: unary JSON (`json`), server streams as NDJSON (`ndjson`), and raw
+ * responses for files (`raw`). Every one takes an AbortSignal; unary calls also get the client's
+ * deadline, streams none (a long command or a big download must never be cut off).
+ */
+
+import { type ResolvedConfig, resolveConfig } from "./config.js";
+import { CyberdeskError, DeadlineExceeded, Unavailable, errorFromResponse, errorFromStatus } from "./errors.js";
+import type { StatusDetail } from "./errors.js";
+import type { paths } from "./generated/openapi.js";
+
+export type Method = "get" | "put" | "post" | "delete";
+export type Path = keyof paths;
+type Op<P extends Path, M extends Method> = NonNullable<paths[P][M]>;
+type Params<O> = O extends { parameters: infer X } ? X : never;
+export type PathParams<O> = Params<O> extends { path: infer X } ? X : never;
+export type QueryParams<O> = Params<O> extends { query?: infer X } ? NonNullable<X> : never;
+export type JsonBody<O> = O extends { requestBody?: { content: { "application/json": infer B } } } ? B : never;
+export type JsonReply<O> = O extends { responses: { 200: { content: { "application/json": infer R } } } } ? R : never;
+/** The `result` of one NDJSON line of a server stream. */
+export type StreamItem<O> = O extends {
+  responses: { 200: { content: { "application/x-ndjson": { result?: infer R } } } };
+}
+  ? R
+  : never;
+
+/** Options every call takes. */
+export interface CallOptions {
+  /** Aborts the call (and, for a streamed command that is not in the background, kills it). */
+  signal?: AbortSignal | undefined;
+}
+
+export interface RequestSpec<O> extends CallOptions {
+  path?: PathParams<O>;
+  query?: QueryParams<O>;
+  body?: JsonBody<O>;
+  /** Milliseconds for a unary call; 0 for none. Defaults to the client's `timeoutMs`. */
+  timeoutMs?: number;
+}
+
+/** Options of the client's connection (see `Cyberdesk`). */
+export interface TransportOptions {
+  apiKey?: string | undefined;
+  httpEndpoint?: string | undefined;
+  timeoutMs?: number | undefined;
+  fetch?: typeof fetch | undefined;
+}
+
+/** Fills `{name}` of a path template; `path` (a file path) keeps its `/` between segments. */
+function fillPath(template: string, params: Record<string, unknown> | undefined): string {
+  return template.replace(/\{([^}]+)\}/g, (_, name: string) => {
+    const value = params?.[name];
+    if (value === undefined || value === "") throw new CyberdeskError(`${name} is required`, "INVALID_ARGUMENT");
+    const text = String(value);
+    if (name === "path") {
+      // The route captures `path=**` without its leading slash; every segment is encoded alone so
+      // that `/` stays a separator and `%2F` never appears (doc: docs/rest.md, Routes).
+      return text.replace(/^\/+/, "").split("/").map(encodeURIComponent).join("/");
+    }
+    return encodeURIComponent(text);
+  });
+}
+
+/** Query parameters in the REST face's mapping: repeated by repetition, maps as `name[key]`. */
+export function encodeQuery(query: Record<string, unknown> | undefined): string {
+  const out = new URLSearchParams();
+  for (const [name, value] of Object.entries(query ?? {})) {
+    if (value === undefined || value === null || value === "") continue;
+    if (Array.isArray(value)) for (const item of value) out.append(name, String(item));
+    else if (typeof value === "object") {
+      for (const [k, v] of Object.entries(value as Record<string, unknown>)) out.append(`${name}[${k}]`, String(v));
+    } else out.append(name, String(value));
+  }
+  const text = out.toString();
+  return text ? `?${text}` : "";
+}
+
+/** One signal that fires when any of the given ones does (undefined ones are skipped). */
+export function anySignal(...signals: (AbortSignal | undefined)[]): AbortSignal | undefined {
+  const given = signals.filter((s): s is AbortSignal => s !== undefined);
+  if (given.length <= 1) return given[0];
+  return AbortSignal.any(given);
+}
+
+/** Errors of `fetch` itself (no HTTP answer): refused connection, reset, DNS. */
+function networkError(err: unknown, url: string): unknown {
+  if (err instanceof CyberdeskError) return err;
+  const name = (err as { name?: string }).name;
+  if (name === "AbortError") return err; // the caller's abort: rethrown as is
+  if (name === "TimeoutError") return new DeadlineExceeded(`no answer from ${url} within the client's timeout`, "DEADLINE_EXCEEDED");
+  const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+  const why = cause?.code ?? cause?.message ?? (err as Error).message;
+  return new Unavailable(`the Cyberdesk endpoint cannot be reached (${url}: ${why})`, "UNAVAILABLE");
+}
+
+/**
+ * The caller's own abort wins over whatever the aborted fetch reported: the signal's reason is
+ * thrown (an AbortError, or the TimeoutError of `AbortSignal.timeout`), as fetch itself does.
+ * Only the client's own deadline becomes DeadlineExceeded.
+ */
+export function callerAbort(err: unknown, signal: AbortSignal | undefined): unknown {
+  return signal?.aborted ? signal.reason : err;
+}
+
+export class Transport {
+  readonly timeoutMs: number;
+  private readonly options: TransportOptions;
+  private config: Promise<ResolvedConfig> | undefined;
+  private readonly fetchImpl: typeof fetch;
+
+  constructor(options: TransportOptions = {}) {
+    this.options = options;
+    this.timeoutMs = options.timeoutMs ?? 60_000;
+    this.fetchImpl = options.fetch ?? globalThis.fetch.bind(globalThis);
+  }
+
+  /** Endpoint and key, resolved once (the environment and config file are read at the first call). */
+  resolved(): Promise<ResolvedConfig> {
+    this.config ??= resolveConfig(this.options.apiKey, this.options.httpEndpoint);
+    return this.config;
+  }
+
+  async url(template: string, params?: Record<string, unknown>, query?: Record<string, unknown>): Promise<string> {
+    const { httpEndpoint } = await this.resolved();
+    return httpEndpoint + fillPath(template, params) + encodeQuery(query);
+  }
+
+  /** A request with the key; a non-2xx answer becomes its typed error. */
+  async fetch(url: string, init: RequestInit & { duplex?: "half" }, caller?: AbortSignal): Promise<Response> {
+    const { apiKey } = await this.resolved();
+    const headers = new Headers(init.headers);
+    headers.set("authorization", `Bearer ${apiKey}`);
+    let response: Response;
+    try {
+      response = await this.fetchImpl(url, { ...init, headers });
+    } catch (err) {
+      throw callerAbort(networkError(err, url), caller);
+    }
+    if (!response.ok) throw await errorFromResponse(response);
+    return response;
+  }
+
+  private deadline(timeoutMs: number | undefined): AbortSignal | undefined {
+    const ms = timeoutMs ?? this.timeoutMs;
+    return ms > 0 ? AbortSignal.timeout(ms) : undefined;
+  }
+
+  /** A unary JSON call. */
+  async json<P extends Path, M extends Method>(
+    method: M,
+    template: P,
+    spec: RequestSpec<Op<P, M>> = {},
+  ): Promise<JsonReply<Op<P, M>>> {
+    const url = await this.url(template, spec.path as Record<string, unknown>, spec.query as Record<string, unknown>);
+    const hasBody = method === "post" || method === "put";
+    const init: RequestInit = {
+      method: method.toUpperCase(),
+      signal: anySignal(spec.signal, this.deadline(spec.timeoutMs)) ?? null,
+    };
+    if (hasBody) {
+      init.body = JSON.stringify(spec.body ?? {});
+      init.headers = { "content-type": "application/json" };
+    }
+    try {
+      const response = await this.fetch(url, init);
+      try {
+        return (await response.json()) as JsonReply<Op<P, M>>;
+      } catch (err) {
+        throw networkError(err, url);
+      }
+    } catch (err) {
+      throw callerAbort(err, spec.signal);
+    }
+  }
+
+  /**
+   * A server stream: the `result` of each NDJSON line as it arrives. Leaving the iteration early
+   * (break, return, a throw) aborts the request, which cancels the call upstream.
+   */
+  async *ndjson<P extends Path, M extends Method>(
+    method: M,
+    template: P,
+    spec: RequestSpec<Op<P, M>> = {},
+  ): AsyncGenerator<StreamItem<Op<P, M>>, void, undefined> {
+    const url = await this.url(template, spec.path as Record<string, unknown>, spec.query as Record<string, unknown>);
+    const own = new AbortController();
+    const init: RequestInit = {
+      method: method.toUpperCase(),
+      signal: anySignal(spec.signal, own.signal) ?? null,
+      headers: { accept: "application/x-ndjson" },
+    };
+    if (method === "post") {
+      init.body = JSON.stringify(spec.body ?? {});
+      init.headers = { accept: "application/x-ndjson", "content-type": "application/json" };
+    }
+    let response: Response;
+    try {
+      response = await this.fetch(url, init);
+    } catch (err) {
+      throw callerAbort(err, spec.signal);
+    }
+    try {
+      for await (const line of lines(response, url)) {
+        const item = JSON.parse(line) as { result?: unknown; error?: { code: number; message: string; details?: StatusDetail[] } };
+        if (item.error) throw errorFromStatus(item.error.code, item.error.message, item.error.details ?? [], response.status);
+        if (item.result !== undefined) yield item.result as StreamItem<Op<P, M>>;
+      }
+    } catch (err) {
+      throw callerAbort(err, spec.signal);
+    } finally {
+      own.abort();
+    }
+  }
+}
+
+/** The lines of a response body (UTF-8, `\n`-separated, blank ones skipped). */
+async function* lines(response: Response, url: string): AsyncGenerator<string> {
+  if (!response.body) return;
+  const decoder = new TextDecoder();
+  let buffered = "";
+  const reader = response.body.getReader();
+  try {
+    for (;;) {
+      let chunk: ReadableStreamReadResult<Uint8Array>;
+      try {
+        chunk = await reader.read();
+      } catch (err) {
+        throw networkError(err, url);
+      }
+      if (chunk.done) break;
+      buffered += decoder.decode(chunk.value, { stream: true });
+      let newline: number;
+      while ((newline = buffered.indexOf("\n")) >= 0) {
+        const line = buffered.slice(0, newline).trim();
+        buffered = buffered.slice(newline + 1);
+        if (line) yield line;
+      }
+    }
+    buffered += decoder.decode();
+    if (buffered.trim()) yield buffered.trim();
+  } finally {
+    reader.releaseLock();
+  }
+}
