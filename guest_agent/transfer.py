@@ -13,8 +13,8 @@ that dies between messages can reach the agent as a clean half-close (grpc.aio e
 iterator normally before it cancels the handler, and a proxy may pass the end on), so without the
 trailer nothing is committed. Writing to a path that is a symbolic link replaces the file the link
 points to and keeps the link, as `echo > link` would. A named upload (`upload_id`) that is
-interrupted keeps its temporary file, so it can resume from the offset it reached (`stat_upload`
-reports it); its final sha256 covers the whole file. An upload that does not fit the instance's
+interrupted keeps its temporary file for PARTIAL_KEEP_SECONDS, so it can resume from the offset it
+reached (`stat_upload` reports it); its final sha256 covers the whole file. An upload that does not fit the instance's
 disk (ENOSPC, EDQUOT) is RESOURCE_EXHAUSTED naming the disk's size, and its temporary file is
 removed, named or not: the target keeps its old content and no partial file holds space.
 Downloads may ask for a range; the last message carries the sha256 of the bytes sent and, when
@@ -314,13 +314,44 @@ class Upload:
                 os.unlink(self.temp)
 
 
+# How long the partial file of an interrupted named upload waits for its resume: long enough for
+# a client to come back after a gateway restart or a network change (the SDK gives up after about
+# 20 s of tries), short enough that uploads abandoned for good (a client killed, every SDK upload
+# of a file is named) do not pile up hidden files in the tenant's directories. An agent restarted
+# in between forgets the timer and the file stays.
+PARTIAL_KEEP_SECONDS = 15 * 60
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 class TransferEngine:
     """Uploads and downloads of one agent; remembers which uploads are in progress."""
 
-    def __init__(self) -> None:
+    def __init__(self, partial_keep: float = PARTIAL_KEEP_SECONDS) -> None:
         # Temporary files of uploads in progress: a second upload with the same upload_id to the
         # same place would interleave with the first.
         self._active: set[str] = set()
+        # Partial files of interrupted named uploads -> the timer that removes them unless resumed.
+        # Touched on the event loop only (a release in a worker thread hands over with
+        # call_soon_threadsafe).
+        self._partial_keep = partial_keep
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+
+    def _keep_for_resume(self, loop: asyncio.AbstractEventLoop, temp: str) -> None:
+        if temp in self._active:
+            return  # a resume started meanwhile
+        old = self._expiry.pop(temp, None)
+        if old is not None:
+            old.cancel()
+        self._expiry[temp] = loop.call_later(self._partial_keep, self._expire, loop, temp)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop, temp: str) -> None:
+        self._expiry.pop(temp, None)
+        if temp not in self._active:
+            loop.run_in_executor(None, _unlink_quietly, temp)
 
     async def upload(
         self, header: filesystem_pb2.UploadFileHeader, chunks: AsyncIterator[filesystem_pb2.UploadFileRequest]
@@ -330,6 +361,10 @@ class TransferEngine:
         if upload.temp in self._active:
             raise RpcError(grpc.StatusCode.ABORTED, f"upload {header.upload_id} is already in progress")
         self._active.add(upload.temp)
+        timer = self._expiry.pop(upload.temp, None)
+        if timer is not None:
+            timer.cancel()  # resumed: the partial file is in use again
+        loop = asyncio.get_running_loop()
         # Hashing and writing run side by side, each in its own lane (hashlib and os.write release
         # the GIL, so on two cores they really overlap), while the event loop receives the next chunk.
         hashing, writing = Lane(), Lane()
@@ -364,6 +399,10 @@ class TransferEngine:
             def release() -> None:
                 upload.cleanup()
                 self._active.discard(upload.temp)
+                if upload.keep_partial:
+                    # Possibly in a worker thread (see when_idle); the loop is gone at shutdown.
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(self._keep_for_resume, loop, upload.temp)
 
             # On an error (a full disk, a bad message) the other lane may still be busy: wait for
             # it, so the temporary file is gone before the caller sees the status. A cancelled

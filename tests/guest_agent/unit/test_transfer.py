@@ -375,3 +375,31 @@ def test_a_download_from_an_offset_can_carry_the_whole_files_sha256(tmp_path: Pa
     assert _run(lambda: scenario(3, 10))[-1].file_sha256 == ""
     # Not asked: not sent (the prefix is not read for nothing).
     assert _download(engine, str(path), offset=7)[-1].file_sha256 == ""
+
+
+def test_an_abandoned_partial_file_is_removed_after_its_keep_time_and_a_resume_keeps_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        target = tmp_path / "f"
+        short = TransferEngine(partial_keep=0)
+        header = fs.UploadFileHeader(path=str(target), upload_id="abandoned-1")
+        with pytest.raises(ConnectionResetError):
+            await short.upload(header, _chunks([b"kept ", b"more"], fail_after=1))
+        # Removed by a timer, then an unlink in a thread: polled, not timed.
+        for _ in range(500):
+            if not _leftovers(tmp_path):
+                break
+            await asyncio.sleep(0.01)
+        assert _leftovers(tmp_path) == []
+
+        # A long keep time: the partial file waits, and a resume uses it (its timer is cancelled).
+        patient = TransferEngine(partial_keep=3600)
+        header = fs.UploadFileHeader(path=str(target), upload_id="resumed-1")
+        with pytest.raises(ConnectionResetError):
+            await patient.upload(header, _chunks([b"kept ", b"more"], fail_after=1))
+        assert await patient.stat_upload(str(target), "resumed-1") == 5
+        resumed = fs.UploadFileHeader(path=str(target), upload_id="resumed-1", offset=5)
+        reply = await patient.upload(resumed, _chunks([b"more"], prefix=b"kept "))
+        assert reply.size == 9 and target.read_bytes() == b"kept more"
+        assert patient._expiry == {}
+
+    _run(scenario)
