@@ -110,6 +110,9 @@ class Lifecycle:
         self._create_tasks: dict[str, asyncio.Task[InstanceRecord]] = {}
         self._creates: set[asyncio.Task[InstanceRecord]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        # How long (in steps of 20 ms) a stop that ended instances waits for their events to leave
+        # the outbox; the unit tests' publisher never sends, so they set 0.
+        self.outbox_wait_steps = _DRAIN_WAIT_STEPS
 
     def _public(self, err: Exception) -> str:
         """A runtime error's text as a tenant may read it: no path of the state directory (see mask_paths)."""
@@ -139,10 +142,10 @@ class Lifecycle:
         for task in list(self._creates):
             task.cancel()
         await asyncio.gather(*self._creates, return_exceptions=True)
-        # Let the publisher send what these last changes wrote before it is stopped: cancelled in
-        # the middle of a drain, its Redis client was seen never to return (instance_svc hung on
-        # SIGTERM until killed). Bounded, for a Redis that is down.
-        for _ in range(_DRAIN_WAIT_STEPS):
+        # Let the publisher send the events of the instances just ended before it is stopped:
+        # cancelled in the middle of that drain, its Redis client was seen never to return
+        # (instance_svc hung on SIGTERM until killed). Bounded, for a Redis that is down.
+        for _ in range(self.outbox_wait_steps if end_instances else 0):
             if not self.store.unsent(1):
                 break
             await asyncio.sleep(0.02)
@@ -206,7 +209,7 @@ class Lifecycle:
                 ends.append((rec.id, State.FAILED, INTERRUPTED))
             elif rec.state is State.STOPPING:
                 # The delete was cut short: the sweep finishes it.
-                ends.append((rec.id, State.TERMINATED, rec.state_message or "deleted"))
+                ends.append((rec.id, State.TERMINATED, "deleted"))
         try:
             removed = await self.runtime.sweep(keep)
         except Exception as err:

@@ -53,9 +53,10 @@ def make_runtime(name: str) -> Runtime:
 ON_SHUTDOWN_ENV = "INSTANCE_SVC_ON_SHUTDOWN"
 ON_SHUTDOWN_CHOICES = ("keep", "end")
 # With "end": how long in-flight calls may drain, then how long ending the instances may take.
-# Together they stay well inside the 15 s a supervisor should wait before it kills.
+# With the outbox's last drain (at most 2 s, then the publisher's own 2 s) they stay within the
+# 15 s a supervisor should wait before it kills.
 _END_GRACE_S = 2.0
-_END_BUDGET_S = 10.0
+_END_BUDGET_S = 9.0
 
 
 def on_shutdown_policy() -> str:
