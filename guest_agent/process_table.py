@@ -184,6 +184,8 @@ class ManagedProcess:
             else:
                 self._close_output(fd)
             return
+        if self.pty:
+            data = self._read_more(fd, data)
         chunk = Chunk(self._outputs[fd], data)
         self.ring.append(chunk)
         for sub in self.subscribers:
@@ -209,6 +211,29 @@ class ManagedProcess:
                 self._loop.add_reader(fd, self._on_readable, fd)
 
         self.table.keep(self._loop.create_task(resume()))
+
+    def _read_more(self, fd: int, data: bytes) -> bytes:
+        """`data` and what else the terminal has ready now, up to a chunk, without waiting.
+
+        A pty master gives at most what the line discipline has pushed (a few KiB) per read, so
+        `seq` would otherwise travel as ~3 KiB messages, and every message costs the same
+        overhead on every hop.
+        """
+        limit = self.table.limits.chunk_bytes
+        if len(data) >= limit:
+            return data
+        parts = [data]
+        size = len(data)
+        while size < limit:
+            try:
+                more = os.read(fd, limit - size)
+            except OSError:  # nothing ready now (EAGAIN), or the end, seen by the next read
+                break
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts) if len(parts) > 1 else data
 
     def _pace_terminal(self) -> TerminalPace | None:
         """Apply a terminal's pacing rule now (`_fanout.pace_terminal`): detach, pause, recheck later."""

@@ -31,6 +31,7 @@ import grpc
 import pytest
 
 from cyberdesk import Cyberdesk
+from cyberdesk._sync.shell import Shell
 from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
 from cyberdesk_stack.processes import guest_agent
 from tests.cli.stack import CLI
@@ -122,11 +123,13 @@ def test_seq_in_cyberdesk_shell_arrives_whole_and_the_shell_goes_on(stack: Shell
     buffer = bytearray()
 
     def read_until(pattern: bytes, limit: float = 180) -> None:
-        # As fast as the CLI writes: big reads, the search only over the newest bytes.
+        # As fast as the CLI writes: big reads, each searched once (with an overlap for a split token).
         deadline = time.monotonic() + limit
-        while not re.search(pattern, buffer[-4096:]):
+        scan = len(buffer)
+        while not re.search(pattern, buffer[scan:]):
             assert time.monotonic() < deadline, f"no {pattern!r} in {bytes(buffer[-400:])!r}"
             if select.select([fd], [], [], 0.2)[0]:
+                scan = max(scan, len(buffer) - 64)
                 buffer.extend(os.read(fd, 1 << 20))
 
     try:
@@ -153,18 +156,26 @@ def test_seq_in_cyberdesk_shell_arrives_whole_and_the_shell_goes_on(stack: Shell
 # -- the SDK --------------------------------------------------------------------------------------
 
 
+def read_through(shell: Shell, chunks: list[bytes], token: bytes) -> None:
+    """Take the shell's output into `chunks` until `token` has come (each chunk searched once)."""
+    tail = b""
+    while True:
+        chunk = shell.recv(timeout=120)
+        assert chunk, f"the terminal ended: {shell.exited} {shell.error}"
+        chunks.append(chunk)
+        window = tail + chunk
+        if token in window:
+            return
+        tail = window[-len(token) :]
+
+
 def test_seq_in_an_sdk_shell_arrives_whole_and_the_shell_goes_on(stack: ShellStack) -> None:
     with Cyberdesk(api_key=stack.key, endpoint=stack.gateway) as client:
         shell = client.instances.handle(INSTANCE).shell(argv=["bash", "--norc", "-i"])
         try:
             chunks: list[bytes] = []
             shell.send(COMMAND + "\n")
-            tail = b""
-            while b"END-4\r\n" not in tail:
-                chunk = shell.recv(timeout=120)
-                assert chunk, f"the terminal ended: {shell.exited} {shell.error}"
-                chunks.append(chunk)
-                tail = (tail + chunk)[-64:]
+            read_through(shell, chunks, b"END-4\r\n")
             check_every_line(b"".join(chunks))
             shell.send("echo after-$((3+3)); exit 7\n")
             assert shell.wait(60) is not None and shell.exit_code == 7
@@ -198,7 +209,9 @@ class Reader:
 
     def read_until(self, token: bytes) -> None:
         """Take replies until `token` is in the output (or the exit came)."""
-        while token not in self.output[-4096:] and self.exited is None:
+        scan = len(self.output)
+        while token not in self.output[scan:] and self.exited is None:
+            scan = max(scan, len(self.output) - len(token))
             reply = next(self.call)
             kind = reply.WhichOneof("event")
             if kind == "output":
@@ -270,12 +283,7 @@ def test_an_sdk_reader_alone_that_stops_reading_holds_the_writer_back_and_loses_
             # blocked on its terminal: nothing is dropped, nobody is detached.
             time.sleep(2 * STALL_SECONDS)
             assert _writer_blocked(shell.pid, "seq")
-            tail = b""
-            while b"END-4\r\n" not in tail:
-                chunk = shell.recv(timeout=120)
-                assert chunk, f"the terminal ended: {shell.exited} {shell.error}"
-                chunks.append(chunk)
-                tail = (tail + chunk)[-64:]
+            read_through(shell, chunks, b"END-4\r\n")
             check_every_line(b"".join(chunks))
             shell.send("exit 3\n")
             assert shell.wait(60) is not None and shell.exit_code == 3 and shell.error is None
