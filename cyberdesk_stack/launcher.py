@@ -183,6 +183,38 @@ class Stack:
             scratch.write_text(json.dumps(pids) + "\n")
             scratch.replace(path)
 
+    def _stop_strays(self) -> None:
+        """Stop the children an earlier `up` left running when it died without stopping them (kill -9).
+
+        They keep their ports, so nothing could start; `pids.json` outlives such an `up`. A pid is
+        taken for one of them only while its environment names this state directory (pids are
+        reused). instance_svc gets SIGKILL, not SIGTERM: with `--on-exit end` a SIGTERM would end
+        every instance, and the instances are to survive the death of `up` as they survive any
+        other (the new instance_svc re-adopts them); the others get SIGTERM and drain.
+        """
+        path = self.options.state_dir / "pids.json"
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        strays = [
+            (name, pid)
+            for name, pid in reversed(list(recorded.items()))
+            if name != "up" and isinstance(pid, int) and _runs_in(pid, self.options.state_dir)
+        ]
+        for name, pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL if name == "instance_svc" else signal.SIGTERM)
+            deadline = time.monotonic() + _STOP_TIMEOUT
+            while _runs_in(pid, self.options.state_dir):
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.05)
+        if strays:
+            listed = ", ".join(f"{name} {pid}" for name, pid in strays)
+            self._say(f"stopped what an earlier `cyberdesk up` (pid {recorded.get('up', '?')}) left running: {listed}")
+
     def _env(self) -> dict[str, str]:
         opts = self.options
         env = {
@@ -248,6 +280,7 @@ class Stack:
             raise StackError(f"missing {', '.join(missing)}: run `make setup` (it installs bubblewrap)")
         self.options.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock()
+        self._stop_strays()
         self._start_redis()
         env = self._env()
         # instance_svc ends its instances on SIGTERM, or keeps them for the next start.
@@ -429,6 +462,24 @@ def _running_sandboxes(state_dir: Path) -> int:
             await runtime.close()
 
     return asyncio.run(count())
+
+
+def _runs_in(pid: int, state_dir: Path) -> bool:
+    """Whether `pid` is a live process started for the stack of `state_dir`.
+
+    A service has CYBERDESK_STATE_DIR in its environment; redis-server overwrites the memory that
+    /proc/<pid>/environ shows (it rewrites its process title there), but it runs in its data
+    directory under the state directory.
+    """
+    proc = Path(f"/proc/{pid}")
+    try:
+        if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        if f"CYBERDESK_STATE_DIR={state_dir}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+            return True
+        return Path(os.readlink(proc / "cwd")).is_relative_to(state_dir)
+    except (OSError, IndexError):
+        return False
 
 
 def _listening(addr: str) -> bool:

@@ -8,13 +8,13 @@ leaves no sandbox process behind and records the instance's end at the time of t
 
 The tests of this module are one user's session on one state directory, in file order (each
 `up` costs seconds): the kills run under an `up --on-exit keep`, whose Ctrl-C the keep test
-checks, starting the next `up` (the default, end), whose Ctrl-C the end test checks. A test that
-finds the session in another state than it expects (an earlier one failed) starts its own `up`.
+checks, starting the next `up` (the default, end); that one is killed with SIGKILL and the next
+`up` has to clean up after it; the end test presses Ctrl-C on that last one. A test that finds
+the session in another state than it expects (an earlier one failed) starts its own `up`.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import secrets
 import signal
@@ -34,6 +34,8 @@ from cyberdesk_common.lifecycle_events import STREAM
 from cyberdesk_stack.launcher import sweep_sandboxes
 from cyberdesk_stack.processes import redis_url, wait_healthy
 from cyberdesk_stack.supervisor import Backoff, describe_exit
+from instance_svc.states import State
+from instance_svc.store import Store
 from tests.faults.conftest import Up
 
 pytestmark = pytest.mark.sandbox
@@ -61,16 +63,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _host_pids(needle: str) -> list[int]:
-    """Host pids of the processes whose command line contains `needle` (sandboxed ones included)."""
+def _host_pids(needle: str, comm: str = "") -> list[int]:
+    """Live host pids whose command line contains `needle` (sandboxed ones too) and, if given, named `comm`."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                name = (entry / "comm").read_text().strip()
             except OSError:
                 continue
-            if needle in cmdline and _alive(int(entry.name)):
+            if needle in cmdline and (not comm or name == comm) and _alive(int(entry.name)):
                 found.append(int(entry.name))
     return found
 
@@ -100,7 +103,8 @@ def _workload(client: Cyberdesk) -> Workload:
     command = f"sleep {4000 + secrets.randbelow(10**6)}.5"
     process = instance.start(command)
     deadline = time.monotonic() + 15
-    while not (host := _host_pids(command)):
+    # The sleep itself, not a shell that is starting it (and may exec it or exit meanwhile).
+    while not (host := _host_pids(command, comm="sleep")):
         assert time.monotonic() < deadline, f"{command} not found in /proc"
         time.sleep(0.1)
     return Workload(instance, command, process.pid, host)
@@ -253,24 +257,48 @@ def test_ctrl_c_with_keep_leaves_the_sandboxes_for_the_next_up(session: Session)
     assert session.client.instances.get(work.instance.id).data.expire_time == expire
 
 
+def test_the_next_up_stops_what_a_killed_up_left_and_readopts_the_instances(session: Session) -> None:
+    """kill -9 of `up` itself leaves its children serving (their own process groups) and holding the
+    ports; the next `up` must stop them, start its own, and find the instance as it was."""
+    before, work = session.up, session.work
+    assert before.proc.poll() is None
+    children = {name: pid for name, pid in before.pids().items() if name != "up"}
+    os.kill(before.proc.pid, signal.SIGKILL)
+    before.proc.wait(30)
+    assert all(_alive(pid) for pid in children.values())
+
+    after = session.next_up()
+    assert "stopped what an earlier `cyberdesk up`" in after.output
+    assert not [(name, pid) for name, pid in children.items() if _alive(pid)], after.output
+    assert set(after.pids().values()).isdisjoint(children.values())
+    work.check_intact(session.client)
+
+
 @pytest.mark.skipif(
     not hasattr(instance_svc.server, "ON_SHUTDOWN_ENV"),
     reason="waits for instance_svc to end its instances on SIGTERM with INSTANCE_SVC_ON_SHUTDOWN=end",
 )
 def test_ctrl_c_with_end_ends_the_instances_at_the_stop(session: Session) -> None:
-    up = session.up
+    up, work = session.up, session.work
     if up.proc.poll() is not None or "--on-exit" in " ".join(map(str, up.proc.args)):  # type: ignore[arg-type]
-        up = session.next_up()
-    work = _workload(session.client)
-    stopped_at = datetime.datetime.now(datetime.UTC)
+        up = session.next_up()  # an earlier test left no `up --on-exit end` running
+        work = _workload(session.client)
+    session.client.close()
+    stopped_at = time.time()
     assert up.stop() == 0
+    exited_at = time.time()
     state = str(session.state_dir)
     deadline = time.monotonic() + 10  # helpers (slirp4netns, the DNS guard) exit once PID 1 is gone
     while _host_pids(state) or any(_alive(pid) for pid in work.host_pids):
         assert time.monotonic() < deadline, (_host_pids(state), work.host_pids)
         time.sleep(0.2)
-
-    session.next_up()
-    ended = session.client.instances.get(work.instance.id).data
-    assert ended.state == "TERMINATED", ended
-    assert ended.end_time is not None and ended.end_time <= stopped_at + datetime.timedelta(seconds=5), ended
+    # The record as the stopped stack left it; the next `up` serves it as it is (its start-up only
+    # revisits live records), so it is read here rather than through one more start of the stack.
+    store = Store(session.state_dir / "instance_svc.db")
+    try:
+        ended = store.get(work.instance.id)
+    finally:
+        store.close()
+    assert ended is not None and ended.state is State.TERMINATED, ended
+    # Ended by the stop (not at some later start): between Ctrl-C and the exit of `up`.
+    assert stopped_at * 1e6 <= ended.end_time_us <= exited_at * 1e6, (ended, stopped_at, exited_at)
