@@ -125,6 +125,7 @@ class Authenticator:
 
     Only VALID answers are cached, for `ttl` seconds: a revoked key keeps working for at most
     `ttl` seconds on each gateway replica, and a flood of bad keys cannot evict good entries.
+    Calls admitted before a revocation are ended within the same bound by `revocation.OpenCalls`.
     Entries are keyed by the sha256 of the secret so no raw key sits in the cache.
     """
 
@@ -164,6 +165,10 @@ class Authenticator:
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
         return result
+
+    def forget(self, secret: str) -> None:
+        """Drop the cached answer for `secret` (its key was found revoked: refuse it from now on)."""
+        self._cache.pop(hashlib.sha256(secret.encode()).digest(), None)
 
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Principal:
         """The caller's principal, or an RpcError (UNAUTHENTICATED, RESOURCE_EXHAUSTED...)."""

@@ -32,6 +32,7 @@ from gateway_svc.rest.app import RestApp
 from gateway_svc.rest.preview import Previews, PreviewServicer, websocket_protocol
 from gateway_svc.rest.preview_links import PreviewTokens
 from gateway_svc.rest.upstream import GatewayUpstream
+from gateway_svc.revocation import OpenCalls, RevocableUpstream, RevocationInterceptor
 from gateway_svc.routing import RouteCache, follow_events
 from gateway_svc.unkey_backend import UnkeyBackend
 
@@ -59,6 +60,9 @@ class Gateway:
         self.previews: Previews | None = None
         self.http: Any = None  # uvicorn.Server once the REST face serves
         self._http_task: asyncio.Task[None] | None = None
+        # Open calls per key, ended when their key is revoked (within the auth cache's TTL).
+        self.open_calls = OpenCalls(interval=config.auth_cache_seconds)
+        self._sweeper: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
         """Build the parts and add the proxy and AuthService to `server`."""
@@ -73,11 +77,9 @@ class Gateway:
 
             self.store = backend = KeyStore(Path(key_store_path(config)))
         self.limiter = RateLimiter(config.redis_url)
-        gate = Gate(
-            Authenticator(backend, ttl=config.auth_cache_seconds, max_entries=config.auth_cache_size),
-            self.limiter,
-            config.default_limit,
-        )
+        authenticator = Authenticator(backend, ttl=config.auth_cache_seconds, max_entries=config.auth_cache_size)
+        self.open_calls.authenticator = authenticator
+        gate = Gate(authenticator, self.limiter, config.default_limit)
         self.instance_channel = grpc.aio.insecure_channel(
             config.instance_target,
             options=list(CHANNEL_OPTIONS),
@@ -101,6 +103,7 @@ class Gateway:
         """Start following lifecycle events (route cache invalidation)."""
         assert self.route_cache is not None
         self._events = asyncio.create_task(follow_events(self.route_cache, self.config.redis_url, self._stop))
+        self._sweeper = asyncio.create_task(self.open_calls.run(self._stop), name="revocation-sweep")
         await self.start_http()
         _log.info(
             "gateway ready",
@@ -119,7 +122,7 @@ class Gateway:
         assert self.admission is not None
         host, _, port = self.config.http_addr.rpartition(":")
         config = uvicorn.Config(
-            RestApp(GatewayUpstream(self.admission), previews=self.previews),
+            RestApp(RevocableUpstream(GatewayUpstream(self.admission), self.open_calls), previews=self.previews),
             host=host.strip("[]"),
             port=int(port),
             lifespan="off",
@@ -156,6 +159,9 @@ class Gateway:
         if self._events is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(self._events, 3.0)
+        if self._sweeper is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._sweeper, 3.0)
 
     async def close(self) -> None:
         """Release every client (used by in-process tests; a process just exits)."""
@@ -181,4 +187,5 @@ def build_spec(gateway: Gateway | None = None) -> ServerSpec:
         register=gw.register,
         tls_cert_chain=gw.config.tls_cert,
         tls_private_key=gw.config.tls_key,
+        interceptors=[RevocationInterceptor(gw.open_calls)],
     )
