@@ -110,8 +110,8 @@ class Lifecycle:
         self._create_tasks: dict[str, asyncio.Task[InstanceRecord]] = {}
         self._creates: set[asyncio.Task[InstanceRecord]] = set()
         self._background: set[asyncio.Task[None]] = set()
-        # How long (in steps of 20 ms) a stop that ended instances waits for their events to leave
-        # the outbox; the unit tests' publisher never sends, so they set 0.
+        # How long (in steps of 20 ms) a stop waits for the last events to leave the outbox; the
+        # unit tests' publisher never sends, so they set 0.
         self.outbox_wait_steps = _DRAIN_WAIT_STEPS
 
     def _public(self, err: Exception) -> str:
@@ -142,10 +142,10 @@ class Lifecycle:
         for task in list(self._creates):
             task.cancel()
         await asyncio.gather(*self._creates, return_exceptions=True)
-        # Let the publisher send the events of the instances just ended before it is stopped:
-        # cancelled in the middle of that drain, its Redis client was seen never to return
-        # (instance_svc hung on SIGTERM until killed). Bounded, for a Redis that is down.
-        for _ in range(self.outbox_wait_steps if end_instances else 0):
+        # Let the publisher send the last changes (the instances just ended, the calls just drained)
+        # before it is stopped: cancelled in the middle of a drain, its Redis client was seen never
+        # to return (instance_svc hung on SIGTERM until killed). Bounded, for a Redis that is down.
+        for _ in range(self.outbox_wait_steps):
             if not self.store.unsent(1):
                 break
             await asyncio.sleep(0.02)

@@ -62,6 +62,7 @@ async def _world(
         snapshot_dir=tmp / "snapshots",
         clock=clock,
     )
+    lifecycle.outbox_wait_steps = 0  # the fake publisher never empties the outbox
     await lifecycle.start()
     try:
         yield World(lifecycle, runtime, clock, publisher, store)
@@ -458,7 +459,6 @@ def test_stop_with_end_instances_ends_every_live_instance(tmp_path: Path) -> Non
             running_ = await w.lifecycle.create("t1", SPEC)
             paused = await w.lifecycle.create("t1", SPEC)
             await w.lifecycle.pause("t1", paused.id)
-            w.lifecycle.outbox_wait_steps = 0  # the fake publisher never empties the outbox
             await w.lifecycle.stop(end_instances=True)
             for rec in (running_, paused):
                 ended = _state(w, rec.id)
