@@ -2,8 +2,8 @@
 
 One thread per child waits for its process to exit, says why it ended (exit code or signal, the
 last lines of its log), sleeps the back-off delay, starts it again and announces it only once it
-answers its health check. A child that keeps dying is retried forever, at most every
-`Backoff.maximum` seconds: `cyberdesk up` never gives up on a service, and never ends the
+answers its health check. A child that keeps dying is retried forever, the pause between attempts
+growing to `Backoff.maximum`: `cyberdesk up` never gives up on a service, and never ends the
 instances because of one (they are sandboxes of their own; instance_svc re-adopts them).
 
 Who may start a process: only the child's thread, and only while holding `Child.lock` with the
@@ -168,16 +168,20 @@ class Supervisor:
             if not self._respawn(child, delay):
                 return
             child.restarts += 1
-            self._on_change()
+            try:
+                self._on_change()
+            except OSError as err:  # pids.json is for people and the next `up`: not worth a restart
+                self._say(f"could not record the pid of {child.name}: {err}")
             try:
                 child.ready(child.proc, self._check)
             except Halted:
                 return
-            except RuntimeError:
-                continue  # it died again while starting: the top of the loop reports it
-            except TimeoutError as err:
-                self._say(f"{child.name} (pid {child.proc.pid}) did not become healthy ({err}); killing it to retry")
-                child.proc.kill()
+            except Exception as err:
+                # It died while starting (the top of the loop reports it), or it runs but never
+                # answered as it should: kill it, so that the loop sees an exit and retries.
+                if child.proc.poll() is None:
+                    self._say(f"{child.name} (pid {child.proc.pid}) is not healthy ({err}); killing it to retry")
+                    child.proc.kill()
                 continue
             child.healthy_since = time.monotonic()
             self._say(
