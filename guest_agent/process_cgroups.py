@@ -27,7 +27,13 @@ A command that exits by itself leaves its cgroup in place while anything it star
 (`nohup server &` keeps working); `CommandCgroups.sweep` recycles the empty ones for later
 commands (up to 16; the rest are removed). The table calls it shortly after a command finished,
 and readies the next command's cgroups right after a spawn, so that no mkdir or rmdir sits
-between a request and its reply.
+between a request and its reply. A cgroup keeps its `tasks` files and its memory.oom_control
+open while it is in use or kept for reuse (4 descriptors each, at most 16 idle; a sweep that
+finds a process of it still running closes them), so readying a reused cgroup and reading a
+command's OOM count at its exit open nothing. Measured in-process (300 `true` in a row, load
+average ~10 on the 2-core machine, p50): readying the spare 0.26-0.28 ms -> 0.04-0.05, the
+exit's OOM read 0.10-0.12 -> 0.03; the sweep (0.25-0.30 ms, 50 ms after the exit) and the six
+`tasks` writes of a spawn (0.08) are unchanged.
 
 Limits of the scheme: tenant code runs as the agent's uid, so it can deliberately move its own
 processes into another cgroup of the instance and so survive its command's timeout; it can never
@@ -102,23 +108,36 @@ class CommandCgroup:
     def __init__(self, dirs: dict[str, Path]) -> None:
         self.dirs = dirs
         # Write ends of each controller's `tasks`, opened ahead (`open_tasks`) so that the spawn
-        # itself opens nothing; closed right after it.
+        # itself opens nothing; kept open while the cgroup exists, for the commands that reuse it.
         self.tasks_fds: list[int] = []
+        # memory.oom_control, kept open too: read with pread at every exit (kernfs re-renders it).
+        self._oom_fd = -1
         # OOM kills counted before this command (a recycled cgroup keeps its counter).
         self.oom_base = 0
 
     def open_tasks(self) -> None:
-        """Open the `tasks` files the spawn will write to (raises OSError; then nothing stays open)."""
+        """Open the `tasks` files the spawn will write to and memory.oom_control, unless open.
+
+        Raises OSError; then none stays open.
+        """
+        if self.tasks_fds:
+            return
         try:
             for path in self.dirs.values():
                 self.tasks_fds.append(os.open(path / "tasks", os.O_WRONLY | os.O_CLOEXEC))
+            memory = self.dirs.get("memory")
+            if memory is not None:
+                self._oom_fd = os.open(memory / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self.close_tasks()
             raise
 
     def close_tasks(self) -> None:
-        """Close what `open_tasks` opened."""
+        """Close what `open_tasks` opened, and the kept memory.oom_control."""
         fds, self.tasks_fds = self.tasks_fds, []
+        if self._oom_fd >= 0:
+            fds.append(self._oom_fd)
+            self._oom_fd = -1
         for fd in fds:
             os.close(fd)
 
@@ -181,11 +200,18 @@ class CommandCgroup:
         total = 0
         for cgroup in _subtree(memory) if nested else [memory]:
             with contextlib.suppress(OSError, ValueError):
-                for line in _read(cgroup / "memory.oom_control").splitlines():
+                for line in self._oom_control(cgroup).splitlines():
                     name, _, value = line.partition(" ")
                     if name == "oom_kill":
                         total += int(value)
         return total - self.oom_base
+
+    def _oom_control(self, cgroup: Path) -> str:
+        if cgroup != self.dirs.get("memory"):  # a child cgroup of the tenant's: read once
+            return _read(cgroup / "memory.oom_control")
+        if self._oom_fd < 0:
+            self._oom_fd = os.open(cgroup / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(self._oom_fd, 4096, 0).decode()
 
     def reusable(self) -> bool:
         """Empty, with no child cgroup, and thawed: fit to be the next command's (checked off the hot path)."""
@@ -339,7 +365,6 @@ class CommandCgroups:
             yield
         finally:
             self._move_back(moved)
-            cgroup.close_tasks()
 
     def _move_back(self, moved: int) -> None:
         # The same controllers in the same order as the command's (both follow `roots`).
@@ -364,6 +389,6 @@ class CommandCgroups:
         for cgroup in self._lingering:
             if len(self._free) < _FREE_MAX and cgroup.reusable():
                 self._free.append(cgroup)
-            elif not cgroup.remove():
+            elif not cgroup.remove():  # closes its descriptors: none held while a server it started runs
                 left.append(cgroup)
         self._lingering = left
