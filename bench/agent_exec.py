@@ -13,8 +13,9 @@ Rows:
   RunProcess argv [echo hi]              one request, one reply; no shell at all
   RunProcess argv [sh -c 'echo hi']      the same work as the baseline (which runs `sh -c` via shell=True)
   RunProcess command 'echo hi'           a login bash (`bash -lc`)
-  RunProcess argv [echo hi] cwd=/tmp     a cwd other than the agent's own: spawned by subprocess
-                                         instead of posix_spawn (see guest_agent/process_spawn.py)
+  RunProcess argv [echo hi] cwd=/tmp     a cwd other than the agent's own: glibc's posix_spawnp with
+                                         its chdir action instead of os.posix_spawnp (subprocess
+                                         before; see guest_agent/process_spawn.py)
   StartProcess ...                       the streamed exec: started, stdout and exited messages
   fastapi execD POST /exec               the baseline, shell=True
   gateway -> RunProcess / StartProcess   the same calls through gateway_svc (TCP loopback, API key,
@@ -105,7 +106,7 @@ def main() -> None:
         ("RunProcess argv [sh -c 'echo hi']", lambda a, c: _run_call(a, c, argv=["sh", "-c", "echo hi"], cwd=here)),
         ("RunProcess command 'echo hi' (bash -lc)", lambda a, c: _run_call(a, c, command="echo hi", cwd=here)),
         (
-            "RunProcess argv [echo hi] cwd=/tmp (subprocess)",
+            "RunProcess argv [echo hi] cwd=/tmp (posix_spawn + chdir)",
             lambda a, c: _run_call(a, c, argv=["echo", "hi"], cwd="/tmp"),
         ),
         ("StartProcess argv [echo hi]", lambda a, c: _start_call(a, c, argv=["echo", "hi"], cwd=here)),
