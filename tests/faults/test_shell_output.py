@@ -18,6 +18,7 @@ import queue
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from websockets.sync.client import connect
 
 from cyberdesk import Cyberdesk
 from cyberdesk._sync.shell import Shell
@@ -56,6 +58,7 @@ class ShellStack:
     gateway: str
     key: str
     agent_target: str
+    http: str
 
     def metadata(self) -> tuple[tuple[str, str]]:
         return (("authorization", f"Bearer {self.key}"),)
@@ -66,7 +69,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     tmp = tmp_path_factory.mktemp("shells")
     state = tmp / "state"
     routes = tmp / "routes.json"
-    instance_addr, gateway = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    instance_addr, gateway, http = (f"127.0.0.1:{free_port()}" for _ in range(3))
     with ExitStack() as ctx:
         agent = ctx.enter_context(guest_agent(tmp / "agent", INSTANCE, token=AGENT_TOKEN, env=PACING_ENV))
         route = {"tenant": "tenant-s", "state": "RUNNING", "target": agent.target, "token": AGENT_TOKEN}
@@ -77,7 +80,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
                 "instance_svc.testing", instance_addr, {**upstream, "CYBERDESK_INTERNAL_TOKEN": INTERNAL_TOKEN}, tmp
             )
         )
-        env = gateway_env(state, instance_addr, redis_url, CYBERDESK_GATEWAY_ADDR=gateway)
+        env = gateway_env(
+            state, instance_addr, redis_url, CYBERDESK_GATEWAY_ADDR=gateway, CYBERDESK_GATEWAY_HTTP_ADDR=http
+        )
         ctx.enter_context(service("gateway_svc", gateway, env, tmp))
         made = subprocess.run(
             [sys.executable, "-m", "gateway_svc", "keys", "create", "--tenant", "tenant-s", "--name", "shells"],
@@ -88,7 +93,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
             check=True,
         )
         key = next(line.split()[1] for line in made.stdout.splitlines() if line.startswith("secret"))
-        yield ShellStack(gateway, key, agent.target)
+        yield ShellStack(gateway, key, agent.target, http)
 
 
 @cache
@@ -184,6 +189,59 @@ def test_seq_in_an_sdk_shell_arrives_whole_and_the_shell_goes_on(stack: ShellSta
             shell.close()
 
 
+# -- the WebSocket face ---------------------------------------------------------------------------
+
+
+def small_receive_buffer(addr: str) -> socket.socket:
+    """A TCP connection to `addr` whose receive buffer stays at 256 KiB (no autotuning up to 32 MiB)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+    host, port = addr.rsplit(":", 1)
+    sock.connect((host, int(port)))
+    return sock
+
+
+def test_a_websocket_reader_that_stops_holds_the_writer_back_and_loses_nothing(stack: ShellStack) -> None:
+    url = f"ws://{stack.http}/v1/instances/{INSTANCE}/pty"
+    headers = {"authorization": f"Bearer {stack.key}"}
+    deadline = time.monotonic() + 30
+    while True:  # the HTTP face starts beside the gRPC one, whose health the fixture waited for
+        try:
+            ws = connect(url, sock=small_receive_buffer(stack.http), additional_headers=headers, max_size=None)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the gateway's HTTP face never answered"
+            time.sleep(0.2)
+    with ws:
+        ws.send(json.dumps({"type": "open", "argv": ["bash", "--norc", "-i"]}))
+        started = json.loads(ws.recv(timeout=60))
+        assert started["type"] == "started", started
+        ws.send((COMMAND + "\n").encode())  # a binary frame: terminal bytes
+        chunks: list[bytes] = []
+
+        def take_through(token: bytes) -> None:
+            tail = b""
+            while True:
+                frame = ws.recv(timeout=120)
+                assert isinstance(frame, bytes), frame  # a control frame here would be an error or the exit
+                chunks.append(frame)
+                window = tail + frame
+                if token in window:
+                    return
+                tail = window[-len(token) :]
+
+        take_through(b"BEGIN-2\r\n")
+        # The relay sends a frame only once the socket took the previous one, so a client that
+        # stops reading stops the relay reading its call, and back-pressure reaches seq.
+        wait_writer_blocked(int(started["pid"]), "seq")
+        take_through(b"END-4\r\n")
+        check_every_line(b"".join(chunks))
+        ws.send(b"exit 3\n")
+        while not isinstance(frame := ws.recv(timeout=60), str):
+            pass
+        assert json.loads(frame) == {**json.loads(frame), "type": "exit", "exitCode": 3}
+
+
 # -- readers on raw gRPC: one that stops ------------------------------------------------------------
 
 
@@ -244,16 +302,30 @@ def _attach(pid: int) -> process_pb2.ConnectPtyRequest:
     return process_pb2.ConnectPtyRequest(instance_id=INSTANCE, attach=process_pb2.PtyAttach(selector=selector))
 
 
-def _writer_blocked(session: int, name: str) -> bool:
-    """Whether the process `name` of the terminal's session is alive and wrote nothing for a second."""
-    (pid,) = [
+def wait_writer_blocked(session: int, name: str, limit: float = 90) -> None:
+    """Wait until the process `name` of the terminal's session is alive and wrote nothing for a second.
+
+    Fails if it finished instead: then something on the way buffered the whole output. Every hop
+    may hold a few MiB first (on loopback the kernel lets a socket buffer grow to tcp_rmem's 32 MiB,
+    hence `small_receive_buffer`), so this waits for the buffers to fill rather than a fixed time.
+    """
+    pids = [
         int(entry.name)
         for entry in Path("/proc").iterdir()
         if entry.name.isdigit() and _stat(entry)[:2] == (name, session)
     ]
-    before = _wchar(pid)
-    time.sleep(1)
-    return _wchar(pid) == before and _stat(Path(f"/proc/{pid}"))[0] == name
+    assert len(pids) == 1, f"{name} in session {session}: {pids} (it finished while nobody read?)"
+    proc = Path(f"/proc/{pids[0]}")
+    deadline = time.monotonic() + limit
+    before = _wchar(proc)
+    while True:
+        assert before >= 0, f"{name} finished while nobody read: something buffered all its output"
+        time.sleep(1)
+        now = _wchar(proc)
+        if now == before:
+            return
+        assert time.monotonic() < deadline, f"{name} still writing after {limit} s ({now} bytes)"
+        before = now
 
 
 def _stat(proc: Path) -> tuple[str, int]:
@@ -264,10 +336,15 @@ def _stat(proc: Path) -> tuple[str, int]:
     return raw[raw.find("(") + 1 : raw.rfind(")")], int(raw[raw.rfind(")") + 2 :].split()[3])
 
 
-def _wchar(pid: int) -> int:
-    return int(
-        next(line for line in Path(f"/proc/{pid}/io").read_text().splitlines() if line.startswith("wchar")).split()[1]
-    )
+def _wchar(proc: Path) -> int:
+    """Bytes the process wrote so far; -1 once it is gone (or a zombie)."""
+    try:
+        lines = (proc / "io").read_text().splitlines()
+    except OSError:
+        return -1
+    if _stat(proc)[0] == "":
+        return -1
+    return int(next(line for line in lines if line.startswith("wchar")).split()[1])
 
 
 def test_an_sdk_reader_alone_that_stops_reading_holds_the_writer_back_and_loses_nothing(stack: ShellStack) -> None:
@@ -282,7 +359,7 @@ def test_an_sdk_reader_alone_that_stops_reading_holds_the_writer_back_and_loses_
             # reply window, gRPC flow control at the gateway, the agent's window), so seq ends up
             # blocked on its terminal: nothing is dropped, nobody is detached.
             time.sleep(2 * STALL_SECONDS)
-            assert _writer_blocked(shell.pid, "seq")
+            wait_writer_blocked(shell.pid, "seq")
             read_through(shell, chunks, b"END-4\r\n")
             check_every_line(b"".join(chunks))
             shell.send("exit 3\n")
