@@ -28,7 +28,6 @@ from typing import TypeVar
 import pytest
 import redis
 
-import instance_svc.server
 from cyberdesk import Cyberdesk, CyberdeskError, Instance
 from cyberdesk_common.lifecycle_events import STREAM
 from cyberdesk_stack.launcher import sweep_sandboxes
@@ -274,10 +273,6 @@ def test_the_next_up_stops_what_a_killed_up_left_and_readopts_the_instances(sess
     work.check_intact(session.client)
 
 
-@pytest.mark.skipif(
-    not hasattr(instance_svc.server, "ON_SHUTDOWN_ENV"),
-    reason="waits for instance_svc to end its instances on SIGTERM with INSTANCE_SVC_ON_SHUTDOWN=end",
-)
 def test_ctrl_c_with_end_ends_the_instances_at_the_stop(session: Session) -> None:
     up, work = session.up, session.work
     if up.proc.poll() is not None or "--on-exit" in " ".join(map(str, up.proc.args)):  # type: ignore[arg-type]
