@@ -107,7 +107,9 @@ def _on_exit(value: str) -> OnExit:
     for choice in ON_EXIT_CHOICES:
         if value == choice:
             return choice
-    raise StackError(f"on-exit policy {value!r} is not one of {', '.join(ON_EXIT_CHOICES)}")
+    # Read before anything runs, outside run()'s error handling: one line and exit code 2, as for a bad flag.
+    print(f"cyberdesk up: CYBERDESK_ON_EXIT={value!r} is not one of {', '.join(ON_EXIT_CHOICES)}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 @dataclass
