@@ -30,12 +30,12 @@ import redis
 
 from cyberdesk import Cyberdesk, CyberdeskError, Instance
 from cyberdesk_common.lifecycle_events import STREAM
-from cyberdesk_stack.launcher import sweep_sandboxes
 from cyberdesk_stack.processes import redis_url, wait_healthy
 from cyberdesk_stack.supervisor import Backoff, describe_exit
 from instance_svc.states import State
 from instance_svc.store import Store
-from tests.faults.conftest import Up
+from tests.faults.conftest import StartUp
+from tests.faults.up import Up
 
 pytestmark = pytest.mark.sandbox
 
@@ -131,9 +131,10 @@ def test_exit_is_described_by_signal_name_or_code() -> None:
 class Session:
     """The current `up` on the module's state directory, and the workload created under the first."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, start_up: StartUp, state_dir: Path) -> None:
+        self._start_up = start_up
         self.state_dir = state_dir
-        self.up = Up(state_dir, on_exit="keep")
+        self.up = start_up(state_dir, on_exit="keep")
         self.client = self.up.client()
         self.work = _workload(self.client)
 
@@ -142,22 +143,16 @@ class Session:
         self.client.close()
         if self.up.proc.poll() is None:
             self.up.stop()
-        self.up = Up(self.state_dir, on_exit=on_exit, ports=self.up.ports)
+        self.up = self._start_up(self.state_dir, on_exit=on_exit, ports=self.up.ports)
         self.client = self.up.client()
         return self.up
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
-    # A short path: the sandboxes' agent sockets live under the state directory (at most 107 bytes).
-    state = tmp_path_factory.mktemp("up") / "state"
-    current = Session(state)
-    try:
-        yield current
-    finally:
-        current.client.close()
-        current.up.stop()
-        sweep_sandboxes(state)
+def session(start_up: StartUp, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
+    current = Session(start_up, tmp_path_factory.mktemp("up") / "state")
+    yield current
+    current.client.close()
 
 
 # --- kill -9 under `up` ----------------------------------------------------------------------
