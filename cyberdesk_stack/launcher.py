@@ -1,4 +1,4 @@
-"""The local stack in the foreground (`cyberdesk up`, `make run`); Ctrl-C stops all of it.
+"""The local stack in the foreground (`cyberdesk up`, `make run`), supervised; Ctrl-C stops it.
 
 What runs: Redis (its own process and data directory under the state directory, unless REDIS_URL
 is given; it requires the password kept in `<state>/redis_password`, 0600, made on first start,
@@ -403,7 +403,7 @@ class Stack:
             processes.stop(proc, _STOP_TIMEOUT)
         if end:
             # The last resort: what instance_svc did not end (it was killed, was down, or predates
-            # INSTANCE_SVC_ON_SHUTDOWN). Their records say so at the next start ("sandbox vanished").
+            # INSTANCE_SVC_ON_SHUTDOWN). Their records become FAILED at the next start (sandbox gone).
             swept = sweep_sandboxes(self.options.state_dir)
             if swept:
                 cause = "it exited" if instance_svc_ended else "it did not stop cleanly"
