@@ -25,7 +25,7 @@ SDK = ROOT / "sdk" / "typescript"
 TSC = SDK / "node_modules" / ".bin" / "tsc"
 # About 60 s on an idle 2-core machine; twice that and more on a loaded one.
 NODE_TIMEOUT = 360
-pytestmark = pytest.mark.timeout(NODE_TIMEOUT + 120)
+pytestmark = [pytest.mark.timeout(NODE_TIMEOUT + 120), pytest.mark.sandbox, pytest.mark.desktop]
 
 
 def _start_build() -> subprocess.Popen[str]:

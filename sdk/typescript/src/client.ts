@@ -93,6 +93,7 @@ export class Instances {
           body,
           signal: options.signal,
           timeoutMs: Math.max(this.t.timeoutMs, 120_000),
+          idempotent: true, // the request id: a second create returns the first one's instance
         });
         return new Instance(this.t, started(reply.instance ?? {}));
       } catch (err) {

@@ -1,5 +1,6 @@
 /** `Process`: a command running in an instance, found by pid or by tag. */
 
+import { InvalidArgument } from "./errors.js";
 import { type ExecEvent, type ExecResult, ResultCollector, eventFrom, protoSignal, toBase64 } from "./models.js";
 import type { CallOptions, Transport } from "./transport.js";
 
@@ -60,6 +61,38 @@ export class Process {
         signal: options.signal,
       });
     }
+  }
+
+  /**
+   * Write a stream of chunks to stdin, in order, in one request (NDJSON lines of the REST face's
+   * `:streamInput`); resolves with the bytes written in total once the stream is exhausted.
+   * Stdin stays open (`closeStdin`). Node only: browsers refuse streamed request bodies over
+   * HTTP/1.1. The process must be known by pid (the route has no tag form).
+   */
+  async streamStdin(chunks: AsyncIterable<Uint8Array | string>, options: CallOptions = {}): Promise<number> {
+    if (!this.pid) throw new InvalidArgument("streamStdin needs the process's pid (connect({ pid }))", "INVALID_ARGUMENT");
+    const url = await this.t.url("/v1/instances/{instance_id}/processes/{pid}:streamInput", { instance_id: this.instanceId, pid: this.pid });
+    const source = chunks[Symbol.asyncIterator]();
+    const encoder = new TextEncoder();
+    // One line per chunk, pulled as fetch sends: the gateway writes each upstream (and waits for
+    // its flow control) before it reads the next line, so a fast source never floods it.
+    const body = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        const next = await source.next();
+        if (next.done) controller.close();
+        else controller.enqueue(encoder.encode(JSON.stringify({ data: toBase64(next.value) }) + "\n"));
+      },
+      async cancel() {
+        await source.return?.();
+      },
+    });
+    const response = await this.t.fetch(
+      url,
+      { method: "POST", body, headers: { "content-type": "application/x-ndjson" }, signal: options.signal ?? null, duplex: "half" },
+      options.signal,
+    );
+    const reply = (await response.json()) as { bytesWritten?: string };
+    return Number(reply.bytesWritten ?? 0);
   }
 
   /** Close the process's stdin so that it reads end-of-file. */

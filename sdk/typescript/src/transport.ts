@@ -40,6 +40,8 @@ export interface RequestSpec<O> extends CallOptions {
   body?: JsonBody<O>;
   /** Milliseconds for a unary call; 0 for none. Defaults to the client's `timeoutMs`. */
   timeoutMs?: number;
+  /** Sending it twice does no harm (see `replayable`). */
+  idempotent?: boolean;
 }
 
 /** Options of the client's connection (see `Cyberdesk`). */
@@ -106,6 +108,29 @@ export function callerAbort(err: unknown, signal: AbortSignal | undefined): unkn
   return signal?.aborted ? signal.reason : err;
 }
 
+/**
+ * Whether a failed request may be sent again: a method without side effects (or a request the
+ * SDK makes idempotent, `idempotent: true`: CreateInstance carries a request id) and a body
+ * that can be sent twice (none, or text; never a stream).
+ */
+function replayable(init: RequestInit, idempotent: boolean | undefined): boolean {
+  const method = (init.method ?? "GET").toUpperCase();
+  const safe = method === "GET" || method === "HEAD" || method === "DELETE" || idempotent === true;
+  return safe && (init.body === undefined || init.body === null || typeof init.body === "string");
+}
+
+/**
+ * The keep-alive race: undici drops an idle pooled connection after 4 s, the gateway's uvicorn
+ * after 5 s; on a loaded machine the client's timer can fire late, and a request then goes out on
+ * a socket the server has just closed ("other side closed", measured here at load 15). Such a
+ * request never reached the server's application, but the SDK only replays it when doing so
+ * twice would be harmless anyway (`replayable`).
+ */
+function closedIdle(err: unknown): boolean {
+  const code = (err as { cause?: { code?: string } }).cause?.code;
+  return code === "UND_ERR_SOCKET" || code === "ECONNRESET";
+}
+
 export class Transport {
   readonly timeoutMs: number;
   private readonly options: TransportOptions;
@@ -130,15 +155,22 @@ export class Transport {
   }
 
   /** A request with the key; a non-2xx answer becomes its typed error. */
-  async fetch(url: string, init: RequestInit & { duplex?: "half" }, caller?: AbortSignal): Promise<Response> {
+  async fetch(url: string, init: RequestInit & { duplex?: "half"; idempotent?: boolean }, caller?: AbortSignal): Promise<Response> {
     const { apiKey } = await this.resolved();
-    const headers = new Headers(init.headers);
+    const { idempotent, ...request } = init;
+    const headers = new Headers(request.headers);
     headers.set("authorization", `Bearer ${apiKey}`);
     let response: Response;
     try {
-      response = await this.fetchImpl(url, { ...init, headers });
+      response = await this.fetchImpl(url, { ...request, headers });
     } catch (err) {
-      throw callerAbort(networkError(err, url), caller);
+      if (!(replayable(request, idempotent) && closedIdle(err)) || init.signal?.aborted) throw callerAbort(networkError(err, url), caller);
+      // Once: a pooled connection the server closed while idle (see closedIdle).
+      try {
+        response = await this.fetchImpl(url, { ...request, headers });
+      } catch (again) {
+        throw callerAbort(networkError(again, url), caller);
+      }
     }
     if (!response.ok) throw await errorFromResponse(response);
     return response;
@@ -157,9 +189,10 @@ export class Transport {
   ): Promise<JsonReply<Op<P, M>>> {
     const url = await this.url(template, spec.path as Record<string, unknown>, spec.query as Record<string, unknown>);
     const hasBody = method === "post" || method === "put";
-    const init: RequestInit = {
+    const init: RequestInit & { idempotent?: boolean } = {
       method: method.toUpperCase(),
       signal: anySignal(spec.signal, this.deadline(spec.timeoutMs)) ?? null,
+      idempotent: spec.idempotent ?? false,
     };
     if (hasBody) {
       init.body = JSON.stringify(spec.body ?? {});
@@ -217,8 +250,8 @@ export class Transport {
   }
 }
 
-/** The lines of a response body (UTF-8, `\n`-separated, blank ones skipped). */
-async function* lines(response: Response, url: string): AsyncGenerator<string> {
+/** The lines of a response body (UTF-8, `\n`-separated, blank ones skipped): NDJSON items. */
+export async function* lines(response: Response, url: string): AsyncGenerator<string> {
   if (!response.body) return;
   const decoder = new TextDecoder();
   let buffered = "";

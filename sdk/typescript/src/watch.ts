@@ -11,7 +11,7 @@
 import { CyberdeskError, Unavailable, errorFromStatus } from "./errors.js";
 import type { StatusDetail } from "./errors.js";
 import { type InstanceEvent, instanceEventFrom, type WatchInstancesJson } from "./models.js";
-import { type Transport, anySignal } from "./transport.js";
+import { type Transport, anySignal, lines } from "./transport.js";
 
 export const WATCH_CURSOR_HEADER = "cyberdesk-watch-cursor";
 
@@ -142,26 +142,8 @@ export class InstanceWatch implements AsyncIterable<InstanceEvent> {
   }
 
   private async *lines(): AsyncGenerator<string> {
-    const body = (await this.response)?.body;
-    if (!body) return;
-    const reader = body.getReader();
-    const decoder = new TextDecoder();
-    let buffered = "";
-    try {
-      for (;;) {
-        const { done, value } = await reader.read();
-        if (done) break;
-        buffered += decoder.decode(value, { stream: true });
-        let newline: number;
-        while ((newline = buffered.indexOf("\n")) >= 0) {
-          const line = buffered.slice(0, newline).trim();
-          buffered = buffered.slice(newline + 1);
-          if (line) yield line;
-        }
-      }
-    } finally {
-      reader.releaseLock();
-    }
+    const response = await this.response;
+    if (response) yield* lines(response, response.url);
   }
 
   /** End the watch; an iteration in progress ends quietly. */
