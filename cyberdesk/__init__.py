@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "Desktop": "cyberdesk._sync.desktop",
     "Shell": "cyberdesk._sync.shell",
     "Ports": "cyberdesk._sync.ports",
+    "InstanceWatch": "cyberdesk._sync.watch",
     "AsyncCyberdesk": "cyberdesk._async.client",
     "AsyncInstances": "cyberdesk._async.client",
     "AsyncSnapshots": "cyberdesk._async.snapshots",
@@ -40,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "AsyncDesktop": "cyberdesk._async.desktop",
     "AsyncShell": "cyberdesk._async.shell",
     "AsyncPorts": "cyberdesk._async.ports",
+    "AsyncInstanceWatch": "cyberdesk._async.watch",
+    "InstanceEvent": "cyberdesk._watch",
     "ExecResult": "cyberdesk._models",
     "ExecEvent": "cyberdesk._models",
     "Started": "cyberdesk._models",
@@ -86,6 +89,7 @@ if TYPE_CHECKING:
     from cyberdesk._async.process import AsyncProcess as AsyncProcess
     from cyberdesk._async.shell import AsyncShell as AsyncShell
     from cyberdesk._async.snapshots import AsyncSnapshots as AsyncSnapshots
+    from cyberdesk._async.watch import AsyncInstanceWatch as AsyncInstanceWatch
     from cyberdesk._errors import AlreadyExists as AlreadyExists
     from cyberdesk._errors import Cancelled as Cancelled
     from cyberdesk._errors import ConfigurationError as ConfigurationError
@@ -127,6 +131,8 @@ if TYPE_CHECKING:
     from cyberdesk._sync.process import Process as Process
     from cyberdesk._sync.shell import Shell as Shell
     from cyberdesk._sync.snapshots import Snapshots as Snapshots
+    from cyberdesk._sync.watch import InstanceWatch as InstanceWatch
+    from cyberdesk._watch import InstanceEvent as InstanceEvent
 
 
 def __getattr__(name: str) -> Any:

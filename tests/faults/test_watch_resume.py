@@ -9,6 +9,7 @@ stream order.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -45,6 +46,10 @@ def _stream(url: str, tenant: str) -> list[tuple[str, str, str]]:
     finally:
         client.close()
     return [(sid, f["instance_id"], f["new_state"]) for sid, f in entries if f["tenant"] == tenant]
+
+
+def _states(stack: Stack) -> set[tuple[str, str]]:
+    return {(i, s) for _, i, s in _stream(stack.redis.url, "t-watch")}
 
 
 def _wait(what: str, check: object, timeout: float = 60.0) -> None:
@@ -114,8 +119,9 @@ def test_a_cursor_resumes_through_rest_and_one_past_retention_is_out_of_range(st
             start = watch.cursor
             box = client.instances.create(timeout=120)
             box.delete()
+        # delete() returns once TERMINATED is recorded; the publisher sends it a moment later.
+        _wait("the deletion to reach the stream", lambda: (box.id, "TERMINATED") in _states(stack))
         mine = [e for e in _stream(stack.redis.url, "t-watch") if e[0] > start and e[1] == box.id]
-        assert [s for _, _, s in mine][-1] == "TERMINATED"
 
         # REST: ?cursor= replays every change after it (the query parameter is the request field).
         lines: list[str] = []
@@ -150,3 +156,29 @@ def test_a_cursor_resumes_through_rest_and_one_past_retention_is_out_of_range(st
             assert resumed.cursor == mine[-1][0]
     finally:
         client.close()
+
+
+def test_the_async_watch_delivers_the_same_changes_in_order(stack: Stack, key: str) -> None:
+    from cyberdesk import AsyncCyberdesk
+
+    async def scenario() -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+        async with AsyncCyberdesk(api_key=key, endpoint=stack.gateway.addr) as client:
+            watch = await client.instances.watch()
+            start = watch.cursor
+            box = await client.instances.create(timeout=120)
+            await box.pause()
+            await box.resume()
+            await box.delete()
+            seen: list[tuple[str, str, str]] = []
+            async with watch:
+                async for event in watch:
+                    if event.instance.id == box.id:
+                        seen.append((event.cursor, event.instance.id, event.state))
+                    if event.instance.id == box.id and event.state == "TERMINATED":
+                        break
+        stream = [e for e in _stream(stack.redis.url, "t-watch") if e[0] > start and e[1] == box.id]
+        return seen, stream
+
+    seen, stream = asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert seen == stream
+    assert [s for _, _, s in seen][-4:] == ["PAUSED", "RUNNING", "STOPPING", "TERMINATED"]
