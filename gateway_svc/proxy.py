@@ -154,13 +154,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 response: bytes = await call
             except grpc.aio.AioRpcError as err:
                 if relay.unfinished:
-                    await context.abort(grpc.StatusCode.ABORTED, UNFINISHED)
+                    await _abort_unfinished(context)
                 await self._fail(context, up, err)
                 raise
             except asyncio.CancelledError:
                 # grpc.aio reports the call it cancelled itself (our iterator raised) this way.
                 if relay.unfinished:
-                    await context.abort(grpc.StatusCode.ABORTED, UNFINISHED)
+                    await _abort_unfinished(context)
                 raise
             finally:
                 call.cancel()
@@ -198,6 +198,18 @@ async def _first(requests: AsyncIterator[bytes]) -> bytes:
         return await anext(requests)
     except StopAsyncIteration:
         raise invalid_argument("the stream ended before its first message (which names the instance)") from None
+
+
+async def _abort_unfinished(context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+    """ABORTED for the caller whose upload stream ended without its trailer, if it is still there."""
+    try:
+        await context.abort(grpc.StatusCode.ABORTED, UNFINISHED)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        # The caller is gone (the usual reason its stream ended early): nobody to tell, nothing
+        # to log as a failure of ours.
+        raise asyncio.CancelledError() from None
 
 
 class _Unfinished(Exception):

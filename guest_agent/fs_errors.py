@@ -11,6 +11,8 @@ import errno
 import os
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
 
 from cyberdesk_common.status import RpcError, invalid_argument
 from guest_agent.process_cgroups import limit_text
@@ -56,14 +58,33 @@ def disk_full(text: str) -> str:
     return f"the instance's disk ({size} MiB) is full ({text})" if size.isdigit() else text
 
 
+# google.rpc.ErrorInfo of a full disk: RESOURCE_EXHAUSTED also means a rate limit, after which
+# waiting helps; a full disk needs room made, so the REST face answers 507, not 429.
+DISK_FULL_REASON = "DISK_FULL"
+ERROR_DOMAIN = "cyberdesk.dev"
+
+
+def disk_full_info() -> any_pb2.Any:
+    """The ErrorInfo detail carried by a full disk's RESOURCE_EXHAUSTED."""
+    info = error_details_pb2.ErrorInfo(reason=DISK_FULL_REASON, domain=ERROR_DOMAIN)
+    size = os.environ.get("CYBERDESK_AGENT_DISK_MIB", "")
+    if size.isdigit():
+        info.metadata["disk_mib"] = size
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return detail
+
+
 def os_error(err: OSError, path: str, action: str) -> RpcError:
     """The status of a failed filesystem call: `action` ("open", "remove", ...) on `path` failed with `err`."""
     code, text = _ERRNO.get(err.errno or 0, (grpc.StatusCode.UNKNOWN, err.strerror or str(err)))
+    details = []
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         text = disk_full(text)
+        details.append(disk_full_info())
     if err.errno == errno.EAGAIN:
         text = f"{text}: the instance may have reached {limit_text()}"
-    return RpcError(code, f"cannot {action} {path}: {text}")
+    return RpcError(code, f"cannot {action} {path}: {text}", details)
 
 
 def require_absolute(path: str, field: str) -> str:

@@ -91,12 +91,29 @@ def _retry_after(details: Sequence[any_pb2.Any]) -> dict[str, str]:
     return {}
 
 
+def _disk_full(details: Sequence[any_pb2.Any]) -> bool:
+    for d in details:
+        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            d.Unpack(info)
+            if info.reason == "DISK_FULL":
+                return True
+    return False
+
+
 def from_status(code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any] = ()) -> HttpError:
-    """An HttpError for a gRPC status; RESOURCE_EXHAUSTED with a RetryInfo gets a Retry-After header."""
+    """An HttpError for a gRPC status; RESOURCE_EXHAUSTED with a RetryInfo gets a Retry-After header.
+
+    RESOURCE_EXHAUSTED with the agent's ErrorInfo DISK_FULL is 507 Insufficient Storage, not 429:
+    a client that waits and retries, as 429 tells it to, would only fill the same disk again.
+    """
     headers = _retry_after(details) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else {}
     if code == grpc.StatusCode.UNAUTHENTICATED:
         headers["WWW-Authenticate"] = "Bearer"
-    return HttpError(http_status(code), status_body(code, message, details), headers)
+    status = http_status(code)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _disk_full(details):
+        status = 507
+    return HttpError(status, status_body(code, message, details), headers)
 
 
 def from_rpc_error(error: RpcError) -> HttpError:

@@ -200,9 +200,10 @@ class GatewayUpstream:
             try:
                 async for message in requests:
                     yield message
-            except GeneratorExit:
-                # grpc.aio closing the iterator because the call already ended (the agent refused
-                # the upload after its header): the body did not fail, the call's status stands.
+            except (GeneratorExit, asyncio.CancelledError):
+                # grpc.aio closing the iterator, or cancelling the task that drives it while it
+                # waits for the body, because the call already ended (the agent refused the upload
+                # after its header): the body did not fail, the call's status stands.
                 raise
             except BaseException as exc:  # grpc.aio cancels the call when its iterator raises
                 failure.append(exc)

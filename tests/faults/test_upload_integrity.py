@@ -33,7 +33,7 @@ import grpc
 import httpx
 import pytest
 
-from cyberdesk import Cyberdesk, FailedPrecondition, Instance, InvalidArgument, PermissionDenied
+from cyberdesk import Cyberdesk, FailedPrecondition, Instance, InvalidArgument, PermissionDenied, RateLimited
 from cyberdesk._requests import upload_trailer
 from cyberdesk_proto.v1 import filesystem_pb2 as fs
 from cyberdesk_proto.v1 import filesystem_pb2_grpc
@@ -318,3 +318,35 @@ def test_file_errors_through_the_gateway_say_what_they_are(stack: Stack, key: st
         box.files.make_dir("/usr/d")
     with pytest.raises(FailedPrecondition, match="read-only file system"):
         box.files.remove("/usr/lib")
+
+
+def test_a_full_disk_is_resource_exhausted_over_grpc_and_507_over_rest(stack: Stack, key: str) -> None:
+    """Not 429: a client told to wait and retry would only fill the same disk again."""
+    with Cyberdesk(api_key=key, endpoint=stack.gateway.addr, timeout=60) as client:
+        small = client.instances.create(timeout=600, disk_mib=256)
+        try:
+            filled = small.exec(
+                "avail=$(df --output=avail -k /home/user | tail -1);"
+                " head -c $(( (avail - 1024) * 1024 )) /dev/zero > /home/user/fill"
+            )
+            assert filled.exit_code == 0, filled.stderr
+            small.files.write("/home/user/small.txt", b"old")
+            with pytest.raises(
+                RateLimited, match=r"cannot write /home/user/small.txt: the instance's disk \(256 MiB\)"
+            ):
+                small.files.write("/home/user/small.txt", os.urandom(8 * MiB))
+            reply = httpx.put(
+                f"http://{stack.gateway.http}/v1/instances/{small.id}/files/home/user/small.txt?overwrite=true",
+                content=os.urandom(8 * MiB),
+                headers={"authorization": f"Bearer {key}"},
+                timeout=60,
+            )
+            body = reply.json()
+            assert (reply.status_code, body["code"]) == (507, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), reply.text
+            assert "is full" in body["message"] and "retry-after" not in reply.headers
+            assert {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "DISK_FULL"}.items() <= body[
+                "details"
+            ][0].items()
+            assert small.files.read("/home/user/small.txt") == b"old"
+        finally:
+            small.delete()
