@@ -23,7 +23,9 @@ which bounds how far a key can overshoot its limit when several replicas drain i
 margin also covers the few spends that escape the count: the first calls on a new connection and
 the EVAL that follows a NOSCRIPT.) Keys near their limit, and small limits (a few requests per
 window), wait for Redis as before.
-Measured: the wait was ~0.3-0.6 ms of every exec through the gateway on the 2-core bench machine.
+Measured (timeline of `exec("echo hi")` through the gateway, load 10-16 on the 2-core machine):
+Admission.admit took 0.60 ms p50 waiting for Redis, 0.24 with early checks, 0.17 once the write
+too waits for the upstream call to start.
 """
 
 from __future__ import annotations
