@@ -26,6 +26,7 @@ from gateway_svc.config import GatewayConfig
 from gateway_svc.gate import Gate
 from gateway_svc.keys_api import AuthServicer
 from gateway_svc.keystore import KeyStore
+from gateway_svc.lost_calls import ExplainingUpstream
 from gateway_svc.proxy import Proxy, public_service_names
 from gateway_svc.ratelimit import RateLimiter
 from gateway_svc.rest.app import RestApp
@@ -121,8 +122,11 @@ class Gateway:
 
         assert self.admission is not None
         host, _, port = self.config.http_addr.rpartition(":")
+        # The REST face's calls: admitted like gRPC's, lost ones explained, revoked keys' ended.
+        explaining = ExplainingUpstream(GatewayUpstream(self.admission), self.route_cache)
+        upstream = RevocableUpstream(explaining, self.open_calls)
         config = uvicorn.Config(
-            RestApp(RevocableUpstream(GatewayUpstream(self.admission), self.open_calls), previews=self.previews),
+            RestApp(upstream, previews=self.previews),
             host=host.strip("[]"),
             port=int(port),
             lifespan="off",

@@ -1,4 +1,4 @@
-"""A call cut off because its instance went away says so: "instance i-... was deleted", not "unreachable".
+"""A call cut off because its instance went away says so (gRPC and REST): "instance i-... was deleted".
 
 Through the real gateway, with real instance_svc and sandboxes: an exec stream runs in an
 instance, the instance is deleted from another client, and the stream's end names
@@ -63,3 +63,30 @@ def test_an_exec_stream_whose_instance_is_deleted_ends_saying_it_was_deleted(cli
     err = _stream_until_it_fails(client, box.id, box.delete)
     assert isinstance(err, FailedPrecondition), repr(err)
     assert err.message == f"instance {box.id} was deleted", err.message
+
+
+def test_a_rest_exec_stream_whose_instance_is_deleted_ends_saying_it_was_deleted(
+    stack: Stack, client: Cyberdesk
+) -> None:
+    import json
+
+    import httpx
+
+    key = stack.gateway.new_key("t-lost")[1]
+    box = client.instances.create(timeout=120)
+    url = f"http://{stack.gateway.http}/v1/instances/{box.id}/processes"
+    items: list[dict[str, object]] = []
+    with httpx.stream("POST", url, json={"command": "echo up; sleep 100"}, headers={"x-api-key": key}, timeout=60) as r:
+        assert r.status_code == 200
+        deleted = False
+        for line in r.iter_lines():
+            if not line.strip():
+                continue
+            items.append(json.loads(line))
+            if not deleted and "stdout" in line:
+                box.delete()
+                deleted = True
+    assert deleted, items
+    error = items[-1].get("error")
+    assert isinstance(error, dict), items[-1]
+    assert error["code"] == 9 and error["message"] == f"instance {box.id} was deleted", error  # FAILED_PRECONDITION
