@@ -134,6 +134,9 @@ class Authenticator:
     max_entries: int = 10_000
     _cache: OrderedDict[bytes, _Entry] = field(default_factory=OrderedDict)
     _inflight: dict[bytes, asyncio.Future[Verification]] = field(default_factory=dict)
+    # Keys whose answers may not be reused (metered credits), as last seen: a re-verification of
+    # those would spend a credit, so the revocation sweep leaves them alone (revocation.py).
+    _metered: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
 
     async def verify(self, secret: str) -> Verification:
         """The (possibly cached) verification of `secret`."""
@@ -160,11 +163,21 @@ class Authenticator:
             raise
         finally:
             del self._inflight[digest]
+        if not result.cacheable:
+            self._metered[digest] = None
+            while len(self._metered) > self.max_entries:
+                self._metered.popitem(last=False)
+        else:
+            self._metered.pop(digest, None)
         if self.ttl > 0 and result.cacheable and result.code == auth_pb2.VERIFY_CODE_VALID:
             self._cache[digest] = _Entry(time.monotonic() + self.ttl, result)
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
         return result
+
+    def metered(self, secret: str) -> bool:
+        """Whether the last answer for `secret` said it may not be reused (each verification spends a credit)."""
+        return hashlib.sha256(secret.encode()).digest() in self._metered
 
     def forget(self, secret: str) -> None:
         """Drop the cached answer for `secret` (its key was found revoked: refuse it from now on)."""

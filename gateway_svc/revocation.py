@@ -123,13 +123,13 @@ class OpenCalls:
             return 0
         ended = 0
         for digest, secret in list(self._secrets.items()):
+            if authenticator.metered(secret):
+                continue  # a verification would spend a credit (see the module doc)
             try:
                 verification = await authenticator.backend.verify(secret)
             except RpcError as err:
                 _log.warning("could not re-verify a key with open calls", extra={"error": err.message})
                 continue
-            if not verification.cacheable:
-                continue  # metered: a verification spends a credit (see the module doc)
             error = verification.to_error()
             if error is None or error.code not in _ENDING:
                 continue

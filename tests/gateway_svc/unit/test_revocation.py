@@ -14,7 +14,7 @@ import pytest
 
 from cyberdesk_common.status import RpcError
 from cyberdesk_proto.internal.v1 import auth_pb2
-from gateway_svc.auth import Authenticator
+from gateway_svc.auth import Authenticator, Principal, Verification
 from gateway_svc.keystore import KeyStore
 from gateway_svc.revocation import OpenCalls
 
@@ -84,3 +84,36 @@ def test_a_call_without_a_key_is_not_tracked(tmp_path: Path) -> None:
             return calls.open_count()
 
     assert asyncio.run(scenario()) == 0
+
+
+class MeteredBackend:
+    """Stands in for Unkey with a metered key: every verification spends a credit (counted here)."""
+
+    def __init__(self) -> None:
+        self.verifications = 0
+
+    async def verify(self, secret: str) -> Verification:
+        self.verifications += 1
+        return Verification(auth_pb2.VERIFY_CODE_VALID, Principal("k-1", "t", frozenset()), cacheable=False)
+
+
+def test_a_metered_key_is_not_re_verified_by_the_sweep() -> None:
+    backend = MeteredBackend()
+    calls = OpenCalls(Authenticator(backend, ttl=60), interval=0.05)
+
+    async def scenario() -> int:
+        assert calls.authenticator is not None
+        await calls.authenticator.verify("cd_metered")  # the admission of the call: one credit
+
+        async def call() -> None:
+            async with calls.track((("x-api-key", "cd_metered"),)):
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.01)
+        assert await calls.sweep() == 0
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return backend.verifications
+
+    assert asyncio.run(scenario()) == 1
