@@ -246,14 +246,24 @@ def test_a_websocket_reader_that_stops_holds_the_writer_back_and_loses_nothing(s
 
 
 class Reader:
-    """A ConnectPty call through the gateway whose replies are read only when the test says so."""
+    """A ConnectPty call (through the gateway, or `direct` to the agent) read only when the test says so.
 
-    def __init__(self, stack: ShellStack, first: process_pb2.ConnectPtyRequest) -> None:
+    `direct` also keeps the call's HTTP/2 window at 64 KiB (no BDP growth): what the reader does
+    not take then waits in the agent, not in buffers on the way.
+    """
+
+    def __init__(self, stack: ShellStack, first: process_pb2.ConnectPtyRequest, *, direct: bool = False) -> None:
         self._requests: queue.Queue[process_pb2.ConnectPtyRequest | None] = queue.Queue()
         self._requests.put(first)
-        self._channel = grpc.insecure_channel(stack.gateway)
+        if direct:
+            options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 64 * 1024)]
+            self._channel = grpc.insecure_channel(stack.agent_target, options=options)
+            metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {AGENT_TOKEN}"),)
+        else:
+            self._channel = grpc.insecure_channel(stack.gateway)
+            metadata = stack.metadata()
         stub = process_pb2_grpc.ProcessServiceStub(self._channel)
-        self.call = stub.ConnectPty(iter(self._requests.get, None), metadata=stack.metadata(), timeout=300)
+        self.call = stub.ConnectPty(iter(self._requests.get, None), metadata=metadata, timeout=300)
         self.output = bytearray()
         self.exited: process_pb2.ProcessExited | None = None
 
@@ -309,14 +319,18 @@ def wait_writer_blocked(session: int, name: str, limit: float = 90) -> None:
     may hold a few MiB first (on loopback the kernel lets a socket buffer grow to tcp_rmem's 32 MiB,
     hence `small_receive_buffer`), so this waits for the buffers to fill rather than a fixed time.
     """
-    pids = [
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and _stat(entry)[:2] == (name, session)
-    ]
-    assert len(pids) == 1, f"{name} in session {session}: {pids} (it finished while nobody read?)"
-    proc = Path(f"/proc/{pids[0]}")
     deadline = time.monotonic() + limit
+    while not (
+        pids := [
+            int(entry.name)
+            for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and _stat(entry)[:2] == (name, session)
+        ]
+    ):  # the marker before it is echoed by the shell itself, maybe before it forked `name`
+        assert time.monotonic() < deadline, f"no {name} in session {session} (it finished while nobody read?)"
+        time.sleep(0.05)
+    assert len(pids) == 1, f"{name} in session {session}: {pids}"
+    proc = Path(f"/proc/{pids[0]}")
     before = _wchar(proc)
     while True:
         assert before >= 0, f"{name} finished while nobody read: something buffered all its output"
@@ -375,7 +389,10 @@ def test_of_two_readers_the_one_that_stops_is_detached_alone_and_the_other_gets_
     second: Reader | None = None
     try:
         shell = first.started()
-        second = Reader(stack, _attach(shell))
+        # Straight to the agent: through the gateway, the buffers of two more hops (each HTTP/2
+        # window grown by BDP probing, loopback socket buffers of up to 32 MiB) may hold so much of
+        # the 26 MB that the agent never has a backlog for the reader, and rightly keeps it.
+        second = Reader(stack, _attach(shell), direct=True)
         assert second.started() == shell
         first.type(COMMAND + "\n")
         second.read_until(b"BEGIN-2\r\n")  # then `second` reads nothing more
