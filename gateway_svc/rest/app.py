@@ -120,11 +120,15 @@ class RestApp:
             if binding.server_streaming:
                 await until_disconnect(receive, streams.stream_responses(upstream, send, binding, request, headers))
                 return
-            reply: Message
+            reply: Message | None
             if binding.service == PREVIEW_SERVICE and self.previews is not None:
                 reply = await self.previews.create_url(request, credentials(headers))  # type: ignore[arg-type]
             else:
-                reply = await upstream.unary(binding, request, headers)
+                # Cancelled with the client's disconnect, as over gRPC: an abandoned RunProcess must
+                # not run on to its end (its process is killed with the call).
+                reply = await until_disconnect(receive, upstream.unary(binding, request, headers))
+            if reply is None:
+                return  # the client left; nobody to answer
         except RpcError as exc:
             await respond_error(send, http_errors.from_rpc_error(exc))
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -21,6 +21,8 @@ from gateway_svc.rest.http_bindings import HttpBinding
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+T = TypeVar("T")
 
 MAX_JSON_BODY = 4 * 1024 * 1024  # JSON requests are small; bulk bytes travel on the raw-body bindings
 
@@ -95,11 +97,12 @@ async def respond_error(send: Send, err: http_errors.HttpError) -> None:
     await respond(send, err.status, err.body_bytes(), "application/json", err.headers)
 
 
-async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, None]) -> None:
-    """Run `work` (a streamed response) until it ends or the client disconnects, then cancel it.
+async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run `work` until it ends or the client disconnects, then cancel it; its result, None if cut short.
 
     The request body is read already, so the next ASGI message is the disconnect. Without this a
-    stream whose client left would keep its upstream call (e.g. a process's output) open.
+    call whose client left would keep its upstream call open: a stream (a process's output) for as
+    long as it runs, and a unary one (a RunProcess, a create) to its end, though nobody will read it.
     """
     task = asyncio.ensure_future(work)
 
@@ -117,7 +120,8 @@ async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, None]) ->
                 with contextlib.suppress(asyncio.CancelledError):
                     await pending
     if task.done() and not task.cancelled():
-        task.result()  # re-raise what the response raised
+        return task.result()  # re-raises what the work raised
+    return None
 
 
 async def serve_lifespan(receive: Receive, send: Send) -> None:

@@ -67,6 +67,23 @@ def test_create_get_list_pages_delete(rest_stack: RestStack) -> None:
 # -- processes ---------------------------------------------------------------------------------------
 
 
+def test_a_run_whose_client_leaves_is_cancelled_with_its_process(rest_stack: RestStack, rest_instance: str) -> None:
+    # A unary RunProcess whose HTTP client disconnects is cancelled upstream, as over gRPC, so its
+    # command is killed instead of running on for nobody. The marker file is written by the command
+    # only if it outlives the sleep.
+    marker = f"/tmp/abandoned-{os.getpid()}"
+    command = f"rm -f {marker}; sleep 3 && touch {marker}"
+    with rest_stack.client() as c, pytest.raises(httpx.ReadTimeout):
+        c.post(f"/v1/instances/{rest_instance}/processes:run", json={"command": command}, timeout=1.0)
+    with rest_stack.client() as c:
+        # The abandoned command would have touched the marker by now; a fresh one proves the route works.
+        done = c.post(f"/v1/instances/{rest_instance}/processes:run", json={"command": "sleep 4; echo waited"})
+        assert done.status_code == 200, done.text
+        probe = c.post(f"/v1/instances/{rest_instance}/processes:run", json={"command": f"test -e {marker}"})
+        assert probe.status_code == 200, probe.text
+        assert probe.json()["exited"].get("exitCode") == 1, "the abandoned command ran on after its client left"
+
+
 def test_exec_ndjson_and_sse(rest_stack: RestStack, rest_instance: str) -> None:
     with rest_stack.client() as c:
         r = c.post(f"/v1/instances/{rest_instance}/processes", json={"command": "echo out; echo err >&2; exit 3"})
