@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError
 from gateway_svc.rest.http_bindings import HttpBinding
-from gateway_svc.rest.upstream import BidiStream, Upstream
+from gateway_svc.rest.upstream import BidiStream, StreamHead, Upstream
 from gateway_svc.routing import explain_lost
 
 # What an upstream failure of a lost call looks like after the REST upstream mapped it.
@@ -52,7 +52,7 @@ class ExplainingUpstream:
 
     async def server_stream(
         self, binding: HttpBinding, request: Message, headers: Mapping[str, str]
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncIterator[Message | StreamHead]:
         """One request, a stream of responses."""
         try:
             async for message in self._inner.server_stream(binding, request, headers):

@@ -41,7 +41,7 @@ from cyberdesk_common.server_interceptors import Handler, MethodWrappingIntercep
 from cyberdesk_common.status import RpcError
 from gateway_svc.auth import Authenticator, extract_key
 from gateway_svc.rest.http_bindings import HttpBinding
-from gateway_svc.rest.upstream import BidiStream, Upstream, credentials
+from gateway_svc.rest.upstream import BidiStream, StreamHead, Upstream, credentials
 
 _log = logging.getLogger("gateway_svc.revocation")
 
@@ -203,7 +203,7 @@ class RevocableUpstream:
 
     async def server_stream(
         self, binding: HttpBinding, request: Message, headers: Mapping[str, str]
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncIterator[Message | StreamHead]:
         """One request, a stream of responses."""
         async with self._open.track(credentials(headers)):
             async for message in self._inner.server_stream(binding, request, headers):

@@ -28,7 +28,7 @@ from gateway_svc.rest.asgi import (
     start_response,
 )
 from gateway_svc.rest.http_bindings import HttpBinding
-from gateway_svc.rest.upstream import Upstream
+from gateway_svc.rest.upstream import StreamHead, Upstream
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
@@ -47,6 +47,11 @@ async def stream_responses(
     started = False
     try:
         async for reply in upstream.server_stream(binding, request, headers):
+            if isinstance(reply, StreamHead):
+                # The server said it is in place: so does the response, with its headers.
+                await start_response(send, 200, media, reply.headers)
+                started = True
+                continue
             if not started:
                 # Until the first message an error is an ordinary HTTP error with its status.
                 await start_response(send, 200, media)

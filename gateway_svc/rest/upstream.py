@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -48,6 +49,22 @@ class BidiStream(Protocol):
         ...
 
 
+# Response headers of an upstream stream that the REST face passes on (the rest are gRPC's own).
+FORWARDED_METADATA_PREFIX = "cyberdesk-"
+
+
+@dataclass(frozen=True)
+class StreamHead:
+    """An upstream stream's response headers, ahead of its first message.
+
+    A server that sends its headers on their own says something by it: WatchInstances sends them
+    once the watch is in place, with the cursor it starts after. The REST face starts its response
+    on them, so an HTTP client knows its watch is live (and where) before the first change.
+    """
+
+    headers: Mapping[str, str]
+
+
 class Upstream(Protocol):
     """Calls an RPC on behalf of an HTTP request; raises RpcError or grpc.RpcError on failure."""
 
@@ -57,8 +74,8 @@ class Upstream(Protocol):
 
     def server_stream(
         self, binding: HttpBinding, request: Message, headers: Mapping[str, str]
-    ) -> AsyncIterator[Message]:
-        """One request, a stream of responses."""
+    ) -> AsyncIterator[Message | StreamHead]:
+        """One request, a stream of responses, led by a StreamHead when the server sends `cyberdesk-` headers."""
         ...
 
     async def client_stream(
@@ -164,11 +181,19 @@ class GatewayUpstream:
 
     async def server_stream(
         self, binding: HttpBinding, request: Message, headers: Mapping[str, str]
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncIterator[Message | StreamHead]:
         """One request, a stream of responses; the upstream call is cancelled when the consumer stops."""
         target = await self._target(binding, request, headers)
         call = self._multi(binding, target, "unary_stream")(request, metadata=target.metadata, timeout=target.timeout)
         try:
+            # Resolves with the first message, unless the server sent its headers on their own.
+            forwarded = {
+                str(key): str(value)
+                for key, value in (await call.initial_metadata() or ())
+                if str(key).startswith(FORWARDED_METADATA_PREFIX)
+            }
+            if forwarded:
+                yield StreamHead(forwarded)
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:

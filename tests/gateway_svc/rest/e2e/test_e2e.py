@@ -64,6 +64,30 @@ def test_create_get_list_pages_delete(rest_stack: RestStack) -> None:
         assert r.status_code == 404 and r.json()["code"] == 5
 
 
+def test_a_watch_answers_once_it_is_in_place_with_its_cursor(rest_stack: RestStack) -> None:
+    # The response (status and cyberdesk-watch-cursor) comes when the watch is live, before any
+    # change: a client that creates an instance after that misses nothing, and can resume from the
+    # cursor if it is cut off before the first change. Nothing changes in this tenant meanwhile.
+    with (
+        rest_stack.client() as c,
+        c.stream("GET", "/v1/instances:watch", timeout=httpx.Timeout(30.0, read=20.0)) as watch,
+    ):
+        assert watch.status_code == 200
+        start = watch.headers["cyberdesk-watch-cursor"]
+        assert start
+        created = c.post("/v1/instances", json={"labels": {"suite": "watch-head"}})
+        assert created.status_code == 200, created.text
+        instance_id = created.json()["instance"]["instanceId"]
+        try:
+            for line in watch.iter_lines():
+                if instance_id in line:
+                    event = json.loads(line)["result"]
+                    assert event["cursor"] and event["cursor"] != start
+                    break
+        finally:
+            c.delete(f"/v1/instances/{instance_id}")
+
+
 # -- processes ---------------------------------------------------------------------------------------
 
 
