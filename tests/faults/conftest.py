@@ -1,4 +1,7 @@
-"""Fixtures of the fault tests: `cyberdesk up` stacks (tests/faults/up.py) that are always stopped and swept."""
+"""Fixtures of the fault tests: `cyberdesk up` stacks (tests/faults/up.py) that are always stopped and swept,
+and a killable stack of separate processes (tests/faults/stack.py) per module, with a key of the
+module's `TENANT` and an instance of it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ from typing import Protocol
 
 import pytest
 
+from cyberdesk import Cyberdesk, Instance
 from cyberdesk_stack.launcher import sweep_sandboxes
+from tests.faults.stack import Stack, fault_stack
 from tests.faults.up import Up
 
 
@@ -38,3 +43,29 @@ def start_up() -> Iterator[StartUp]:
         up.stop()
     for state_dir in {up.state_dir for up in started}:
         sweep_sandboxes(state_dir)  # what a `keep` stop, a killed `up` or a failed test left behind
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """Redis, instance_svc and the gateway as separate processes (each killable) for one module."""
+    # A short directory name: the sandboxes' unix sockets live below it (107-byte limit).
+    name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")[:8]
+    with fault_stack(tmp_path_factory.mktemp(name)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def key(stack: Stack, request: pytest.FixtureRequest) -> str:
+    """An API key of the module's tenant (its `TENANT`)."""
+    return stack.gateway.new_key(request.module.TENANT)[1]
+
+
+@pytest.fixture(scope="module")
+def box(stack: Stack, key: str) -> Iterator[Instance]:
+    """One instance of the module's tenant, deleted at the module's end."""
+    with Cyberdesk(api_key=key, endpoint=stack.gateway.addr, timeout=60) as client:
+        instance = client.instances.create(timeout=600)
+        try:
+            yield instance
+        finally:
+            instance.delete()

@@ -15,30 +15,18 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from cyberdesk import Cyberdesk
 from cyberdesk_proto.v1 import instance_pb2
 from tests.cli.stack import CLI
-from tests.faults.stack import Stack, fault_stack
+from tests.faults.stack import Stack
 from tests.instance_svc.conftest import meta
 
 pytestmark = pytest.mark.timeout(180)
 
 TENANT = "t-create"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with fault_stack(tmp_path_factory.mktemp("create")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def key(stack: Stack) -> str:
-    return stack.gateway.new_key(TENANT)[1]
 
 
 def _labelled(stack: Stack, run: str) -> list[instance_pb2.Instance]:

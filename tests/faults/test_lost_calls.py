@@ -15,20 +15,16 @@ import pytest
 
 from cyberdesk import Cyberdesk, FailedPrecondition
 from cyberdesk._models import Stdout
-from tests.faults.stack import Stack, fault_stack
+from tests.faults.stack import Stack
+
+TENANT = "t-lost"
 
 pytestmark = pytest.mark.timeout(150)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with fault_stack(tmp_path_factory.mktemp("lost")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def client(stack: Stack) -> Iterator[Cyberdesk]:
-    with Cyberdesk(api_key=stack.gateway.new_key("t-lost")[1], endpoint=stack.gateway.addr) as c:
+    with Cyberdesk(api_key=stack.gateway.new_key(TENANT)[1], endpoint=stack.gateway.addr) as c:
         yield c
 
 
@@ -72,7 +68,7 @@ def test_a_rest_exec_stream_whose_instance_is_deleted_ends_saying_it_was_deleted
 
     import httpx
 
-    key = stack.gateway.new_key("t-lost")[1]
+    key = stack.gateway.new_key(TENANT)[1]
     box = client.instances.create(timeout=120)
     url = f"http://{stack.gateway.http}/v1/instances/{box.id}/processes"
     items: list[dict[str, object]] = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -21,17 +21,13 @@ import websockets
 
 from cyberdesk import Cyberdesk, Unauthenticated
 from cyberdesk._models import Stdout
-from tests.faults.stack import Stack, fault_stack
+from tests.faults.stack import Stack
+
+TENANT = "t-revoke"
 
 pytestmark = pytest.mark.timeout(150)
 
 BOUND_WAIT = 30.0  # generous: the documented bound is 5 s
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with fault_stack(tmp_path_factory.mktemp("revoke")) as running:
-        yield running
 
 
 def _in_thread(body: Callable[[], object]) -> tuple[threading.Thread, list[object], threading.Event]:
@@ -52,7 +48,7 @@ def _in_thread(body: Callable[[], object]) -> tuple[threading.Thread, list[objec
 
 
 def test_revoking_a_key_ends_its_grpc_rest_and_websocket_streams(stack: Stack) -> None:
-    key_id, key = stack.gateway.new_key("t-revoke")
+    key_id, key = stack.gateway.new_key(TENANT)
     _, other_key = stack.gateway.new_key("t-other")
     client = Cyberdesk(api_key=key, endpoint=stack.gateway.addr)
     other = Cyberdesk(api_key=other_key, endpoint=stack.gateway.addr)
@@ -142,6 +138,6 @@ def test_revoking_a_key_ends_its_grpc_rest_and_websocket_streams(stack: Stack) -
         other.instances.list()
         client.close()
         other.close()
-        admin = stack.gateway.new_key("t-revoke")[1]
+        admin = stack.gateway.new_key(TENANT)[1]
         with Cyberdesk(api_key=admin, endpoint=stack.gateway.addr) as cleaner:
             cleaner.instances.delete(box.id)

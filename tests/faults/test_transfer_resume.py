@@ -16,41 +16,21 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cyberdesk import Cyberdesk, Instance
+from cyberdesk import Instance
 from tests.cli.stack import CLI
-from tests.faults.stack import Stack, fault_stack
+from tests.faults.stack import Stack
+
+TENANT = "t-resume"
 
 pytestmark = pytest.mark.timeout(240)
 
 MiB = 1024 * 1024
 SIZE = 256 * MiB  # big enough to be mid-transfer when the gateway dies, well within the 2048 MiB default disk
 CUT_AFTER = 32 * MiB
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with fault_stack(tmp_path_factory.mktemp("resume")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def key(stack: Stack) -> str:
-    return stack.gateway.new_key("t-resume")[1]
-
-
-@pytest.fixture(scope="module")
-def box(stack: Stack, key: str) -> Iterator[Instance]:
-    with Cyberdesk(api_key=key, endpoint=stack.gateway.addr, timeout=60) as client:
-        instance = client.instances.create(timeout=600)
-        try:
-            yield instance
-        finally:
-            instance.delete()
 
 
 def _restart_gateway_when(stack: Stack, reached: object, what: str) -> None:

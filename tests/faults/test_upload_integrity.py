@@ -47,8 +47,10 @@ from cyberdesk._requests import upload_trailer
 from cyberdesk_proto.v1 import filesystem_pb2 as fs
 from cyberdesk_proto.v1 import filesystem_pb2_grpc
 from gateway_svc.proxy import UNFINISHED
-from tests.faults.stack import Stack, fault_stack
+from tests.faults.stack import Stack
 from tests.support.procs import ROOT
+
+TENANT = "t-uploads"
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,27 +77,6 @@ with grpc.insecure_channel(endpoint) as channel:
         requests(), metadata=(("authorization", "Bearer " + key),), timeout=120
     )
 """
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with fault_stack(tmp_path_factory.mktemp("uploads")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def key(stack: Stack) -> str:
-    return stack.gateway.new_key("t-uploads")[1]
-
-
-@pytest.fixture(scope="module")
-def box(stack: Stack, key: str) -> Iterator[Instance]:
-    with Cyberdesk(api_key=key, endpoint=stack.gateway.addr, timeout=60) as client:
-        instance = client.instances.create(timeout=600)
-        try:
-            yield instance
-        finally:
-            instance.delete()
 
 
 def _metadata(key: str) -> tuple[tuple[str, str], ...]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 import httpx
@@ -22,20 +21,11 @@ import redis
 from cyberdesk import Cyberdesk, CyberdeskError
 from cyberdesk._watch import InstanceEvent
 from cyberdesk_common.lifecycle_events import STREAM
-from tests.faults.stack import Stack, fault_stack
+from tests.faults.stack import Stack
+
+TENANT = "t-watch"
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with fault_stack(tmp_path_factory.mktemp("watch")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def key(stack: Stack) -> str:
-    return stack.gateway.new_key("t-watch")[1]
 
 
 def _stream(url: str, tenant: str) -> list[tuple[str, str, str]]:
@@ -49,7 +39,7 @@ def _stream(url: str, tenant: str) -> list[tuple[str, str, str]]:
 
 
 def _states(stack: Stack) -> set[tuple[str, str]]:
-    return {(i, s) for _, i, s in _stream(stack.redis.url, "t-watch")}
+    return {(i, s) for _, i, s in _stream(stack.redis.url, TENANT)}
 
 
 def _wait(what: str, check: object, timeout: float = 60.0) -> None:
@@ -93,11 +83,11 @@ def test_a_watcher_cut_off_by_a_redis_restart_sees_every_change_once_in_order(st
         client.instances.delete(third.id)
 
         def published() -> bool:
-            states = {(i, s) for _, i, s in _stream(stack.redis.url, "t-watch")}
+            states = {(i, s) for _, i, s in _stream(stack.redis.url, TENANT)}
             return {(second.id, "TERMINATED"), (third.id, "TERMINATED")} <= states
 
         _wait("every change to reach the stream", published)
-        expected = [e for e in _stream(stack.redis.url, "t-watch") if e[0] > start]
+        expected = [e for e in _stream(stack.redis.url, TENANT) if e[0] > start]
         _wait("the watcher to catch up", lambda: len(seen) >= len(expected) or failure)
         assert not failure, failure
         got = [(e.cursor, e.instance.id, e.state) for e in seen]
@@ -121,7 +111,7 @@ def test_a_cursor_resumes_through_rest_and_one_past_retention_is_out_of_range(st
             box.delete()
         # delete() returns once TERMINATED is recorded; the publisher sends it a moment later.
         _wait("the deletion to reach the stream", lambda: (box.id, "TERMINATED") in _states(stack))
-        mine = [e for e in _stream(stack.redis.url, "t-watch") if e[0] > start and e[1] == box.id]
+        mine = [e for e in _stream(stack.redis.url, TENANT) if e[0] > start and e[1] == box.id]
 
         # REST: ?cursor= replays every change after it (the query parameter is the request field).
         lines: list[str] = []
@@ -176,7 +166,7 @@ def test_the_async_watch_delivers_the_same_changes_in_order(stack: Stack, key: s
                         seen.append((event.cursor, event.instance.id, event.state))
                     if event.instance.id == box.id and event.state == "TERMINATED":
                         break
-        stream = [e for e in _stream(stack.redis.url, "t-watch") if e[0] > start and e[1] == box.id]
+        stream = [e for e in _stream(stack.redis.url, TENANT) if e[0] > start and e[1] == box.id]
         return seen, stream
 
     seen, stream = asyncio.run(asyncio.wait_for(scenario(), 90))
