@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError
 from gateway_svc.rest.http_bindings import HttpBinding
-from gateway_svc.rest.upstream import BidiStream, StreamHead, Upstream
+from gateway_svc.rest.upstream import BidiStream, StreamHead, Upstream, WrappedBidi
 from gateway_svc.routing import explain_lost
 
 # What an upstream failure of a lost call looks like after the REST upstream mapped it.
@@ -71,19 +71,11 @@ class ExplainingUpstream:
         return _ExplainingBidi(await self._inner.open_bidi(binding, instance_id, headers), self._routes, instance_id)
 
 
-class _ExplainingBidi:
+class _ExplainingBidi(WrappedBidi):
     def __init__(self, call: BidiStream, routes: object, instance_id: str) -> None:
-        self._call = call
+        super().__init__(call)
         self._routes = routes
         self._instance_id = instance_id
-
-    async def write(self, message: Message) -> None:
-        """Send one request."""
-        await self._call.write(message)
-
-    async def done_writing(self) -> None:
-        """Half-close."""
-        await self._call.done_writing()
 
     async def responses(self) -> AsyncIterator[Message]:
         """The responses; a lost end names what happened to the instance."""
@@ -92,7 +84,3 @@ class _ExplainingBidi:
                 yield message
         except RpcError as err:
             raise await _explained(self._routes, self._instance_id, err) from None
-
-    def cancel(self) -> None:
-        """Cancel the call."""
-        self._call.cancel()

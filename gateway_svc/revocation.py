@@ -41,7 +41,7 @@ from cyberdesk_common.server_interceptors import Handler, MethodWrappingIntercep
 from cyberdesk_common.status import RpcError
 from gateway_svc.auth import Authenticator, extract_key
 from gateway_svc.rest.http_bindings import HttpBinding
-from gateway_svc.rest.upstream import BidiStream, StreamHead, Upstream, credentials
+from gateway_svc.rest.upstream import BidiStream, StreamHead, Upstream, WrappedBidi, credentials
 
 _log = logging.getLogger("gateway_svc.revocation")
 
@@ -222,21 +222,13 @@ class RevocableUpstream:
         return _RevocableBidi(call, self._open, credentials(headers))
 
 
-class _RevocableBidi:
+class _RevocableBidi(WrappedBidi):
     """A bidirectional call tracked while its responses are read (the relay's main task)."""
 
     def __init__(self, call: BidiStream, calls: OpenCalls, metadata: Sequence[tuple[str, str]]) -> None:
-        self._call = call
+        super().__init__(call)
         self._open = calls
         self._metadata = metadata
-
-    async def write(self, message: Message) -> None:
-        """Send one request."""
-        await self._call.write(message)
-
-    async def done_writing(self) -> None:
-        """Half-close."""
-        await self._call.done_writing()
 
     async def responses(self) -> AsyncIterator[Message]:
         """The responses; raises UNAUTHENTICATED (and cancels the call) when the key is revoked meanwhile."""
@@ -247,7 +239,3 @@ class _RevocableBidi:
         except RpcError:
             self._call.cancel()
             raise
-
-    def cancel(self) -> None:
-        """Cancel the call."""
-        self._call.cancel()

@@ -49,6 +49,29 @@ class BidiStream(Protocol):
         ...
 
 
+class WrappedBidi:
+    """A BidiStream passed through to `inner`; a wrapper (explaining, revocable) overrides `responses`."""
+
+    def __init__(self, inner: BidiStream) -> None:
+        self._call = inner
+
+    async def write(self, message: Message) -> None:
+        """Send one request."""
+        await self._call.write(message)
+
+    async def done_writing(self) -> None:
+        """Half-close."""
+        await self._call.done_writing()
+
+    def responses(self) -> AsyncIterator[Message]:
+        """The responses."""
+        return self._call.responses()
+
+    def cancel(self) -> None:
+        """Cancel the call."""
+        self._call.cancel()
+
+
 # Response headers of an upstream stream that the REST face passes on (the rest are gRPC's own).
 FORWARDED_METADATA_PREFIX = "cyberdesk-"
 
