@@ -35,7 +35,7 @@ import grpc
 from cyberdesk_common.status import invalid_argument
 from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 from gateway_svc.admission import AGENT_SERVICES, INSTANCE_SERVICE, Admission, Target, forwardable
-from gateway_svc.routing import WireError, explain_lost, read_instance_id
+from gateway_svc.routing import WireError, explain_lost, read_instance_id, top_level_fields
 
 __all__ = ["AGENT_SERVICES", "INSTANCE_SERVICE", "MethodInfo", "Proxy", "forwardable", "public_methods"]
 
@@ -242,39 +242,10 @@ def _carries_field(data: bytes, number: int) -> bool:
 
     A malformed message says False: the call is then cancelled rather than ended, the safe side.
     """
-    view = memoryview(data)
-    pos, end = 0, len(view)
     try:
-        while pos < end:
-            key, pos = _varint(view, pos)
-            field, wire = key >> 3, key & 7
-            if field == number:
-                return True
-            if wire == 0:
-                _, pos = _varint(view, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                length, pos = _varint(view, pos)
-                pos += length
-            else:
-                return False
-    except IndexError:
+        return any(field == number for field, _ in top_level_fields(data))
+    except WireError:
         return False
-    return False
-
-
-def _varint(view: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = view[pos]  # IndexError when truncated
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80 or shift > 63:
-            return result, pos
-        shift += 7
 
 
 async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

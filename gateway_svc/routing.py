@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,23 +62,21 @@ def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
-def read_instance_id(data: bytes) -> str:
-    """The string in field 1 of the serialized message `data` ("" when absent).
+def top_level_fields(data: bytes) -> Iterator[tuple[int, memoryview | None]]:
+    """(field number, payload if length-delimited, else None) of each top-level field of `data`.
 
-    Only tags are parsed; other fields are skipped by their length without being decoded, so a
-    message carrying a 16 MiB chunk costs a few comparisons. Protobuf's rule for a repeated
-    singular field is "last one wins", so the whole message is scanned and the last field 1 is
-    returned, exactly what the agent will see when it decodes the same bytes.
+    Only tags are parsed; other payloads are skipped by their length without being decoded, so a
+    message carrying a 16 MiB chunk costs a few comparisons. WireError on malformed bytes.
     """
     view = memoryview(data)
     pos = 0
-    found = ""
     end = len(view)
     while pos < end:
         key, pos = _varint(view, pos)
         field, wire = key >> 3, key & 7
         if field == 0:
             raise WireError("field number 0")
+        payload = None
         if wire == 0:
             _, pos = _varint(view, pos)
         elif wire == 1:
@@ -89,18 +87,32 @@ def read_instance_id(data: bytes) -> str:
             length, pos = _varint(view, pos)
             if pos + length > end:
                 raise WireError("length-delimited field runs past the end")
-            if field == 1:
-                try:
-                    found = bytes(view[pos : pos + length]).decode("utf-8")
-                except UnicodeDecodeError:
-                    raise WireError("instance_id is not valid UTF-8") from None
+            payload = view[pos : pos + length]
             pos += length
         else:
             raise WireError(f"unsupported wire type {wire}")
         if pos > end:
             raise WireError("field runs past the end")
-        if field == 1 and wire != 2:
+        yield field, payload
+
+
+def read_instance_id(data: bytes) -> str:
+    """The string in field 1 of the serialized message `data` ("" when absent).
+
+    Protobuf's rule for a repeated singular field is "last one wins", so the whole message is
+    scanned and the last field 1 is returned, exactly what the agent will see when it decodes the
+    same bytes.
+    """
+    found = ""
+    for field, payload in top_level_fields(data):
+        if field != 1:
+            continue
+        if payload is None:
             raise WireError("field 1 (instance_id) is not a string")
+        try:
+            found = bytes(payload).decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError("instance_id is not valid UTF-8") from None
     return found
 
 
