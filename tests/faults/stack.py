@@ -21,6 +21,14 @@ from cyberdesk_stack.processes import redis_argv, redis_url, spawn, stop, wait_r
 from tests.instance_svc.conftest import TOKEN, Svc, running
 from tests.support.procs import ROOT, free_port, wait_healthy
 
+# Quotas that let one tenant hold the fault tests' parallel creates (sandbox disks are sparse).
+ROOMY_QUOTAS = {
+    "quota_instances": "100",
+    "quota_vcpus": "200",
+    "quota_memory_mib": "100000",
+    "quota_disk_mib": "1000000",
+}
+
 
 @dataclass
 class Redis:
@@ -113,7 +121,8 @@ def fault_stack(tmp: Path, **gateway_env: str) -> Iterator[Stack]:
         redis = Redis(tmp / "redis")
         redis.start()
         cleanup.callback(redis.stop)
-        svc = cleanup.enter_context(running(tmp, redis.url))
+        # Room for 20 parallel creates per tenant (the default quota is 10 instances).
+        svc = cleanup.enter_context(running(tmp, redis.url, **ROOMY_QUOTAS))
         env = {
             "CYBERDESK_STATE_DIR": str(tmp / "gateway-state"),
             "CYBERDESK_INSTANCE_ADDR": svc.target,

@@ -15,14 +15,16 @@ import subprocess
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cyberdesk import Cyberdesk
+from cyberdesk import Cyberdesk, CyberdeskError
 from cyberdesk_proto.v1 import instance_pb2
 from tests.cli.stack import CLI
 from tests.faults.stack import Stack
 from tests.instance_svc.conftest import meta
+from tests.support import leftovers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -113,3 +115,73 @@ def test_the_cli_create_waits_out_a_gateway_restart(stack: Stack, key: str) -> N
     assert [i.instance_id for i in _labelled(stack, run)] == [instance_id]
     with Cyberdesk(api_key=key, endpoint=stack.gateway.addr) as client:
         client.instances.delete(instance_id)
+
+
+def test_twenty_parallel_creates_under_a_killed_gateway_and_redis_make_twenty_usable_instances(
+    stack: Stack, key: str
+) -> None:
+    # 20 SDK creates at once while commands run in another instance; the gateway is killed -9 under
+    # them, then Redis (rate limits, the event stream), each started again a moment later. Every
+    # create is retried by the SDK with its request_id: 20 instances, no more, every one RUNNING and
+    # usable (or FAILED with a reason), and nothing on the host that no live instance owns, counted
+    # from /proc, the cgroup tree, the mount table and the directories.
+    run = uuid.uuid4().hex[:12]
+    with Cyberdesk(api_key=key, endpoint=stack.gateway.addr, timeout=60) as client:
+        worker = client.instances.create(timeout=300, labels={"run": run, "role": "exec"})
+        stop = threading.Event()
+        ran: list[int] = []
+
+        def commands() -> None:
+            while not stop.is_set():
+                try:
+                    ran.append(worker.exec("echo ok").exit_code)
+                except CyberdeskError:  # the gateway is down for a moment: the next one goes through
+                    time.sleep(0.05)
+
+        execs = threading.Thread(target=commands, daemon=True)
+        execs.start()
+        with ThreadPoolExecutor(20) as pool:
+            futures = [
+                pool.submit(client.instances.create, timeout=300, labels={"run": run, "role": "made"})
+                for _ in range(20)
+            ]
+            time.sleep(0.3)
+            stack.gateway.kill9()
+            time.sleep(0.5)
+            stack.gateway.start()
+            time.sleep(0.5)
+            stack.redis.kill9()
+            time.sleep(0.5)
+            stack.redis.start()
+            made = [future.result(timeout=150) for future in futures]
+        before_join = len(ran)
+        deadline = time.monotonic() + 60
+        while len(ran) < before_join + 3:  # commands go on after both restarts
+            assert time.monotonic() < deadline, "no command ran after the restarts"
+            time.sleep(0.1)
+        stop.set()
+        execs.join(60)
+        assert set(ran) == {0}
+        listed = [i for i in _labelled(stack, run) if i.labels["role"] == "made"]
+        assert sorted(i.instance_id for i in listed) == sorted(box.id for box in made)
+        assert len({box.id for box in made}) == 20
+        for instance in listed:
+            if instance.state == instance_pb2.INSTANCE_STATE_FAILED:
+                assert instance.state_message, f"{instance.instance_id} FAILED without a reason"
+        usable = [box for box in made if box.state == "RUNNING"]
+        assert usable, "every create failed"
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(lambda box: box.exec("echo ok").stdout, usable)) == {b"ok\n"}
+            list(pool.map(lambda box: box.delete(), [*made, worker]))
+    base = stack.instances.state / "instances"
+    live = {
+        "sb-" + i.instance_id.removeprefix("i-")
+        for i in stack.instances.instances.ListInstances(
+            instance_pb2.ListInstancesRequest(page_size=100), metadata=meta(TENANT), timeout=30
+        ).instances
+        if i.state in (instance_pb2.INSTANCE_STATE_RUNNING, instance_pb2.INSTANCE_STATE_PAUSED)
+    }
+    deadline = time.monotonic() + 20
+    while (extra := leftovers.not_owned(base, live)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not extra, f"left on the host with no live instance: {extra}"

@@ -25,16 +25,12 @@ from typing import TypeVar
 import grpc
 
 from cyberdesk_proto.v1 import instance_pb2
+from tests.faults.stack import ROOMY_QUOTAS
 from tests.instance_svc.conftest import Svc, meta, running
 from tests.support import leftovers
 
 # Room for every instance of the test at once (the default quota is 10 instances, 40 GiB of disk).
-_ROOMY = {
-    "quota_instances": "100",
-    "quota_vcpus": "200",
-    "quota_memory_mib": "100000",
-    "quota_disk_mib": "1000000",
-}
+_ROOMY = ROOMY_QUOTAS
 T = TypeVar("T")
 R = TypeVar("R")
 _DISK = 256  # MiB: small disks keep 20 parallel creates cheap
