@@ -59,6 +59,7 @@ class Gateway:
         self._events: asyncio.Task[None] | None = None
         self.admission: Admission | None = None
         self.previews: Previews | None = None
+        self.keys: AuthServicer | None = None
         self.http: Any = None  # uvicorn.Server once the REST face serves
         self._http_task: asyncio.Task[None] | None = None
         # Open calls per key, ended when their key is revoked (within the auth cache's TTL).
@@ -89,7 +90,9 @@ class Gateway:
         self.route_cache = RouteCache(self.instance_channel, config.internal_token, ttl=config.route_cache_seconds)
         self.admission = Admission(gate, self.route_cache, self.instance_channel, config.internal_token)
         server.add_generic_rpc_handlers((Proxy(self.admission),))
-        auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(gate, self.store), server)
+        # One servicer for both faces: REST's /v1/keys calls it with the HTTP credentials.
+        self.keys = AuthServicer(gate, self.store)
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(self.keys, server)
         # Previews are the gateway's own: it holds the token secret and relays the ports' bytes.
         tokens = PreviewTokens.from_state_dir(config.state_dir, config.preview_secret)
         self.previews = Previews(self.admission, tokens, config.preview_domain, config.public_http_url)
@@ -126,7 +129,7 @@ class Gateway:
         explaining = ExplainingUpstream(GatewayUpstream(self.admission), self.route_cache)
         upstream = RevocableUpstream(explaining, self.open_calls)
         config = uvicorn.Config(
-            RestApp(upstream, previews=self.previews),
+            RestApp(upstream, previews=self.previews, keys=self.keys),
             host=host.strip("[]"),
             port=int(port),
             lifespan="off",

@@ -1,4 +1,4 @@
-"""Write the OpenAPI 3.1 document of cyberdesk.v1 to openapi/cyberdesk.v1.openapi.json (run by `make proto`).
+"""Write the OpenAPI 3.1 document of the REST face to openapi/cyberdesk.v1.openapi.json (run by `make proto`).
 
 The proto comments become the descriptions; the Python descriptors carry none, so the protos are
 compiled here once more with source info (grpc_tools.protoc --include_source_info) to read them.
@@ -26,9 +26,14 @@ PROTO = ROOT / "proto"
 OUT = ROOT / "openapi" / "cyberdesk.v1.openapi.json"
 
 
+# The REST face's protos (gateway_svc.rest.http_bindings.default_modules): cyberdesk.v1 and the
+# operators' key management.
+SOURCES = ("cyberdesk/v1/*.proto", "cyberdesk/internal/v1/auth.proto")
+
+
 def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
-    """cyberdesk.v1 compiled with its comments."""
-    sources = sorted(str(p.relative_to(PROTO)) for p in (PROTO / "cyberdesk" / "v1").glob("*.proto"))
+    """The REST face's protos compiled with their comments."""
+    sources = sorted(str(p.relative_to(PROTO)) for pattern in SOURCES for p in PROTO.glob(pattern))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "v1.binpb"
@@ -42,7 +47,7 @@ def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
             *sources,
         ]
         if protoc.main(args) != 0:
-            raise SystemExit("protoc failed on proto/cyberdesk/v1")
+            raise SystemExit(f"protoc failed on {', '.join(sources)}")
         return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
 

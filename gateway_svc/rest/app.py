@@ -11,7 +11,10 @@ and hands the HTTP headers to (as gRPC metadata would be). What it dispatches to
 - bidirectional streams (ConnectPty) over WebSocket (`pty_relay`, frames in `control_frames`);
 - `GET /openapi.json`: the committed document (`openapi` builds it);
 - previews of ports inside instances, by host or by `/v1/instances/{id}/ports/{port}/` (matched
-  first), and CreatePreviewUrl, which the gateway serves itself (`preview`).
+  first), and CreatePreviewUrl, which the gateway serves itself (`preview`);
+- key management (`/v1/keys`, AuthService), which the gateway serves itself too: the call goes to
+  its own AuthServicer with the caller's credential headers as metadata, so the admin scope is
+  checked by the same code as over gRPC.
 
 Every body is read incrementally; no file is ever held whole in memory.
 """
@@ -26,6 +29,7 @@ import grpc
 from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, invalid_argument
+from gateway_svc.keys_api import AUTH_SERVICE, AuthServicer
 from gateway_svc.rest import downloads, http_errors, json_mapping, pty_relay, streams, uploads
 from gateway_svc.rest.asgi import (
     MAX_JSON_BODY,
@@ -55,10 +59,17 @@ OPENAPI_FILE = Path(__file__).resolve().parents[2] / "openapi" / "cyberdesk.v1.o
 class RestApp:
     """The ASGI application: `RestApp(upstream)` (binding table of cyberdesk.v1 by default)."""
 
-    def __init__(self, upstream: Upstream, table: BindingTable | None = None, previews: Previews | None = None) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        table: BindingTable | None = None,
+        previews: Previews | None = None,
+        keys: AuthServicer | None = None,
+    ) -> None:
         self.upstream = upstream
         self.table = table or build_binding_table()
         self.previews = previews  # ports inside instances (`preview`); None: no previews, e.g. in unit tests
+        self.keys = keys  # key management (`keys_api`); None: its routes are UNIMPLEMENTED
         self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,6 +134,11 @@ class RestApp:
             reply: Message | None
             if binding.service == PREVIEW_SERVICE and self.previews is not None:
                 reply = await self.previews.create_url(request, credentials(headers))  # type: ignore[arg-type]
+            elif binding.service == AUTH_SERVICE:
+                # Never forwarded: admission would refuse a service it does not route.
+                if self.keys is None:
+                    raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "key management is not served here")
+                reply = await self.keys.call(binding.method, request, credentials(headers))
             else:
                 # Cancelled with the client's disconnect, as over gRPC: an abandoned RunProcess must
                 # not run on to its end (its process is killed with the call).

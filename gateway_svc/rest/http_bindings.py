@@ -42,11 +42,23 @@ RAW_RESPONSE_FIELDS: dict[str, str] = {
 }
 
 
-def default_modules() -> list[ModuleType]:
+# Services outside cyberdesk.v1 that the REST face serves too, for operators (admin-scoped keys).
+# The gateway serves them itself rather than forwarding them (gateway_svc/keys_api.py).
+OPERATOR_SERVICES = frozenset({"cyberdesk.internal.v1.AuthService"})
+
+
+def public_modules() -> list[ModuleType]:
     """The generated modules of the public API, cyberdesk.v1."""
     from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, ports_pb2, process_pb2
 
     return [instance_pb2, process_pb2, filesystem_pb2, desktop_pb2, ports_pb2]
+
+
+def default_modules() -> list[ModuleType]:
+    """What the REST face serves: cyberdesk.v1 and the operators' key management (AuthService)."""
+    from cyberdesk_proto.internal.v1 import auth_pb2
+
+    return [*public_modules(), auth_pb2]
 
 
 @dataclass(frozen=True)
@@ -236,7 +248,7 @@ class BindingTable:
 
 
 def build_binding_table(sources: Iterable[ModuleType | FileDescriptor] | None = None) -> BindingTable:
-    """The binding table of every service in the given generated modules (default: cyberdesk.v1)."""
+    """The binding table of every service in the given generated modules (default: `default_modules()`)."""
     services: list[ServiceDescriptor] = []
     for src in default_modules() if sources is None else sources:
         fd: FileDescriptor = src.DESCRIPTOR if isinstance(src, ModuleType) else src

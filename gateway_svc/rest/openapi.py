@@ -16,12 +16,19 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
-from gateway_svc.rest.http_bindings import BindingTable, HttpBinding, build_binding_table
+from gateway_svc.rest.http_bindings import OPERATOR_SERVICES, BindingTable, HttpBinding, build_binding_table
 from gateway_svc.rest.json_mapping import QUERY_MESSAGE_TYPES, is_map, is_repeated
 
 REF = "#/components/schemas/"
 STATUS_SCHEMA = "google.rpc.Status"
 OPENAPI_METHODS = {"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"}
+# The tag every operation of an operator service carries besides its service's, so that a reader
+# (or a generated client) can set apart what needs an admin key.
+OPERATOR_TAG = "operator"
+OPERATOR_TAG_DESCRIPTION = (
+    "Operator routes: they need an API key with the `admin` scope; any other key is PERMISSION_DENIED "
+    "(403). Served by the gateway itself."
+)
 
 _INT32 = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SFIXED32}
 _UINT32 = {FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32}
@@ -280,7 +287,7 @@ def _operation(binding: HttpBinding, s: _Schemas) -> dict[str, Any]:
     op: dict[str, Any] = {
         "operationId": f"{service_short}_{binding.method}"
         + (f"_{binding.binding_index}" if binding.binding_index else ""),
-        "tags": [service_short],
+        "tags": [service_short, OPERATOR_TAG] if binding.service in OPERATOR_SERVICES else [service_short],
     }
     if doc:
         op["summary"] = _first_sentence(doc)
@@ -397,7 +404,7 @@ def build_document(
     version: str = "v1",
     servers: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every binding in `table` (default: cyberdesk.v1)."""
+    """The OpenAPI 3.1 document of every binding in `table` (default: what the REST face serves)."""
     table = table or build_binding_table()
     s = _Schemas(comments or {})
     paths: dict[str, dict[str, Any]] = {}
@@ -413,6 +420,8 @@ def build_document(
         if svc.full_name in s.comments:
             tag["description"] = s.comments[svc.full_name]
         tags.append(tag)
+    if any(b.service in OPERATOR_SERVICES for b in table.bindings):
+        tags.append({"name": OPERATOR_TAG, "description": OPERATOR_TAG_DESCRIPTION})
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {

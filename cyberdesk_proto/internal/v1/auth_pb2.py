@@ -22,39 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cyberdesk/internal/v1/auth.proto\x12\x15\x63yberdesk.internal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"E\n\tRateLimit\x12\r\n\x05limit\x18\x01 \x01(\x05\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf1\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x34\n\nrate_limit\x18\x06 \x01(\x0b\x32 .cyberdesk.internal.v1.RateLimit\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\x10VerifyKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x8f\x01\n\x11VerifyKeyResponse\x12/\n\x04\x63ode\x18\x01 \x01(\x0e\x32!.cyberdesk.internal.v1.VerifyCode\x12.\n\x07\x61pi_key\x18\x02 \x01(\x0b\x32\x1d.cyberdesk.internal.v1.ApiKey\x12\x19\n\x11remaining_credits\x18\x03 \x01(\x03\"y\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x34\n\nrate_limit\x18\x04 \x01(\x0b\x32 .cyberdesk.internal.v1.RateLimit\"S\n\x11\x43reateKeyResponse\x12.\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1d.cyberdesk.internal.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"K\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x10ListKeysResponse\x12/\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1d.cyberdesk.internal.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"C\n\x11RevokeKeyResponse\x12.\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1d.cyberdesk.internal.v1.ApiKey*\xe6\x01\n\nVerifyCode\x12\x1b\n\x17VERIFY_CODE_UNSPECIFIED\x10\x00\x12\x15\n\x11VERIFY_CODE_VALID\x10\x01\x12\x19\n\x15VERIFY_CODE_NOT_FOUND\x10\x02\x12\x17\n\x13VERIFY_CODE_REVOKED\x10\x03\x12\x17\n\x13VERIFY_CODE_EXPIRED\x10\x04\x12\x1c\n\x18VERIFY_CODE_RATE_LIMITED\x10\x05\x12\x1e\n\x1aVERIFY_CODE_USAGE_EXCEEDED\x10\x06\x12\x19\n\x15VERIFY_CODE_FORBIDDEN\x10\x07\x32\x8a\x03\n\x0b\x41uthService\x12^\n\tVerifyKey\x12\'.cyberdesk.internal.v1.VerifyKeyRequest\x1a(.cyberdesk.internal.v1.VerifyKeyResponse\x12^\n\tCreateKey\x12\'.cyberdesk.internal.v1.CreateKeyRequest\x1a(.cyberdesk.internal.v1.CreateKeyResponse\x12[\n\x08ListKeys\x12&.cyberdesk.internal.v1.ListKeysRequest\x1a\'.cyberdesk.internal.v1.ListKeysResponse\x12^\n\tRevokeKey\x12\'.cyberdesk.internal.v1.RevokeKeyRequest\x1a(.cyberdesk.internal.v1.RevokeKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cyberdesk/internal/v1/auth.proto\x12\x15\x63yberdesk.internal.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"E\n\tRateLimit\x12\r\n\x05limit\x18\x01 \x01(\x05\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf1\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x34\n\nrate_limit\x18\x06 \x01(\x0b\x32 .cyberdesk.internal.v1.RateLimit\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\x10VerifyKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x8f\x01\n\x11VerifyKeyResponse\x12/\n\x04\x63ode\x18\x01 \x01(\x0e\x32!.cyberdesk.internal.v1.VerifyCode\x12.\n\x07\x61pi_key\x18\x02 \x01(\x0b\x32\x1d.cyberdesk.internal.v1.ApiKey\x12\x19\n\x11remaining_credits\x18\x03 \x01(\x03\"y\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x34\n\nrate_limit\x18\x04 \x01(\x0b\x32 .cyberdesk.internal.v1.RateLimit\"S\n\x11\x43reateKeyResponse\x12.\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1d.cyberdesk.internal.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"K\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x10ListKeysResponse\x12/\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1d.cyberdesk.internal.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"C\n\x11RevokeKeyResponse\x12.\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1d.cyberdesk.internal.v1.ApiKey*\xe6\x01\n\nVerifyCode\x12\x1b\n\x17VERIFY_CODE_UNSPECIFIED\x10\x00\x12\x15\n\x11VERIFY_CODE_VALID\x10\x01\x12\x19\n\x15VERIFY_CODE_NOT_FOUND\x10\x02\x12\x17\n\x13VERIFY_CODE_REVOKED\x10\x03\x12\x17\n\x13VERIFY_CODE_EXPIRED\x10\x04\x12\x1c\n\x18VERIFY_CODE_RATE_LIMITED\x10\x05\x12\x1e\n\x1aVERIFY_CODE_USAGE_EXCEEDED\x10\x06\x12\x19\n\x15VERIFY_CODE_FORBIDDEN\x10\x07\x32\xcc\x03\n\x0b\x41uthService\x12^\n\tVerifyKey\x12\'.cyberdesk.internal.v1.VerifyKeyRequest\x1a(.cyberdesk.internal.v1.VerifyKeyResponse\x12s\n\tCreateKey\x12\'.cyberdesk.internal.v1.CreateKeyRequest\x1a(.cyberdesk.internal.v1.CreateKeyResponse\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/keys:\x01*\x12m\n\x08ListKeys\x12&.cyberdesk.internal.v1.ListKeysRequest\x1a\'.cyberdesk.internal.v1.ListKeysResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/keys\x12y\n\tRevokeKey\x12\'.cyberdesk.internal.v1.RevokeKeyRequest\x1a(.cyberdesk.internal.v1.RevokeKeyResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/keys/{key_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cyberdesk_proto.internal.v1.auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERIFYCODE']._serialized_start=1103
-  _globals['_VERIFYCODE']._serialized_end=1333
-  _globals['_RATELIMIT']._serialized_start=124
-  _globals['_RATELIMIT']._serialized_end=193
-  _globals['_APIKEY']._serialized_start=196
-  _globals['_APIKEY']._serialized_end=437
-  _globals['_VERIFYKEYREQUEST']._serialized_start=439
-  _globals['_VERIFYKEYREQUEST']._serialized_end=470
-  _globals['_VERIFYKEYRESPONSE']._serialized_start=473
-  _globals['_VERIFYKEYRESPONSE']._serialized_end=616
-  _globals['_CREATEKEYREQUEST']._serialized_start=618
-  _globals['_CREATEKEYREQUEST']._serialized_end=739
-  _globals['_CREATEKEYRESPONSE']._serialized_start=741
-  _globals['_CREATEKEYRESPONSE']._serialized_end=824
-  _globals['_LISTKEYSREQUEST']._serialized_start=826
-  _globals['_LISTKEYSREQUEST']._serialized_end=901
-  _globals['_LISTKEYSRESPONSE']._serialized_start=903
-  _globals['_LISTKEYSRESPONSE']._serialized_end=995
-  _globals['_REVOKEKEYREQUEST']._serialized_start=997
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1031
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=1033
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=1100
-  _globals['_AUTHSERVICE']._serialized_start=1336
-  _globals['_AUTHSERVICE']._serialized_end=1730
+  _globals['_AUTHSERVICE'].methods_by_name['CreateKey']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['CreateKey']._serialized_options = b'\202\323\344\223\002\r\"\010/v1/keys:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['ListKeys']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['ListKeys']._serialized_options = b'\202\323\344\223\002\n\022\010/v1/keys'
+  _globals['_AUTHSERVICE'].methods_by_name['RevokeKey']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['RevokeKey']._serialized_options = b'\202\323\344\223\002\023*\021/v1/keys/{key_id}'
+  _globals['_VERIFYCODE']._serialized_start=1133
+  _globals['_VERIFYCODE']._serialized_end=1363
+  _globals['_RATELIMIT']._serialized_start=154
+  _globals['_RATELIMIT']._serialized_end=223
+  _globals['_APIKEY']._serialized_start=226
+  _globals['_APIKEY']._serialized_end=467
+  _globals['_VERIFYKEYREQUEST']._serialized_start=469
+  _globals['_VERIFYKEYREQUEST']._serialized_end=500
+  _globals['_VERIFYKEYRESPONSE']._serialized_start=503
+  _globals['_VERIFYKEYRESPONSE']._serialized_end=646
+  _globals['_CREATEKEYREQUEST']._serialized_start=648
+  _globals['_CREATEKEYREQUEST']._serialized_end=769
+  _globals['_CREATEKEYRESPONSE']._serialized_start=771
+  _globals['_CREATEKEYRESPONSE']._serialized_end=854
+  _globals['_LISTKEYSREQUEST']._serialized_start=856
+  _globals['_LISTKEYSREQUEST']._serialized_end=931
+  _globals['_LISTKEYSRESPONSE']._serialized_start=933
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1025
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1027
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1061
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=1063
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=1130
+  _globals['_AUTHSERVICE']._serialized_start=1366
+  _globals['_AUTHSERVICE']._serialized_end=1826
 # @@protoc_insertion_point(module_scope)

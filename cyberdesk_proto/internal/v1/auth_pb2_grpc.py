@@ -28,6 +28,8 @@ if _version_not_supported:
 class AuthServiceStub:
     """AuthService keeps API keys. The gateway verifies every public call with it; operators create,
     list and revoke keys. Secrets are shown once, at creation; only their hashes are stored.
+    Every method needs a key with the `admin` scope (an operator's key): PERMISSION_DENIED (HTTP 403)
+    otherwise. The gateway serves it itself, on its gRPC port and, for key management, on REST.
     """
 
     def __init__(self, channel):
@@ -61,31 +63,36 @@ class AuthServiceStub:
 class AuthServiceServicer:
     """AuthService keeps API keys. The gateway verifies every public call with it; operators create,
     list and revoke keys. Secrets are shown once, at creation; only their hashes are stored.
+    Every method needs a key with the `admin` scope (an operator's key): PERMISSION_DENIED (HTTP 403)
+    otherwise. The gateway serves it itself, on its gRPC port and, for key management, on REST.
     """
 
     def VerifyKey(self, request, context):
-        """Verifies a presented key and returns who it belongs to and what it may do.
+        """Verifies a presented key and returns who it belongs to and what it may do. gRPC only: no
+        client of the REST face needs it, and it must not become an oracle for probing keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateKey(self, request, context):
-        """Creates a key for a tenant and returns its secret, once.
+        """Creates a key for a tenant and returns its secret, once. Operators only (admin scope).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListKeys(self, request, context):
-        """Lists a tenant's keys (never their secrets).
+        """Lists a tenant's keys, newest first, revoked ones included (never their secrets). Operators
+        only (admin scope).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeKey(self, request, context):
-        """Revokes a key; it stops working at once (within the gateway's cache bound).
+        """Revokes a key; gateways stop accepting it within their auth cache bound (5 s by default,
+        CYBERDESK_AUTH_CACHE_SECONDS), and end its open calls. Operators only (admin scope).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +132,8 @@ def add_AuthServiceServicer_to_server(servicer, server):
 class AuthService:
     """AuthService keeps API keys. The gateway verifies every public call with it; operators create,
     list and revoke keys. Secrets are shown once, at creation; only their hashes are stored.
+    Every method needs a key with the `admin` scope (an operator's key): PERMISSION_DENIED (HTTP 403)
+    otherwise. The gateway serves it itself, on its gRPC port and, for key management, on REST.
     """
 
     @staticmethod

@@ -29,6 +29,8 @@ GRPC_VERSION: str
 class AuthServiceStub:
     """AuthService keeps API keys. The gateway verifies every public call with it; operators create,
     list and revoke keys. Secrets are shown once, at creation; only their hashes are stored.
+    Every method needs a key with the `admin` scope (an operator's key): PERMISSION_DENIED (HTTP 403)
+    otherwise. The gateway serves it itself, on its gRPC port and, for key management, on REST.
     """
 
     @_typing.overload
@@ -36,33 +38,49 @@ class AuthServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     VerifyKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.VerifyKeyRequest, _auth_pb2.VerifyKeyResponse]
-    """Verifies a presented key and returns who it belongs to and what it may do."""
+    """Verifies a presented key and returns who it belongs to and what it may do. gRPC only: no
+    client of the REST face needs it, and it must not become an oracle for probing keys.
+    """
     CreateKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateKeyRequest, _auth_pb2.CreateKeyResponse]
-    """Creates a key for a tenant and returns its secret, once."""
+    """Creates a key for a tenant and returns its secret, once. Operators only (admin scope)."""
     ListKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListKeysRequest, _auth_pb2.ListKeysResponse]
-    """Lists a tenant's keys (never their secrets)."""
+    """Lists a tenant's keys, newest first, revoked ones included (never their secrets). Operators
+    only (admin scope).
+    """
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyRequest, _auth_pb2.RevokeKeyResponse]
-    """Revokes a key; it stops working at once (within the gateway's cache bound)."""
+    """Revokes a key; gateways stop accepting it within their auth cache bound (5 s by default,
+    CYBERDESK_AUTH_CACHE_SECONDS), and end its open calls. Operators only (admin scope).
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
     """AuthService keeps API keys. The gateway verifies every public call with it; operators create,
     list and revoke keys. Secrets are shown once, at creation; only their hashes are stored.
+    Every method needs a key with the `admin` scope (an operator's key): PERMISSION_DENIED (HTTP 403)
+    otherwise. The gateway serves it itself, on its gRPC port and, for key management, on REST.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     VerifyKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.VerifyKeyRequest, _auth_pb2.VerifyKeyResponse]  # type: ignore[assignment]
-    """Verifies a presented key and returns who it belongs to and what it may do."""
+    """Verifies a presented key and returns who it belongs to and what it may do. gRPC only: no
+    client of the REST face needs it, and it must not become an oracle for probing keys.
+    """
     CreateKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateKeyRequest, _auth_pb2.CreateKeyResponse]  # type: ignore[assignment]
-    """Creates a key for a tenant and returns its secret, once."""
+    """Creates a key for a tenant and returns its secret, once. Operators only (admin scope)."""
     ListKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListKeysRequest, _auth_pb2.ListKeysResponse]  # type: ignore[assignment]
-    """Lists a tenant's keys (never their secrets)."""
+    """Lists a tenant's keys, newest first, revoked ones included (never their secrets). Operators
+    only (admin scope).
+    """
     RevokeKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyRequest, _auth_pb2.RevokeKeyResponse]  # type: ignore[assignment]
-    """Revokes a key; it stops working at once (within the gateway's cache bound)."""
+    """Revokes a key; gateways stop accepting it within their auth cache bound (5 s by default,
+    CYBERDESK_AUTH_CACHE_SECONDS), and end its open calls. Operators only (admin scope).
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService keeps API keys. The gateway verifies every public call with it; operators create,
     list and revoke keys. Secrets are shown once, at creation; only their hashes are stored.
+    Every method needs a key with the `admin` scope (an operator's key): PERMISSION_DENIED (HTTP 403)
+    otherwise. The gateway serves it itself, on its gRPC port and, for key management, on REST.
     """
 
     @_abc_1.abstractmethod
@@ -71,7 +89,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.VerifyKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.VerifyKeyResponse, _abc.Awaitable[_auth_pb2.VerifyKeyResponse]]:
-        """Verifies a presented key and returns who it belongs to and what it may do."""
+        """Verifies a presented key and returns who it belongs to and what it may do. gRPC only: no
+        client of the REST face needs it, and it must not become an oracle for probing keys.
+        """
 
     @_abc_1.abstractmethod
     def CreateKey(
@@ -79,7 +99,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.CreateKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.CreateKeyResponse, _abc.Awaitable[_auth_pb2.CreateKeyResponse]]:
-        """Creates a key for a tenant and returns its secret, once."""
+        """Creates a key for a tenant and returns its secret, once. Operators only (admin scope)."""
 
     @_abc_1.abstractmethod
     def ListKeys(
@@ -87,7 +107,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.ListKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ListKeysResponse, _abc.Awaitable[_auth_pb2.ListKeysResponse]]:
-        """Lists a tenant's keys (never their secrets)."""
+        """Lists a tenant's keys, newest first, revoked ones included (never their secrets). Operators
+        only (admin scope).
+        """
 
     @_abc_1.abstractmethod
     def RevokeKey(
@@ -95,6 +117,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.RevokeKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RevokeKeyResponse, _abc.Awaitable[_auth_pb2.RevokeKeyResponse]]:
-        """Revokes a key; it stops working at once (within the gateway's cache bound)."""
+        """Revokes a key; gateways stop accepting it within their auth cache bound (5 s by default,
+        CYBERDESK_AUTH_CACHE_SECONDS), and end its open calls. Operators only (admin scope).
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -881,10 +881,113 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/keys": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Lists a tenant's keys, newest first, revoked ones included (never their secrets).
+         * @description Lists a tenant's keys, newest first, revoked ones included (never their secrets). Operators
+         *     only (admin scope).
+         */
+        get: operations["AuthService_ListKeys"];
+        put?: never;
+        /**
+         * Creates a key for a tenant and returns its secret, once.
+         * @description Creates a key for a tenant and returns its secret, once. Operators only (admin scope).
+         */
+        post: operations["AuthService_CreateKey"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/keys/{key_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /**
+         * Revokes a key; gateways stop accepting it within their auth cache bound (5 s by default, CYBERDESK_AUTH_CACHE_SECONDS), and end its open calls.
+         * @description Revokes a key; gateways stop accepting it within their auth cache bound (5 s by default,
+         *     CYBERDESK_AUTH_CACHE_SECONDS), and end its open calls. Operators only (admin scope).
+         */
+        delete: operations["AuthService_RevokeKey"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** @description An API key, without its secret. */
+        "cyberdesk.internal.v1.ApiKey": {
+            /** @description Identifier, e.g. "k-5f2c9a0b". */
+            keyId?: string;
+            /** @description The tenant the key acts for. */
+            tenantId?: string;
+            /** @description Name given at creation. */
+            name?: string;
+            /** @description First characters of the secret, to recognise it. */
+            prefix?: string;
+            /** @description Rights: "instances", "admin". */
+            scopes?: string[];
+            /** @description The key's request budget. */
+            rateLimit?: components["schemas"]["cyberdesk.internal.v1.RateLimit"];
+            /**
+             * Format: date-time
+             * @description When it was created.
+             */
+            createTime?: string;
+            /**
+             * Format: date-time
+             * @description When it was revoked; unset while valid.
+             */
+            revokeTime?: string;
+        };
+        /** @description Response of CreateKey. */
+        "cyberdesk.internal.v1.CreateKeyResponse": {
+            /** @description The key. */
+            apiKey?: components["schemas"]["cyberdesk.internal.v1.ApiKey"];
+            /** @description The secret; shown only here. */
+            secret?: string;
+        };
+        /** @description Response of ListKeys. */
+        "cyberdesk.internal.v1.ListKeysResponse": {
+            /** @description One page of keys, newest first. */
+            apiKeys?: components["schemas"]["cyberdesk.internal.v1.ApiKey"][];
+            /** @description Token of the next page; empty on the last page. */
+            nextPageToken?: string;
+        };
+        /** @description A request budget: at most `limit` requests per `window`. */
+        "cyberdesk.internal.v1.RateLimit": {
+            /**
+             * Format: int32
+             * @description Requests allowed per window; 0 means the server default.
+             */
+            limit?: number;
+            /**
+             * @description Length of the window.
+             * @example 1.5s
+             */
+            window?: string;
+        };
+        /** @description Response of RevokeKey. */
+        "cyberdesk.internal.v1.RevokeKeyResponse": {
+            /** @description The revoked key. */
+            apiKey?: components["schemas"]["cyberdesk.internal.v1.ApiKey"];
+        };
         /** @description Response of ClickMouse. */
         "cyberdesk.v1.ClickMouseResponse": Record<string, never>;
         /** @description Response of CloseProcessStdin. */
@@ -3685,6 +3788,116 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["cyberdesk.v1.CreatePreviewUrlResponse"];
+                };
+            };
+            /** @description An error (google.rpc.Status). */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["google.rpc.Status"];
+                };
+            };
+        };
+    };
+    AuthService_ListKeys: {
+        parameters: {
+            query?: {
+                /** @description The tenant whose keys to list. */
+                tenantId?: string;
+                /** @description Largest number of keys to return (default 50, at most 1000). */
+                pageSize?: number;
+                /** @description next_page_token of the previous page. */
+                pageToken?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Success. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["cyberdesk.internal.v1.ListKeysResponse"];
+                };
+            };
+            /** @description An error (google.rpc.Status). */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["google.rpc.Status"];
+                };
+            };
+        };
+    };
+    AuthService_CreateKey: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": {
+                    /** @description The tenant the key acts for. */
+                    tenantId?: string;
+                    /** @description A name to recognise the key by. */
+                    name?: string;
+                    /** @description Rights (default ["instances"]). */
+                    scopes?: string[];
+                    /** @description Request budget (server default when unset). */
+                    rateLimit?: components["schemas"]["cyberdesk.internal.v1.RateLimit"];
+                };
+            };
+        };
+        responses: {
+            /** @description Success. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["cyberdesk.internal.v1.CreateKeyResponse"];
+                };
+            };
+            /** @description An error (google.rpc.Status). */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["google.rpc.Status"];
+                };
+            };
+        };
+    };
+    AuthService_RevokeKey: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The key to revoke. Sets `key_id`. */
+                key_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Success. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["cyberdesk.internal.v1.RevokeKeyResponse"];
                 };
             };
             /** @description An error (google.rpc.Status). */

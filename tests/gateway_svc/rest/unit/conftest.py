@@ -157,5 +157,5 @@ def test_table() -> BindingTable:
 
 @pytest.fixture(scope="session")
 def api_table() -> BindingTable:
-    """The binding table of cyberdesk.v1."""
+    """The binding table of the REST face: cyberdesk.v1 and the operators' AuthService."""
     return build_binding_table()

@@ -41,7 +41,8 @@ def test_every_rpc_has_an_operation(document: dict[str, Any], api_table: Binding
     operations = {op["operationId"] for item in document["paths"].values() for op in item.values()}
     for service in api_table.services:
         for method in service.methods:
-            assert f"{service.name}_{method.name}" in operations, method.full_name
+            if method.full_name != "cyberdesk.internal.v1.AuthService.VerifyKey":  # gRPC only
+                assert f"{service.name}_{method.name}" in operations, method.full_name
     assert "InstanceService_ListSnapshots_1" in operations  # the additional binding
     assert len(operations) == len(api_table.bindings)
 
