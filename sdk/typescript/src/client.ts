@@ -1,7 +1,8 @@
-/** `Cyberdesk`, the client: `client.instances` and `client.snapshots`. */
+/** `Cyberdesk`, the client: `client.instances`, `client.snapshots` and (operators) `client.keys`. */
 
 import { InvalidArgument } from "./errors.js";
 import { Instance } from "./instance.js";
+import { Keys } from "./keys.js";
 import { type Snapshot, duration, protoState, snapshotFrom, started } from "./models.js";
 import { type CallOptions, Transport, type TransportOptions } from "./transport.js";
 import { Backoff, InstanceWatch, type InstanceWatchOptions, resumable } from "./watch.js";
@@ -210,6 +211,8 @@ export interface CyberdeskOptions {
 export class Cyberdesk {
   readonly instances: Instances;
   readonly snapshots: Snapshots;
+  /** API-key management; needs a key with the admin scope. */
+  readonly keys: Keys;
   private readonly t: Transport;
 
   constructor(options: CyberdeskOptions = {}) {
@@ -217,6 +220,7 @@ export class Cyberdesk {
     this.t = new Transport(transport);
     this.instances = new Instances(this.t);
     this.snapshots = new Snapshots(this.t);
+    this.keys = new Keys(this.t);
   }
 
   /** The endpoint and key this client uses (ConfigurationError when there is no key). */

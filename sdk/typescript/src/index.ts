@@ -12,6 +12,8 @@ export * from "./errors.js";
 export { Files, Watch } from "./files.js";
 export type { DownloadOptions, DownloadResult, Progress, UploadOptions, UploadSource } from "./files.js";
 export { Instance } from "./instance.js";
+export { Keys } from "./keys.js";
+export type { ApiKey, CreateKeyOptions } from "./keys.js";
 export type { Command, ExecCallbacks, ExecOptions, ShellOptions, StartOptions } from "./instance.js";
 export type { ExecEvent, ExecResult, Exit, FileInfo, FileType, FsEvent, InstanceEvent, InstanceJson, InstanceState, ProcessInfo, Snapshot, UploadResult } from "./models.js";
 export { Ports } from "./ports.js";
