@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cyberdesk_common.config import (
@@ -15,6 +15,7 @@ from cyberdesk_common.config import (
     state_dir,
 )
 from gateway_svc.ratelimit import Limit, parse_limit
+from gateway_svc.rest.cors import CorsPolicy
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class GatewayConfig:
     preview_domain: str = "localhost"
     public_http_url: str = "http://127.0.0.1:8080"
     preview_secret: str = ""
+    # Browser origins allowed to call the REST face (gateway_svc/rest/cors.py); default none.
+    cors: CorsPolicy = field(default_factory=CorsPolicy)
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
@@ -60,6 +63,10 @@ class GatewayConfig:
             limit = parse_limit(env_str("RATE_LIMIT", "100/1s"))
         except ValueError as err:
             raise ConfigError(f"CYBERDESK_RATE_LIMIT: {err}") from None
+        try:
+            cors = CorsPolicy.parse(env_str("CORS_ORIGINS", ""))
+        except ValueError as err:
+            raise ConfigError(f"CYBERDESK_CORS_ORIGINS: {err}") from None
         return cls(
             addr=env_str("GATEWAY_ADDR", "127.0.0.1:50051"),
             http_addr=_host_port("GATEWAY_HTTP_ADDR", env_str("GATEWAY_HTTP_ADDR", "127.0.0.1:8080")),
@@ -86,6 +93,7 @@ class GatewayConfig:
                 f"{'https' if cert_file else 'http'}://{env_str('GATEWAY_HTTP_ADDR', '127.0.0.1:8080')}",
             ).rstrip("/"),
             preview_secret=env_str("PREVIEW_SECRET", ""),
+            cors=cors,
         )
 
 

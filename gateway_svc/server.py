@@ -129,7 +129,7 @@ class Gateway:
         explaining = ExplainingUpstream(GatewayUpstream(self.admission), self.route_cache)
         upstream = RevocableUpstream(explaining, self.open_calls)
         config = uvicorn.Config(
-            RestApp(upstream, previews=self.previews, keys=self.keys),
+            RestApp(upstream, previews=self.previews, keys=self.keys, cors=self.config.cors),
             host=host.strip("[]"),
             port=int(port),
             lifespan="off",

@@ -10,6 +10,8 @@ and hands the HTTP headers to (as gRPC metadata would be). What it dispatches to
 - file upload of a raw body (`uploads`);
 - bidirectional streams (ConnectPty) over WebSocket (`pty_relay`, frames in `control_frames`);
 - `GET /openapi.json`: the committed document (`openapi` builds it);
+- CORS for browsers on other origins (`cors`): preflights answered, allowed origins' responses
+  marked readable, WebSocket handshakes from other origins refused;
 - previews of ports inside instances, by host or by `/v1/instances/{id}/ports/{port}/` (matched
   first), and CreatePreviewUrl, which the gateway serves itself (`preview`);
 - key management (`/v1/keys`, AuthService), which the gateway serves itself too: the call goes to
@@ -23,13 +25,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from cyberdesk_common.status import RpcError, invalid_argument
 from gateway_svc.keys_api import AUTH_SERVICE, AuthServicer
+from gateway_svc.rest import cors as cors_rules
 from gateway_svc.rest import downloads, http_errors, json_mapping, pty_relay, streams, uploads
 from gateway_svc.rest.asgi import (
     MAX_JSON_BODY,
@@ -46,6 +51,7 @@ from gateway_svc.rest.asgi import (
     serve_lifespan,
     until_disconnect,
 )
+from gateway_svc.rest.cors import CorsPolicy
 from gateway_svc.rest.http_bindings import BindingTable, build_binding_table
 from gateway_svc.rest.path_templates import PathDecodeError
 from gateway_svc.rest.preview import PREVIEW_SERVICE, Previews
@@ -65,18 +71,20 @@ class RestApp:
         table: BindingTable | None = None,
         previews: Previews | None = None,
         keys: AuthServicer | None = None,
+        cors: CorsPolicy | None = None,
     ) -> None:
         self.upstream = upstream
         self.table = table or build_binding_table()
         self.previews = previews  # ports inside instances (`preview`); None: no previews, e.g. in unit tests
         self.keys = keys  # key management (`keys_api`); None: its routes are UNIMPLEMENTED
+        self.cors = cors or CorsPolicy()  # default: no origin allowed, no CORS header sent
         self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await serve_lifespan(receive, send)
         elif scope["type"] == "websocket":
-            await pty_relay.serve_pty_websocket(self.upstream, self.table, scope, receive, send)
+            await pty_relay.serve_pty_websocket(self.upstream, self.table, scope, receive, send, self.cors)
         elif scope["type"] == "http":
             await self._serve_http(scope, receive, send)
 
@@ -89,6 +97,13 @@ class RestApp:
             if target is not None:
                 await self.previews.serve_http(scope, receive, send, target)
                 return
+        headers = request_headers(scope)
+        if cors_rules.is_preflight(method, headers):
+            await self._preflight(send, headers)
+            return
+        origin = headers.get("origin")
+        if origin and self.cors.enabled:
+            send = _adding_headers(send, self.cors.response_headers(origin))
         if method in ("GET", "HEAD") and path == "/openapi.json":
             await respond(send, 200, self._openapi_bytes(), "application/json")
             return
@@ -107,7 +122,6 @@ class RestApp:
             await respond_error(send, err)
             return
         binding = found.binding
-        headers = request_headers(scope)
         query: bytes = scope.get("query_string", b"")
         upstream = self.upstream
         try:
@@ -158,6 +172,20 @@ class RestApp:
             return
         await respond_message(send, binding, reply)
 
+    async def _preflight(self, send: Send, headers: dict[str, str]) -> None:
+        allowed = self.cors.preflight_headers(headers.get("origin"))
+        if allowed is None:
+            # No CORS header: the browser fails the request it asked about. The body is for a
+            # person reading the exchange in the browser's network panel.
+            err = http_errors.from_status(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"origin {headers.get('origin')} is not allowed (CYBERDESK_CORS_ORIGINS)",
+            )
+            await respond_error(send, err)
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": allowed})
+        await send({"type": "http.response.body", "body": b""})
+
     def _openapi_bytes(self) -> bytes:
         if self._openapi is None:
             if OPENAPI_FILE.exists():
@@ -167,3 +195,16 @@ class RestApp:
 
                 self._openapi = json.dumps(build_document(self.table)).encode("utf-8")
         return self._openapi
+
+
+def _adding_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """`send` with `extra` headers added to the response's start."""
+    if not extra:
+        return send
+
+    async def sending(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return sending

@@ -5,7 +5,8 @@ The handshake admits the caller before it is accepted: the key comes from the `a
 `cyberdesk.key.<key>`; offer `cyberdesk.v1` too and the server selects it. A refused handshake is
 an HTTP error response with the usual JSON Status body. Frames (see `control_frames`): binary =
 terminal bytes both ways, text = JSON control. The socket closes with 1000 after `exit`, and with
-4000 + the gRPC code after an `error` that ends the call.
+4000 + the gRPC code after an `error` that ends the call. A handshake whose Origin is another
+site's and not allowed by CYBERDESK_CORS_ORIGINS is refused with 403 (`cors`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cyberdesk_common.status import RpcError, invalid_argument
 from cyberdesk_proto.v1 import process_pb2
 from gateway_svc.rest import control_frames, http_errors, json_mapping
 from gateway_svc.rest.asgi import Receive, Scope, Send, request_headers, request_path
+from gateway_svc.rest.cors import CorsPolicy
 from gateway_svc.rest.http_bindings import BindingTable, HttpBinding
 from gateway_svc.rest.path_templates import PathDecodeError
 from gateway_svc.rest.upstream import BidiStream, Upstream
@@ -30,7 +32,7 @@ WS_KEY_PREFIX = "cyberdesk.key."
 
 
 async def serve_pty_websocket(
-    upstream: Upstream, table: BindingTable, scope: Scope, receive: Receive, send: Send
+    upstream: Upstream, table: BindingTable, scope: Scope, receive: Receive, send: Send, cors: CorsPolicy | None = None
 ) -> None:
     """Admit the caller, accept the WebSocket and relay it until either side ends."""
     message = await receive()
@@ -38,6 +40,12 @@ async def serve_pty_websocket(
         return
     path = request_path(scope)
     headers = request_headers(scope)
+    if not (cors or CorsPolicy()).websocket_allowed(headers, scope.get("scheme", "ws")):
+        # Browsers apply no CORS to WebSockets, so the page's Origin is checked here (cors.py).
+        origin = headers.get("origin")
+        denied = RpcError(grpc.StatusCode.PERMISSION_DENIED, f"origin {origin} is not allowed (CYBERDESK_CORS_ORIGINS)")
+        await reject_handshake(scope, send, http_errors.from_rpc_error(denied))
+        return
     offered: list[str] = list(scope.get("subprotocols") or [])
     for proto in offered:
         if proto.startswith(WS_KEY_PREFIX) and "authorization" not in headers and "x-api-key" not in headers:
