@@ -19,12 +19,13 @@ setup: system $(STAMP) $(NPM_STAMP)
 # Debian packages the stack runs: bubblewrap (sandboxes), redis-server, and for desktops Xvfb, xdotool,
 # a small window manager (matchbox) and xdpyinfo (x11-utils); for INTERNET instances slirp4netns
 # (user-mode networking), nft (nftables: egress rules inside each instance's network namespace) and
-# ip (iproute2); mkfs.ext4 (e2fsprogs) for the file system that bounds each instance's disk.
+# ip (iproute2); mkfs.ext4 (e2fsprogs) for the file system that bounds each instance's disk; chromium, the
+# headless browser the TypeScript SDK's browser test drives (playwright-core, with no browser download).
 system:
 	@missing=""; \
 	for pair in bwrap:bubblewrap redis-server:redis-server Xvfb:xvfb xdotool:xdotool \
 	    matchbox-window-manager:matchbox-window-manager xdpyinfo:x11-utils zstd:zstd \
-	    slirp4netns:slirp4netns nft:nftables ip:iproute2 mkfs.ext4:e2fsprogs; do \
+	    slirp4netns:slirp4netns nft:nftables ip:iproute2 mkfs.ext4:e2fsprogs chromium:chromium; do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +72,16 @@ class RunningStack:
 
 
 @contextmanager
-def running_stack(tmp: Path) -> Iterator[RunningStack]:
-    """Start `cyberdesk up` and wait for its banner; Ctrl-C it when the block ends."""
+def running_stack(tmp: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[RunningStack]:
+    """Start `cyberdesk up` and wait for its banner; Ctrl-C it when the block ends.
+
+    `extra_env` reaches every service (the launcher passes its environment on), e.g. a gateway setting.
+    """
     state = tmp / "state"
     config = tmp / "config" / "config.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CYBERDESK_") and k != "REDIS_URL"}
     env.update({"CYBERDESK_CONFIG": str(config), "CYBERDESK_WARM_POOL": "base=1,desktop=0"})
+    env.update(extra_env or {})
     gateway = f"127.0.0.1:{free_port()}"
     argv = [
         CLI, "up",

@@ -2,8 +2,12 @@
 
 The stack is `cyberdesk up` on free ports (tests/cli/stack.py), as for the Python SDK's tests;
 the TypeScript tests get its HTTP endpoint and keys through the environment: the development
-key, another tenant's key (NotFound across tenants) and a key allowed one request a minute
-(RateLimited). A failure shows node's own report.
+key (an admin key: `client.keys`), another tenant's key (NotFound across tenants, PermissionDenied
+on keys) and a key allowed one request a minute (RateLimited). A failure shows node's own report.
+
+test/browser.test.ts runs the built SDK in headless Debian chromium (`make system` installs it)
+from a page on another loopback port: the gateway allows that origin (CYBERDESK_CORS_ORIGINS),
+and not a second page port, whose refusal by the browser is tested too.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.stack import RunningStack, running_stack
-from tests.support.procs import ROOT
+from tests.support.procs import ROOT, free_port
 
 SDK = ROOT / "sdk" / "typescript"
 TSC = SDK / "node_modules" / ".bin" / "tsc"
@@ -63,9 +67,14 @@ def _new_key(stack: RunningStack, tenant: str, rate_limit: str | None = None) ->
 
 
 def test_typescript_sdk(tmp_path: Path) -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is needed for test/browser.test.ts: run `make system` as root")
     build = _start_build()
+    page_port, other_page_port = free_port(), free_port()
+    cors = {"CYBERDESK_CORS_ORIGINS": f"http://127.0.0.1:{page_port}"}
     try:
-        with running_stack(tmp_path) as stack:
+        with running_stack(tmp_path, cors) as stack:
             _wait_build(build)
             tests = sorted(str(p.relative_to(SDK)) for p in (SDK / "dist" / "test").glob("*.test.js"))
             assert len(tests) >= 4, tests
@@ -78,6 +87,9 @@ def test_typescript_sdk(tmp_path: Path) -> None:
                 "CYBERDESK_TEST_CONFIG": str(stack.config),
                 "CYBERDESK_TEST_OTHER_KEY": _new_key(stack, "other-ts"),
                 "CYBERDESK_TEST_LIMITED_KEY": _new_key(stack, "dev", rate_limit="1/60s"),
+                "CYBERDESK_TEST_CHROMIUM": chromium,
+                "CYBERDESK_TEST_PAGE_PORT": str(page_port),
+                "CYBERDESK_TEST_OTHER_PAGE_PORT": str(other_page_port),
             }
             # node's report goes to a file, so that a run cut off by the timeout still shows how far it got.
             report = tmp_path / "node-test.log"
