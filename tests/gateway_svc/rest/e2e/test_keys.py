@@ -90,3 +90,15 @@ def test_a_key_without_the_admin_scope_is_403_on_every_route(rest_stack: RestSta
 def test_verify_key_has_no_route(rest_stack: RestStack) -> None:
     with rest_stack.client("main") as client:
         assert client.post("/v1/keys:verify", json={"key": "cd_x"}).status_code == 404
+
+
+def test_the_served_document_has_the_key_routes_tagged_operator(rest_stack: RestStack) -> None:
+    paths = httpx.get(f"{rest_stack.base_url}/openapi.json", timeout=30).json()["paths"]
+    operations = [paths["/v1/keys"]["post"], paths["/v1/keys"]["get"], paths["/v1/keys/{key_id}"]["delete"]]
+    assert [op["operationId"] for op in operations] == [
+        "AuthService_CreateKey",
+        "AuthService_ListKeys",
+        "AuthService_RevokeKey",
+    ]
+    assert all(op["tags"] == ["AuthService", "operator"] for op in operations)
+    assert not any("verify" in path.lower() for path in paths)
