@@ -114,6 +114,10 @@ class CommandCgroup:
         self._oom_fd = -1
         # OOM kills counted before this command (a recycled cgroup keeps its counter).
         self.oom_base = 0
+        # Kill passes still due against this command (a kill's SIGKILL comes kill_grace_seconds
+        # after its SIGTERM). While one is due the cgroup is neither recycled nor removed: the
+        # command may be gone already, and a later command in the same cgroup would be killed.
+        self.kills_due = 0
 
     def open_tasks(self) -> None:
         """Open the `tasks` files the spawn will write to and memory.oom_control, unless open.
@@ -214,7 +218,9 @@ class CommandCgroup:
         return os.pread(self._oom_fd, 4096, 0).decode()
 
     def reusable(self) -> bool:
-        """Empty, with no child cgroup, and thawed: fit to be the next command's (checked off the hot path)."""
+        """Empty, with no child cgroup, thawed and no kill due: fit to be the next command's (off the hot path)."""
+        if self.kills_due:
+            return False
         try:
             if "pids" in self.dirs and _read(self.dirs["pids"] / "pids.current").strip() != "0":
                 return False
@@ -387,7 +393,9 @@ class CommandCgroups:
             return
         left: list[CommandCgroup] = []
         for cgroup in self._lingering:
-            if len(self._free) < _FREE_MAX and cgroup.reusable():
+            if cgroup.kills_due:
+                left.append(cgroup)  # a kill pass of its command is still due: the next sweep decides
+            elif len(self._free) < _FREE_MAX and cgroup.reusable():
                 self._free.append(cgroup)
             elif not cgroup.remove():  # closes its descriptors: none held while a server it started runs
                 left.append(cgroup)

@@ -386,12 +386,18 @@ class ManagedProcess:
         cgroup = self.cgroup
         if cgroup is not None:
             cgroup.signal_all(first)  # daemons in sessions of their own get the polite signal too
+            cgroup.kills_due += 1  # not recycled for another command before finish_off has run
 
         def finish_off() -> None:
             for pgid in groups:
                 _killpg(pgid, signal.SIGKILL)
             if cgroup is not None:
-                cgroup.kill_all()
+                try:
+                    cgroup.kill_all()
+                finally:
+                    cgroup.kills_due -= 1
+                    if self.table.cgroups is not None:
+                        self.table.cgroups.sweep()  # it may be free (or removable) now
 
         self._loop.call_later(self.table.limits.kill_grace_seconds, finish_off)
 

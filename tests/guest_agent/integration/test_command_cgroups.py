@@ -107,3 +107,30 @@ def test_without_a_hierarchy_the_timeout_says_only_the_process_group_was_killed(
             for pid in _pids_with("sleep 3173"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_commands_late_sigkill_spares_the_next_commands_in_its_recycled_cgroup(
+    tmp_path: Path, hierarchy: Path
+) -> None:
+    # A killed command's SIGKILL pass comes kill_grace_seconds after its SIGTERM. A command that
+    # dies of the SIGTERM at once leaves an empty cgroup, recycled (50 ms after its exit) as the
+    # spare of a later command; the late pass must not reach that one (it did: a background `cat`
+    # started right after an interrupted exec was killed 2 s later, "process N has already exited").
+    env = {"DISPLAY": "", "CYBERDESK_AGENT_CGROUP_DIR": str(hierarchy), "CYBERDESK_AGENT_KILL_GRACE_SECONDS": "1.5"}
+    with running_agent(tmp_path, env) as agent:
+        stub = process_pb2_grpc.ProcessServiceStub(agent.channel)
+        reply = _run(agent, "exec sleep 3173", timeout=0.2)  # SIGTERM ends it at once
+        assert reply.exited.timed_out
+        time.sleep(0.3)  # its empty cgroup is recycled meanwhile
+        pids = []
+        for n in range(3):  # the first takes the spare made before; a later one the recycled cgroup
+            start = process_pb2.StartProcessRequest(
+                instance_id=INSTANCE_ID, command=f"exec sleep 317{4 + n}", background=True
+            )
+            started = next(iter(stub.StartProcess(start, metadata=agent.metadata, timeout=10)))
+            pids.append(started.event.started.pid)
+        time.sleep(2.0)  # past the killed command's grace period
+        alive = [n for n in range(3) if _pids_with(f"sleep 317{4 + n}")]
+        assert alive == [0, 1, 2], "a later command was killed by the earlier one's SIGKILL pass"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
