@@ -30,7 +30,13 @@ class RunningAgent:
 def running_agent(tmp: Path, env: dict[str, str] | None = None) -> Iterator[RunningAgent]:
     """Run `python -m guest_agent` bound to INSTANCE_ID, with `env` on top of the test's environment."""
     target = f"unix://{tmp / 'agent.sock'}"
+    # A home of its own, as in an instance: commands run in a login bash, and this machine's
+    # /root/.bashrc runs `pyenv init`, whose rehash waits up to a minute on a lock that a killed
+    # login shell can leave behind (a whole group of bare-agent tests once hung on it).
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
     full_env = {
+        "HOME": str(home),
         "CYBERDESK_AGENT_LISTEN": target,
         "CYBERDESK_AGENT_TOKEN": AGENT_TOKEN,
         "CYBERDESK_AGENT_INSTANCE_ID": INSTANCE_ID,

@@ -136,7 +136,7 @@ def test_broken_utf8_and_stderr_arrive_byte_for_byte(
 
 def test_env_and_default_cwd(agent: RunningAgent, stub: process_pb2_grpc.ProcessServiceStub) -> None:
     result = run(agent, stub, command='pwd; echo "$GREETING"', env={"GREETING": "hallo welt"})
-    home = os.environ.get("HOME", "/")
+    home = agent.service.log_path.parent / "home"  # the agent's own (see running_agent)
     assert result.stdout == f"{home}\nhallo welt\n".encode()
     result = run(agent, stub, argv=["pwd"], cwd="/tmp")
     assert result.stdout == b"/tmp\n"
