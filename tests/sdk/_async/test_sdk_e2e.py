@@ -180,8 +180,11 @@ async def test_shell(box: AsyncInstance) -> None:
 async def test_shell_wait_keeps_the_output(box: AsyncInstance) -> None:
     term = await box.shell()
     async with term:
+        # Read the prompt away until the terminal is quiet for a moment (a loaded machine may have it
+        # waiting already): the read that times out must leave the terminal open.
         with pytest.raises(TimeoutError):
-            await term.recv(timeout=0.01)  # nothing yet: a timed-out read leaves the terminal open
+            for _ in range(50):
+                await term.recv(timeout=0.5)
         await term.send("echo wa$((1+1))it; exit 3\n")
         exited = await term.wait(timeout=30)
         assert exited is not None and exited.exit_code == 3

@@ -173,8 +173,11 @@ def test_shell(box: Instance) -> None:
 def test_shell_wait_keeps_the_output(box: Instance) -> None:
     term = box.shell()
     with term:
+        # Read the prompt away until the terminal is quiet for a moment (a loaded machine may have it
+        # waiting already): the read that times out must leave the terminal open.
         with pytest.raises(TimeoutError):
-            term.recv(timeout=0.01)  # nothing yet: a timed-out read leaves the terminal open
+            for _ in range(50):
+                term.recv(timeout=0.5)
         term.send("echo wa$((1+1))it; exit 3\n")
         exited = term.wait(timeout=30)
         assert exited is not None and exited.exit_code == 3
