@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,14 +26,15 @@ from typing import cast
 import grpc
 import redis
 
+from bench._launch import INTERNAL_TOKEN, instance_svc_setting
 from bench._report import latency_summary, report
 from cyberdesk_common.lifecycle_events import STREAM
 from cyberdesk_common.metadata import internal_metadata
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc
-from cyberdesk_stack.processes import free_port, redis_server, spawn, wait_healthy
+from cyberdesk_stack.processes import spawn, wait_healthy
 
 N = int(os.environ.get("BENCH_N", "10"))
-TOKEN = "bench-internal-" + "x" * 32
+TOKEN = INTERNAL_TOKEN
 META = internal_metadata("bench", TOKEN)
 # XREAD's reply with decode_responses: [(stream, [(entry id, fields)])].
 _XRead = list[tuple[str, list[tuple[str, dict[str, str]]]]]
@@ -70,28 +69,14 @@ class _Svc:
 
 @contextmanager
 def _instance_svc() -> Iterator[tuple[_Svc, str]]:
-    # A short state path: agent sockets live under it (unix socket paths hold at most 107 bytes).
-    state = Path(tempfile.mkdtemp(prefix="cdb-", dir="/tmp"))
-    port = free_port()
-    try:
-        with redis_server(state) as redis_url:
-            env = {
-                "CYBERDESK_STATE_DIR": str(state),
-                "CYBERDESK_INSTANCE_ADDR": f"127.0.0.1:{port}",
-                "CYBERDESK_INTERNAL_TOKEN": TOKEN,
-                "CYBERDESK_WARM_POOL": "base=0",
-                "CYBERDESK_LOG_LEVEL": "WARNING",
-                "INSTANCE_SVC_ON_SHUTDOWN": "end",
-                "REDIS_URL": redis_url,
-            }
-            svc = _Svc(state, env, f"127.0.0.1:{port}")
-            svc.start()
-            try:
-                yield svc, redis_url
-            finally:
-                svc.stop()
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
+    with instance_svc_setting() as (state, env, target):
+        env["INSTANCE_SVC_ON_SHUTDOWN"] = "end"
+        svc = _Svc(state, env, target)
+        svc.start()
+        try:
+            yield svc, env["REDIS_URL"]
+        finally:
+            svc.stop()
 
 
 def _create(target: str) -> str:

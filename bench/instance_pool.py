@@ -11,8 +11,6 @@ every sample is a claim; the cold series runs with the pool off.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,43 +18,30 @@ from pathlib import Path
 
 import grpc
 
+from bench._launch import INTERNAL_TOKEN, instance_svc_setting
 from bench._report import latency_summary, report
 from cyberdesk_common.metadata import agent_metadata, internal_metadata
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc, process_pb2, process_pb2_grpc
-from cyberdesk_stack.processes import free_port, redis_server, service
+from cyberdesk_stack.processes import service
 
 N = int(os.environ.get("BENCH_N", "30"))
 N_COLD = int(os.environ.get("BENCH_N_COLD", "10"))
 POOL = 2
-TOKEN = "bench-internal-" + "x" * 32
+TOKEN = INTERNAL_TOKEN
 META = internal_metadata("bench", TOKEN)
 
 
 @contextmanager
 def _instance_svc(pool: int) -> Iterator[tuple[grpc.Channel, Path]]:
-    # A short state path: agent sockets live under it (unix socket paths hold at most 107 bytes).
-    state = Path(tempfile.mkdtemp(prefix="cdb-", dir="/tmp"))
-    port = free_port()
-    try:
-        with redis_server(state) as redis_url:
-            env = {
-                "CYBERDESK_STATE_DIR": str(state),
-                "CYBERDESK_INSTANCE_ADDR": f"127.0.0.1:{port}",
-                "CYBERDESK_INTERNAL_TOKEN": TOKEN,
-                "CYBERDESK_WARM_POOL": f"base={pool}",
-                "CYBERDESK_LOG_LEVEL": "WARNING",
-                "REDIS_URL": redis_url,
-            }
-            with (
-                service("instance_svc", f"127.0.0.1:{port}", env, state, timeout=30),
-                grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
-            ):
-                yield channel, state
-    finally:
-        # instance_svc keeps instance sandboxes on SIGTERM (they are re-adopted); the benchmark
-        # deleted its instances, and the idle pool sandboxes are deleted on SIGTERM.
-        shutil.rmtree(state, ignore_errors=True)
+    # instance_svc keeps instance sandboxes on SIGTERM (they are re-adopted); the benchmark deletes
+    # its instances, and the idle pool sandboxes are deleted on SIGTERM.
+    with (
+        instance_svc_setting(warm_pool=f"base={pool}") as (state, env, target),
+        service("instance_svc", target, env, state, timeout=30),
+        grpc.insecure_channel(target) as channel,
+    ):
+        yield channel, state
 
 
 def _first_exec(channel: grpc.Channel) -> tuple[float, float, str]:
