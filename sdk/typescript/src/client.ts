@@ -160,6 +160,7 @@ export class Instances {
   async watch(options: InstanceWatchOptions = {}): Promise<InstanceWatch> {
     const watch = new InstanceWatch(this.t, options);
     watch.open();
+    await watch.ready(); // in place: a change made after this returns is delivered
     return watch;
   }
 }

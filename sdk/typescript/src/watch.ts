@@ -88,9 +88,8 @@ export class InstanceWatch implements AsyncIterable<InstanceEvent> {
   }
 
   /**
-   * @internal Send the request. Over REST the response (headers included) starts with the first
-   * change, so this cannot wait until the server's watch is in place, as the gRPC side does; the
-   * outcome of the request is awaited by the iteration.
+   * @internal Send the request. The response (its headers, with the start cursor) comes once the
+   * server's watch is in place; `ready()` waits for it, the iteration awaits it too.
    */
   open(): void {
     const query = { instanceId: this.options.instanceId ?? "", cursor: this.cursor };
@@ -103,6 +102,11 @@ export class InstanceWatch implements AsyncIterable<InstanceEvent> {
       });
     // Awaited by the iteration; never an unhandled rejection when nobody iterates.
     this.response.catch(() => undefined);
+  }
+
+  /** @internal Resolves once the server's watch is in place (every later change will be seen); rejects as the request did. */
+  async ready(): Promise<void> {
+    await this.response;
   }
 
   /** Open again after a resumable end, with back-off; rethrows `error` once it gives up. */
