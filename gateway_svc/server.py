@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -35,7 +35,9 @@ from gateway_svc.rest.preview_links import PreviewTokens
 from gateway_svc.rest.upstream import GatewayUpstream
 from gateway_svc.revocation import OpenCalls, RevocableUpstream, RevocationInterceptor
 from gateway_svc.routing import RouteCache, follow_events
-from gateway_svc.unkey_backend import UnkeyBackend
+
+if TYPE_CHECKING:
+    from gateway_svc.unkey_backend import UnkeyBackend
 
 _log = logging.getLogger("gateway_svc")
 
@@ -71,6 +73,10 @@ class Gateway:
         config = self.config
         backend: KeyBackend
         if config.unkey_root_key:
+            # Imported here: the Unkey client (and the pydantic models under it) is three quarters
+            # of the gateway's import time, which a restart under `cyberdesk up` waits for.
+            from gateway_svc.unkey_backend import UnkeyBackend
+
             self.unkey = backend = UnkeyBackend(
                 config.unkey_root_key, config.unkey_api_id, config.unkey_server_url, config.unkey_keyspace
             )
