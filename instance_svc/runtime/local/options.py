@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,9 @@ class LocalOptions:
 
     sandbox_uid: int = 100_000  # host uid of every sandbox's processes (uid 1000 inside)
     sandbox_gid: int = 100_000
-    ready_timeout: float = 15.0
+    ready_timeout: float = 15.0  # one agent's boot, from its start to answering health checks
+    # Agents booting at once (runtime.py says why there is a bound); the rest wait their turn.
+    parallel_boots: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
     pids_max: int = 1024
     use_cgroups: bool = True
     python: Path = field(

@@ -60,6 +60,7 @@ class LocalRuntime:
         self._base.mkdir(parents=True, exist_ok=True)
         os.chmod(self._base, 0o700)
         self._opts = options or LocalOptions()
+        self._boots = asyncio.Semaphore(max(1, self._opts.parallel_boots))
         # Named after the base: the sweep of this runtime must never touch another one's sandboxes.
         group = f"cyberdesk-{procscan.base_tag(self._base)}"
         self._cgroups = CgroupManager(group=group) if self._opts.use_cgroups else None
@@ -190,76 +191,81 @@ class LocalRuntime:
         # Saved before the start so that a failed start still finds its cgroups to remove.
         state_file.save(directory, state)
 
-        policy: network.Policy | None = None
-        block_r = block_w = -1
-        if spec.internet:
-            # Host names are resolved now, at create time; one that does not resolve fails the create.
-            policy = await asyncio.to_thread(
-                network.build_policy,
-                spec.egress_allow,
-                spec.egress_deny,
-                self._opts.egress_allow_ranges,
-                dns_upstream=self._opts.egress_dns_upstream,
+        # At most `parallel_boots` sandboxes boot at once. A boot is mostly the agent's Python
+        # start-up (CPU): twenty at once on two busy cores shared the CPU so thinly that agents
+        # missed their ready_timeout (a fault test saw it); queued, each boots with the CPU it
+        # needs. The timeout counts from the slot, so it bounds one boot, not the queue before it.
+        async with self._boots:
+            policy: network.Policy | None = None
+            block_r = block_w = -1
+            if spec.internet:
+                # Host names are resolved now, at create time; one that does not resolve fails the create.
+                policy = await asyncio.to_thread(
+                    network.build_policy,
+                    spec.egress_allow,
+                    spec.egress_deny,
+                    self._opts.egress_allow_ranges,
+                    dns_upstream=self._opts.egress_dns_upstream,
+                )
+                block_r, block_w = os.pipe()
+            launch = bwrap.Launch(
+                layer=layer,
+                sock_dir=sock,
+                hostname=hostname,
+                internet=spec.internet,
+                uid=uid,
+                gid=gid,
+                python_prefix=self._opts.python_prefix,
+                python=self._opts.python,
+                site_packages=self._site,
+                packages=self._packages,
+                command=bwrap.agent_command(self._opts.python, spec.desktop, self._wm),
+                cgroup_procs=cg.procs_files,
+                stage=self._opts.stage_dir,
+                data_rlimit=None if cg.enforced.get("memory_bytes") else memory,
+                nested_userns=spec.nested_userns,
+                cgroup_binds=cgroup_binds,
+                block_fd=block_r,
             )
-            block_r, block_w = os.pipe()
-        launch = bwrap.Launch(
-            layer=layer,
-            sock_dir=sock,
-            hostname=hostname,
-            internet=spec.internet,
-            uid=uid,
-            gid=gid,
-            python_prefix=self._opts.python_prefix,
-            python=self._opts.python,
-            site_packages=self._site,
-            packages=self._packages,
-            command=bwrap.agent_command(self._opts.python, spec.desktop, self._wm),
-            cgroup_procs=cg.procs_files,
-            stage=self._opts.stage_dir,
-            data_rlimit=None if cg.enforced.get("memory_bytes") else memory,
-            nested_userns=spec.nested_userns,
-            cgroup_binds=cgroup_binds,
-            block_fd=block_r,
-        )
-        try:
-            proc, info_r = spawn.spawn_sandbox(directory, spec, launch, token, self._mark(spec.sandbox_id))
-        finally:
-            if block_r >= 0:
-                os.close(block_r)
-        # Recorded before anything can fail, so that the cleanup of a failed start kills it.
-        self._children[spec.sandbox_id] = proc
-        state.pid = proc.pid
-        try:
             try:
-                timeout = self._opts.ready_timeout
-                state.init_pid = await asyncio.to_thread(
-                    spawn.read_init_pid, directory, spec.sandbox_id, info_r, proc, timeout
-                )
+                proc, info_r = spawn.spawn_sandbox(directory, spec, launch, token, self._mark(spec.sandbox_id))
             finally:
-                os.close(info_r)
-            start = procscan.start_time(proc.pid)
-            if start is None:
-                raise RuntimeError_(f"the sandbox exited at once: {spawn.log_tail(directory)}")
-            state.pid_start = start
-            state_file.save(directory, state)
-            if policy is not None:
-                # PID 1 is blocked on --block-fd: rules and slirp4netns are in place before it runs.
-                await asyncio.to_thread(
-                    network.attach,
-                    directory,
-                    state.init_pid,
-                    block_r,
-                    policy,
-                    uid,
-                    gid,
-                    cg.procs_files,
-                    mark=self._mark(spec.sandbox_id),
-                )
-                os.write(block_w, b"1")
-        finally:
-            if block_w >= 0:
-                os.close(block_w)
-        await spawn.wait_until_healthy(directory, spec.sandbox_id, proc, self._opts.ready_timeout)
+                if block_r >= 0:
+                    os.close(block_r)
+            # Recorded before anything can fail, so that the cleanup of a failed start kills it.
+            self._children[spec.sandbox_id] = proc
+            state.pid = proc.pid
+            try:
+                try:
+                    timeout = self._opts.ready_timeout
+                    state.init_pid = await asyncio.to_thread(
+                        spawn.read_init_pid, directory, spec.sandbox_id, info_r, proc, timeout
+                    )
+                finally:
+                    os.close(info_r)
+                start = procscan.start_time(proc.pid)
+                if start is None:
+                    raise RuntimeError_(f"the sandbox exited at once: {spawn.log_tail(directory)}")
+                state.pid_start = start
+                state_file.save(directory, state)
+                if policy is not None:
+                    # PID 1 is blocked on --block-fd: rules and slirp4netns are in place before it runs.
+                    await asyncio.to_thread(
+                        network.attach,
+                        directory,
+                        state.init_pid,
+                        block_r,
+                        policy,
+                        uid,
+                        gid,
+                        cg.procs_files,
+                        mark=self._mark(spec.sandbox_id),
+                    )
+                    os.write(block_w, b"1")
+            finally:
+                if block_w >= 0:
+                    os.close(block_w)
+            await spawn.wait_until_healthy(directory, spec.sandbox_id, proc, self._opts.ready_timeout)
         return self._info(state)
 
     # --- delete ----------------------------------------------------------------------------

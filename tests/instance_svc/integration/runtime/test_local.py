@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -227,3 +228,38 @@ def test_an_agent_that_cannot_start_fails_create_with_its_log(tmp_path: Path) ->
     with pytest.raises(RuntimeError_, match="exited with"):
         asyncio.run(runtime.create(SandboxSpec(sandbox_id="sb-f")))
     assert not (base / "sb-f").exists()
+
+
+def test_boots_beyond_parallel_boots_wait_their_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted between the sandbox's spawn and its agent answering: the span the bound is for.
+    from instance_svc.runtime.local import spawn
+
+    booting: list[int] = [0]
+    most: list[int] = [0]
+    real_spawn, real_wait = spawn.spawn_sandbox, spawn.wait_until_healthy
+
+    def counting_spawn(*args: Any, **kwargs: Any) -> Any:
+        booting[0] += 1
+        most[0] = max(most[0], booting[0])
+        return real_spawn(*args, **kwargs)
+
+    async def counting_wait(*args: Any, **kwargs: Any) -> None:
+        try:
+            await real_wait(*args, **kwargs)
+        finally:
+            booting[0] -= 1
+
+    monkeypatch.setattr(spawn, "spawn_sandbox", counting_spawn)
+    monkeypatch.setattr(spawn, "wait_until_healthy", counting_wait)
+    runtime = LocalRuntime(tmp_path / "instances", LocalOptions(parallel_boots=2))
+
+    async def create_three() -> list[bool]:
+        try:
+            made = await asyncio.gather(*(runtime.create(SandboxSpec(sandbox_id=f"sb-q{n}")) for n in range(3)))
+            return [info.running for info in made]
+        finally:
+            for n in range(3):
+                await runtime.delete(f"sb-q{n}")
+
+    assert asyncio.run(create_three()) == [True, True, True]
+    assert most[0] == 2  # two at once, never the third
