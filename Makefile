@@ -11,6 +11,10 @@ TS := sdk/typescript
 NPM_STAMP := $(TS)/node_modules/.setup-stamp
 AGAINST ?= HEAD~1
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; 0 runs in one process). Each test file stays in one process
+# (--dist loadfile), so a module's stack is started once and tests that share fixed test
+# addresses (the egress hosts) never run at the same time.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup system proto proto-check lint format test run bench breaking clean
 
@@ -80,7 +84,7 @@ format: setup
 	$(BIN)/buf format -w
 
 test: proto-check
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Wire-incompatible changes of the API against a git ref (default: the previous commit).
 breaking: setup
