@@ -84,7 +84,9 @@ format: setup
 	$(BIN)/buf format -w
 
 test: proto-check
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	@# A short base for tmp_path: an agent's socket (<tmp>/state/instances/<sandbox>/sock/agent.sock)
+	@# must fit a unix socket's 107 bytes, and xdist adds popen-gwN/ to pytest's default base.
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --basetemp="$$(mktemp -d /tmp/cdtXXXXXX)" $(PYTEST_ARGS)
 
 # Wire-incompatible changes of the API against a git ref (default: the previous commit).
 breaking: setup

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
+import logging
 import os
 import re
 import secrets
@@ -45,9 +46,15 @@ from instance_svc.runtime.local.state_file import SandboxState
 from instance_svc.runtime.local.teardown import destroy
 from instance_svc.runtime.local.watch import ExitHandler, Watcher
 
+_log = logging.getLogger("instance_svc.runtime.local")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MIB = 1024 * 1024
+# A unix socket's path holds at most 107 bytes (sun_path is 108 with its NUL). The host reaches
+# each agent at <base>/<sandbox>/sock/agent.sock; a longer path is refused by connect(), which
+# grpc reports only as a target that never answers, so it is checked before anything starts.
+_SOCKET_PATH_MAX = 107
+_TYPICAL_SANDBOX_ID = "sb-000000000000"  # the form instance_svc gives its sandboxes
 
 
 class LocalRuntime:
@@ -60,6 +67,16 @@ class LocalRuntime:
         self._base.mkdir(parents=True, exist_ok=True)
         os.chmod(self._base, 0o700)
         self._opts = options or LocalOptions()
+        if self._socket_path_bytes(_TYPICAL_SANDBOX_ID) > _SOCKET_PATH_MAX:
+            # Said once at the start, to the operator; every create that would hit it fails precisely.
+            _log.warning(
+                "the state directory %s is too long a path for the agents' unix sockets "
+                "(<base>/%s/sock/agent.sock is %d bytes, at most %d): creates will fail; use a shorter one",
+                self._base,
+                _TYPICAL_SANDBOX_ID,
+                self._socket_path_bytes(_TYPICAL_SANDBOX_ID),
+                _SOCKET_PATH_MAX,
+            )
         self._boots = asyncio.Semaphore(max(1, self._opts.parallel_boots))
         # Named after the base: the sweep of this runtime must never touch another one's sandboxes.
         group = f"cyberdesk-{procscan.base_tag(self._base)}"
@@ -119,7 +136,16 @@ class LocalRuntime:
 
     # --- create ----------------------------------------------------------------------------
 
+    def _socket_path_bytes(self, sandbox_id: str) -> int:
+        return len(os.fsencode(self._base / sandbox_id / "sock" / "agent.sock"))
+
     def _validate(self, spec: SandboxSpec) -> None:
+        if self._socket_path_bytes(spec.sandbox_id) > _SOCKET_PATH_MAX:
+            # No host path here: the message can reach the tenant as the create's failure.
+            raise RuntimeError_(
+                f"sandbox id {spec.sandbox_id!r} is too long for this host's state directory "
+                f"(its agent socket path would exceed {_SOCKET_PATH_MAX} bytes)"
+            )
         if spec.vcpus < 1 or spec.memory_mib < 16:
             raise RuntimeError_(f"a sandbox needs at least 1 vCPU and 16 MiB (got {spec.vcpus} and {spec.memory_mib})")
         if spec.disk_mib < 16:

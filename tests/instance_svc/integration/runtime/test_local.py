@@ -263,3 +263,18 @@ def test_boots_beyond_parallel_boots_wait_their_turn(tmp_path: Path, monkeypatch
 
     assert asyncio.run(create_three()) == [True, True, True]
     assert most[0] == 2  # two at once, never the third
+
+
+def test_a_path_too_long_for_the_agents_socket_is_refused_before_anything_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # connect() refuses a unix socket path over 107 bytes; grpc would only show an agent that never answers.
+    LocalRuntime(tmp_path / ("d" * (120 - len(str(tmp_path)))))
+    assert "too long a path for the agents' unix sockets" in caplog.text  # the operator is told at the start
+    base = tmp_path / "i"
+    runtime = LocalRuntime(base)
+    long_id = "sb-" + "x" * (107 - len(str(base)) - len("//sock/agent.sock") - 2)
+    with pytest.raises(RuntimeError_, match="too long for this host's state directory") as refused:
+        asyncio.run(runtime.create(SandboxSpec(sandbox_id=long_id)))
+    assert str(base) not in str(refused.value)  # no host path in what a tenant may see
+    assert not (base / long_id).exists()
