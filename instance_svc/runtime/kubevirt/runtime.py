@@ -25,6 +25,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ from instance_svc.runtime.base import (
     SnapshotResult,
 )
 from instance_svc.runtime.kubevirt.kube import Kube, gone
-from instance_svc.runtime.kubevirt.records import snapshot_object
+from instance_svc.runtime.kubevirt.records import FINALIZER as RECORD_FINALIZER
+from instance_svc.runtime.kubevirt.records import record_of, snapshot_object
 from instance_svc.runtime.kubevirt.watcher import Obj, Watcher
 
 _log = logging.getLogger("instance_svc.runtime.kubevirt")
@@ -61,6 +63,10 @@ class KubevirtOptions:
     snapshot_timeout_s: float = 600.0
     # Template -> CyberdeskWarmPool that a matching create claims from ("" or absent: none).
     warm_pools: tuple[tuple[str, str], ...] = ()
+    # How long the resource of an ended instance stays as its record (GetInstance, ListInstances),
+    # and how often a replica looks for records past it.
+    record_retention_s: float = 86400.0
+    gc_interval_s: float = 600.0
 
 
 def _status(obj: Obj | None) -> dict[str, Any]:
@@ -92,6 +98,7 @@ class KubevirtRuntime:
         self._endpoints: dict[str, AgentEndpoint] = {}
         self._exits: dict[str, Callable[[str, str], None]] = {}
         self._started = False
+        self._gc: asyncio.Task[None] | None = None
 
     def sandbox_id_for(self, instance_id: str) -> str:
         """The resource of an instance is named by its id."""
@@ -108,6 +115,35 @@ class KubevirtRuntime:
         self.snapshots.start(loop)
         await self.watcher.synced(60)
         await self.snapshots.synced(60)
+        self._gc = loop.create_task(self._collect_records(), name="kubevirt-record-gc")
+
+    async def _collect_records(self) -> None:
+        """Let the resources of instances ended longer than the retention ago go (every replica; idempotent)."""
+        while True:
+            await asyncio.sleep(self.options.gc_interval_s)
+            horizon_us = int((time.time() - self.options.record_retention_s) * 1_000_000)
+            for obj in self.watcher.items():
+                rec = record_of(obj)
+                if rec is None or not rec.state.terminal or not rec.end_time_us or rec.end_time_us > horizon_us:
+                    continue
+                name = obj["metadata"]["name"]
+                try:
+                    if not obj["metadata"].get("deletionTimestamp"):
+                        await self._call(self.kube.delete, contract.INSTANCE_PLURAL, name)
+                    await self._call(self._drop_finalizer, name)
+                except Exception as err:
+                    _log.warning("record not collected", extra={"instance_id": name, "error": str(err)})
+
+    def _drop_finalizer(self, name: str) -> None:
+        try:
+            obj = self.kube.get(contract.INSTANCE_PLURAL, name)
+        except Exception as err:
+            if gone(err):
+                return
+            raise
+        finalizers = [f for f in obj["metadata"].get("finalizers") or [] if f != RECORD_FINALIZER]
+        meta = {"resourceVersion": obj["metadata"].get("resourceVersion"), "finalizers": finalizers}
+        self.kube.patch(contract.INSTANCE_PLURAL, name, {"metadata": meta})
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -358,6 +394,9 @@ class KubevirtRuntime:
 
     async def close(self) -> None:
         """Stop the watches and the client (the VMs go on: they outlive instance_svc)."""
+        if self._gc is not None:
+            self._gc.cancel()
+            await asyncio.gather(self._gc, return_exceptions=True)
         self.watcher.stop()
         self.snapshots.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -369,19 +369,6 @@ class KubeStore(Store):
         _old, rec = self._change(instance_id, lambda r: (replace(r, **changes), None), spec)
         return rec
 
-    def forget_record(self, instance_id: str) -> None:
-        """Let a deleted instance's resource go (its record's retention is over): remove our finalizer."""
-        obj = self._obj(instance_id, fresh=True)
-        if obj is None:
-            return
-        finalizers = [f for f in obj["metadata"].get("finalizers") or [] if f != records.FINALIZER]
-        patch = {"metadata": {"resourceVersion": obj["metadata"].get("resourceVersion"), "finalizers": finalizers}}
-        try:
-            self._kube.patch(contract.INSTANCE_PLURAL, instance_id, patch)
-        except ApiException as err:
-            if not (gone(err) or conflict(err)):
-                raise
-
     # --- the outbox --------------------------------------------------------------------------
 
     def unsent(self, limit: int = 500) -> list[tuple[int, Event]]:
