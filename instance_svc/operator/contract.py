@@ -85,6 +85,8 @@ ANNOTATION_REQUEST_ID: Final = "cyberdesk.io/request-id"
 # On a VM: the uid of the CyberdeskInstance it serves (checked before adopting an existing VM of the
 # same name, so a VM of a deleted instance of the same name is never taken over).
 ANNOTATION_INSTANCE_UID: Final = "cyberdesk.io/instance-uid"
+# On VMs and Secrets: the operator replica that wrote them (CYBERDESK_OPERATOR_ID, default host-pid).
+ANNOTATION_WRITTEN_BY: Final = "cyberdesk.io/written-by"
 
 # -- Finalizer the operator puts on CyberdeskInstances and CyberdeskSnapshots. ----------------------
 FINALIZER: Final = "cyberdesk.io/operator"
@@ -145,6 +147,11 @@ REASON_INVALID_SPEC: Final = "InvalidSpec"
 REASON_CLAIMED: Final = "Claimed"
 REASON_WARM_POOL_EMPTY: Final = "WarmPoolEmpty"
 REASON_WARM_POOL_MISMATCH: Final = "WarmPoolMismatch"
+REASON_RESTORE_FAILED: Final = "RestoreFailed"
+REASON_AGENT_REFUSED: Final = "AgentRefused"
+REASON_WAITING_FOR_OLD_VM: Final = "WaitingForOldVirtualMachine"
+REASON_SOURCE_NOT_FOUND: Final = "SourceNotFound"
+REASON_SNAPSHOT_FAILED: Final = "SnapshotFailed"
 
 # timeoutAction values.
 TIMEOUT_TERMINATE: Final = "Terminate"
