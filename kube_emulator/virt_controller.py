@@ -249,7 +249,10 @@ class VirtController:
                 return
             for tmpl in vm.get("spec", {}).get("dataVolumeTemplates") or []:
                 dv_name = tmpl["metadata"]["name"]
-                if self.em.get_object(DV, dv_name, ns) is None:
+                existing = self.em.get_object(DV, dv_name, ns)
+                if existing is not None and existing["metadata"].get("ownerReferences", [{}])[0].get("uid") != vm_uid:
+                    log.warning("DataVolume %s/%s belongs to another VM", ns, dv_name)
+                if existing is None:
                     self.em.put_object(
                         DV,
                         {
@@ -546,6 +549,16 @@ class VirtController:
             source = copy.deepcopy(content["spec"]["source"]["virtualMachine"])
             source["metadata"]["name"] = target
             source = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", **source}
+            # The restored volumes are new DataVolumes, named as KubeVirt names them.
+            renames = {
+                t["metadata"]["name"]: f"restore-{restore['metadata']['uid']}-{t['metadata']['name']}"
+                for t in source["spec"].get("dataVolumeTemplates") or []
+            }
+            for t in source["spec"].get("dataVolumeTemplates") or []:
+                t["metadata"]["name"] = renames[t["metadata"]["name"]]
+            for v in source["spec"].get("template", {}).get("spec", {}).get("volumes") or []:
+                if "dataVolume" in v and v["dataVolume"].get("name") in renames:
+                    v["dataVolume"]["name"] = renames[v["dataVolume"]["name"]]
             try:
                 ops = [json.loads(p) for p in spec.get("patches") or []]
                 source = jsonpatch.apply_patch(source, ops)
