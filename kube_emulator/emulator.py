@@ -893,11 +893,13 @@ class Emulator:
             elif parts == ["apis"]:
                 payload = await sc._serve_apis(kmock.Request())
             elif parts[0] == "apis" and len(parts) == 2:
-                payload = await sc._serve_group(kmock.Request(resource=kmock.resource(parts[1], None, None)))
+                payload = await sc._serve_group(kmock.Request(resource=kmock.resource(group=parts[1])))
             elif parts[0] == "apis" and len(parts) == 3:
-                payload = await sc._serve_version(kmock.Request(resource=kmock.resource(parts[1], parts[2], None)))
+                payload = await sc._serve_version(
+                    kmock.Request(resource=kmock.resource(group=parts[1], version=parts[2]))
+                )
             elif parts == ["api", "v1"]:
-                payload = await sc._serve_version(kmock.Request(resource=kmock.resource("", "v1", None)))
+                payload = await sc._serve_version(kmock.Request(resource=kmock.resource(group="", version="v1")))
             else:
                 raise ApiError(
                     404, "NotFound", f"the server could not find the requested resource (/{'/'.join(parts)})"

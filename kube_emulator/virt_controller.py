@@ -449,8 +449,17 @@ class VirtController:
             subresource="status",
         )
         content_name = f"vmsnapshot-content-{snap['metadata']['uid']}"
-        size = await self.guest.snapshot(ns, vm["metadata"]["name"], content_name)
+        await self.guest.snapshot(ns, vm["metadata"]["name"], content_name)
         vm_meta = vm["metadata"]
+        templates = {
+            t["metadata"]["name"]: (t.get("spec") or {}).get("storage") or (t.get("spec") or {}).get("pvc") or {}
+            for t in vm.get("spec", {}).get("dataVolumeTemplates") or []
+        }
+        volume_names = [
+            v["name"]
+            for v in vm.get("spec", {}).get("template", {}).get("spec", {}).get("volumes") or []
+            if "dataVolume" in v
+        ]
         content = self.em.put_object(
             CONTENT,
             {
@@ -471,13 +480,26 @@ class VirtController:
                     "volumeBackups": [
                         {
                             "volumeName": v["name"],
-                            "persistentVolumeClaim": {"metadata": {"name": v["dataVolume"]["name"]}},
+                            "volumeSnapshotName": f"vmsnapshot-{snap['metadata']['uid']}-volume-{v['name']}",
+                            "persistentVolumeClaim": {
+                                "metadata": {"name": v["dataVolume"]["name"]},
+                                "spec": {
+                                    "resources": (templates.get(v["dataVolume"]["name"]) or {}).get("resources", {})
+                                },
+                            },
                         }
                         for v in vm.get("spec", {}).get("template", {}).get("spec", {}).get("volumes") or []
                         if "dataVolume" in v
                     ],
                 },
-                "status": {"readyToUse": True, "creationTime": _now()},
+                "status": {
+                    "readyToUse": True,
+                    "creationTime": _now(),
+                    "volumeSnapshotStatus": [
+                        {"volumeSnapshotName": f"vmsnapshot-{snap['metadata']['uid']}-volume-{v}", "readyToUse": True}
+                        for v in volume_names
+                    ],
+                },
             },
         )
         await asyncio.sleep(self.step_seconds)
@@ -492,7 +514,6 @@ class VirtController:
                     "readyToUse": True,
                     "creationTime": content["status"]["creationTime"],
                     "virtualMachineSnapshotContentName": content_name,
-                    "restoreSize": f"{size}",
                     "indications": ["Online", "GuestAgent"],
                     "conditions": [
                         _condition("Progressing", False, "Operation complete"),
