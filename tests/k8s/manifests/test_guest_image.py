@@ -168,31 +168,41 @@ def test_the_desktop_units_run_as_the_tenant_user() -> None:
 # --- cloud-init ---------------------------------------------------------------------------------------
 
 
-def _schema(tmp_path: Path, text: str, name: str = "user-data") -> subprocess.CompletedProcess[str]:
-    path = tmp_path / name
-    path.write_text(text)
-    return subprocess.run(
-        [_tool("cloud-init", "cloud-init"), "schema", "--config-file", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def _schemas(tmp_path: Path, texts: dict[str, str]) -> dict[str, subprocess.CompletedProcess[str]]:
+    """`cloud-init schema --config-file` of each text, the runs side by side (each loads all of cloud-init)."""
+    tool = _tool("cloud-init", "cloud-init")
+    running = {}
+    for name, text in texts.items():
+        path = tmp_path / name
+        path.write_text(text)
+        argv = [tool, "schema", "--config-file", str(path)]
+        running[name] = (argv, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = {}
+    for name, (argv, proc) in running.items():
+        out, err = proc.communicate(timeout=120)
+        done[name] = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return done
 
 
 def test_cloud_configs_pass_cloud_init_schema(tmp_path: Path) -> None:
-    image_config = _schema(tmp_path, (GUEST / "99-cyberdesk.cfg").read_text(), "99-cyberdesk.cfg")
-    assert image_config.returncode == 0, image_config.stdout + image_config.stderr
-    # An instance's desktop VM, and a warm-pool member (no instance yet: bound at its claim).
-    for desktop, instance_id in ((True, "i-0123456789ab"), (False, "")):
-        proc = _schema(tmp_path, _render(desktop=desktop, instance_id=instance_id))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "Valid cloud-config" in proc.stdout
+    results = _schemas(
+        tmp_path,
+        {
+            "99-cyberdesk.cfg": (GUEST / "99-cyberdesk.cfg").read_text(),
+            # An instance's desktop VM, and a warm-pool member (no instance yet: bound at its claim).
+            "desktop-instance": _render(desktop=True, instance_id="i-0123456789ab"),
+            "pool-member": _render(desktop=False, instance_id=""),
+        },
+    )
+    for name, proc in results.items():
+        assert proc.returncode == 0, f"{name}: {proc.stdout}{proc.stderr}"
+        assert "Valid cloud-config" in proc.stdout, name
 
 
 def test_cloud_init_schema_refuses_a_broken_config(tmp_path: Path) -> None:
     config = yaml.safe_load(_render().removeprefix("#cloud-config\n"))
     config["write_files"][0]["permissions"] = 600  # an int: the schema wants the octal string
-    proc = _schema(tmp_path, "#cloud-config\n" + yaml.safe_dump(config))
+    proc = _schemas(tmp_path, {"broken": "#cloud-config\n" + yaml.safe_dump(config)})["broken"]
     assert proc.returncode != 0 and "permissions" in proc.stderr
 
 

@@ -956,3 +956,73 @@ def test_the_readme_says_how_to_deploy() -> None:
     assert "kubectl apply -k k8s/" in readme
     for needed in ("KubeVirt", "CDI", "storage class", "kubectl apply -k k8s/crds", "guest-image"):
         assert needed in readme, needed
+
+
+# --- RBAC against the code ------------------------------------------------------------------------
+
+_RUNTIME = ROOT / "instance_svc" / "runtime" / "kubevirt"
+_OPERATOR = ROOT / "instance_svc" / "operator"
+# instance_svc's Kube wrapper (runtime/kubevirt/kube.py): its method -> the RBAC verb of its request.
+_WRAPPER_VERBS = {
+    "get": "get",
+    "create": "create",
+    "patch": "patch",
+    "delete": "delete",
+    "list": "list",
+    "secret_data": "get",
+    "config_map": "get",
+    "create_config_map": "create",
+    "replace_config_map": "update",
+}
+_WRAPPER_RESOURCES = {"secret_data": "secrets", "config_map": "configmaps", "create_config_map": "configmaps"}
+_WRAPPER_RESOURCES["replace_config_map"] = "configmaps"
+
+
+def _grants(account: str) -> set[tuple[str, str]]:
+    return {(resource, verb) for _group, resource, verb in _rules(account)}
+
+
+def test_instance_svc_may_do_exactly_what_its_runtime_does() -> None:
+    """Every API call of the kubevirt runtime (through its Kube wrapper and its watches) against the Role."""
+    source = "\n".join(p.read_text() for p in sorted(_RUNTIME.glob("*.py")) if p.name != "kube.py")
+    calls: set[tuple[str, str]] = set()
+    for method, plural in re.findall(r"kube\.(get|create|patch|delete|list),\s*contract\.(\w+_PLURAL)", source):
+        calls.add((getattr(contract, plural), _WRAPPER_VERBS[method]))
+    for method, plural in re.findall(r"kube\.(get|create|patch|delete|list)\(contract\.(\w+_PLURAL)", source):
+        calls.add((getattr(contract, plural), _WRAPPER_VERBS[method]))
+    for method in re.findall(r"kube\.(secret_data|config_map|create_config_map|replace_config_map)\b", source):
+        calls.add((_WRAPPER_RESOURCES[method], _WRAPPER_VERBS[method]))
+    # A Watcher lists, then watches (watcher.py); its default plural is the instances'.
+    for plural in re.findall(r"Watcher\(kube(?:, contract\.(\w+_PLURAL))?\)", source):
+        resource = getattr(contract, plural) if plural else contract.INSTANCE_PLURAL
+        calls |= {(resource, "list"), (resource, "watch")}
+    assert (contract.INSTANCE_PLURAL, "create") in calls and ("configmaps", "update") in calls  # the scan works
+    assert _grants("instance-svc") == calls
+
+
+def _operator_resources() -> set[str]:
+    """The resources the operator's code names in its API paths (contract plurals and literal ones)."""
+    source = "\n".join(p.read_text() for p in sorted(_OPERATOR.glob("*.py")) if p.name != "contract.py")
+    names = {getattr(contract, c) for c in re.findall(r"contract\.(\w+_PLURAL)\b", source)}
+    names |= set(re.findall(r'path\("[^"]*", "v1", "(\w+)"', source))
+    # kopf's own: the Events it posts and the CRDs it watches to see its resources come and go.
+    return names | {"events", "customresourcedefinitions"}
+
+
+def test_the_operator_may_touch_exactly_the_resources_its_code_names() -> None:
+    granted = {resource.split("/")[0] for resource, _verb in _grants("instance-operator")}
+    assert granted == _operator_resources()
+    grants = _grants("instance-operator")
+    # kopf watches what it handles and what it indexes, and patches its finalizer and state into
+    # what it handles; the operator patches their status.
+    for plural in (contract.INSTANCE_PLURAL, contract.SNAPSHOT_PLURAL, contract.WARM_POOL_PLURAL):
+        assert {(plural, "list"), (plural, "watch"), (plural, "patch"), (f"{plural}/status", "patch")} <= grants
+    for plural in (contract.VM_PLURAL, contract.VMI_PLURAL, contract.VM_SNAPSHOT_PLURAL, contract.VM_RESTORE_PLURAL):
+        assert {(plural, "list"), (plural, "watch")} <= grants, plural
+    # Pause and resume are PUTs of KubeVirt's subresources.
+    assert {(f"{contract.VMI_PLURAL}/pause", "update"), (f"{contract.VMI_PLURAL}/unpause", "update")} <= grants
+    # Nothing the operator never does: it deletes no snapshot or restore (their owners' garbage
+    # collection does), never writes a template or a VMI.
+    assert not {v for r, v in grants if r == contract.TEMPLATE_PLURAL} - {"get"}
+    assert not {v for r, v in grants if r == contract.VMI_PLURAL} - {"list", "watch"}
+    assert (contract.VM_SNAPSHOT_PLURAL, "delete") not in grants
