@@ -791,8 +791,10 @@ def _pod(component: str, namespace: str = NAMESPACE, **extra: str) -> Peer:
 
 
 def _vm(name: str) -> Peer:
-    # A launcher pod's labels as the operator sets them (docs/kubernetes.md): no app name.
-    labels = {COMPONENT: contract.COMPONENT_GUEST_AGENT, contract.LABEL_VM: name}
+    """A VM's launcher pod, labelled as the operator labels it (manifests.pod_labels)."""
+    from instance_svc.operator import manifests
+
+    labels = manifests.pod_labels(manifests.common_labels(name, instance=name, tenant="t1"))
     return Peer(next(_PLATFORM_IPS), tuple(sorted(labels.items())), _ns(NAMESPACE))
 
 
@@ -826,15 +828,15 @@ def _port_match(rule: Obj, port: int, protocol: str) -> bool:
     return ports is None or any(p["port"] == port and p.get("protocol", "TCP") == protocol for p in ports)
 
 
-def _side_allows(direction: str, subject: Peer, other: Peer, port: int, protocol: str) -> bool:
+def _side_allows(direction: str, subject: Peer, other: Peer, port: int, protocol: str, extra: list[Obj]) -> bool:
     """Whether the namespace's policies of `direction` ("Ingress"/"Egress") that select `subject` allow it."""
     if subject.namespace is None or dict(subject.namespace) != dict(_ns(NAMESPACE)):
         return True  # not ours to police
     key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
     policies = [
-        p.obj["spec"]
-        for p in _of_kind("NetworkPolicy")
-        if direction in p.obj["spec"]["policyTypes"] and _label_match(p.obj["spec"]["podSelector"], subject.pod_labels)
+        spec
+        for spec in [*(p.obj["spec"] for p in _of_kind("NetworkPolicy")), *(e["spec"] for e in extra)]
+        if direction in spec["policyTypes"] and _label_match(spec["podSelector"], subject.pod_labels)
     ]
     if not policies:
         return True
@@ -848,9 +850,12 @@ def _side_allows(direction: str, subject: Peer, other: Peer, port: int, protocol
     return False
 
 
-def _allowed(src: Peer, dst: Peer, port: int, protocol: str = "TCP") -> bool:
-    """Whether the deploy's NetworkPolicies let `src` open `port` on `dst` (both sides must agree)."""
-    return _side_allows("Egress", src, dst, port, protocol) and _side_allows("Ingress", dst, src, port, protocol)
+def _allowed(src: Peer, dst: Peer, port: int, protocol: str = "TCP", extra: tuple[Obj, ...] = ()) -> bool:
+    """Whether the deploy's NetworkPolicies (and `extra`) let `src` open `port` on `dst`: both sides must agree."""
+    more = list(extra)
+    return _side_allows("Egress", src, dst, port, protocol, more) and _side_allows(
+        "Ingress", dst, src, port, protocol, more
+    )
 
 
 def _label_match(selector: Obj, labels: dict[str, str]) -> bool:
@@ -1026,3 +1031,49 @@ def test_the_operator_may_touch_exactly_the_resources_its_code_names() -> None:
     assert not {v for r, v in grants if r == contract.TEMPLATE_PLURAL} - {"get"}
     assert not {v for r, v in grants if r == contract.VMI_PLURAL} - {"list", "watch"}
     assert (contract.VM_SNAPSHOT_PLURAL, "delete") not in grants
+
+
+def test_with_the_operators_per_vm_policies() -> None:
+    """The deploy's policies together with the per-VM NetworkPolicy the operator writes (manifests.network_policy)."""
+    from instance_svc.operator import manifests
+
+    def vm_policy(vm: Peer, network: Obj | None) -> Obj:
+        name = vm.pod_labels[contract.LABEL_VM]
+        owner = {
+            "apiVersion": contract.API_VERSION,
+            "kind": contract.INSTANCE_KIND,
+            "metadata": {"name": name, "uid": "u-1"},
+        }
+        policy = manifests.network_policy(
+            name,
+            NAMESPACE,
+            owner=manifests.owner_ref(owner),
+            labels=manifests.common_labels(name, instance=name, tenant="t1"),
+            port=AGENT_PORT,
+            network=network,
+        )
+        kube_schemas.validate_builtin(policy)
+        return policy
+
+    online, offline = _vm("i-00000000000a"), _vm("i-00000000000b")
+    policies = (vm_policy(online, {"mode": contract.NETWORK_INTERNET}), vm_policy(offline, None))
+    for caller in ("gateway", "instance-svc", "instance-operator"):
+        assert _allowed(_pod(caller), online, AGENT_PORT, extra=policies), caller
+        assert not _allowed(_pod(caller), online, 22, extra=policies), caller
+    for caller in ("billing", "redis"):
+        assert not _allowed(_pod(caller), online, AGENT_PORT, extra=policies), caller
+    # An Internet VM reaches the internet and the cluster DNS, nothing private, nor the metadata
+    # service, nor Redis, nor another VM's agent.
+    assert _allowed(online, INTERNET, 443, extra=policies) and _allowed(online, INTERNET, 80, extra=policies)
+    assert _allowed(online, KUBE_DNS, 53, "UDP", extra=policies)
+    for target, port in [
+        (METADATA, 80),
+        (PRIVATE, 22),
+        (API_SERVER, 443),
+        (_pod("redis"), 6379),
+        (offline, AGENT_PORT),
+    ]:
+        assert not _allowed(online, target, port, extra=policies), f"{target.ip}:{port}"
+    # A VM of network mode None reaches nothing at all.
+    for target, port in [(INTERNET, 443), (KUBE_DNS, 53), (online, AGENT_PORT)]:
+        assert not _allowed(offline, target, port, extra=policies), f"{target.ip}:{port}"
