@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+
 from instance_svc import agent_client
 from instance_svc.operator import contract
 from instance_svc.runtime.base import (
@@ -180,12 +182,28 @@ class KubevirtRuntime:
             raise
         assert obj is not None
         endpoint = await self._endpoint(obj)
-        try:
-            # Proves the agent answers our token over TLS, binds it (idempotent) and gives it the env.
-            await agent_client.configure(endpoint, spec.instance_id or name, spec.env)
-        except Exception as err:
-            raise RuntimeError_(f"the VM's agent did not accept its configuration: {err}") from None
+        await self._configure(endpoint, spec.instance_id or name, spec.env)
         return self._info(obj, endpoint)
+
+    async def _configure(self, endpoint: AgentEndpoint, instance_id: str, env: dict[str, str]) -> None:
+        """ConfigureAgent: proves the agent answers our token over TLS, binds it (idempotent), gives it the env.
+
+        The operator had the agent answer before it said Running; a refused connection now is a
+        moment's hiccup (the agent restarting), so UNAVAILABLE is retried for a few seconds.
+        """
+        for attempt in range(20):
+            try:
+                await agent_client.configure(endpoint, instance_id, env)
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE and attempt < 19:
+                    await asyncio.sleep(0.25)
+                    continue
+                # The code and the agent's own message only: the channel's debug string names addresses.
+                raise RuntimeError_(
+                    f"the VM's agent did not accept its configuration: {err.code().name}"
+                    + (f": {err.details()}" if err.code() != grpc.StatusCode.UNAVAILABLE else "")
+                ) from None
 
     async def _endpoint(self, obj: Obj) -> AgentEndpoint:
         name = obj["metadata"]["name"]
@@ -313,10 +331,12 @@ class KubevirtRuntime:
         name = dest.stem
         body = snapshot_object(name, obj["spec"]["tenant"], sandbox_id, "")
         try:
-            await self._call(self.kube.create, contract.SNAPSHOT_PLURAL, body)
+            written = await self._call(self.kube.create, contract.SNAPSHOT_PLURAL, body)
         except Exception as err:
-            if getattr(err, "status", 0) != 409:  # a retry of ours: the same snapshot
+            if getattr(err, "status", 0) != 409:  # 409: a retry of ours, the same snapshot
                 raise
+            written = await self._call(self.kube.get, contract.SNAPSHOT_PLURAL, name)
+        self.snapshots.remember(written)
 
         def ready(snap: Obj | None) -> bool:
             if snap is None:
