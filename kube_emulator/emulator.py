@@ -184,6 +184,9 @@ class Emulator:
         # In-process controllers (kube_emulator.virt_controller) hear every event of a resource, on
         # the loop after the write (never inside it), as a watch would deliver it.
         self.listeners: dict[str, list[Callable[[str, Obj, Obj | None], None]]] = collections.defaultdict(list)
+        # Called before each resource request is served: (verb, resource key, name or None). Tests
+        # use it to act at an exact point of a client's work (e.g. kill it at its third VM create).
+        self.request_hooks: list[Callable[[str, str, str | None], None]] = []
         self._gc_pending: set[str] = set()
         from kube_emulator import resources as builtin  # the registry of built-ins and KubeVirt
 
@@ -802,6 +805,12 @@ class Emulator:
                 body = json.loads(raw)
             except ValueError:
                 raise ApiError(400, "BadRequest", "the body of the request is not valid JSON") from None
+        if self.request_hooks:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, "get")
+            if method == "GET":
+                verb = "watch" if request.query.get("watch") in ("true", "1") else ("list" if name is None else "get")
+            for hook in list(self.request_hooks):
+                hook(verb, res.key, name)
         if subresource == "status" and not res.has_status:
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
         if subresource and subresource != "status":

@@ -57,6 +57,7 @@ class Memo:
     retry: float = 0.05
     pause_sent: bool | None = None
     cleaned: bool = False
+    vm_written: bool = False
     # The status as our last write left it (the watch event carrying it may not have arrived yet).
     status: Obj | None = None
     status_rv: int = -1
@@ -356,7 +357,7 @@ class Reconciler:
             if vm is None:
                 if v.spec.get("sourceSnapshot"):
                     await self._restore(v, vm_name)
-                else:
+                elif not self.memo.vm_written:
                     await self._create_vm(v, vm_name)
         if "status" not in self.memo.ensured:
             await self._status(
@@ -425,7 +426,8 @@ class Reconciler:
             return  # someone else's: the next pass sees it in the index and waits
         if created:
             self.log.info("instance %s: VirtualMachine %s written", self.name, vm_name)
-        self.memo.vm_seen = self.memo.vm_seen or created
+        # Until the watch brings it into the index, later passes must not write it again.
+        self.memo.vm_written = True
 
     async def _adopt_dependents(self, v: View, vm_name: str) -> None:
         """After a claim: the member's Secret and NetworkPolicy become the instance's."""
