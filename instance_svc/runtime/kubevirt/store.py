@@ -24,6 +24,7 @@ a replica sees its own writes at once and another replica's within the watch's l
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -37,7 +38,7 @@ from cyberdesk_common.status import failed_precondition
 from instance_svc import paging, quotas
 from instance_svc.operator import contract
 from instance_svc.runtime.kubevirt import records
-from instance_svc.runtime.kubevirt.kube import ApiException, Kube, conflict, gone, retry_conflicts
+from instance_svc.runtime.kubevirt.kube import ApiException, Kube, conflict, gone
 from instance_svc.runtime.kubevirt.watcher import Watcher
 from instance_svc.states import LIVE, State, check_transition
 from instance_svc.store import Event, InstanceRecord, QuotaExceeded, SnapshotRecord, Store
@@ -69,6 +70,8 @@ class KubeStore(Store):
         self._seq = itertools.count(1)
         self._seqs: dict[tuple[str, str], int] = {}
         self._by_seq: dict[int, tuple[str, str]] = {}
+        # Quota ConfigMaps as last written here: the next write tries them first, saving a GET.
+        self._quota_maps: dict[str, Any] = {}
 
     def close(self) -> None:
         """Nothing to close (the runtime owns the client)."""
@@ -162,7 +165,7 @@ class KubeStore(Store):
             if earlier is not None:
                 return earlier, False
         request = records.request_label(rec.tenant, rec.request_id) if rec.request_id else ""
-        other = retry_conflicts(lambda: self._reserve(rec, limits, request), tries=200)
+        other = self._retry_quota(lambda fresh: self._reserve(rec, limits, request, fresh))
         if other:
             return self._wait_for_request(rec, other), False
         event = records.event_for(rec, None, rec.create_time_us, str(uuid.uuid4()))
@@ -202,33 +205,56 @@ class KubeStore(Store):
         )
         return pool if fits else ""
 
-    def _quota_map(self, tenant: str) -> Any:
+    def _quota_map(self, tenant: str, fresh: bool) -> Any:
+        """The tenant's quota ConfigMap: as this replica last wrote it (a 409 says it is stale), or read now."""
         name = quota_name(tenant)
+        if not fresh and name in self._quota_maps:
+            return copy.deepcopy(self._quota_maps[name])
         try:
             return self._kube.config_map(name)
         except ApiException as err:
             if not gone(err):
                 raise
         try:
-            return self._kube.create_config_map(
+            made = self._kube.create_config_map(
                 name,
                 {"tenant": tenant, "reservations": "{}"},
                 {QUOTA_LABEL: "true", contract.LABEL_PART_OF: contract.APP_NAME},
             )
+            self._quota_maps[name] = made
+            return copy.deepcopy(made)
         except ApiException as err:
             if conflict(err):  # another replica made it meanwhile
                 return self._kube.config_map(name)
             raise
 
-    def _reserve(self, rec: InstanceRecord, limits: quotas.Limits, request: str) -> str:
+    def _retry_quota(self, attempt: Any) -> Any:
+        """Run `attempt(fresh)` until it wins its conditional write: first on the remembered map, then re-read."""
+        fresh = False
+        for _ in range(200):
+            try:
+                return attempt(fresh)
+            except ApiException as err:
+                if not conflict(err):
+                    raise
+                fresh = True
+        raise RuntimeError("the tenant's quota is being written too often to get a turn; retry")
+
+    def _write_quota(self, cm: Any) -> None:
+        self._quota_maps[cm.metadata.name] = self._kube.replace_config_map(cm)
+
+    def _reserve(self, rec: InstanceRecord, limits: quotas.Limits, request: str, fresh: bool) -> str:
         """One attempt (409 when another write won); returns the id of an earlier create of `request`, or ""."""
-        cm = self._quota_map(rec.tenant)
+        cm = self._quota_map(rec.tenant, fresh)
         held: dict[str, dict[str, Any]] = json.loads((cm.data or {}).get("reservations") or "{}")
         if request:
             for instance_id, r in held.items():
                 if r.get("request") == request:
                     return instance_id
         problem = self._decide(rec, limits, held)
+        if problem and not fresh:
+            # The remembered map may miss releases of other replicas: refuse only on what is current.
+            raise ApiException(status=409, reason="stale")
         if problem and self._heal(held):
             problem = self._decide(rec, limits, held)
         if problem:
@@ -241,7 +267,7 @@ class KubeStore(Store):
             "time": time.time(),
         }
         cm.data = {**(cm.data or {}), "reservations": json.dumps(held, sort_keys=True)}
-        self._kube.replace_config_map(cm)
+        self._write_quota(cm)
         return ""
 
     @staticmethod
@@ -269,17 +295,19 @@ class KubeStore(Store):
         return dropped
 
     def _release(self, tenant: str, instance_id: str) -> None:
-        def attempt() -> None:
-            cm = self._quota_map(tenant)
+        def attempt(fresh: bool) -> None:
+            cm = self._quota_map(tenant, fresh)
             held = json.loads((cm.data or {}).get("reservations") or "{}")
             if instance_id not in held:
+                if not fresh:  # the remembered map may predate the reservation: make sure
+                    raise ApiException(status=409, reason="stale")
                 return
             del held[instance_id]
             cm.data = {**(cm.data or {}), "reservations": json.dumps(held, sort_keys=True)}
-            self._kube.replace_config_map(cm)
+            self._write_quota(cm)
 
         try:
-            retry_conflicts(attempt, tries=200)
+            self._retry_quota(attempt)
         except Exception as err:  # healed later (_heal): the record is terminal
             _log.warning("quota release failed", extra={"instance_id": instance_id, "error": str(err)})
 
