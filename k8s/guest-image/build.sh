@@ -31,7 +31,7 @@ root=$(cd "$here/../.." && pwd)
 
 # What the VM runs: the agent and, for it, its command-line tools; nothing to log in with (the only
 # way in is the agent, so openssh-server is removed and no default user is made: 99-cyberdesk.cfg).
-packages=(python3 python3-venv ca-certificates bash coreutils procps iproute2 less curl git)
+packages=(python3 python3-venv ca-certificates bash coreutils procps iproute2 less curl git e2fsprogs util-linux)
 desktop_packages=(xvfb x11-utils xdotool matchbox-window-manager)
 if [ "$desktop" = 1 ]; then
   packages+=("${desktop_packages[@]}")
@@ -68,12 +68,15 @@ customize=(
   --mkdir /usr/local/libexec/cyberdesk
   --upload "$here/agent_launch.py:/usr/local/libexec/cyberdesk/agent-launch"
   --chmod '0755:/usr/local/libexec/cyberdesk/agent-launch'
+  --upload "$here/data-disk.sh:/usr/local/libexec/cyberdesk/data-disk"
+  --chmod '0755:/usr/local/libexec/cyberdesk/data-disk'
+  --upload "$here/cyberdesk-data.service:/etc/systemd/system/cyberdesk-data.service"
   --upload "$here/cyberdesk-agent.service:/etc/systemd/system/cyberdesk-agent.service"
   --upload "$here/99-cyberdesk.cfg:/etc/cloud/cloud.cfg.d/99-cyberdesk.cfg"
   --upload "$here/60-cyberdesk.conf:/etc/sysctl.d/60-cyberdesk.conf"
   --mkdir /etc/cyberdesk/agent
   --chmod '0700:/etc/cyberdesk/agent'
-  --run-command 'systemctl enable cyberdesk-agent.service'
+  --run-command 'systemctl enable cyberdesk-data.service cyberdesk-agent.service'
 )
 if [ "$desktop" = 1 ]; then
   customize+=(

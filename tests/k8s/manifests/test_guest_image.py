@@ -39,6 +39,8 @@ GUEST = ROOT / "k8s" / "guest-image"
 UNITS = sorted(GUEST.glob("*.service"))
 LAUNCHER = GUEST / "agent_launch.py"
 LAUNCHER_INSTALLED = "/usr/local/libexec/cyberdesk/agent-launch"
+DATA_DISK = GUEST / "data-disk.sh"
+DATA_DISK_INSTALLED = "/usr/local/libexec/cyberdesk/data-disk"
 AGENT_UNIT = GUEST / contract.AGENT_UNIT
 
 
@@ -101,6 +103,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         if binary == LAUNCHER_INSTALLED:
             shutil.copy(LAUNCHER, target)
+        elif binary == DATA_DISK_INSTALLED:
+            shutil.copy(DATA_DISK, target)
         else:
             assert Path(binary).is_file(), f"{binary} is not a Debian binary here (is its package in build.sh?)"
             shutil.copy(binary, target)
@@ -250,25 +254,30 @@ def test_the_operators_cloud_config_feeds_the_unit_and_the_launcher() -> None:
     assert env["CYBERDESK_AGENT_LISTEN"] == f"0.0.0.0:{contract.DEFAULT_AGENT_PORT}"
     # Whatever it runs through systemctl names the image's unit.
     units = [cmd[-1] for cmd in config.get("runcmd", []) if isinstance(cmd, list) and cmd[0] == "systemctl"]
-    assert set(units) <= {AGENT_UNIT.name} and contract.AGENT_UNIT == AGENT_UNIT.name
+    assert set(units) <= {contract.AGENT_UNIT} and AGENT_UNIT.is_file()
 
 
 # --- build script, Containerfile, sysctl ---------------------------------------------------------
 
 
-def test_build_script_passes_shellcheck() -> None:
-    script = GUEST / "build.sh"
+def test_shell_scripts_pass_shellcheck() -> None:
+    scripts = [GUEST / "build.sh", DATA_DISK]
     proc = subprocess.run(
-        [_tool("shellcheck", "shellcheck"), "--severity=style", str(script)], capture_output=True, text=True, timeout=60
+        [_tool("shellcheck", "shellcheck"), "--severity=style", *map(str, scripts)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert os.access(script, os.X_OK) and os.access(LAUNCHER, os.X_OK)
+    for path in (*scripts, LAUNCHER):
+        assert os.access(path, os.X_OK), path
 
 
 def test_build_script_installs_what_the_units_run() -> None:
     script = (GUEST / "build.sh").read_text()
     uploads = dict(re.findall(r'--upload "\$here/([^:"]+):([^"]+)"', script))
     assert uploads["agent_launch.py"] == LAUNCHER_INSTALLED
+    assert uploads["data-disk.sh"] == DATA_DISK_INSTALLED
     for unit in UNITS:
         assert uploads[unit.name] == f"/etc/systemd/system/{unit.name}", unit.name
         assert f"systemctl enable {unit.name}" in script or f" {unit.name}" in script, unit.name
@@ -435,3 +444,77 @@ def test_launcher_refuses_an_inline_token_and_root(guest_root: Path) -> None:
         timeout=30,
     )
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+# --- the data disk, for real ----------------------------------------------------------------------------
+
+
+def _blkid(device: str, tag: str) -> str:
+    proc = subprocess.run(["blkid", "-p", "-o", "value", "-s", tag, device], capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip()
+
+
+def test_data_disk_is_formatted_once_and_mounted_as_the_home(guest_root: Path) -> None:
+    """data-disk.sh on loop devices: the root and the seed disk untouched, the blank one formatted once."""
+    assert os.geteuid() == 0, "the script runs as root in the VM; this test runs it so (as CI does)"
+    losetup = _tool("losetup", "mount")
+    images = {}
+    for name in ("root", "seed", "data"):
+        images[name] = guest_root / f"{name}.img"
+        with open(images[name], "wb") as disk:
+            disk.truncate(64 << 20)
+    # The seed disk stands for cloud-init's (a file system that is not ours).
+    subprocess.run(["mkfs.ext4", "-q", "-L", "cidata", str(images["seed"])], check=True, timeout=60)
+    attached: list[str] = []
+    home = guest_root / "home"
+    home.mkdir()
+    try:
+        for name in ("root", "seed", "data"):
+            attached.append(
+                subprocess.run(
+                    [losetup, "--find", "--show", str(images[name])], capture_output=True, text=True, check=True
+                ).stdout.strip()
+            )
+        root_dev, seed_dev, data_dev = attached
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "CYBERDESK_DATA_DEVICES": " ".join(attached),
+            "CYBERDESK_DATA_HOME": str(home),
+            "CYBERDESK_DATA_USER": "nobody",
+            "CYBERDESK_ROOT_DISK": root_dev,
+        }
+
+        def run(devices: str | None = None) -> str:
+            proc = subprocess.run(
+                [str(DATA_DISK)],
+                env={**env, **({"CYBERDESK_DATA_DEVICES": devices} if devices is not None else {})},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            return proc.stdout
+
+        def mounted() -> str:
+            return subprocess.run(
+                ["findmnt", "-no", "SOURCE", str(home)], capture_output=True, text=True
+            ).stdout.strip()
+
+        # First boot: the blank disk becomes the home, owned by the user; the others are untouched.
+        assert f"{data_dev} formatted and mounted" in run()
+        assert mounted() == data_dev and _blkid(data_dev, "LABEL") == "cyberdesk-data"
+        assert home.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+        assert _blkid(root_dev, "TYPE") == "" and _blkid(seed_dev, "LABEL") == "cidata"
+        (home / "work.txt").write_text("kept")
+        subprocess.run(["umount", str(home)], check=True, timeout=60)
+        # A later boot (or a VM restored from a snapshot of the disk): mounted as it is, not formatted.
+        assert f"{data_dev} mounted at" in run()
+        assert (home / "work.txt").read_text() == "kept"
+        subprocess.run(["umount", str(home)], check=True, timeout=60)
+        # A dataVolume template's VM has no data disk: nothing is formatted or mounted.
+        assert "no data disk" in run(f"{root_dev} {seed_dev}")
+        assert mounted() == "" and _blkid(root_dev, "TYPE") == ""
+    finally:
+        subprocess.run(["umount", str(home)], capture_output=True, timeout=60)
+        for device in attached:
+            subprocess.run([losetup, "-d", device], capture_output=True, timeout=60)
