@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import latency_summary, report
-from cyberdesk_stack.processes import redis_server, spawn, stop
+from cyberdesk_stack.processes import free_port, redis_server, spawn, stop
 from instance_svc.events import Publisher
 from instance_svc.expiry import TimeoutAction
 from instance_svc.lifecycle import Lifecycle
@@ -43,10 +43,9 @@ from instance_svc.pool import WarmPool
 from instance_svc.quotas import Limits, QuotaTable
 from instance_svc.runtime.kubevirt import KubeStore, KubevirtOptions, KubevirtRuntime, kube
 from instance_svc.validation import CreateSpec
-from kube_emulator import EmulatorThread
+from kube_emulator.cluster import EmulatedCluster
 from kube_emulator.emulator import Emulator
 from kube_emulator.guest import AgentGuests
-from kube_emulator.virt_controller import VirtController
 
 N = int(os.environ.get("BENCH_N", "10"))
 NS = contract.DEFAULT_NAMESPACE
@@ -96,7 +95,7 @@ class Moments:
         em.listeners[INSTANCES].append(on_instance)
 
 
-async def _samples(lifecycle: Lifecycle, k: kube.Kube, api: EmulatorThread, moments: Moments) -> list[dict[str, Any]]:
+async def _samples(lifecycle: Lifecycle, k: kube.Kube, api: EmulatedCluster, moments: Moments) -> list[dict[str, Any]]:
     await lifecycle.start()
     out = []
     spec = CreateSpec(
@@ -129,25 +128,18 @@ async def _samples(lifecycle: Lifecycle, k: kube.Kube, api: EmulatorThread, mome
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-k8s-") as tmp_s:
         tmp = Path(tmp_s)
-        guests = AgentGuests(tmp / "vms", first="127.79.0.2")
-        from cyberdesk_stack.processes import free_port
-
-        port = free_port()
+        emulated = EmulatedCluster(tmp, namespaces=[NS])
+        emulated.guests = AgentGuests(tmp / "guests", first="127.79.0.2")  # not the tests' addresses
         moments = Moments()
-        with EmulatorThread(namespaces=["default", "kube-system", NS]) as api, redis_server(tmp) as redis_url:
-            controller = api.call(lambda em: VirtController(em, guests).start())
-            api.call(
-                lambda em: em.put_object(
-                    f"{contract.GROUP}/{contract.VERSION}/{contract.TEMPLATE_PLURAL}", _template(port)
-                )
-            )
-            api.call(moments.install)
-            kubeconfig = api.write_kubeconfig(tmp / "kubeconfig", namespace=NS)
-            env = {"KUBECONFIG": str(kubeconfig), "CYBERDESK_KUBE_NAMESPACE": NS}
+        with emulated, redis_server(tmp) as redis_url:
+            templates = f"{contract.GROUP}/{contract.VERSION}/{contract.TEMPLATE_PLURAL}"
+            emulated.apply(templates, _template(free_port()))
+            emulated.call(moments.install)
+            env = {"KUBECONFIG": str(emulated.kubeconfig), "CYBERDESK_OPERATOR_NAMESPACE": NS}
             operator: subprocess.Popen[bytes] = spawn(
                 [sys.executable, "-m", "instance_svc.operator"], env, tmp / "operator.log"
             )
-            os.environ["KUBECONFIG"] = str(kubeconfig)
+            os.environ["KUBECONFIG"] = str(emulated.kubeconfig)
             try:
                 k = kube.load()
                 runtime = KubevirtRuntime(k, KubevirtOptions(ready_timeout_s=60, change_timeout_s=30))
@@ -163,15 +155,13 @@ def main() -> None:
 
                 async def run() -> list[dict[str, Any]]:
                     try:
-                        return await _samples(lifecycle, k, api, moments)
+                        return await _samples(lifecycle, k, emulated, moments)
                     finally:
                         await lifecycle.stop()
 
                 samples = asyncio.run(run())
             finally:
                 stop(operator)
-                api.call(lambda em: controller.stop())
-                api.submit(guests.close()).result(60)
     rows = []
     for key in ("create_to_vm_ms", "vmi_running_to_running_ms", "status_running_to_running_ms", "create_ms"):
         rows.append(

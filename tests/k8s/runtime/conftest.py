@@ -31,10 +31,9 @@ import pytest
 from cyberdesk_common.metadata import INTERNAL_TOKEN_METADATA, TENANT_METADATA
 from cyberdesk_stack.processes import redis_password, spawn, stop, wait_healthy
 from instance_svc.operator import contract
-from kube_emulator import EmulatorThread
+from kube_emulator.cluster import EmulatedCluster
 from kube_emulator.emulator import Emulator
 from kube_emulator.guest import AgentGuests
-from kube_emulator.virt_controller import VirtController
 from tests.cli.stack import CLI
 from tests.support.procs import free_port
 
@@ -65,18 +64,21 @@ def wait_until(what: str, check: Callable[[], T | None], timeout: float = 30.0) 
 
 @dataclass
 class Cluster:
-    """The emulated cluster: its API, the VMs' guests, the operator."""
+    """The emulated cluster (kube_emulator.cluster.EmulatedCluster) and the operator on it."""
 
-    api: EmulatorThread
-    guests: AgentGuests
-    kubeconfig: Path
+    emulated: EmulatedCluster
     agent_port: int
     operator: subprocess.Popen[bytes] | None = None
     operator_log: Path = field(default_factory=Path)
 
+    @property
+    def kubeconfig(self) -> Path:
+        """The kubeconfig pointing at the emulator."""
+        return self.emulated.kubeconfig
+
     def call(self, fn: Callable[[Emulator], T]) -> T:
         """Run `fn(emulator)` on the emulator's loop."""
-        return self.api.call(fn)
+        return self.emulated.call(fn)
 
     def get(self, key: str, name: str) -> dict[str, Any] | None:
         """An object of the emulator's store, copied (None when absent)."""
@@ -120,25 +122,21 @@ def _templates(agent_port: int) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("cluster")
-    # 127.78/16: kube_emulator's own tests use 127.77/16.
-    guests = AgentGuests(work / "vms", first=f"127.78.{os.getpid() % 200 + 1}.2")
+    emulated = EmulatedCluster(work, namespaces=[NS])
+    # Guests on 127.78/16 (kube_emulator's own tests use 127.77/16), per run a /24 of their own.
+    emulated.guests = AgentGuests(work / "guests", first=f"127.78.{os.getpid() % 200 + 1}.2")
     agent_port = free_port()
-    with EmulatorThread(namespaces=["default", "kube-system", NS]) as api:
-        controller = api.call(lambda em: VirtController(em, guests).start())
+    with emulated:
         for doc in _templates(agent_port):
             plural = contract.TEMPLATE_PLURAL if doc["kind"] == contract.TEMPLATE_KIND else contract.WARM_POOL_PLURAL
-            api.call(lambda em, d=doc, p=plural: em.put_object(f"{contract.GROUP}/{contract.VERSION}/{p}", d))
-        kubeconfig = api.write_kubeconfig(work / "kubeconfig", namespace=NS)
+            emulated.apply(f"{contract.GROUP}/{contract.VERSION}/{plural}", doc)
         log = work / "operator.log"
-        env = {"KUBECONFIG": str(kubeconfig), "CYBERDESK_KUBE_NAMESPACE": NS}
+        env = {"KUBECONFIG": str(emulated.kubeconfig), "CYBERDESK_OPERATOR_NAMESPACE": NS}
         operator = spawn([sys.executable, "-m", "instance_svc.operator"], env, log)
-        found = Cluster(api, guests, kubeconfig, agent_port, operator, log)
         try:
-            yield found
+            yield Cluster(emulated, agent_port, operator, log)
         finally:
             stop(operator, timeout=15)
-            api.call(lambda em: controller.stop())
-            api.submit(guests.close()).result(60)
 
 
 @dataclass
