@@ -131,18 +131,24 @@ def _with_null(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _openapi_to_jsonschema(node: Any) -> Any:
-    """An OpenAPI (v2 definitions or a CRD's v3) schema as a draft-4 JSON Schema with Kubernetes' meaning."""
+def _openapi_to_jsonschema(node: Any, *, crd: bool = False) -> Any:
+    """An OpenAPI (v2 definitions or a CRD's v3) schema as a draft-4 JSON Schema with Kubernetes' meaning.
+
+    `crd`: a CRD's structural schema, where an object that lists no properties (and neither
+    additionalProperties nor x-kubernetes-preserve-unknown-fields) keeps no field at all (the API
+    server prunes every one). In KubeVirt's OpenAPI document such an object is free-form
+    (RawExtension, FieldsV1), so it stays open there.
+    """
     if isinstance(node, list):
-        return [_openapi_to_jsonschema(item) for item in node]
+        return [_openapi_to_jsonschema(item, crd=crd) for item in node]
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in ("properties", "definitions", "patternProperties"):
-            out[key] = {name: _openapi_to_jsonschema(sub) for name, sub in value.items()}
+            out[key] = {name: _openapi_to_jsonschema(sub, crd=crd) for name, sub in value.items()}
         elif key in ("items", "additionalProperties", "not", "allOf", "anyOf", "oneOf"):
-            out[key] = _openapi_to_jsonschema(value)
+            out[key] = _openapi_to_jsonschema(value, crd=crd)
         elif key in ("description", "default", "example", "x-kubernetes-validations"):
             continue  # no effect on validity here (CEL rules are walked separately)
         else:
@@ -158,7 +164,8 @@ def _openapi_to_jsonschema(node: Any) -> Any:
         for name in ("apiVersion", "kind"):
             props.setdefault(name, {"type": "string"})
         props.setdefault("metadata", {"type": "object"})
-    if "properties" in out and "additionalProperties" not in out and not preserve:
+    closed = "properties" in out or (crd and out.get("type") == "object")
+    if closed and "additionalProperties" not in out and not preserve:
         out["additionalProperties"] = False
     if out.get("x-kubernetes-list-type") == "set":
         out["uniqueItems"] = True
@@ -368,7 +375,7 @@ def _crd_version(crd: Mapping[str, Any], obj: Obj) -> tuple[dict[str, Any] | Non
 
 @functools.cache
 def _crd_validator(schema_json: str) -> jsonschema.protocols.Validator:
-    schema = _openapi_to_jsonschema(json.loads(schema_json))
+    schema = _openapi_to_jsonschema(json.loads(schema_json), crd=True)
     # The API server owns apiVersion, kind and metadata at the top of every CR; metadata is ObjectMeta.
     props = schema.setdefault("properties", {})
     props["apiVersion"] = {"type": "string"}

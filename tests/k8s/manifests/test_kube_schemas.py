@@ -202,6 +202,7 @@ CRD: dict[str, Any] = {
                                     "note": {"type": "string", "nullable": True},
                                     "since": {"type": "string", "format": "date-time"},
                                     "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                                    "empty": {"type": "object"},
                                     "labels": {"type": "object", "additionalProperties": {"type": "string"}},
                                     "cidrs": {
                                         "type": "array",
@@ -268,6 +269,7 @@ def test_a_valid_custom_resource_passes() -> None:
         note=None,
         since="2026-12-01T14:00:00Z",
         extra={"anything": {"goes": [1]}},
+        empty={},
         labels={"a": "b"},
         cidrs=["10.0.0.0/8", "2001:db8::1"],
         ports=[{"name": "a", "number": 1}, {"name": "b", "number": 1}],
@@ -289,6 +291,8 @@ def test_a_valid_custom_resource_passes() -> None:
         ({"since": "yesterday"}, "/spec/since: 'yesterday' is not a 'date-time'"),
         ({"since": "2026-13-01T00:00:00Z"}, "/spec/since: '2026-13-01T00:00:00Z' is not a 'date-time'"),
         ({"labels": {"a": 1}}, "/spec/labels/a: 1 is not of type 'string'"),
+        # An object of no listed properties keeps none (the API server would prune the field).
+        ({"empty": {"x": 1}}, "/spec/empty: Additional properties are not allowed ('x' was unexpected)"),
         ({"cidrs": ["10.0.0.0/8", "10.0.0.0/8"]}, "/spec/cidrs: ['10.0.0.0/8', '10.0.0.0/8'] has non-unique elements"),
         ({"cidrs": ["example.com"]}, "/spec/cidrs/0: not a CIDR"),
         ({"cidrs": ["10.0.0.0/33"]}, "/spec/cidrs/0: not a CIDR"),
