@@ -17,7 +17,10 @@ seen on the same clock:
   RUNNING (the operator dials the agent and writes the status, instance_svc sees it on its watch,
   reads the Secret and binds the agent);
 * status Running -> RUNNING: instance_svc's own part of that;
-* requests per lifecycle: instance_svc's (create, delete) and everybody's (the emulator's count).
+* requests per lifecycle: instance_svc's (create, delete) and everybody's (the emulator's count:
+  instance_svc and the operator; the KubeVirt stand-in writes in-process, uncounted, where a real
+  KubeVirt's own requests would add to it);
+* the size of a Running CyberdeskInstance (what each replica's watch cache holds per instance).
 
 `BENCH_N` samples (default 10).
 """
@@ -25,6 +28,7 @@ seen on the same clock:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +79,8 @@ class Moments:
         self.vm_written: dict[str, float] = {}
         self.vmi_running: dict[str, float] = {}
         self.status_running: dict[str, float] = {}
+        # Size of each CyberdeskInstance (JSON) once Running: what every replica's watch cache holds.
+        self.object_bytes: dict[str, int] = {}
 
     def install(self, em: Emulator) -> None:
         def on_vm(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
@@ -89,6 +95,7 @@ class Moments:
             st = obj.get("status") or {}
             if st.get("phase") == contract.PHASE_RUNNING and st.get("agentEndpoint"):
                 self.status_running.setdefault(obj["metadata"]["name"], time.perf_counter())
+                self.object_bytes.setdefault(obj["metadata"]["name"], len(json.dumps(obj)))
 
         em.listeners[VMS].append(on_vm)
         em.listeners[VMIS].append(on_vmi)
@@ -171,7 +178,14 @@ def main() -> None:
         key: sorted(s[key] for s in samples)[len(samples) // 2]
         for key in ("instance_svc_create_requests", "instance_svc_lifecycle_requests", "all_lifecycle_requests")
     }
-    report("k8s_lifecycle", rows, requests_per_lifecycle_median=requests, n=len(samples))
+    sizes = sorted(moments.object_bytes.values())
+    report(
+        "k8s_lifecycle",
+        rows,
+        requests_per_lifecycle_median=requests,
+        instance_object_bytes_median=sizes[len(sizes) // 2],
+        n=len(samples),
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ replicas share everything through the API server: the resources are the records.
 Settings (read here): CYBERDESK_KUBECONFIG or KUBECONFIG, CYBERDESK_KUBE_NAMESPACE,
 CYBERDESK_KUBE_READY_TIMEOUT (s, 600), CYBERDESK_KUBE_CHANGE_TIMEOUT (s, 120),
 CYBERDESK_KUBE_SNAPSHOT_TIMEOUT (s, 600), CYBERDESK_KUBE_WARM_POOLS ("base=<CyberdeskWarmPool
-name>,desktop=..."), CYBERDESK_KUBE_RECORD_RETENTION (s, 86400: how long an ended instance's
+name>,desktop=..."), CYBERDESK_KUBE_RECORD_RETENTION (s, 3600: how long an ended instance's
 resource stays as its record), CYBERDESK_KUBE_GC_INTERVAL (s, 600).
 """
 
@@ -52,7 +52,7 @@ def from_env() -> KubevirtRuntime:
         change_timeout_s=float(env_int("KUBE_CHANGE_TIMEOUT", 120, minimum=1)),
         snapshot_timeout_s=float(env_int("KUBE_SNAPSHOT_TIMEOUT", 600, minimum=1)),
         warm_pools=parse_warm_pools(env_str("KUBE_WARM_POOLS", "")),
-        record_retention_s=float(env_int("KUBE_RECORD_RETENTION", 86400, minimum=1)),
+        record_retention_s=float(env_int("KUBE_RECORD_RETENTION", 3600, minimum=1)),
         gc_interval_s=float(env_int("KUBE_GC_INTERVAL", 600, minimum=1)),
     )
     return KubevirtRuntime(load(), options)

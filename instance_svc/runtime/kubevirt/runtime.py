@@ -67,7 +67,7 @@ class KubevirtOptions:
     warm_pools: tuple[tuple[str, str], ...] = ()
     # How long the resource of an ended instance stays as its record (GetInstance, ListInstances),
     # and how often a replica looks for records past it.
-    record_retention_s: float = 86400.0
+    record_retention_s: float = 3600.0
     gc_interval_s: float = 600.0
 
 

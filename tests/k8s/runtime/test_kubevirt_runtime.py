@@ -88,6 +88,14 @@ def _ended(client: Any, instance_id: str) -> Any:
     return data if data.state in ("TERMINATED", "FAILED") else None
 
 
+def test_what_a_networkpolicy_cannot_filter_is_refused_before_anything_is_written(stack: Stack) -> None:
+    before = len(stack.cluster.objects(INSTANCES))
+    with stack.client() as client, pytest.raises(FailedPrecondition, match="host name") as refused:
+        client.instances.create(internet=True, allow=["pypi.org"])
+    assert "give CIDRs or IP addresses" in refused.value.message
+    assert len(stack.cluster.objects(INSTANCES)) == before
+
+
 def test_pause_and_resume_reach_kubevirts_subresources(stack: Stack) -> None:
     with stack.client() as client, client.instances.create(timeout=120, memory_mib=640) as box:
         vm = stack.cluster.get(INSTANCES, box.id)["status"]["vmName"]  # type: ignore[index]
