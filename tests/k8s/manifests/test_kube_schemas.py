@@ -360,3 +360,16 @@ def test_crd_from_a_file(tmp_path: Any) -> None:
         ks.validate_against_crd(_widget(colour="red"), str(path))
     with pytest.raises(ValueError, match="defines no CRD"):
         ks.validate_against_crd({**_widget(), "kind": "Doohickey"}, path)
+
+
+def test_builtin_errors_agree_with_kubernetes_validate_itself() -> None:
+    """validate_builtin reads kubernetes-validate's strict schemas; its own entry point judges alike."""
+    import kubernetes_validate
+
+    good, bad = _deployment(), _deployment()
+    bad["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    kubernetes_validate.validate(good, ks.KUBERNETES_VERSION, strict=True)
+    assert ks.builtin_errors(good) == []
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, ks.KUBERNETES_VERSION, strict=True)
+    assert ks.builtin_errors(bad)
