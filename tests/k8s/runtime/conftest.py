@@ -146,6 +146,7 @@ class Replica:
     proc: subprocess.Popen[bytes]
     target: str
     log: Path
+    env: dict[str, str]
 
 
 @dataclass
@@ -170,6 +171,14 @@ class Stack:
     def log(self, name: str) -> str:
         path = self.state / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def restart_replica(self) -> None:
+        """kill -9 the second replica, then start it again on the same address."""
+        assert self.replica is not None
+        self.replica.proc.kill()
+        self.replica.proc.wait()
+        self.replica.proc = spawn([sys.executable, "-m", "instance_svc"], self.replica.env, self.replica.log)
+        wait_healthy(self.replica.target, timeout=60, proc=self.replica.proc)
 
     def metadata(self, tenant: str) -> tuple[tuple[str, str], ...]:
         return ((INTERNAL_TOKEN_METADATA, self.internal_token), (TENANT_METADATA, tenant))
@@ -229,7 +238,7 @@ def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "REDIS_URL": f"redis://:{password}@127.0.0.1:{redis_port}/0",
     }
     log = tmp / "replica.log"
-    replica = Replica(spawn([sys.executable, "-m", "instance_svc"], replica_env, log), target, log)
+    replica = Replica(spawn([sys.executable, "-m", "instance_svc"], replica_env, log), target, log, replica_env)
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     output = bytearray()

@@ -196,6 +196,11 @@ def test_two_replicas_racing_fifty_creates_against_a_quota_of_ten(stack: Stack) 
     cm = stack.cluster.get(CONFIGMAPS, quota_name(RACE_TENANT))
     assert cm is not None and len(json.loads(cm["data"]["reservations"])) == RACE_QUOTA
 
+    # kill -9 of the second replica and a new start of it: it re-adopts from the cluster (nothing
+    # of its own survives), ends nothing another replica holds, and serves as before.
+    stack.restart_replica()
+    assert len([o for o in stack.cluster.objects(INSTANCES) if _state(o) == "RUNNING"]) >= RACE_QUOTA
+
     # Either replica routes to (and deletes) what the other started.
     one = live[0]["metadata"]["name"]
     for target in targets:
