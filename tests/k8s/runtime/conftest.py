@@ -161,12 +161,19 @@ class Stack:
     api_key: str
     internal_token: str
     output: bytearray
+    config: Path
     replica: Replica | None = None
 
     def client(self) -> Any:
         from cyberdesk import Cyberdesk
 
         return Cyberdesk(api_key=self.api_key, endpoint=self.gateway, timeout=60)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        """`cyberdesk ARGS` with the config file `up` wrote (never raises on a non-zero exit)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CYBERDESK_")}
+        env["CYBERDESK_CONFIG"] = str(self.config)
+        return subprocess.run([CLI, *args], env=env, capture_output=True, timeout=120)
 
     def log(self, name: str) -> str:
         path = self.state / "logs" / f"{name}.log"
@@ -252,7 +259,7 @@ def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 output += os.read(proc.stdout.fileno(), 65536)
         wait_healthy(target, timeout=60, proc=replica.proc)
         key = (state / "dev_api_key").read_text().strip()
-        yield Stack(cluster, proc, state, gateway, instance_addr, key, token, output, replica)
+        yield Stack(cluster, proc, state, gateway, instance_addr, key, token, output, tmp / "config.json", replica)
     finally:
         stop(replica.proc, timeout=20)
         if proc.poll() is None:

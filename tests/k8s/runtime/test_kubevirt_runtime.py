@@ -23,6 +23,7 @@ from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc
 from instance_svc.operator import contract
 from instance_svc.runtime.kubevirt import records
 from instance_svc.runtime.kubevirt.store import quota_name
+from instance_svc.states import State
 from tests.k8s.runtime.conftest import (
     CONFIGMAPS,
     INSTANCES,
@@ -142,6 +143,16 @@ def test_a_default_create_claims_from_the_warm_pool(stack: Stack) -> None:
             assert status["claimedFrom"] == "base"
             assert status["vmName"] != box.id  # a member of the pool, not a VM of its own
             assert box.exec("echo claimed").stdout_text == "claimed\n"
+
+
+def test_the_cli_works_as_on_the_local_runtime(stack: Stack) -> None:
+    created = stack.cli("create", "--memory", "384", "--json")
+    assert created.returncode == 0, created.stderr
+    instance_id = json.loads(created.stdout)["instance_id"]
+    ran = stack.cli("exec", instance_id, "--", "echo from the cli; exit 3")
+    assert (ran.returncode, ran.stdout) == (3, b"from the cli\n"), ran.stderr
+    assert stack.cli("rm", instance_id).returncode == 0
+    assert _record(stack, instance_id)["state"] == State.TERMINATED.value
 
 
 def test_delete_goes_through_the_finalizer_and_keeps_the_record(stack: Stack) -> None:
