@@ -981,6 +981,8 @@ _WRAPPER_VERBS = {
 }
 _WRAPPER_RESOURCES = {"secret_data": "secrets", "config_map": "configmaps", "create_config_map": "configmaps"}
 _WRAPPER_RESOURCES["replace_config_map"] = "configmaps"
+# Its Leases (coordination.k8s.io): put_lease creates, or patches the existing one.
+_LEASE_VERBS = {"lease": ("get",), "put_lease": ("create", "patch"), "delete_lease": ("delete",)}
 
 
 def _grants(account: str) -> set[tuple[str, str]]:
@@ -997,6 +999,12 @@ def test_instance_svc_may_do_exactly_what_its_runtime_does() -> None:
         calls.add((getattr(contract, plural), _WRAPPER_VERBS[method]))
     for method in re.findall(r"kube\.(secret_data|config_map|create_config_map|replace_config_map)\b", source):
         calls.add((_WRAPPER_RESOURCES[method], _WRAPPER_VERBS[method]))
+    for method in re.findall(r"kube\.(lease|put_lease|delete_lease)\b", source):
+        calls |= {("leases", verb) for verb in _LEASE_VERBS[method]}
+    # Every public method of the wrapper is one of those above (a new one needs its verbs here).
+    wrapper = (_RUNTIME / "kube.py").read_text()
+    methods = set(re.findall(r"^    def ([a-z]\w*)\(self", wrapper, re.MULTILINE)) - {"close", "requests", "call_api"}
+    assert methods <= set(_WRAPPER_VERBS) | set(_LEASE_VERBS), methods - set(_WRAPPER_VERBS) - set(_LEASE_VERBS)
     # A Watcher lists, then watches (watcher.py); its default plural is the instances'.
     for plural in re.findall(r"Watcher\(kube(?:, contract\.(\w+_PLURAL))?\)", source):
         resource = getattr(contract, plural) if plural else contract.INSTANCE_PLURAL
