@@ -230,7 +230,8 @@ class Reconciler:
         vm = one(v.vms, (self.ns, vm_name))
         if vm is not None and vm["instance_uid"] not in ("", v.meta["uid"]):
             return  # not ours
-        await self.kube.delete(self._url(*VM_URL, vm_name))
+        if await self.kube.delete(self._url(*VM_URL, vm_name)):
+            self.log.info("instance %s: VirtualMachine %s deleted", self.name, vm_name)
         await self.kube.delete(path("networking.k8s.io", "v1", "networkpolicies", self.ns, vm_name))
         await self.kube.delete(path("", "v1", "secrets", self.ns, contract.secret_name(vm_name)))
         self.memo.cleaned = True

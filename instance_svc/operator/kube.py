@@ -110,11 +110,14 @@ class Kube:
     async def put(self, url: str, body: Any) -> Obj:
         return await self.request("PUT", url, body)
 
-    async def delete(self, url: str, *, propagation: str = "Background", uid: str = "") -> bool:
-        """Delete; False when it was already gone."""
+    async def delete(
+        self, url: str, *, propagation: str = "Background", uid: str = "", resource_version: str = ""
+    ) -> bool:
+        """Delete; False when it was already gone. With `resource_version`, a 409 if it changed since."""
         options: Obj = {"propagationPolicy": propagation}
-        if uid:
-            options["preconditions"] = {"uid": uid}
+        pre = {k: v for k, v in (("uid", uid), ("resourceVersion", resource_version)) if v}
+        if pre:
+            options["preconditions"] = pre
         try:
             await self.request("DELETE", url, options)
             return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from typing import Any
 
 from instance_svc.operator import agent, contract, manifests
@@ -34,12 +35,17 @@ class PoolReconciler:
         self.tokens: dict[str, Obj] = {}  # member -> its Secret (for the readiness probe)
         self.next_serial: int | None = None
         self.retry = 0.05
+        # Members written but not in the index yet (the watch lags): counted, so none is written twice.
+        self.pending: dict[str, float] = {}
 
     async def reconcile(self, body: Any, pool_members: Any, vmis: Any) -> float | None:
         spec = body.get("spec") or {}
         status = body.get("status") or {}
         size = int(spec.get("size", 0))
         members = [m for m in (pool_members.get((self.ns, self.name)) or []) if not m["deleting"]]
+        seen = {m["name"] for m in members}
+        horizon = time.monotonic() - 30.0
+        self.pending = {n: t for n, t in self.pending.items() if n not in seen and t > horizon}
         if self.template is None:
             self.template = await self.state.kube.get(
                 path(contract.GROUP, contract.VERSION, contract.TEMPLATE_PLURAL, self.ns, str(spec.get("template", "")))
@@ -67,7 +73,7 @@ class PoolReconciler:
                 self.retry = 0.05
 
         # Size: start what is missing, stop what is too much (starting ones first).
-        missing = size - len(members)
+        missing = size - len(members) - len(self.pending)
         if missing > 0:
             first = max(int(status.get("nextSerial", 0)), self.next_serial or 0)
             self.next_serial = first + missing
@@ -78,12 +84,23 @@ class PoolReconciler:
             await asyncio.gather(
                 *(self._start(body, f"{self.name}-{serial}", port) for serial in range(first, first + missing))
             )
-        elif missing < 0:
-            surplus = sorted(members, key=lambda m: (m["state"] == contract.POOL_STATE_READY, m["name"]))[:-missing]
-            for m in surplus:
-                await self.state.kube.delete(
-                    path(contract.KUBEVIRT_GROUP, contract.KUBEVIRT_VERSION, contract.VM_PLURAL, self.ns, m["name"])
-                )
+        elif missing < 0 and not self.pending:
+            # Starting ones first, then the newest; under the resourceVersion the index saw, so a
+            # member claimed meanwhile (its labels changed) is never deleted: that delete is a 409.
+            surplus = sorted(members, key=lambda m: (m["state"] == contract.POOL_STATE_READY, -_serial(m["name"])))
+            for m in surplus[:-missing]:
+                self.log.info("warm pool %s: stopping surplus member %s", self.name, m["name"])
+                try:
+                    await self.state.kube.delete(
+                        path(
+                            contract.KUBEVIRT_GROUP, contract.KUBEVIRT_VERSION, contract.VM_PLURAL, self.ns, m["name"]
+                        ),
+                        resource_version=m["rv"],
+                    )
+                except KubeError as e:
+                    if e.status != 409:
+                        raise
+                    retry = self._backoff()
         ready = sum(1 for m in members if m["state"] == contract.POOL_STATE_READY)
         if (status.get("members"), status.get("ready")) != (len(members), ready):
             await self.state.kube.patch(
@@ -152,6 +169,11 @@ class PoolReconciler:
                 raise
         self.tokens.pop(vm_name, None)
         return True
+
+
+def _serial(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def _one(index: Any, key: Any) -> Any:
