@@ -266,7 +266,11 @@ async def pool_daemon(
     async def step() -> float | None:
         return await rec.reconcile(body, pool_members, vmis)
 
-    await _loop(POOL, stopped, state, namespace, name, step, rec._backoff, log)
+    state.pools[(namespace or "", name)] = body
+    try:
+        await _loop(POOL, stopped, state, namespace, name, step, rec._backoff, log)
+    finally:
+        state.pools.pop((namespace or "", name), None)
 
 
 @kopf.daemon(*SNAPSHOTS, id="snapshot", cancellation_timeout=5.0)

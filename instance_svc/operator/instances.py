@@ -8,8 +8,10 @@ killed half-way never makes a second VM: a create that meets an existing object 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,7 @@ from instance_svc.runtime.base import AgentEndpoint
 Obj = dict[str, Any]
 
 VM_URL = (contract.KUBEVIRT_GROUP, contract.KUBEVIRT_VERSION, contract.VM_PLURAL)
+TEMPLATE_CACHE_SECONDS = 60.0
 
 
 def _rv(obj: Mapping[str, Any]) -> int:
@@ -53,6 +56,7 @@ class Memo:
     secret: Obj | None = None
     vm_seen: bool = False
     ensured: set[str] = field(default_factory=set)
+    deleted: set[str] = field(default_factory=set)
     agent_ok: tuple[str, str] | None = None  # (VMI uid, endpoint) the agent answered on
     retry: float = 0.05
     pause_sent: bool | None = None
@@ -151,9 +155,16 @@ class Reconciler:
 
     async def _template(self, v: View) -> Obj | None:
         if self.memo.template is None:
-            self.memo.template = await self.kube.get(
-                self._url(contract.GROUP, contract.VERSION, contract.TEMPLATE_PLURAL, str(v.spec.get("template", "")))
-            )
+            key = (self.ns, str(v.spec.get("template", "")))
+            cached = self.state.templates.get(key)
+            if cached is not None and time.monotonic() - cached[0] < TEMPLATE_CACHE_SECONDS:
+                self.memo.template = cached[1]
+            else:
+                self.memo.template = await self.kube.get(
+                    self._url(contract.GROUP, contract.VERSION, contract.TEMPLATE_PLURAL, key[1])
+                )
+                if self.memo.template is not None:
+                    self.state.templates[key] = (time.monotonic(), self.memo.template)
         return self.memo.template
 
     def _port(self) -> int:
@@ -256,7 +267,9 @@ class Reconciler:
 
     async def _claim(self, v: View) -> str | None:
         pool_name = str(v.spec["warmPool"])
-        pool = await self.kube.get(self._url(contract.GROUP, contract.VERSION, contract.WARM_POOL_PLURAL, pool_name))
+        pool = self.state.pools.get((self.ns, pool_name)) or await self.kube.get(
+            self._url(contract.GROUP, contract.VERSION, contract.WARM_POOL_PLURAL, pool_name)
+        )
         gen = int(v.meta.get("generation", 0))
 
         async def unclaimed(reason: str, message: str) -> None:
@@ -299,12 +312,18 @@ class Reconciler:
                     continue
                 raise
             self.log.info("instance %s claimed warm VM %s from %s", self.name, member["name"], pool_name)
+            self.memo.ensured.add("status")  # the claim's status write below carries it
             await self._status(
                 v,
                 {
                     "vmName": member["name"],
                     "claimedFrom": pool_name,
                     "phase": contract.PHASE_STARTING,
+                    "agentSecret": contract.secret_name(member["name"]),
+                    "agentServerName": contract.agent_server_name(member["name"]),
+                    "expiry": v.spec["deadline"],
+                    "reason": None,
+                    "message": None,
                     "conditions": [
                         condition(
                             contract.CONDITION_WARM_POOL_CLAIMED,
@@ -439,14 +458,18 @@ class Reconciler:
             "labels": {**labels, contract.LABEL_POOL: None, contract.LABEL_POOL_STATE: None},
             "ownerReferences": [self._owner(v)],
         }
-        await self.kube.patch(path("", "v1", "secrets", self.ns, contract.secret_name(vm_name)), {"metadata": meta})
         policy = manifests.network_policy(
             vm_name, self.ns, owner=self._owner(v), labels=labels, port=self._port(), network=v.spec.get("network")
         )
-        await self.kube.patch(
-            path("networking.k8s.io", "v1", "networkpolicies", self.ns, vm_name),
-            {"metadata": meta, "spec": policy["spec"]},
+        # Both at once: the claim's latency is a few round trips, not a few per object.
+        secret, _ = await asyncio.gather(
+            self.kube.patch(path("", "v1", "secrets", self.ns, contract.secret_name(vm_name)), {"metadata": meta}),
+            self.kube.patch(
+                path("networking.k8s.io", "v1", "networkpolicies", self.ns, vm_name),
+                {"metadata": meta, "spec": policy["spec"]},
+            ),
         )
+        self.memo.secret = secret
         self.memo.ensured.add("adopted")
 
     async def _restore(self, v: View, vm_name: str) -> None:
@@ -692,7 +715,9 @@ class Reconciler:
             names.add(str(mine))
         gone = True
         for vm_name in names:
-            await self._delete_vm(v, vm_name)
+            if vm_name not in self.memo.deleted:  # one delete each; later passes only wait
+                await self._delete_vm(v, vm_name)
+                self.memo.deleted.add(vm_name)
             vm = one(v.vms, (self.ns, vm_name))
             if vm is not None and vm["instance_uid"] == v.meta["uid"]:
                 gone = False

@@ -49,6 +49,10 @@ class OperatorState:
     # (namespace, VM) -> the instance it serves / the pool it was in: whom a VM or VMI event wakes.
     vm_instances: dict[tuple[str, str], str] = field(default_factory=dict)
     member_pools: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The live bodies kopf keeps for the warm pools' daemons (a claim reads the pool from here), and
+    # templates read recently (they change rarely; a minute-old copy is good enough to build a VM).
+    pools: dict[tuple[str, str], Any] = field(default_factory=dict)
+    templates: dict[tuple[str, str], tuple[float, dict[str, Any]]] = field(default_factory=dict)
 
     def waker(self, kind: str, namespace: str | None, name: str) -> asyncio.Event:
         key = (kind, namespace or "", name)
