@@ -45,9 +45,8 @@ STOPPED_STARTING = "instance_svc stopped while the sandbox was being created"
 _DRAIN_WAIT_STEPS = 100  # of 20 ms
 # The reason of instances ended by a stop of instance_svc with INSTANCE_SVC_ON_SHUTDOWN=end.
 STACK_STOPPED = "the stack was stopped"
-# With records shared by several replicas: a create older than this was cut short by its replica's
-# death (a VM's boot is bounded well below it), so a starting replica ends it.
-SHARED_START_LIMIT_US = 30 * 60 * 1_000_000
+# With records shared by several replicas (kubevirt): the reason of a create whose replica died.
+REPLICA_DIED = "the instance_svc replica creating it stopped before it was running"
 
 
 @contextlib.contextmanager
@@ -113,6 +112,8 @@ class Lifecycle:
         self._create_tasks: dict[str, asyncio.Task[InstanceRecord]] = {}
         self._creates: set[asyncio.Task[InstanceRecord]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        # Shared records only (kubevirt): the check for creates whose replica died.
+        self._orphans: asyncio.Task[None] | None = None
         # How long (in steps of 20 ms) a stop waits for the last events to leave the outbox; the
         # unit tests' publisher never sends, so they set 0.
         self.outbox_wait_steps = _DRAIN_WAIT_STEPS
@@ -140,6 +141,9 @@ class Lifecycle:
         """
         await self.scheduler.stop()
         await self.pool.stop()
+        if self._orphans is not None:
+            self._orphans.cancel()
+            await asyncio.gather(self._orphans, return_exceptions=True)
         if end_instances:
             await self._end_all(budget)
         for task in list(self._creates):
@@ -231,9 +235,10 @@ class Lifecycle:
         """The start-up reconciliation of one replica among several that share the records (kubevirt).
 
         Nothing is swept (every resource of the cluster is a record), and a create in progress is
-        not ended: another replica may be running it. Only a PENDING or STARTING record older than
-        SHARED_START_LIMIT_US (no create takes that long, so its replica died) is ended FAILED, an
-        interrupted delete is finished, and a RUNNING or PAUSED record whose VM is gone ends:
+        not ended because of its state: another replica may be running it. A PENDING or STARTING
+        record is ended FAILED only when the replica that creates it holds no Lease any more (it
+        died; checked now and then every few seconds, runtime.orphaned_starts), an interrupted
+        delete is finished, and a RUNNING or PAUSED record whose VM is gone ends:
         TERMINATED when its deadline had passed (the operator expired it while no replica
         watched), FAILED otherwise. Every replica re-arms and watches every live instance; two
         replicas acting on the same one meet at the record's conditional writes.
@@ -254,14 +259,36 @@ class Lifecycle:
                         else:
                             await self.runtime.delete(rec.sandbox_id)
                             self._set(rec.id, State.FAILED, VANISHED)
-                    elif rec.state in (State.PENDING, State.STARTING):
-                        if now - rec.create_time_us > SHARED_START_LIMIT_US:
-                            await self.runtime.delete(rec.sandbox_id)
-                            self._set(rec.id, State.FAILED, INTERRUPTED)
                     elif rec.state is State.STOPPING:
                         await self._terminate(rec.id, "deleted")
                 except Exception as err:  # another replica changed it meanwhile, or the API failed
                     _log.warning("not reconciled", extra={"instance_id": rec.id, "error": str(err)})
+        await self._end_orphaned_starts()
+        self._orphans = asyncio.get_running_loop().create_task(self._watch_orphaned_starts(), name="orphaned-starts")
+
+    async def _watch_orphaned_starts(self) -> None:
+        interval = float(getattr(self.runtime, "orphan_interval_s", 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._end_orphaned_starts()
+            except Exception as err:
+                _log.warning("orphaned creates not checked", extra={"error": str(err)})
+
+    async def _end_orphaned_starts(self) -> None:
+        """End the PENDING and STARTING records whose replica died (its Lease lapsed): nobody will finish them."""
+        for instance_id in await self.runtime.orphaned_starts(set(self._starting)):  # type: ignore[attr-defined]
+            async with self._locks[instance_id]:
+                rec = self.store.get(instance_id)
+                if rec is None or rec.state not in (State.PENDING, State.STARTING) or instance_id in self._starting:
+                    continue
+                _log.warning("ending a create whose replica died", extra={"instance_id": instance_id})
+                try:
+                    await self.runtime.delete(rec.sandbox_id)
+                except Exception as err:
+                    _log.warning("orphaned create not deleted", extra={"instance_id": instance_id, "error": str(err)})
+                    continue
+                self._set(instance_id, State.FAILED, REPLICA_DIED)
 
     async def _align_pause(self, rec: InstanceRecord, info: SandboxInfo) -> None:
         try:

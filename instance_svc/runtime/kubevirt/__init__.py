@@ -17,7 +17,8 @@ Settings (read here): CYBERDESK_KUBECONFIG or KUBECONFIG, CYBERDESK_KUBE_NAMESPA
 CYBERDESK_KUBE_READY_TIMEOUT (s, 600), CYBERDESK_KUBE_CHANGE_TIMEOUT (s, 120),
 CYBERDESK_KUBE_SNAPSHOT_TIMEOUT (s, 600), CYBERDESK_KUBE_WARM_POOLS ("base=<CyberdeskWarmPool
 name>,desktop=..."), CYBERDESK_KUBE_RECORD_RETENTION (s, 3600: how long an ended instance's
-resource stays as its record), CYBERDESK_KUBE_GC_INTERVAL (s, 600).
+resource stays as its record), CYBERDESK_KUBE_GC_INTERVAL (s, 600), CYBERDESK_KUBE_REPLICA_LEASE (s,
+15: a replica's Lease; a create of a replica whose Lease lapsed is ended by another).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def from_env() -> KubevirtRuntime:
         warm_pools=parse_warm_pools(env_str("KUBE_WARM_POOLS", "")),
         record_retention_s=float(env_int("KUBE_RECORD_RETENTION", 3600, minimum=1)),
         gc_interval_s=float(env_int("KUBE_GC_INTERVAL", 600, minimum=1)),
+        lease_s=float(env_int("KUBE_REPLICA_LEASE", 15, minimum=1)),
     )
     return KubevirtRuntime(load(), options)
 
@@ -61,4 +63,4 @@ def from_env() -> KubevirtRuntime:
 def store_for(runtime: Runtime) -> KubeStore:
     """The record store sharing the runtime's client and watch."""
     assert isinstance(runtime, KubevirtRuntime)
-    return KubeStore(runtime.kube, runtime.watcher, dict(runtime.options.warm_pools))
+    return KubeStore(runtime.kube, runtime.watcher, dict(runtime.options.warm_pools), runtime.replica_id)

@@ -27,6 +27,7 @@ from cyberdesk_common.config import ConfigError, env_str
 from instance_svc.operator import contract
 
 T = TypeVar("T")
+LEASE_GROUP = "coordination.k8s.io"
 
 __all__ = ["ApiException", "Kube", "conflict", "gone", "load"]
 
@@ -121,6 +122,40 @@ class Kube:
         )
         items: list[dict[str, Any]] = reply.get("items") or []
         return items, str((reply.get("metadata") or {}).get("resourceVersion") or "")
+
+    # --- Leases (coordination.k8s.io/v1: the same URL shape as a custom resource's) -------------
+
+    def lease(self, name: str) -> dict[str, Any] | None:
+        """GET a Lease; None when absent."""
+        try:
+            return cast(
+                dict[str, Any],
+                self.custom.get_namespaced_custom_object(LEASE_GROUP, "v1", self.namespace, "leases", name),
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def put_lease(self, name: str, spec: dict[str, Any]) -> None:
+        """Create the Lease, or merge `spec` into the existing one."""
+        body = {"apiVersion": f"{LEASE_GROUP}/v1", "kind": "Lease", "metadata": {"name": name}, "spec": spec}
+        try:
+            self.custom.create_namespaced_custom_object(LEASE_GROUP, "v1", self.namespace, "leases", body)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            self.custom.patch_namespaced_custom_object(
+                LEASE_GROUP, "v1", self.namespace, "leases", name, {"spec": spec}
+            )
+
+    def delete_lease(self, name: str) -> None:
+        """DELETE a Lease; 404 is not an error."""
+        try:
+            self.custom.delete_namespaced_custom_object(LEASE_GROUP, "v1", self.namespace, "leases", name)
+        except ApiException as err:
+            if err.status != 404:
+                raise
 
     # --- built-ins ---------------------------------------------------------------------------
 

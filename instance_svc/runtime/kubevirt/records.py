@@ -29,6 +29,8 @@ LABEL_LIVE = PREFIX + "live"
 LABEL_OUTBOX = PREFIX + "outbox"
 # sha256 of the request_id (the key itself may be 128 characters of any case, a label value not).
 LABEL_REQUEST = PREFIX + "request"
+# The replica that created the instance (its Lease: lease_name(owner)).
+OWNER = PREFIX + "owner"
 # Keeps a deleted instance's resource (the record of a TERMINATED instance) after the operator's
 # finalizer has gone with the VM; instance_svc removes it once the record is past its retention.
 FINALIZER = PREFIX + "record"
@@ -37,6 +39,24 @@ FINALIZER = PREFIX + "record"
 def rfc3339(us: int) -> str:
     """Microseconds since the epoch as RFC 3339 UTC with microseconds."""
     return datetime.fromtimestamp(us / 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def lease_name(replica_id: str) -> str:
+    """The Lease a replica holds while it runs."""
+    return f"instance-svc-{replica_id}"[:63].rstrip("-")
+
+
+def microtime(seconds: float) -> str:
+    """A Lease's MicroTime (RFC 3339 with microseconds, UTC)."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> float | None:
+    """Seconds since the epoch of an RFC 3339 time (with or without fractions); None when unreadable."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def request_label(tenant: str, request_id: str) -> str:
@@ -163,7 +183,7 @@ def instance_spec(rec: InstanceRecord, warm_pool: str = "") -> dict[str, Any]:
     return spec
 
 
-def instance_object(rec: InstanceRecord, warm_pool: str = "") -> dict[str, Any]:
+def instance_object(rec: InstanceRecord, warm_pool: str = "", owner: str = "") -> dict[str, Any]:
     """The whole CyberdeskInstance of a new (PENDING) record, with an empty outbox."""
     labels = {
         contract.LABEL_TENANT: rec.tenant,
@@ -173,6 +193,8 @@ def instance_object(rec: InstanceRecord, warm_pool: str = "") -> dict[str, Any]:
         LABEL_OUTBOX: "true",
     }
     annotations = {RECORD: record_json(rec)}
+    if owner:
+        annotations[OWNER] = owner
     if rec.request_id:
         labels[LABEL_REQUEST] = request_label(rec.tenant, rec.request_id)
         annotations[contract.ANNOTATION_REQUEST_ID] = rec.request_id

@@ -25,6 +25,9 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -47,8 +50,9 @@ from instance_svc.runtime.base import (
 )
 from instance_svc.runtime.kubevirt.kube import Kube, gone
 from instance_svc.runtime.kubevirt.records import FINALIZER as RECORD_FINALIZER
-from instance_svc.runtime.kubevirt.records import record_of, snapshot_object
+from instance_svc.runtime.kubevirt.records import OWNER, lease_name, microtime, parse_time, record_of, snapshot_object
 from instance_svc.runtime.kubevirt.watcher import Obj, Watcher
+from instance_svc.states import State
 
 _log = logging.getLogger("instance_svc.runtime.kubevirt")
 T = TypeVar("T")
@@ -69,6 +73,9 @@ class KubevirtOptions:
     # and how often a replica looks for records past it.
     record_retention_s: float = 3600.0
     gc_interval_s: float = 600.0
+    # Each replica holds a Lease while it runs; a create whose replica's Lease lapsed is ended by
+    # another replica (orphaned_starts). Renewed every third of it.
+    lease_s: float = 15.0
 
 
 def _status(obj: Obj | None) -> dict[str, Any]:
@@ -101,6 +108,10 @@ class KubevirtRuntime:
         self._exits: dict[str, Callable[[str, str], None]] = {}
         self._started = False
         self._gc: asyncio.Task[None] | None = None
+        self._renew: asyncio.Task[None] | None = None
+        # Who this replica is, in the records it creates and in its Lease's name.
+        host = "".join(c if c.isalnum() else "-" for c in socket.gethostname().lower()).strip("-")[:30]
+        self.replica_id = f"{host or 'host'}-{os.getpid()}-{secrets.token_hex(3)}"
 
     def sandbox_id_for(self, instance_id: str) -> str:
         """The resource of an instance is named by its id."""
@@ -115,9 +126,72 @@ class KubevirtRuntime:
         self.watcher.listen(self._changed)
         self.watcher.start(loop)
         self.snapshots.start(loop)
+        await self._call(self._hold_lease)
+        self._renew = loop.create_task(self._renew_lease(), name="kubevirt-replica-lease")
         await self.watcher.synced(60)
         await self.snapshots.synced(60)
         self._gc = loop.create_task(self._collect_records(), name="kubevirt-record-gc")
+
+    # --- this replica's Lease, and the creates of replicas that hold none any more ---------------
+
+    @property
+    def orphan_interval_s(self) -> float:
+        """How often the lifecycle looks for creates of dead replicas (a third of a Lease)."""
+        return max(1.0, self.options.lease_s / 3)
+
+    @property
+    def lease_name(self) -> str:
+        """The Lease this replica renews while it runs."""
+        return lease_name(self.replica_id)
+
+    def _hold_lease(self) -> None:
+        self.kube.put_lease(
+            self.lease_name,
+            {
+                "holderIdentity": self.replica_id,
+                "leaseDurationSeconds": max(1, round(self.options.lease_s)),
+                "renewTime": microtime(time.time()),
+            },
+        )
+
+    async def _renew_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.lease_s / 3)
+            try:
+                await self._call(self._hold_lease)
+            except Exception as err:  # the API is down for a moment: the next renewal may make it
+                _log.warning("replica lease not renewed", extra={"error": str(err)})
+
+    def _lease_alive(self, owner: str, now: float) -> bool:
+        lease = self.kube.lease(lease_name(owner))
+        if lease is None:
+            return False
+        spec = lease.get("spec") or {}
+        renewed = parse_time(str(spec.get("renewTime") or ""))
+        return renewed is not None and now < renewed + float(spec.get("leaseDurationSeconds") or 0)
+
+    async def orphaned_starts(self, starting: Collection[str]) -> builtins.list[str]:
+        """Instances PENDING or STARTING (and not in `starting`, this replica's) whose replica's Lease lapsed.
+
+        That replica died in the middle of the create: nobody will finish it (the env it carried
+        is gone with it), so the caller ends it.
+        """
+        await self.start()
+        now = time.time()
+        alive: dict[str, bool] = {}
+        found = []
+        for obj in self.watcher.items():
+            rec = record_of(obj)
+            if rec is None or rec.state not in (State.PENDING, State.STARTING) or rec.id in starting:
+                continue
+            owner = (obj["metadata"].get("annotations") or {}).get(OWNER, "")
+            if not owner or owner == self.replica_id:
+                continue  # ours, or of no known replica: nothing to judge it by
+            if owner not in alive:
+                alive[owner] = bool(owner) and await self._call(self._lease_alive, owner, now)
+            if not alive[owner]:
+                found.append(rec.id)
+        return found
 
     async def _collect_records(self) -> None:
         """Let the resources of instances ended longer than the retention ago go (every replica; idempotent)."""
@@ -414,9 +488,14 @@ class KubevirtRuntime:
 
     async def close(self) -> None:
         """Stop the watches and the client (the VMs go on: they outlive instance_svc)."""
-        if self._gc is not None:
-            self._gc.cancel()
-            await asyncio.gather(self._gc, return_exceptions=True)
+        for task in (self._gc, self._renew):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._renew is not None:
+            # Gone at once rather than lapsed: another replica may end this one's cut-short creates now.
+            with contextlib.suppress(Exception):
+                await self._call(self.kube.delete_lease, self.lease_name)
         self.watcher.stop()
         self.snapshots.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)

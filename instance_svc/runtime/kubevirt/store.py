@@ -61,11 +61,12 @@ def quota_name(tenant: str) -> str:
 class KubeStore(Store):
     """`Store` over CyberdeskInstance resources (see the module docstring)."""
 
-    def __init__(self, kube: Kube, watcher: Watcher, warm_pools: dict[str, str] | None = None) -> None:
+    def __init__(self, kube: Kube, watcher: Watcher, warm_pools: dict[str, str] | None = None, owner: str = "") -> None:
         # Deliberately not Store.__init__: there is no SQLite file; every method below is overridden.
         self._kube = kube
         self._watch = watcher
         self._warm_pools = warm_pools or {}
+        self._owner = owner  # the replica's id, recorded on what it creates (runtime.orphaned_starts)
         self._mine: set[str] = set()  # event ids this replica wrote (published by it first)
         self._seq = itertools.count(1)
         self._seqs: dict[tuple[str, str], int] = {}
@@ -169,7 +170,7 @@ class KubeStore(Store):
         if other:
             return self._wait_for_request(rec, other), False
         event = records.event_for(rec, None, rec.create_time_us, str(uuid.uuid4()))
-        body = records.instance_object(rec, self._warm_pool_for(rec))
+        body = records.instance_object(rec, self._warm_pool_for(rec), self._owner)
         body["metadata"]["annotations"][records.OUTBOX] = json.dumps([event.fields()])
         try:
             written = self._kube.create(contract.INSTANCE_PLURAL, body)

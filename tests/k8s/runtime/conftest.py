@@ -41,6 +41,8 @@ NS = contract.DEFAULT_NAMESPACE
 # The tenant whose quota the racing creates meet (CYBERDESK_QUOTA_OVERRIDES below).
 RACE_TENANT = "race"
 RACE_QUOTA = 10
+# The tenant whose creates a replica killed in their middle leaves behind.
+ORPHAN_TENANT = "orphan"
 T = TypeVar("T")
 
 INSTANCES = f"{contract.GROUP}/{contract.VERSION}/{contract.INSTANCE_PLURAL}"
@@ -179,10 +181,11 @@ class Stack:
         path = self.state / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def restart_replica(self) -> None:
-        """kill -9 the second replica, then start it again on the same address."""
+    def restart_replica(self, kill: bool = True) -> None:
+        """kill -9 the second replica (unless it is dead already), then start it again on the same address."""
         assert self.replica is not None
-        self.replica.proc.kill()
+        if kill:
+            self.replica.proc.kill()
         self.replica.proc.wait()
         self.replica.proc = spawn([sys.executable, "-m", "instance_svc"], self.replica.env, self.replica.log)
         wait_healthy(self.replica.target, timeout=60, proc=self.replica.proc)
@@ -205,8 +208,10 @@ def _stack_env(cluster: Cluster, tmp: Path) -> dict[str, str]:
             # every test reads its own TERMINATED records first.
             "CYBERDESK_KUBE_RECORD_RETENTION": "20",
             "CYBERDESK_KUBE_GC_INTERVAL": "1",
+            # A replica killed with -9 is known dead 3 s after its last renewal.
+            "CYBERDESK_KUBE_REPLICA_LEASE": "3",
             "CYBERDESK_QUOTA_OVERRIDES": f"{RACE_TENANT}:instances={RACE_QUOTA},vcpus=1000,memory_mib=1000000,"
-            "disk_mib=10000000",
+            f"disk_mib=10000000;{ORPHAN_TENANT}:instances=3",
             "CYBERDESK_LOG_LEVEL": "INFO",
         }
     )

@@ -20,6 +20,7 @@ import pytest
 from cyberdesk import FailedPrecondition, NotFound
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc
+from instance_svc.lifecycle import REPLICA_DIED
 from instance_svc.operator import contract
 from instance_svc.runtime.kubevirt import records
 from instance_svc.runtime.kubevirt.store import quota_name
@@ -27,6 +28,8 @@ from instance_svc.states import State
 from tests.k8s.runtime.conftest import (
     CONFIGMAPS,
     INSTANCES,
+    NS,
+    ORPHAN_TENANT,
     RACE_QUOTA,
     RACE_TENANT,
     SECRETS,
@@ -172,7 +175,7 @@ def test_delete_goes_through_the_finalizer_and_keeps_the_record(stack: Stack) ->
         ENDED.append(box.id)
 
 
-def _create(target: str, stack: Stack, n: int) -> str:
+def _create(target: str, stack: Stack, n: int, tenant: str = RACE_TENANT) -> str:
     with channel(target) as chan:
         stub = instance_pb2_grpc.InstanceServiceStub(chan)
         try:
@@ -180,7 +183,7 @@ def _create(target: str, stack: Stack, n: int) -> str:
                 instance_pb2.CreateInstanceRequest(
                     template="base", memory_mib=256, request_id=f"race-{n}-{uuid.uuid4().hex[:8]}"
                 ),
-                metadata=stack.metadata(RACE_TENANT),
+                metadata=stack.metadata(tenant),
                 timeout=120,
             )
         except grpc.RpcError as err:
@@ -231,6 +234,46 @@ def test_two_replicas_racing_fifty_creates_against_a_quota_of_ten(stack: Stack) 
             )
     cm = stack.cluster.get(CONFIGMAPS, quota_name(RACE_TENANT))
     assert cm is not None and json.loads(cm["data"]["reservations"]) == {}
+
+
+def test_creates_of_a_replica_killed_in_their_middle_end_failed_and_free_the_quota(stack: Stack) -> None:
+    """kill -9 of the replica creating three instances while their VMs boot: the other replica ends them."""
+    assert stack.replica is not None
+    replica = stack.replica
+    controller = stack.cluster.emulated.controller
+    assert controller is not None
+
+    def hold(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        # On the emulator's loop, before the operator has seen it: its VM will not get past Scheduling.
+        if kind == "ADDED" and obj["spec"]["tenant"] == ORPHAN_TENANT:
+            controller.held.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+
+    def held() -> list[str]:
+        return stack.cluster.call(lambda em: [name for _ns, name in controller.held])
+
+    stack.cluster.call(lambda em: em.listeners[INSTANCES].append(hold))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            calls = [pool.submit(_create, replica.target, stack, n, ORPHAN_TENANT) for n in range(3)]
+            names = wait_until("three creates held while their VMs boot", lambda: _all_three(held()))
+            replica.proc.kill()
+            replica.proc.wait()
+            assert [c.result() for c in calls] == ["UNAVAILABLE"] * 3
+        for name in names:
+            ended = lambda n=name: _state(stack.cluster.get(INSTANCES, n)) == "FAILED"  # type: ignore[arg-type]  # noqa: E731
+            wait_until(f"{name} to be ended by the other replica", ended)
+            assert _record(stack, name)["state_message"] == REPLICA_DIED
+        cm = stack.cluster.get(CONFIGMAPS, quota_name(ORPHAN_TENANT))
+        assert cm is not None and json.loads(cm["data"]["reservations"]) == {}
+    finally:
+        stack.cluster.call(lambda em: em.listeners[INSTANCES].remove(hold))
+        for name in held():
+            stack.cluster.call(lambda em, n=name: controller.release(NS, n))
+        stack.restart_replica(kill=False)
+
+
+def _all_three(names: list[str]) -> list[str] | None:
+    return names if len(names) == 3 else None
 
 
 def _state(obj: dict[str, Any]) -> str:
