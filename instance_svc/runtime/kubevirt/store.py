@@ -53,6 +53,14 @@ RESERVATION_GRACE_S = 60.0
 ADOPT_EVENTS_AFTER_S = 10.0
 
 
+class _Settled(Exception):
+    """The record is already where a transition would take it (another replica got there first)."""
+
+    def __init__(self, record: InstanceRecord) -> None:
+        super().__init__(record.id)
+        self.record = record
+
+
 def quota_name(tenant: str) -> str:
     """The ConfigMap of a tenant's quota reservations."""
     return "cyberdesk-quota-" + hashlib.sha256(tenant.encode()).hexdigest()[:20]
@@ -373,6 +381,9 @@ class KubeStore(Store):
         """Move an instance to `new` (checked by the state machine), with its event, in one write."""
 
         def change(rec: InstanceRecord) -> tuple[InstanceRecord, Event]:
+            if rec.state == new or (rec.state.terminal and new.terminal):
+                # Another replica made this very move (or ended the instance) first: nothing to write.
+                raise _Settled(rec)
             check_transition(instance_id, rec.state, new)
             updates: dict[str, Any] = {"state": new, **changes}
             if message is not None:
@@ -385,7 +396,10 @@ class KubeStore(Store):
             return after, records.event_for(after, rec.state, now_us, str(uuid.uuid4()))
 
         spec = {"deadline": records.rfc3339(changes["expire_time_us"])} if "expire_time_us" in changes else None
-        old, rec = self._change(instance_id, change, spec)
+        try:
+            old, rec = self._change(instance_id, change, spec)
+        except _Settled as settled:
+            return settled.record
         if rec.state.terminal and not old.state.terminal:
             self._release(rec.tenant, rec.id)
         return rec

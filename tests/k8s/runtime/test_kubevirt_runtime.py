@@ -225,13 +225,20 @@ def test_two_replicas_racing_fifty_creates_against_a_quota_of_ten(stack: Stack) 
                 timeout=30,
             )
             assert reply.agent_target.startswith("127.78.") and reply.agent_token and reply.agent_ca_pem
-    for n, o in enumerate(live):
-        with channel(targets[n % 2]) as chan:
-            instance_pb2_grpc.InstanceServiceStub(chan).DeleteInstance(
-                instance_pb2.DeleteInstanceRequest(instance_id=o["metadata"]["name"]),
+
+    def delete(target: str, instance_id: str) -> str:
+        with channel(target) as chan:
+            reply = instance_pb2_grpc.InstanceServiceStub(chan).DeleteInstance(
+                instance_pb2.DeleteInstanceRequest(instance_id=instance_id),
                 metadata=stack.metadata(RACE_TENANT),
                 timeout=60,
             )
+            return instance_pb2.InstanceState.Name(reply.instance.state)
+
+    # Both replicas delete every instance at the same time: every call succeeds with TERMINATED.
+    with concurrent.futures.ThreadPoolExecutor(2 * RACE_QUOTA) as pool:
+        deletes = [pool.submit(delete, t, o["metadata"]["name"]) for o in live for t in targets]
+        assert {d.result() for d in deletes} == {"INSTANCE_STATE_TERMINATED"}
     cm = stack.cluster.get(CONFIGMAPS, quota_name(RACE_TENANT))
     assert cm is not None and json.loads(cm["data"]["reservations"]) == {}
 
