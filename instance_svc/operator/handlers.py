@@ -51,6 +51,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # A deleted object's daemon is asked to stop; it is woken at once, so it need not be polled long.
     settings.background.cancellation_polling = 0.2
     settings.watching.server_timeout = 300
+    # No cluster-wide watches of Namespaces and CRDs: the operator serves one namespace and its
+    # CRDs are applied before it starts, so a namespaced Role is all it needs (k8s/base/rbac.yaml).
+    settings.scanning.disabled = True
     if not hasattr(memo, "state"):
         memo.state = OperatorState(await Kube.connect(), Settings.from_env())
 

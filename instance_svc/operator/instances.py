@@ -294,6 +294,18 @@ class Reconciler:
             ),
             key=lambda m: m["name"],
         )
+        if not members:
+            # The watch can lag behind a busy API server: ask it, rather than start cold needlessly.
+            selector = f"{contract.LABEL_POOL}={pool_name},{contract.LABEL_POOL_STATE}={contract.POOL_STATE_READY}"
+            listed = await self.kube.request("GET", self._url(*VM_URL), query={"labelSelector": selector})
+            members = sorted(
+                (
+                    {"name": o["metadata"]["name"], "rv": o["metadata"]["resourceVersion"]}
+                    for o in listed.get("items") or []
+                    if not o["metadata"].get("deletionTimestamp")
+                ),
+                key=lambda m: m["name"],
+            )
         owner = self._owner(v)
         for member in members:
             labels = self._labels(v, member["name"])
