@@ -25,11 +25,15 @@ setup: system $(STAMP) $(NPM_STAMP)
 # (user-mode networking), nft (nftables: egress rules inside each instance's network namespace) and
 # ip (iproute2); mkfs.ext4 (e2fsprogs) for the file system that bounds each instance's disk; chromium, the
 # headless browser the TypeScript SDK's browser test drives (playwright-core, with no browser download).
+# The validators of tests/k8s/manifests: kubectl (kubectl kustomize k8s/), systemd-analyze (verify of the
+# guest image's units), cloud-init (`cloud-init schema` of its cloud-configs; about 3 MB with its Python
+# deps, kept from ever running at this machine's boot by /etc/cloud/cloud-init.disabled) and shellcheck.
 system:
 	@missing=""; \
 	for pair in bwrap:bubblewrap redis-server:redis-server Xvfb:xvfb xdotool:xdotool \
 	    matchbox-window-manager:matchbox-window-manager xdpyinfo:x11-utils zstd:zstd \
-	    slirp4netns:slirp4netns nft:nftables ip:iproute2 mkfs.ext4:e2fsprogs chromium:chromium; do \
+	    slirp4netns:slirp4netns nft:nftables ip:iproute2 mkfs.ext4:e2fsprogs chromium:chromium \
+	    kubectl:kubernetes-client systemd-analyze:systemd cloud-init:cloud-init shellcheck:shellcheck; do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -40,6 +44,9 @@ system:
 	  else \
 	    echo "missing system packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; \
 	  fi; \
+	fi; \
+	if [ -x /usr/bin/cloud-init ] && [ ! -e /etc/cloud/cloud-init.disabled ] && [ "$$(id -u)" = 0 ]; then \
+	  touch /etc/cloud/cloud-init.disabled; \
 	fi
 
 # Both distributions, editable: the SDK (sdk/python: cyberdesk + cyberdesk_proto) and the servers (.)

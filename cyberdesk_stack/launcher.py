@@ -3,7 +3,9 @@
 What runs: Redis (its own process and data directory under the state directory, unless REDIS_URL
 is given; it requires the password kept in `<state>/redis_password`, 0600, made on first start,
 and every service gets it only inside REDIS_URL in its environment, never on a command line),
-instance_svc with the local runtime and its warm pool, billing_svc, and the gateway.
+instance_svc with the local runtime and its warm pool (or, with `--runtime kubevirt`, with
+instances as KubeVirt VMs in the cluster of the current kubeconfig: see docs/kubernetes.md),
+billing_svc, and the gateway.
 On first start a development API key (tenant `dev`, admin scope) is made with the gateway's
 key-store bootstrap (`gateway_svc.keystore.create_key`, a function call: no gateway needed); it
 is kept in `<state>/dev_api_key` (0600) and written, with the endpoint, to the CLI config file
@@ -84,6 +86,9 @@ class StackOptions:
     warm_pool: str | None = None
     write_config: bool = True
     on_exit: OnExit = "end"
+    # "local" (bubblewrap sandboxes on this host) or "kubevirt" (CyberdeskInstance resources in the
+    # cluster of the current kubeconfig, run by the instance operator there).
+    runtime: str = "local"
 
     @classmethod
     def from_env(cls) -> StackOptions:
@@ -100,7 +105,18 @@ class StackOptions:
             redis_url=env.get("REDIS_URL") or None,
             warm_pool=env.get("CYBERDESK_WARM_POOL") or None,
             on_exit=_on_exit(env.get("CYBERDESK_ON_EXIT") or cls.on_exit),
+            runtime=_runtime(env.get("CYBERDESK_RUNTIME") or cls.runtime),
         )
+
+
+RUNTIME_CHOICES = ("local", "kubevirt")
+
+
+def _runtime(value: str) -> str:
+    if value in RUNTIME_CHOICES:
+        return value
+    print(f"cyberdesk up: CYBERDESK_RUNTIME={value!r} is not one of {', '.join(RUNTIME_CHOICES)}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _on_exit(value: str) -> OnExit:
@@ -226,7 +242,7 @@ class Stack:
             "CYBERDESK_GATEWAY_HTTP_ADDR": opts.http_addr,
             "CYBERDESK_INSTANCE_ADDR": opts.instance_addr,
             "CYBERDESK_BILLING_ADDR": opts.billing_addr,
-            "CYBERDESK_RUNTIME": "local",
+            "CYBERDESK_RUNTIME": opts.runtime,
         }
         if opts.warm_pool is not None:
             env["CYBERDESK_WARM_POOL"] = opts.warm_pool
@@ -277,7 +293,8 @@ class Stack:
 
     def start(self) -> None:
         """Start Redis, then the services in dependency order, each once the one before answers."""
-        missing = [b for b in ("bwrap",) if shutil.which(b) is None]
+        needed = ("bwrap",) if self.options.runtime == "local" else ()
+        missing = [b for b in needed if shutil.which(b) is None]
         if missing:
             raise StackError(f"missing {', '.join(missing)}: run `make setup` (it installs bubblewrap)")
         self.options.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -347,7 +364,8 @@ class Stack:
         print(f"  gateway (gRPC)   {self.options.gateway_addr}", file=p)
         if self.http_endpoint:
             print(f"  gateway (HTTP)   {self.http_endpoint}", file=p)
-        print(f"  instance_svc     {self.options.instance_addr}", file=p)
+        runtime = "" if self.options.runtime == "local" else f" (runtime {self.options.runtime})"
+        print(f"  instance_svc     {self.options.instance_addr}{runtime}", file=p)
         print(f"  billing_svc      {self.options.billing_addr}", file=p)
         print(f"  redis            {mask_secrets(self.redis_url)}", file=p)
         print(f"  state directory  {self.options.state_dir} (logs in {self._logs()}, pids in pids.json)", file=p)
@@ -401,7 +419,9 @@ class Stack:
                         proc.wait()
                 continue
             processes.stop(proc, _STOP_TIMEOUT)
-        if end:
+        if self.options.runtime != "local":
+            pass  # VMs live in the cluster: instance_svc ended them (end) or they run on (keep)
+        elif end:
             # The last resort: what instance_svc did not end (it was killed, was down, or predates
             # INSTANCE_SVC_ON_SHUTDOWN). Their records become FAILED at the next start (sandbox gone).
             swept = sweep_sandboxes(self.options.state_dir)

@@ -29,7 +29,7 @@ from instance_svc import expiry
 from instance_svc.clock import SYSTEM_CLOCK, Clock
 from instance_svc.pool import WarmPool
 from instance_svc.quotas import QuotaTable
-from instance_svc.runtime.base import Runtime, SandboxInfo, SandboxSpec, Unsupported
+from instance_svc.runtime.base import EXPIRED, Runtime, SandboxInfo, SandboxSpec, Unsupported
 from instance_svc.scheduler import Scheduler
 from instance_svc.states import IllegalRequest, Request, State, check_request
 from instance_svc.store import InstanceRecord, QuotaExceeded, SnapshotRecord, Store
@@ -45,6 +45,8 @@ STOPPED_STARTING = "instance_svc stopped while the sandbox was being created"
 _DRAIN_WAIT_STEPS = 100  # of 20 ms
 # The reason of instances ended by a stop of instance_svc with INSTANCE_SVC_ON_SHUTDOWN=end.
 STACK_STOPPED = "the stack was stopped"
+# With records shared by several replicas (kubevirt): the reason of a create whose replica died.
+REPLICA_DIED = "the instance_svc replica creating it stopped before it was running"
 
 
 @contextlib.contextmanager
@@ -110,6 +112,8 @@ class Lifecycle:
         self._create_tasks: dict[str, asyncio.Task[InstanceRecord]] = {}
         self._creates: set[asyncio.Task[InstanceRecord]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        # Shared records only (kubevirt): the check for creates whose replica died.
+        self._orphans: asyncio.Task[None] | None = None
         # How long (in steps of 20 ms) a stop waits for the last events to leave the outbox; the
         # unit tests' publisher never sends, so they set 0.
         self.outbox_wait_steps = _DRAIN_WAIT_STEPS
@@ -137,6 +141,9 @@ class Lifecycle:
         """
         await self.scheduler.stop()
         await self.pool.stop()
+        if self._orphans is not None:
+            self._orphans.cancel()
+            await asyncio.gather(self._orphans, return_exceptions=True)
         if end_instances:
             await self._end_all(budget)
         for task in list(self._creates):
@@ -188,6 +195,9 @@ class Lifecycle:
         host), and only then are the ended records written, so a record says FAILED or TERMINATED
         only once its sandbox is gone. A crash in between repeats the same decisions next time.
         """
+        if getattr(self.runtime, "shared_records", False):
+            await self._reconcile_shared()
+            return
         existing = {info.sandbox_id: info for info in await self.runtime.list()}
         keep: set[str] = set()
         ends: list[tuple[str, State, str]] = []
@@ -220,6 +230,65 @@ class Lifecycle:
         for instance_id, state, reason in ends:
             self._set(instance_id, state, reason)
         self._sweep_snapshots()
+
+    async def _reconcile_shared(self) -> None:
+        """The start-up reconciliation of one replica among several that share the records (kubevirt).
+
+        Nothing is swept (every resource of the cluster is a record), and a create in progress is
+        not ended because of its state: another replica may be running it. A PENDING or STARTING
+        record is ended FAILED only when the replica that creates it holds no Lease any more (it
+        died; checked now and then every few seconds, runtime.orphaned_starts), an interrupted
+        delete is finished, and a RUNNING or PAUSED record whose VM is gone ends:
+        TERMINATED when its deadline had passed (the operator expired it while no replica
+        watched), FAILED otherwise. Every replica re-arms and watches every live instance; two
+        replicas acting on the same one meet at the record's conditional writes.
+        """
+        existing = {info.sandbox_id: info for info in await self.runtime.list()}
+        now = self.clock.now_us()
+        for rec in self.store.live():
+            info = existing.get(rec.sandbox_id)
+            async with self._locks[rec.id]:
+                try:
+                    if rec.state in (State.RUNNING, State.PAUSED):
+                        if info is not None and info.running:
+                            self._sandboxes[rec.id] = info
+                            self.scheduler.arm(rec.id, rec.expire_time_us)
+                            self.runtime.watch(info.sandbox_id, self._on_sandbox_exit)
+                        elif rec.expire_time_us <= now:
+                            await self._terminate(rec.id, EXPIRED)
+                        else:
+                            await self.runtime.delete(rec.sandbox_id)
+                            self._set(rec.id, State.FAILED, VANISHED)
+                    elif rec.state is State.STOPPING:
+                        await self._terminate(rec.id, "deleted")
+                except Exception as err:  # another replica changed it meanwhile, or the API failed
+                    _log.warning("not reconciled", extra={"instance_id": rec.id, "error": str(err)})
+        await self._end_orphaned_starts()
+        self._orphans = asyncio.get_running_loop().create_task(self._watch_orphaned_starts(), name="orphaned-starts")
+
+    async def _watch_orphaned_starts(self) -> None:
+        interval = float(getattr(self.runtime, "orphan_interval_s", 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._end_orphaned_starts()
+            except Exception as err:
+                _log.warning("orphaned creates not checked", extra={"error": str(err)})
+
+    async def _end_orphaned_starts(self) -> None:
+        """End the PENDING and STARTING records whose replica died (its Lease lapsed): nobody will finish them."""
+        for instance_id in await self.runtime.orphaned_starts(set(self._starting)):  # type: ignore[attr-defined]
+            async with self._locks[instance_id]:
+                rec = self.store.get(instance_id)
+                if rec is None or rec.state not in (State.PENDING, State.STARTING) or instance_id in self._starting:
+                    continue
+                _log.warning("ending a create whose replica died", extra={"instance_id": instance_id})
+                try:
+                    await self.runtime.delete(rec.sandbox_id)
+                except Exception as err:
+                    _log.warning("orphaned create not deleted", extra={"instance_id": instance_id, "error": str(err)})
+                    continue
+                self._set(instance_id, State.FAILED, REPLICA_DIED)
 
     async def _align_pause(self, rec: InstanceRecord, info: SandboxInfo) -> None:
         try:
@@ -262,6 +331,10 @@ class Lifecycle:
             rec = self.store.get(rec.id)
             if rec is None or rec.sandbox_id != sandbox_id or rec.state not in (State.RUNNING, State.PAUSED):
                 return  # a delete, deadline or restart got there first
+            if reason == EXPIRED:
+                # The platform's own deadline timer got there first (kubevirt's operator).
+                await self._terminate(rec.id, EXPIRED)
+                return
             _log.warning("sandbox died", extra={"instance_id": rec.id, "sandbox_id": sandbox_id, "reason": reason})
             self.scheduler.cancel(rec.id)
             self._sandboxes.pop(rec.id, None)
@@ -305,6 +378,11 @@ class Lifecycle:
         assert fresh is not None
         return fresh
 
+    def _sandbox_id(self, instance_id: str) -> str:
+        """The sandbox a new instance gets: "sb-<hex>" here, the runtime's own name where it has one (kubevirt)."""
+        name_for = getattr(self.runtime, "sandbox_id_for", None)
+        return str(name_for(instance_id)) if name_for else "sb-" + instance_id.removeprefix("i-")
+
     # --- create ------------------------------------------------------------------------------
 
     async def create(self, tenant: str, spec: CreateSpec) -> InstanceRecord:
@@ -339,7 +417,7 @@ class Lifecycle:
             internet=spec.internet,
             source_snapshot_id=spec.snapshot_id,
             # Recorded with the reservation, before anything of the sandbox exists on the host.
-            sandbox_id="sb-" + instance_id.removeprefix("i-"),
+            sandbox_id=self._sandbox_id(instance_id),
             request_id=spec.request_id or None,
             egress_allow=spec.egress_allow,
             egress_deny=spec.egress_deny,
@@ -542,6 +620,17 @@ class Lifecycle:
         """The instance and, when RUNNING, its agent endpoint."""
         rec = self.owned(tenant, instance_id)
         return Resolved(rec, self._sandboxes.get(instance_id) if rec.state is State.RUNNING else None)
+
+    async def route(self, tenant: str, instance_id: str) -> Resolved:
+        """`resolve`, also for an instance another replica started (records shared in the cluster)."""
+        resolved = self.resolve(tenant, instance_id)
+        find = getattr(self.runtime, "find", None)
+        if resolved.sandbox is None and resolved.record.state is State.RUNNING and find is not None:
+            info = await find(resolved.record.sandbox_id)
+            if info is not None:
+                self._sandboxes[instance_id] = info
+            return Resolved(resolved.record, info)
+        return resolved
 
     # --- snapshots ---------------------------------------------------------------------------
 

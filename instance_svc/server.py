@@ -7,6 +7,7 @@ import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -25,7 +26,7 @@ from instance_svc.validation import MachineLimits
 
 
 def make_runtime(name: str) -> Runtime:
-    """The runtime named by CYBERDESK_RUNTIME ("local"; "kubevirt" in a later issue)."""
+    """The runtime named by CYBERDESK_RUNTIME: "local" (bubblewrap here) or "kubevirt" (the current kubeconfig)."""
     if name == "local":
         module = importlib.import_module("instance_svc.runtime.local")
         network = importlib.import_module("instance_svc.runtime.local.network")
@@ -44,7 +45,18 @@ def make_runtime(name: str) -> Runtime:
         options = module.LocalOptions(egress_allow_ranges=ranges, egress_dns_upstream=upstream)
         runtime: Runtime = module.LocalRuntime(state_dir() / "instances", options)
         return runtime
-    raise ConfigError(f"CYBERDESK_RUNTIME={name!r} is not available; use local")
+    if name == "kubevirt":
+        kubevirt = importlib.import_module("instance_svc.runtime.kubevirt")
+        return kubevirt.from_env()  # type: ignore[no-any-return]
+    raise ConfigError(f"CYBERDESK_RUNTIME={name!r} is not available; use local or kubevirt")
+
+
+def make_store(runtime: Runtime, base: Path) -> Store:
+    """Where the records live: the cluster's resources for kubevirt (shared by every replica), else SQLite."""
+    if runtime.name == "kubevirt":
+        kubevirt = importlib.import_module("instance_svc.runtime.kubevirt")
+        return kubevirt.store_for(runtime)  # type: ignore[no-any-return]
+    return Store(base / "instance_svc.db")
 
 
 # What a SIGTERM does to the instances (set by `cyberdesk up`, cyberdesk_stack/launcher.py):
@@ -93,15 +105,17 @@ def build_app() -> App:
     """Build instance_svc from the environment."""
     base = state_dir()
     on_shutdown = on_shutdown_policy()
-    store = Store(base / "instance_svc.db")
     runtime = make_runtime(env_str("RUNTIME", "local"))
+    store = make_store(runtime, base)
+    # On kubevirt the operator keeps the warm pool (CyberdeskWarmPool resources), not instance_svc.
+    pool_sizes = parse_sizes(env_str("WARM_POOL", "base=2,desktop=0")) if runtime.name == "local" else {}
     redis_url = platform_redis_url(base)
     lifecycle = Lifecycle(
         store=store,
         runtime=runtime,
         quotas=QuotaTable.from_env(),
         publisher=Publisher(store, redis_url),
-        pool=WarmPool(runtime, parse_sizes(env_str("WARM_POOL", "base=2,desktop=0"))),
+        pool=WarmPool(runtime, pool_sizes),
         snapshot_dir=base / "snapshots",
     )
     limits = MachineLimits(

@@ -279,7 +279,7 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
         if not request.tenant_id:
             raise invalid_argument("tenant_id is required")
         await self._lc.ready.wait()
-        resolved = self._lc.resolve(request.tenant_id, request.instance_id)
+        resolved = await self._lc.route(request.tenant_id, request.instance_id)
         reply = routing_pb2.ResolveInstanceResponse(state=resolved.record.state.value)
         if resolved.sandbox is not None:
             endpoint = resolved.sandbox.endpoint

@@ -63,7 +63,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         ) from None
 
     opts = StackOptions.from_env()
-    for name in ("gateway_addr", "http_addr", "instance_addr", "billing_addr", "redis_port", "warm_pool", "on_exit"):
+    names = ("gateway_addr", "http_addr", "instance_addr", "billing_addr", "redis_port", "warm_pool", "on_exit")
+    for name in (*names, "runtime"):
         value = getattr(args, name)
         if value is not None:
             setattr(opts, name, value)
@@ -487,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-exit",
         choices=("end", "keep"),
         help="on Ctrl-C: end the instances (end, the default), or leave them running for the next `up` (keep)",
+    )
+    up.add_argument(
+        "--runtime",
+        choices=("local", "kubevirt"),
+        help="where instances run: local bubblewrap sandboxes (the default) or KubeVirt VMs in the cluster of the "
+        "current kubeconfig (the instance operator must run there; docs/kubernetes.md)",
     )
     up.set_defaults(func=cmd_up)
 

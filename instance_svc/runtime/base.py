@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+# The reason `Runtime.watch` reports when the platform itself ended a sandbox at its deadline (the
+# kubevirt operator's timer): the lifecycle ends such an instance TERMINATED, not FAILED.
+EXPIRED = "expired at its deadline"
+
 
 class RuntimeError_(Exception):
     """A runtime operation failed; the message is meant for the instance's state_message."""
