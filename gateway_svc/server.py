@@ -55,6 +55,7 @@ class Gateway:
         self.route_cache: RouteCache | None = None
         self.limiter: RateLimiter | None = None
         self.instance_channel: grpc.aio.Channel | None = None
+        self.billing_channel: grpc.aio.Channel | None = None
         self._stop = asyncio.Event()
         self._events: asyncio.Task[None] | None = None
         self.admission: Admission | None = None
@@ -87,8 +88,15 @@ class Gateway:
             options=list(CHANNEL_OPTIONS),
             interceptors=[TracingClientInterceptor()],  # type: ignore[list-item]
         )
+        self.billing_channel = grpc.aio.insecure_channel(
+            config.billing_target,
+            options=list(CHANNEL_OPTIONS),
+            interceptors=[TracingClientInterceptor()],  # type: ignore[list-item]
+        )
         self.route_cache = RouteCache(self.instance_channel, config.internal_token, ttl=config.route_cache_seconds)
-        self.admission = Admission(gate, self.route_cache, self.instance_channel, config.internal_token)
+        self.admission = Admission(
+            gate, self.route_cache, self.instance_channel, config.internal_token, billing_channel=self.billing_channel
+        )
         server.add_generic_rpc_handlers((Proxy(self.admission),))
         # One servicer for both faces: REST's /v1/keys calls it with the HTTP credentials.
         self.keys = AuthServicer(gate, self.store)
@@ -177,6 +185,8 @@ class Gateway:
             await self.route_cache.pool.close()
         if self.instance_channel is not None:
             await self.instance_channel.close(grace=None)
+        if self.billing_channel is not None:
+            await self.billing_channel.close(grace=None)
         if self.limiter is not None:
             await self.limiter.close()
         if self.unkey is not None:
