@@ -198,7 +198,9 @@ class StripeStandin:
 
     def start(self) -> StripeStandin:
         """Serve in a daemon thread; returns self."""
-        self._thread = threading.Thread(target=self._server.serve_forever, name="stripe-standin", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="stripe-standin", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -571,6 +573,8 @@ class StripeStandin:
 def _handler(standin: StripeStandin) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: the library reuses its connections
+        # Headers and body are two writes: without TCP_NODELAY each answer waits out a delayed ACK (40 ms).
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
