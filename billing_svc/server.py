@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from billing_svc import stripe_service
 from billing_svc.enforcer import Enforcer
 from billing_svc.ledger import Ledger
 from billing_svc.meter import Meter
@@ -94,7 +95,8 @@ def build_app() -> App:
         ]
 
     spec = ServerSpec(name="billing_svc", addresses=[env_str("BILLING_ADDR", "127.0.0.1:50071")], register=register)
-    return App(spec, ledger, meter, enforcer)
+    # Stripe (docs/billing.md, "Stripe"): nothing runs, and nothing leaves the machine, without a key.
+    return App(spec, ledger, meter, enforcer, background=stripe_service.background(ledger))
 
 
 def build_spec() -> ServerSpec:
