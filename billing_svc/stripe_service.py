@@ -18,9 +18,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from billing_svc.ledger import Ledger
-from billing_svc.stripe_delivery import StripeDelivery, StripeSettings
-from billing_svc.stripe_windows import WindowCloser
-from billing_svc.webhooks import WebhookHandler, WebhookServer
 from cyberdesk_common.config import env_str
 
 _log = logging.getLogger("billing_svc.stripe")
@@ -30,6 +27,15 @@ DEFAULT_WEBHOOK_ADDR = "127.0.0.1:50072"
 
 def background(ledger: Ledger) -> list[Callable[[], Coroutine[Any, Any, None]]]:
     """The Stripe work to run beside the meter (empty when nothing is configured)."""
+    if not env_str("STRIPE_SECRET_KEY", "") and not env_str("STRIPE_WEBHOOK_SECRET", ""):
+        _log.info("no Stripe key configured: usage stays in the local ledger, nothing is reported")
+        return []
+    # Imported here: the stripe library takes seconds to import on a busy host, and a billing_svc
+    # without Stripe configured (the local stack's default) should not pay for it at every start.
+    from billing_svc.stripe_delivery import StripeDelivery, StripeSettings
+    from billing_svc.stripe_windows import WindowCloser
+    from billing_svc.webhooks import WebhookHandler, WebhookServer
+
     settings = StripeSettings.from_env()
     webhook_secret = env_str("STRIPE_WEBHOOK_SECRET", "")
     work: list[Callable[[], Coroutine[Any, Any, None]]] = []
