@@ -19,7 +19,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from billing_svc import usage
 from billing_svc.ledger import Ledger, UsageReport
-from billing_svc.plans import CreditPolicy, Plan, Refusal
+from billing_svc.plans import CATALOG, CreditPolicy, Plan, Refusal
 from cyberdesk_common.internal_auth import InternalAuth
 from cyberdesk_common.lifecycle_events import InstanceState
 from cyberdesk_common.status import invalid_argument, not_found
@@ -283,7 +283,11 @@ class PlanServicer(internal_grpc.PlanServiceServicer):
         tenant = _tenant(request.tenant_id)
         if not request.HasField("plan"):
             raise invalid_argument("plan is required")
-        plan = plan_from_proto(request.plan)
+        if request.plan.name in CATALOG and not request.plan.HasField("max_timeout"):
+            # A catalog plan by name alone (what an Unkey identity names): that plan's limits.
+            plan = CATALOG[request.plan.name]
+        else:
+            plan = plan_from_proto(request.plan)
         now = self._now_us()
         effective = _us(request.effective_time) if request.HasField("effective_time") else now
         applied, current = self._ledger.set_plan(tenant, plan, effective, request.source or "operator", now)
