@@ -36,6 +36,7 @@ from gateway_svc.rest.upstream import GatewayUpstream
 from gateway_svc.revocation import OpenCalls, RevocableUpstream, RevocationInterceptor
 from gateway_svc.routing import RouteCache, follow_events
 from gateway_svc.unkey_backend import UnkeyBackend
+from gateway_svc.unkey_plans import PlanSync
 
 _log = logging.getLogger("gateway_svc")
 
@@ -73,7 +74,11 @@ class Gateway:
         backend: KeyBackend
         if config.unkey_root_key:
             self.unkey = backend = UnkeyBackend(
-                config.unkey_root_key, config.unkey_api_id, config.unkey_server_url, config.unkey_keyspace
+                config.unkey_root_key,
+                config.unkey_api_id,
+                config.unkey_server_url,
+                config.unkey_keyspace,
+                plans=PlanSync(lambda: self.billing_channel, config.internal_token),
             )
         else:
             from pathlib import Path
