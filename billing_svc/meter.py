@@ -11,6 +11,9 @@ Delivery rules (docs/billing.md, "The consumer"):
   leaving it pending would replay it forever.
 - Redis unreachable: retry with back-off; the group lost with Redis's data (NOGROUP) is made again
   from the stream's start, which only re-reads events the ledger already skips.
+- Stopping is a request (`request_stop`), seen between reads (at most one BLOCK later), not a
+  task cancel: a cancel that lands while redis-py's blocking XREADGROUP times out was seen to be
+  swallowed (the read's own timeout wins and the loop reads on), which hung the shutdown.
 """
 
 from __future__ import annotations
@@ -69,12 +72,18 @@ class Meter:
         self.applied = 0  # new events applied by this process
         self.connected = asyncio.Event()
         self._progress = asyncio.Condition()
+        self._stop = False
+
+    def request_stop(self) -> None:
+        """Ask `run` to return after the read in progress (a batch read is still applied and acknowledged)."""
+        self._stop = True
 
     async def run(self) -> None:
-        """Consume forever (cancel to stop); reconnects with back-off when Redis goes away."""
+        """Consume until `request_stop`; reconnects with back-off when Redis goes away."""
+        self._stop = False
         delay = 0.1
         down = False
-        while True:
+        while not self._stop:
             client = lifecycle_events.connect(self.redis_url)
             try:
                 await self._ensure_group(client)
@@ -88,7 +97,10 @@ class Meter:
                 if not down:
                     _log.warning("the event stream is unreachable; metering waits", extra={"error": str(err)})
                 down = True
-                await asyncio.sleep(delay)
+                for _ in range(int(delay / 0.1)):  # in steps, so a stop request is seen soon
+                    if self._stop:
+                        break
+                    await asyncio.sleep(0.1)
                 delay = min(delay * 2, 5.0)
             finally:
                 with contextlib.suppress(RedisError, OSError):
@@ -104,14 +116,14 @@ class Meter:
 
     async def _consume(self, client: aioredis.Redis) -> None:
         # Our own pending entries first: a batch read before a crash, not yet acknowledged.
-        while True:
+        while not self._stop:
             reply: Any = await client.xreadgroup(GROUP, self.consumer, {STREAM: "0"}, count=self.batch)
             entries = _entries(reply)
             if not entries:
                 break
             await self._handle(client, entries)
         last_claim = 0.0
-        while True:
+        while not self._stop:
             if time.monotonic() - last_claim >= self.claim_every_s:
                 await self._claim(client)
                 last_claim = time.monotonic()

@@ -66,8 +66,15 @@ class App:
 
     async def on_stopping(self) -> None:
         """Stop background work (a batch being applied commits or rolls back whole), close the ledger."""
-        for task in self._tasks:
+        # The meter is asked to stop and returns after its current read (see meter.py), the rest is cancelled.
+        self.meter.request_stop()
+        meter, others = self._tasks[:1], self._tasks[1:]
+        for task in others:
             task.cancel()
+        if meter:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(meter[0]), self.meter.block_ms / 1000 + 2)
+            meter[0].cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.ledger.close()
