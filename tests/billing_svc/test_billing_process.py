@@ -1,4 +1,4 @@
-"""billing_svc as a process: kill -9 at several points while it applies a backlog, then restart.
+"""billing_svc as a process: kill -9 while it applies a backlog (mostly inside a batch), then restart.
 
 The ledger ends with every event exactly once (distinct event ids, duplicates in the stream
 included) and every tenant's totals equal the generator's; nothing is left pending in the group.
@@ -47,8 +47,8 @@ def _count(db: Path) -> int:
         conn.close()
 
 
-def test_kill_9_mid_batch_then_restart_loses_nothing_and_doubles_nothing(stream_url: str, tmp_path: Path) -> None:
-    events, expected = lifecycles(1200, tenants=10)
+def test_kill_9_mid_backlog_then_restart_loses_nothing_and_doubles_nothing(stream_url: str, tmp_path: Path) -> None:
+    events, expected = lifecycles(800, tenants=10)
     client = redis.Redis.from_url(stream_url, decode_responses=True)
     pipe = client.pipeline(transaction=False)
     for event in events + events[::10]:  # every tenth published twice
@@ -66,7 +66,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing_and_doubles_nothing(stream_
     }
     log = tmp_path / "billing_svc.log"
     kills = 0
-    for fraction in (0.15, 0.55):
+    for fraction in (0.3,):
         proc = processes.spawn([sys.executable, "-m", "billing_svc"], env, log)
         try:
             processes.wait_healthy(addr, timeout=30, proc=proc)
@@ -80,7 +80,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing_and_doubles_nothing(stream_
             if proc.poll() is None:
                 proc.kill()
             proc.wait(30)
-    assert kills == 2, "the backlog was applied before the kills could land"
+    assert kills == 1, "the backlog was applied before the kill could land"
     proc = processes.spawn([sys.executable, "-m", "billing_svc"], env, log)
     try:
         processes.wait_healthy(addr, timeout=30, proc=proc)
