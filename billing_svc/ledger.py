@@ -142,6 +142,12 @@ class UsageReport:
     instances: list[InstanceUsage]  # every instance with an interval in the period, newest first
 
 
+def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
+    """Slices small enough for one `IN (...)` (SQLite allows 32,766 parameters; 500 keeps statements short)."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
 class Ledger:
     """The SQLite ledger. One connection, used from one thread at a time (a lock guards it)."""
 
@@ -189,18 +195,33 @@ class Ledger:
     def apply(self, entries: Sequence[tuple[str, LifecycleEvent]], now_us: int) -> int:
         """Apply a batch of (stream id, event) in one transaction; returns how many were new.
 
-        An event whose id is already in the ledger is skipped (a redelivery).
+        An event whose id is already in the ledger (a redelivery), or twice in the batch, is
+        skipped. Set-wise: a handful of statements per batch, not per event (the ledger is the
+        pipeline's bottleneck).
         """
         if not entries:
             return 0
-        new = 0
-        touched: dict[str, str] = {}
         with self._write() as db:
+            ids = list({ev.event_id for _, ev in entries})
+            known: set[str] = set()
+            for chunk in _chunks(ids):
+                known.update(
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT event_id FROM transitions WHERE event_id IN ({','.join('?' * len(chunk))})", chunk
+                    )
+                )
+            fresh: dict[str, tuple[str, LifecycleEvent]] = {}
             for stream_id, ev in entries:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO transitions(event_id, stream_id, tenant, instance_id, old_state, new_state,"
-                    " time_us, vcpus, memory_mib, disk_mib, desktop, template, applied_us)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                if ev.event_id not in known and ev.event_id not in fresh:
+                    fresh[ev.event_id] = (stream_id, ev)
+            if not fresh:
+                return 0
+            db.executemany(
+                "INSERT INTO transitions(event_id, stream_id, tenant, instance_id, old_state, new_state,"
+                " time_us, vcpus, memory_mib, disk_mib, desktop, template, applied_us)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
                     (
                         ev.event_id,
                         stream_id,
@@ -215,81 +236,96 @@ class Ledger:
                         int(ev.desktop),
                         ev.template,
                         now_us,
-                    ),
-                )
-                if cur.rowcount:
-                    new += 1
-                    touched[ev.instance_id] = ev.tenant
-            for instance_id, tenant in touched.items():
-                self._rebuild(db, instance_id, tenant)
-                # The instance is in the ledger now: its admission's reservation has done its work.
-                db.execute("DELETE FROM reservations WHERE instance_id = ?", (instance_id,))
-        return new
-
-    def _rebuild(self, db: sqlite3.Connection, instance_id: str, tenant: str) -> None:
-        rows = db.execute(
-            "SELECT stream_id, new_state, time_us, vcpus, memory_mib, disk_mib, desktop, template"
-            " FROM transitions WHERE instance_id = ?",
-            (instance_id,),
-        ).fetchall()
-        transitions = [
-            Transition(
-                r["time_us"],
-                r["stream_id"],
-                InstanceState[r["new_state"]],
-                r["vcpus"],
-                r["memory_mib"],
-                r["disk_mib"],
-                bool(r["desktop"]),
+                    )
+                    for stream_id, ev in fresh.values()
+                ],
             )
-            for r in rows
-        ]
-        ordered = sorted(transitions, key=lambda t: (t.time_us, usage.stream_order(t.stream_id)))
-        latest = ordered[-1]
-        # The state is the latest by time, except that nothing leaves a terminal state.
-        terminal = next((t for t in ordered if t.new_state.terminal), None)
-        state = terminal or latest
-        db.execute("DELETE FROM intervals WHERE instance_id = ?", (instance_id,))
+            touched = {ev.instance_id: ev.tenant for _, ev in fresh.values()}
+            self._rebuild(db, touched)
+        return len(fresh)
+
+    def _rebuild(self, db: sqlite3.Connection, touched: dict[str, str]) -> None:
+        """Rewrite the intervals and the latest state of each touched instance from all its transitions."""
+        rows: dict[str, list[sqlite3.Row]] = {}
+        instance_ids = list(touched)
+        for chunk in _chunks(instance_ids):
+            for r in db.execute(
+                "SELECT instance_id, stream_id, new_state, time_us, vcpus, memory_mib, disk_mib, desktop, template"
+                f" FROM transitions WHERE instance_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                rows.setdefault(r["instance_id"], []).append(r)
+        interval_rows: list[tuple[object, ...]] = []
+        instance_rows: list[tuple[object, ...]] = []
+        for instance_id, tenant in touched.items():
+            mine = rows[instance_id]
+            ordered = sorted(
+                (
+                    Transition(
+                        r["time_us"],
+                        r["stream_id"],
+                        InstanceState[r["new_state"]],
+                        r["vcpus"],
+                        r["memory_mib"],
+                        r["disk_mib"],
+                        bool(r["desktop"]),
+                    )
+                    for r in mine
+                ),
+                key=lambda t: (t.time_us, usage.stream_order(t.stream_id)),
+            )
+            latest = ordered[-1]
+            # The state is the latest by time, except that nothing leaves a terminal state.
+            terminal = next((t for t in ordered if t.new_state.terminal), None)
+            state = terminal or latest
+            for seq, iv in enumerate(usage.intervals(ordered, presorted=True)):
+                interval_rows.append(
+                    (
+                        instance_id,
+                        seq,
+                        tenant,
+                        iv.state.name,
+                        iv.start_us,
+                        iv.end_us,
+                        iv.vcpus,
+                        iv.memory_mib,
+                        iv.disk_mib,
+                        int(iv.desktop),
+                    )
+                )
+            instance_rows.append(
+                (
+                    instance_id,
+                    tenant,
+                    mine[-1]["template"],
+                    latest.vcpus,
+                    latest.memory_mib,
+                    latest.disk_mib,
+                    int(latest.desktop),
+                    state.new_state.name,
+                    state.time_us,
+                    ordered[0].time_us,
+                    terminal.time_us if terminal else 0,
+                )
+            )
+        for chunk in _chunks(instance_ids):
+            marks = ",".join("?" * len(chunk))
+            db.execute(f"DELETE FROM intervals WHERE instance_id IN ({marks})", chunk)
+            # These instances are in the ledger now: their admissions' reservations have done their work.
+            db.execute(f"DELETE FROM reservations WHERE instance_id IN ({marks})", chunk)
         db.executemany(
             "INSERT INTO intervals(instance_id, seq, tenant, state, start_us, end_us, vcpus, memory_mib, disk_mib,"
             " desktop) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            [
-                (
-                    instance_id,
-                    seq,
-                    tenant,
-                    iv.state.name,
-                    iv.start_us,
-                    iv.end_us,
-                    iv.vcpus,
-                    iv.memory_mib,
-                    iv.disk_mib,
-                    int(iv.desktop),
-                )
-                for seq, iv in enumerate(usage.intervals(transitions))
-            ],
+            interval_rows,
         )
-        template = rows[-1]["template"]
-        db.execute(
+        db.executemany(
             "INSERT INTO instances(instance_id, tenant, template, vcpus, memory_mib, disk_mib, desktop, state,"
             " state_time_us, create_time_us, end_time_us) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT(instance_id) DO UPDATE SET state = excluded.state, state_time_us = excluded.state_time_us,"
             " create_time_us = excluded.create_time_us, end_time_us = excluded.end_time_us,"
             " vcpus = excluded.vcpus, memory_mib = excluded.memory_mib, disk_mib = excluded.disk_mib,"
             " desktop = excluded.desktop",
-            (
-                instance_id,
-                tenant,
-                template,
-                latest.vcpus,
-                latest.memory_mib,
-                latest.disk_mib,
-                int(latest.desktop),
-                state.new_state.name,
-                state.time_us,
-                ordered[0].time_us,
-                terminal.time_us if terminal else 0,
-            ),
+            instance_rows,
         )
 
     def applied(self, event_id: str) -> bool:

@@ -73,14 +73,17 @@ def stream_order(stream_id: str) -> tuple[int, int]:
     return (int(ms) if ms.isdigit() else 0, int(seq) if seq.isdigit() else 0)
 
 
-def intervals(transitions: Iterable[Transition]) -> list[Interval]:
+def intervals(transitions: Iterable[Transition], presorted: bool = False) -> list[Interval]:
     """The billed intervals of one instance from all of its transitions, in any order.
 
     Each transition into RUNNING or PAUSED opens an interval that the next transition (by time)
     closes; the last one stays open unless a later transition ended it. Nothing is billed after a
-    terminal state even if a (malformed) later event says otherwise.
+    terminal state even if a (malformed) later event says otherwise. `presorted`: the caller
+    sorted them by (time, stream id) already.
     """
-    ordered = sorted(transitions, key=lambda t: (t.time_us, stream_order(t.stream_id)))
+    ordered = (
+        list(transitions) if presorted else sorted(transitions, key=lambda t: (t.time_us, stream_order(t.stream_id)))
+    )
     result: list[Interval] = []
     for i, current in enumerate(ordered):
         if current.new_state.terminal:
