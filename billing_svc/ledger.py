@@ -386,19 +386,22 @@ class Ledger:
             ).fetchone()
             return row is not None
 
+    def _instance_rows(self, instance_ids: list[str]) -> dict[str, sqlite3.Row]:
+        """The `instances` rows of these ids (in slices: a tenant may have more than SQLite's parameter limit)."""
+        found: dict[str, sqlite3.Row] = {}
+        with self._lock:
+            for chunk in _chunks(instance_ids):
+                marks = ",".join("?" * len(chunk))
+                for r in self._db.execute(f"SELECT * FROM instances WHERE instance_id IN ({marks})", chunk):
+                    found[r["instance_id"]] = r
+        return found
+
     def usage(self, tenant: str, start_us: int, end_us: int, as_of_us: int, instance_id: str = "") -> UsageReport:
         """The tenant's usage in [start_us, end_us) (whole seconds), open intervals up to as_of_us."""
         by_instance = self._intervals(tenant, start_us, end_us, as_of_us, instance_id)
         total = Totals()
         items: list[InstanceUsage] = []
-        with self._lock:
-            meta = {
-                r["instance_id"]: r
-                for r in self._db.execute(
-                    f"SELECT * FROM instances WHERE instance_id IN ({','.join('?' * len(by_instance))})",
-                    list(by_instance),
-                )
-            }
+        meta = self._instance_rows(list(by_instance))
         for iid, ivs in by_instance.items():
             t = usage.totals(ivs, start_us, end_us, as_of_us)
             total.merge(t)
@@ -428,14 +431,7 @@ class Ledger:
         """
         start_us, end_us = window_start_s * usage.US, window_end_s * usage.US
         by_instance = self._intervals(None, start_us, end_us, as_of_us)
-        with self._lock:
-            marks = ",".join("?" * len(by_instance))
-            tenants = {
-                r[0]: r[1]
-                for r in self._db.execute(
-                    f"SELECT instance_id, tenant FROM instances WHERE instance_id IN ({marks})", list(by_instance)
-                )
-            }
+        tenants = {iid: row["tenant"] for iid, row in self._instance_rows(list(by_instance)).items()}
         out: list[WindowValue] = []
         for iid, ivs in sorted(by_instance.items()):
             t = usage.totals(ivs, start_us, end_us, as_of_us)
