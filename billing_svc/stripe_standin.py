@@ -179,6 +179,8 @@ class StripeStandin:
         self.meters: dict[str, dict[str, Any]] = {}
         self.events: dict[str, Accepted] = {}
         self.submissions: Counter[str] = Counter()  # identifier -> times it was sent and processed
+        self._submitted = 0  # sum of submissions, kept so that count() is O(1) for pollers
+        self._total = 0  # sum of the accepted values
         self.conflicts: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []  # v2 events that failed (asynchronous) validation
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status or 0 for a dropped one)
@@ -275,6 +277,21 @@ class StripeStandin:
                 if (event_name is None or e.event_name == event_name) and (customer is None or e.customer == customer)
             )
 
+    def has(self, identifier: str) -> bool:
+        """Whether an event with `identifier` was accepted."""
+        with self._lock:
+            return identifier in self.events
+
+    def count(self) -> dict[str, int]:
+        """How many events were accepted, submitted (repeats included) and in conflict (`/_standin/count`)."""
+        with self._lock:
+            return {
+                "events": len(self.events),
+                "submissions": self._submitted,
+                "conflicts": len(self.conflicts),
+                "total": self._total,
+            }
+
     def state(self) -> dict[str, Any]:
         """Everything recorded, as JSON-able data (what `/_standin/state` answers)."""
         with self._lock:
@@ -293,9 +310,11 @@ class StripeStandin:
         """Store `event` unless its identifier is taken; False for a repeat (a conflict is noted)."""
         with self._lock:
             self.submissions[event.identifier] += 1
+            self._submitted += 1
             first = self.events.get(event.identifier)
             if first is None:
                 self.events[event.identifier] = event
+                self._total += event.value
                 return True
             if (first.event_name, first.customer, first.value, first.timestamp) != (
                 event.event_name,
@@ -594,7 +613,7 @@ def _handler(standin: StripeStandin) -> type[BaseHTTPRequestHandler]:
             parsed = urllib.parse.urlsplit(self.path)
             path = parsed.path
             if path.startswith("/_standin/"):
-                self._control(method, path, raw)
+                self._control(method, path, parsed.query, raw)
                 return
             route = _route_of(method, path)
             fault = standin._next_fault(route) if route else None
@@ -711,11 +730,16 @@ def _handler(standin: StripeStandin) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
             return status
 
-        def _control(self, method: str, path: str, raw: bytes) -> None:
+        def _control(self, method: str, path: str, query: str, raw: bytes) -> None:
             try:
                 body = json.loads(raw or b"{}")
                 if path == "/_standin/state" and method == "GET":
                     answer: Any = standin.state()
+                elif path == "/_standin/count" and method == "GET":
+                    answer = standin.count()
+                elif path == "/_standin/has" and method == "GET":
+                    wanted = dict(urllib.parse.parse_qsl(query)).get("identifier", "")
+                    answer = {"identifier": wanted, "accepted": standin.has(wanted)}
                 elif path == "/_standin/faults" and method == "POST":
                     faults = [Fault(f["kind"], float(f.get("seconds", 0.0))) for f in body.get("faults", [])]
                     standin.inject(body.get("route", "*"), *faults)
@@ -795,6 +819,16 @@ class StandinControl:
         """What the stand-in recorded (StripeStandin.state)."""
         result: dict[str, Any] = self._call("GET", "/_standin/state")
         return result
+
+    def count(self) -> dict[str, int]:
+        """As StripeStandin.count."""
+        result: dict[str, int] = self._call("GET", "/_standin/count")
+        return result
+
+    def has(self, identifier: str) -> bool:
+        """Whether an event with `identifier` was accepted."""
+        answer = self._call("GET", "/_standin/has?" + urllib.parse.urlencode({"identifier": identifier}))
+        return bool(answer["accepted"])
 
     def inject(self, route: str, *faults: Fault) -> None:
         """Queue faults (no holds across processes)."""
