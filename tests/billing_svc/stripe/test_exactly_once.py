@@ -117,6 +117,8 @@ def test_kill9_mid_flush_and_stripe_faults_neither_lose_nor_double(stripe_stack:
     # 3. A batch reaches Stripe and is dropped unprocessed.
     processed = _held(stack, "v2_stream", "processed")
     _kill_at(stack, before, "a stream batch")
+    # Slow answers from here on (queued behind the hold), so that step 5 finds batches still to send.
+    stack.standin.inject("v2_stream", *[Fault("delay", seconds=0.15) for _ in range(40)])
     # 4. A batch is processed at Stripe; the answer is held.
     _kill_at(stack, processed, "a processed stream batch")
     # 5. Random faults, and a kill right after a few batches were answered.
