@@ -136,6 +136,12 @@ def test_a_replayed_event_does_not_move_the_plan(stripe_stack: StripeStack, hook
     again = _deliver(hooks, stripe_stack, upgrade)
     assert again.status_code == 200 and again.json()["outcome"] == "duplicate"
     assert _plan(stripe_stack, tenant) == ("free", "stripe:evt_replay_cancel")
+    # The event ids are kept in the ledger database: a billing_svc killed and started again still knows it.
+    stripe_stack.kill9()
+    stripe_stack.start()
+    wait_for("the webhook endpoint again", lambda: _answers(hooks, stripe_stack.webhook_url))
+    assert _deliver(hooks, stripe_stack, upgrade).json()["outcome"] == "duplicate"
+    assert _plan(stripe_stack, tenant) == ("free", "stripe:evt_replay_cancel")
 
 
 def test_an_out_of_order_delivery_does_not_move_the_plan(stripe_stack: StripeStack, hooks: httpx.Client) -> None:
