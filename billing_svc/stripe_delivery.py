@@ -370,6 +370,15 @@ class StripeDelivery:
         for renewed in (False, True):
             try:
                 token = await self._session(force=renewed)
+            except stripe.StripeError as err:
+                # No event was sent: whatever the session call met, the rows are not uncertain.
+                outcome = classify(err)
+                if outcome.kind in ("fallback", "session"):
+                    self._v1_until = self.clock() + FALLBACK_SECONDS
+                    _log.warning("meter event sessions unavailable, v1 for a while", extra={"error": outcome.error})
+                await self._reschedule(batch, _Outcome("retry", outcome.error, pause=outcome.pause))
+                return
+            try:
                 await self.client.v2.billing.meter_event_stream.create_async(
                     {"events": events},  # type: ignore[typeddict-item]
                     options={"api_key": token},

@@ -248,3 +248,16 @@ def test_customer_made_once_when_its_answer_is_lost(standin: StripeStandin, tmp_
     assert counts == {outbox.DELIVERED: 50}
     assert len(standin.customers) == 2
     _exactly_once(standin, events, _customers(conn))
+
+
+def test_session_failures_leave_rows_certain(standin: StripeStandin, tmp_path: Path) -> None:
+    """A session that cannot be made sends no event: the rows wait without being marked uncertain."""
+    conn = _db(tmp_path / "ledger.db")
+    events = _events(200, int(time.time()))
+    _queue(conn, events)
+    standin.inject("v2_session", Fault("status_500"), Fault("drop_after"), Fault("status_429"))
+    counts = asyncio.run(_deliver(StripeDelivery(_settings(standin), tmp_path / "ledger.db"), conn))
+    assert counts == {outbox.DELIVERED: 200}
+    _exactly_once(standin, events, _customers(conn))
+    assert conn.execute("SELECT COUNT(*) FROM stripe_outbox WHERE uncertain_since IS NOT NULL").fetchone()[0] == 0
+    assert [s for _, p, s in standin.requests if p == "/v2/billing/meter_event_session"][:3] == [500, 0, 429]
