@@ -58,6 +58,10 @@ _EXPORTS: dict[str, str] = {
     "ProcessInfo": "cyberdesk._models",
     "PreviewLink": "cyberdesk._models",
     "EgressPolicy": "cyberdesk._models",
+    "Usage": "cyberdesk._models",
+    "InstanceUsage": "cyberdesk._models",
+    "UsageReport": "cyberdesk._models",
+    "Plan": "cyberdesk._models",
     "CyberdeskError": "cyberdesk._errors",
     "ConfigurationError": "cyberdesk._errors",
     "InvalidArgument": "cyberdesk._errors",
@@ -112,6 +116,8 @@ if TYPE_CHECKING:
     from cyberdesk._models import Exited as Exited
     from cyberdesk._models import FileInfo as FileInfo
     from cyberdesk._models import FsEvent as FsEvent
+    from cyberdesk._models import InstanceUsage as InstanceUsage
+    from cyberdesk._models import Plan as Plan
     from cyberdesk._models import PreviewLink as PreviewLink
     from cyberdesk._models import ProcessInfo as ProcessInfo
     from cyberdesk._models import Screenshot as Screenshot
@@ -120,6 +126,8 @@ if TYPE_CHECKING:
     from cyberdesk._models import Stderr as Stderr
     from cyberdesk._models import Stdout as Stdout
     from cyberdesk._models import UploadResult as UploadResult
+    from cyberdesk._models import Usage as Usage
+    from cyberdesk._models import UsageReport as UsageReport
     from cyberdesk._sync.client import Cyberdesk as Cyberdesk
     from cyberdesk._sync.client import Instances as Instances
     from cyberdesk._sync.desktop import Desktop as Desktop

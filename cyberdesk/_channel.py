@@ -10,6 +10,7 @@ from cyberdesk._errors import CyberdeskError
 from cyberdesk._requests import MAX_MESSAGE
 from cyberdesk_proto.internal.v1 import auth_pb2_grpc
 from cyberdesk_proto.v1 import (
+    billing_pb2_grpc,
     desktop_pb2_grpc,
     filesystem_pb2_grpc,
     instance_pb2_grpc,
@@ -84,3 +85,4 @@ class Stubs:
         self.desktop = desktop_pb2_grpc.DesktopServiceStub(channel)
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
         self.previews = ports_pb2_grpc.PreviewServiceStub(channel)
+        self.billing = billing_pb2_grpc.BillingServiceStub(channel)

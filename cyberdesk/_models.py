@@ -515,3 +515,211 @@ class PreviewLink:
             "expire_time": self.expire_time.isoformat() if self.expire_time else None,
             "public": self.public,
         }
+
+
+# --- usage and plan ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Metered quantities (whole seconds or unit-seconds; the rounding rule is in docs/billing.md).
+
+    Compute is billed while RUNNING; a PAUSED instance pays only for its disk.
+    """
+
+    instance_seconds: int
+    vcpu_seconds: int
+    memory_mib_seconds: int
+    desktop_seconds: int
+    paused_seconds: int
+    disk_mib_seconds: int
+    paused_disk_mib_seconds: int
+
+    @property
+    def memory_gib_seconds(self) -> float:
+        """Memory GiB-seconds."""
+        return self.memory_mib_seconds / 1024
+
+    @property
+    def disk_gib_seconds(self) -> float:
+        """Disk GiB-seconds."""
+        return self.disk_mib_seconds / 1024
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> Usage:
+        """Build from a cyberdesk.v1.Usage message."""
+        return cls(
+            msg.instance_seconds,
+            msg.vcpu_seconds,
+            msg.memory_mib_seconds,
+            msg.desktop_seconds,
+            msg.paused_seconds,
+            msg.disk_mib_seconds,
+            msg.paused_disk_mib_seconds,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "instance_seconds": self.instance_seconds,
+            "vcpu_seconds": self.vcpu_seconds,
+            "memory_mib_seconds": self.memory_mib_seconds,
+            "memory_gib_seconds": self.memory_gib_seconds,
+            "desktop_seconds": self.desktop_seconds,
+            "paused_seconds": self.paused_seconds,
+            "disk_mib_seconds": self.disk_mib_seconds,
+            "disk_gib_seconds": self.disk_gib_seconds,
+            "paused_disk_mib_seconds": self.paused_disk_mib_seconds,
+        }
+
+
+_STATE_NAMES = {
+    1: "PENDING",
+    2: "STARTING",
+    3: "RUNNING",
+    4: "PAUSED",
+    5: "STOPPING",
+    6: "TERMINATED",
+    7: "FAILED",
+}
+
+
+@dataclass(frozen=True)
+class InstanceUsage:
+    """One instance's usage in the period; `open`: still accruing (counted up to `as_of`)."""
+
+    instance_id: str
+    template: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    desktop: bool
+    state: str
+    open: bool
+    usage: Usage
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "instance_id": self.instance_id,
+            "template": self.template,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "disk_mib": self.disk_mib,
+            "desktop": self.desktop,
+            "state": self.state,
+            "open": self.open,
+            "usage": self.usage.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """The tenant's usage in [start_time, end_time): in total and by instance (newest first)."""
+
+    start_time: _dt.datetime | None
+    end_time: _dt.datetime | None
+    as_of: _dt.datetime | None
+    total: Usage
+    instances: list[InstanceUsage]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "start_time": self.start_time.isoformat() if self.start_time else None,
+            "end_time": self.end_time.isoformat() if self.end_time else None,
+            "as_of": self.as_of.isoformat() if self.as_of else None,
+            "total": self.total.to_dict(),
+            "instances": [i.to_dict() for i in self.instances],
+        }
+
+
+def instance_usage_from_proto(msg: Any) -> InstanceUsage:
+    """Build from a cyberdesk.v1.InstanceUsage message."""
+    return InstanceUsage(
+        msg.instance_id,
+        msg.template,
+        msg.vcpus,
+        msg.memory_mib,
+        msg.disk_mib,
+        msg.desktop,
+        _STATE_NAMES.get(msg.state, "UNKNOWN"),
+        msg.open,
+        Usage.from_proto(msg.usage),
+    )
+
+
+_CREDIT_POLICIES = {0: "pause", 1: "pause", 2: "terminate", 3: "refuse_new"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The tenant's plan: its limits and how much of each is used now (`used_*`).
+
+    `monthly_instance_seconds` 0 means unlimited; `credit_policy` is what happens to running
+    instances once the month's allowance is used up, after `credit_grace_seconds`.
+    """
+
+    name: str
+    max_instances: int
+    max_vcpus: int
+    max_memory_mib: int
+    max_disk_mib: int
+    monthly_instance_seconds: int
+    max_timeout_seconds: int
+    desktops_allowed: bool
+    credit_policy: str
+    credit_grace_seconds: int
+    used_instances: int
+    used_vcpus: int
+    used_memory_mib: int
+    used_disk_mib: int
+    used_desktops: int
+    used_monthly_instance_seconds: int
+    period_start_time: _dt.datetime | None
+    credits_exhausted_time: _dt.datetime | None
+
+    @classmethod
+    def from_proto(cls, reply: Any) -> Plan:
+        """Build from a cyberdesk.v1.GetPlanResponse."""
+        plan, used = reply.plan, reply.used
+        return cls(
+            plan.name,
+            plan.max_instances,
+            plan.max_vcpus,
+            plan.max_memory_mib,
+            plan.max_disk_mib,
+            plan.monthly_instance_seconds,
+            plan.max_timeout.seconds,
+            plan.desktops_allowed,
+            _CREDIT_POLICIES.get(plan.credit_policy, "pause"),
+            plan.credit_grace.seconds,
+            used.instances,
+            used.vcpus,
+            used.memory_mib,
+            used.disk_mib,
+            used.desktops,
+            used.monthly_instance_seconds,
+            _time(reply.period_start_time, reply.HasField("period_start_time")),
+            _time(used.credits_exhausted_time, used.HasField("credits_exhausted_time")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = value.isoformat() if isinstance(value, _dt.datetime) else value
+        return out
+
+
+def usage_report(pages: list[Any]) -> UsageReport:
+    """One report from the pages of GetUsage (the total and period are the same on every page)."""
+    first = pages[0]
+    return UsageReport(
+        _time(first.start_time, first.HasField("start_time")),
+        _time(first.end_time, first.HasField("end_time")),
+        _time(first.as_of, first.HasField("as_of")),
+        Usage.from_proto(first.total),
+        [instance_usage_from_proto(i) for page in pages for i in page.instances],
+    )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from cyberdesk._errors import InvalidArgument
-from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
+from cyberdesk_proto.v1 import billing_pb2, desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 
 Command = str | Sequence[str]
 Button = Literal["left", "middle", "right"]
@@ -312,4 +313,26 @@ def screenshot_request(
     if region is not None:
         x, y, w, h = region
         request.region.CopyFrom(desktop_pb2.Region(x=x, y=y, width=w, height=h))
+    return request
+
+
+def _timestamp(when: _dt.datetime, what: str) -> timestamp_pb2.Timestamp:
+    if not isinstance(when, _dt.datetime):
+        raise InvalidArgument(f"{what} must be a datetime, got {type(when).__name__}")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.UTC)  # naive: UTC, never the local zone
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(when.astimezone(_dt.UTC))
+    return stamp
+
+
+def usage_request(
+    since: _dt.datetime | None, until: _dt.datetime | None, instance_id: str, page_token: str
+) -> billing_pb2.GetUsageRequest:
+    """A GetUsage request for [since, until) (server defaults: the month so far) of one instance or all."""
+    request = billing_pb2.GetUsageRequest(instance_id=instance_id, page_size=1000, page_token=page_token)
+    if since is not None:
+        request.start_time.CopyFrom(_timestamp(since, "since"))
+    if until is not None:
+        request.end_time.CopyFrom(_timestamp(until, "until"))
     return request

@@ -2,9 +2,9 @@
 
 instance_svc announces each state change of an instance as one entry of the Redis stream
 `STREAM` (its outbox publisher, `instance_svc/events.py`, writes them at least once). Consumers
-today: `WatchInstances` (instance_svc) and the gateway's route cache (`gateway_svc/routing.py`);
-billing meters from the same entries later. All of them use what is defined here and nothing
-else:
+today: `WatchInstances` (instance_svc), the gateway's route cache (`gateway_svc/routing.py`) and
+billing_svc's meter (`billing_svc/meter.py`, a consumer group). All of them use what is defined
+here and nothing else:
 
 - `InstanceState`: the states, valued as the `cyberdesk.v1.InstanceState` numbers and named as
   that enum without its `INSTANCE_STATE_` prefix (the name is what goes on the wire).
@@ -85,6 +85,10 @@ class LifecycleEvent:
     memory_mib: int
     template: str
     state_message: str
+    # What billing meters besides vCPUs and memory: the instance's disk and whether it has a
+    # desktop. Entries written before these fields existed read as 0 and False.
+    disk_mib: int = 0
+    desktop: bool = False
 
     def fields(self) -> dict[str, str]:
         """The flat string fields of the stream entry."""
@@ -99,6 +103,8 @@ class LifecycleEvent:
             "memory_mib": str(self.memory_mib),
             "template": self.template,
             "state_message": self.state_message,
+            "disk_mib": str(self.disk_mib),
+            "desktop": "1" if self.desktop else "0",
         }
 
     @classmethod
@@ -121,6 +127,8 @@ class LifecycleEvent:
                 memory_mib=int(decoded["memory_mib"]),
                 template=decoded["template"],
                 state_message=decoded.get("state_message", ""),
+                disk_mib=int(decoded.get("disk_mib", "0") or "0"),
+                desktop=decoded.get("desktop", "0") == "1",
             )
         except KeyError as err:
             raise MalformedEvent(f"not a lifecycle event: no field or state {err}") from None

@@ -304,7 +304,10 @@ class Stack:
         env = self._env()
         # instance_svc ends its instances on SIGTERM, or keeps them for the next start.
         on_shutdown = {"INSTANCE_SVC_ON_SHUTDOWN": self.options.on_exit}
-        self._start_service("instance_svc", self.options.instance_addr, {**env, **on_shutdown})
+        # Every create and SetTimeout asks billing_svc's plan first; without an answer they are
+        # refused (UNAVAILABLE, retried by the SDKs) unless INSTANCE_SVC_BILLING says open or off.
+        billing = {"INSTANCE_SVC_BILLING": os.environ.get("INSTANCE_SVC_BILLING", "") or "closed"}
+        self._start_service("instance_svc", self.options.instance_addr, {**env, **on_shutdown, **billing})
         self._start_service("billing_svc", self.options.billing_addr, env)
         self._start_service("gateway_svc", self.options.gateway_addr, env)
         # The gateway's REST face (uvicorn in the same process) may bind a moment after gRPC.

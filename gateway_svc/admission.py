@@ -30,6 +30,8 @@ from gateway_svc.tenant_errors import tenant_message
 _log = logging.getLogger("gateway_svc.admission")
 
 INSTANCE_SERVICE = "cyberdesk.v1.InstanceService"
+# Usage and plan of the caller's tenant: answered by billing_svc, admitted like InstanceService.
+BILLING_SERVICE = "cyberdesk.v1.BillingService"
 # Services whose calls go to the instance's agent; InstanceService goes to instance_svc.
 AGENT_SERVICES = frozenset(
     {"cyberdesk.v1.ProcessService", "cyberdesk.v1.FilesystemService", "cyberdesk.v1.DesktopService"}
@@ -56,6 +58,8 @@ class Target:
     metadata: tuple[tuple[str, Any], ...]
     timeout: float | None
     instance_id: str = ""  # set for calls to an agent
+    # What a tenant is told is unreachable when the call fails without an instance ("" above).
+    upstream_name: str = "the instance service"
 
 
 class CallGate(Protocol):
@@ -94,6 +98,8 @@ class Admission:
     routes: AgentRoutes
     instance_channel: grpc.aio.Channel
     internal_token: str
+    # billing_svc (BillingService); None: that service is not configured on this gateway.
+    billing_channel: grpc.aio.Channel | None = None
 
     async def admit(
         self,
@@ -132,7 +138,14 @@ class Admission:
         forward: Sequence[tuple[str, Any]],
     ) -> Target:
         if service not in AGENT_SERVICES:
+            # instance_svc and billing_svc believe the tenant only with the internal token beside it.
             upstream_md = [*forward, *internal_metadata(tenant_id, self.internal_token)]
+            if service == BILLING_SERVICE:
+                if self.billing_channel is None:
+                    raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "billing is not enabled on this gateway")
+                return Target(
+                    self.billing_channel, tuple(inject_metadata(upstream_md)), deadline, upstream_name="billing"
+                )
             return Target(self.instance_channel, tuple(inject_metadata(upstream_md)), deadline)
         instance = instance_id()
         if not instance:
@@ -152,7 +165,7 @@ class Admission:
             self.routes.invalidate(target.instance_id)
         secrets = [self.internal_token, *(str(v) for k, v in target.metadata if k == AUTHORIZATION_METADATA)]
         secrets += [value.split(" ", 1)[-1] for value in secrets if " " in value]  # the token without "Bearer "
-        message = tenant_message(target.instance_id, code, details, secrets)
+        message = tenant_message(target.instance_id, code, details, secrets, target.upstream_name)
         if message != details:
             logged = details
             for secret in secrets:

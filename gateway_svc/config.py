@@ -40,6 +40,8 @@ class GatewayConfig:
     unkey_keyspace: str
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # billing_svc, which answers cyberdesk.v1.BillingService (usage, plan).
+    billing_target: str = "127.0.0.1:50071"
     # Previews of ports inside instances (gateway_svc/rest/preview.py): hosts `<port>-<instance>.<domain>`,
     # the origin the path form and minted URLs use, and the HMAC secret shared by every replica ("": a
     # secret generated into the state directory).
@@ -73,6 +75,7 @@ class GatewayConfig:
             tls_cert=Path(cert_file).read_bytes() if cert_file else None,
             tls_key=Path(key_file).read_bytes() if key_file else None,
             instance_target=env_str("INSTANCE_ADDR", "127.0.0.1:50061"),
+            billing_target=env_str("BILLING_ADDR", "127.0.0.1:50071"),
             internal_token=internal_token(base),
             # `cyberdesk up` hands every service REDIS_URL; CYBERDESK_REDIS_URL wins when both are set.
             redis_url=platform_redis_url(base),

@@ -1,4 +1,4 @@
-"""The proxy: every public `cyberdesk.v1` method, forwarded as raw bytes to instance_svc or an agent.
+"""The proxy: every public `cyberdesk.v1` method, forwarded as raw bytes to instance_svc, billing_svc or an agent.
 
 Handlers are registered as one generic handler with identity (de)serializers: request and
 response messages stay `bytes` end to end. Only field 1 (`instance_id`) of the first request
@@ -33,13 +33,13 @@ from typing import Any
 import grpc
 
 from cyberdesk_common.status import invalid_argument
-from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
+from cyberdesk_proto.v1 import billing_pb2, desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 from gateway_svc.admission import AGENT_SERVICES, INSTANCE_SERVICE, Admission, Target, forwardable
 from gateway_svc.routing import WireError, explain_lost, read_instance_id, top_level_fields
 
 __all__ = ["AGENT_SERVICES", "INSTANCE_SERVICE", "MethodInfo", "Proxy", "forwardable", "public_methods"]
 
-_FILES = (instance_pb2, process_pb2, filesystem_pb2, desktop_pb2)
+_FILES = (instance_pb2, process_pb2, filesystem_pb2, desktop_pb2, billing_pb2)
 # Upstream codes of a call lost under the caller (the agent's connection dropped, its channel closed).
 _LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 

@@ -35,6 +35,7 @@ from gateway_svc.rest.preview_links import PreviewTokens
 from gateway_svc.rest.upstream import GatewayUpstream
 from gateway_svc.revocation import OpenCalls, RevocableUpstream, RevocationInterceptor
 from gateway_svc.routing import RouteCache, follow_events
+from gateway_svc.unkey_plans import PlanSync
 
 if TYPE_CHECKING:
     from gateway_svc.unkey_backend import UnkeyBackend
@@ -57,6 +58,7 @@ class Gateway:
         self.route_cache: RouteCache | None = None
         self.limiter: RateLimiter | None = None
         self.instance_channel: grpc.aio.Channel | None = None
+        self.billing_channel: grpc.aio.Channel | None = None
         self._stop = asyncio.Event()
         self._events: asyncio.Task[None] | None = None
         self.admission: Admission | None = None
@@ -78,7 +80,11 @@ class Gateway:
             from gateway_svc.unkey_backend import UnkeyBackend
 
             self.unkey = backend = UnkeyBackend(
-                config.unkey_root_key, config.unkey_api_id, config.unkey_server_url, config.unkey_keyspace
+                config.unkey_root_key,
+                config.unkey_api_id,
+                config.unkey_server_url,
+                config.unkey_keyspace,
+                plans=PlanSync(lambda: self.billing_channel, config.internal_token),
             )
         else:
             from pathlib import Path
@@ -93,8 +99,15 @@ class Gateway:
             options=list(CHANNEL_OPTIONS),
             interceptors=[TracingClientInterceptor()],  # type: ignore[list-item]
         )
+        self.billing_channel = grpc.aio.insecure_channel(
+            config.billing_target,
+            options=list(CHANNEL_OPTIONS),
+            interceptors=[TracingClientInterceptor()],  # type: ignore[list-item]
+        )
         self.route_cache = RouteCache(self.instance_channel, config.internal_token, ttl=config.route_cache_seconds)
-        self.admission = Admission(gate, self.route_cache, self.instance_channel, config.internal_token)
+        self.admission = Admission(
+            gate, self.route_cache, self.instance_channel, config.internal_token, billing_channel=self.billing_channel
+        )
         server.add_generic_rpc_handlers((Proxy(self.admission),))
         # One servicer for both faces: REST's /v1/keys calls it with the HTTP credentials.
         self.keys = AuthServicer(gate, self.store)
@@ -183,6 +196,8 @@ class Gateway:
             await self.route_cache.pool.close()
         if self.instance_channel is not None:
             await self.instance_channel.close(grace=None)
+        if self.billing_channel is not None:
+            await self.billing_channel.close(grace=None)
         if self.limiter is not None:
             await self.limiter.close()
         if self.unkey is not None:

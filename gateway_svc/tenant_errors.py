@@ -54,11 +54,18 @@ _ADDRESS_MARKERS = ("unix:/", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
 LOST_DURING_CALL = "the connection to its agent was lost during the call"
 
 
-def tenant_message(instance_id: str, code: grpc.StatusCode, details: str, secrets: Iterable[str] = ()) -> str:
+def tenant_message(
+    instance_id: str,
+    code: grpc.StatusCode,
+    details: str,
+    secrets: Iterable[str] = (),
+    upstream: str = "the instance service",
+) -> str:
     """What a tenant is told about a failed upstream call: the instance and the condition, no address.
 
-    `instance_id` is "" for a call to instance_svc. An upstream's own message (an agent's "no such
-    file /home/user/x", instance_svc's "instance i-1 not found") passes unchanged; grpc-core's
+    `instance_id` is "" for a call to instance_svc (or billing_svc: `upstream` names it). An
+    upstream's own message (an agent's "no such file /home/user/x", instance_svc's "instance i-1
+    not found") passes unchanged; grpc-core's
     transport messages, and anything naming an address or one of `secrets` (the agent's token,
     the internal token), become a sentence about the condition. Pure: the caller logs `details`.
     """
@@ -70,12 +77,12 @@ def tenant_message(instance_id: str, code: grpc.StatusCode, details: str, secret
     unreachable = lost or lowered.startswith(_CONNECT_PREFIXES)
     if code is grpc.StatusCode.UNAVAILABLE and (unreachable or leaks or not text):
         if not instance_id:
-            return "the instance service is unreachable; retry shortly"
+            return f"{upstream} is unreachable; retry shortly"
         if lost:
             return f"instance {instance_id} is not reachable ({LOST_DURING_CALL})"
         return f"instance {instance_id} is not reachable (its agent does not answer)"
     if leaks:
-        where = f"instance {instance_id}" if instance_id else "the instance service"
+        where = f"instance {instance_id}" if instance_id else upstream
         return f"the call to {where} failed ({code.name}); retry, or report it with the time of the call"
     return text
 

@@ -11,7 +11,9 @@ answer is mapped onto our `Verification`:
 - the first of the key's `ratelimits` becomes its per-key limit in our Redis limiter, and an
   exceeded one is RATE_LIMITED with its reset as the retry delay;
 - `credits` is the remaining credit count. A key with credits is not cached, so that every call
-  spends a credit at Unkey.
+  spends a credit at Unkey;
+- the identity's `meta.plan` (or the key's) is stored as the tenant's plan in billing_svc when it
+  changes (`unkey_plans.py`).
 
 Unkey unreachable (or answering with an HTTP error) fails CLOSED with UNAVAILABLE: without the
 key service nobody can be authenticated, unlike the rate limiter which may fail open.
@@ -31,6 +33,7 @@ from cyberdesk_common.status import RpcError
 from cyberdesk_proto.internal.v1 import auth_pb2
 from gateway_svc.auth import DEFAULT_SCOPES, Principal, Verification
 from gateway_svc.ratelimit import Limit
+from gateway_svc.unkey_plans import PlanSync, plan_claim
 
 _log = logging.getLogger("gateway_svc.unkey")
 
@@ -89,8 +92,16 @@ def _reset_seconds(reset: int) -> float:
 class UnkeyBackend:
     """KeyBackend over Unkey's verifyKey API."""
 
-    def __init__(self, root_key: str, api_id: str, server_url: str = "", keyspace: str = "") -> None:
+    def __init__(
+        self,
+        root_key: str,
+        api_id: str,
+        server_url: str = "",
+        keyspace: str = "",
+        plans: PlanSync | None = None,
+    ) -> None:
         self.api_id = api_id
+        self.plans = plans  # the identity's plan to billing_svc (unkey_plans.py); None: not carried
         self._keyspaces = [keyspace] if keyspace else None
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(3.0), follow_redirects=False)
         self._client = Unkey(root_key=root_key, server_url=server_url or None, async_client=self._http)
@@ -102,7 +113,11 @@ class UnkeyBackend:
         except Exception as err:  # any transport or HTTP error of the client: the backend is unusable
             _log.warning("unkey verify failed", extra={"error": type(err).__name__})
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the API key service is unreachable; retry shortly") from None
-        return map_verify_data(response.data)
+        verification = map_verify_data(response.data)
+        if self.plans is not None and verification.principal is not None:
+            plan, source = plan_claim(response.data)
+            await self.plans.observe(verification.principal.tenant_id, plan, source)
+        return verification
 
     async def close(self) -> None:
         """Close the HTTP client."""

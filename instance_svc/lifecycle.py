@@ -26,6 +26,7 @@ import grpc
 from cyberdesk_common.log import mask_paths
 from cyberdesk_common.status import RpcError, failed_precondition, invalid_argument, not_found, resource_exhausted
 from instance_svc import expiry
+from instance_svc.billing import NO_BILLING, PlanGate
 from instance_svc.clock import SYSTEM_CLOCK, Clock
 from instance_svc.pool import WarmPool
 from instance_svc.quotas import QuotaTable
@@ -93,6 +94,7 @@ class Lifecycle:
         pool: WarmPool,
         snapshot_dir: Path,
         clock: Clock = SYSTEM_CLOCK,
+        billing: PlanGate = NO_BILLING,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -101,6 +103,8 @@ class Lifecycle:
         self.pool = pool
         self.snapshot_dir = snapshot_dir
         self.clock = clock
+        # The tenant's plan (billing_svc), asked before every create and SetTimeout.
+        self.billing = billing
         self.scheduler = Scheduler(self._on_deadline, clock)
         self.ready = asyncio.Event()
         # Agent endpoints (with their tokens) live only in memory; runtime.list() restores them.
@@ -437,13 +441,24 @@ class Lifecycle:
     async def _create(self, rec: InstanceRecord, spec: CreateSpec, snapshot: SnapshotRecord | None) -> InstanceRecord:
         instance_id, tenant = rec.id, rec.tenant
         async with self._locks[instance_id]:
+            # The plan first (one RPC; it reserves the instance's share in billing_svc's ledger),
+            # then the host's quota. A create that goes no further frees the plan's reservation;
+            # one that fails later frees it with its FAILED event.
+            await self.billing.admit_create(
+                tenant, instance_id, rec.vcpus, rec.memory_mib, rec.disk_mib, rec.desktop is not None, rec.timeout_us
+            )
             try:
                 # The reservation (quota, request_id, sandbox id) is committed before the spawn:
                 # after a crash at any later point the restart finds the record and ends it.
                 rec, created = self.store.insert_within_quota(rec, self.quotas.for_tenant(tenant))
             except QuotaExceeded as err:
+                await self.billing.release(tenant, instance_id)
                 raise resource_exhausted(str(err)) from None
+            except BaseException:
+                await self.billing.release(tenant, instance_id)
+                raise
             if not created:
+                await self.billing.release(tenant, instance_id)
                 return await self._settled(rec)
             done = asyncio.get_running_loop().create_future()
             self._starting[instance_id] = done
@@ -572,6 +587,7 @@ class Lifecycle:
             assert rec is not None
             with _precondition():
                 check_request(instance_id, rec.state, Request.SET_TIMEOUT)
+            await self.billing.admit_timeout(tenant, instance_id, timeout_us)
             rec = self.store.update(
                 instance_id, expire_time_us=expiry.deadline(self.clock.now_us(), timeout_us), timeout_us=timeout_us
             )

@@ -15,6 +15,7 @@ from cyberdesk_common.config import ConfigError, env_int, env_str, internal_toke
 from cyberdesk_common.grpc_server import RunningServer, ServerSpec
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc
+from instance_svc.billing import NO_BILLING, BillingClient, PlanGate, billing_mode
 from instance_svc.events import Publisher
 from instance_svc.lifecycle import Lifecycle
 from instance_svc.pool import WarmPool, parse_sizes
@@ -110,6 +111,11 @@ def build_app() -> App:
     # On kubevirt the operator keeps the warm pool (CyberdeskWarmPool resources), not instance_svc.
     pool_sizes = parse_sizes(env_str("WARM_POOL", "base=2,desktop=0")) if runtime.name == "local" else {}
     redis_url = platform_redis_url(base)
+    token = internal_token(base)
+    mode = billing_mode()
+    billing: PlanGate = NO_BILLING
+    if mode != "off":
+        billing = BillingClient(env_str("BILLING_ADDR", "127.0.0.1:50071"), token, mode)
     lifecycle = Lifecycle(
         store=store,
         runtime=runtime,
@@ -117,13 +123,13 @@ def build_app() -> App:
         publisher=Publisher(store, redis_url),
         pool=WarmPool(runtime, pool_sizes),
         snapshot_dir=base / "snapshots",
+        billing=billing,
     )
     limits = MachineLimits(
         max_vcpus=env_int("MAX_VCPUS", 8, minimum=1),
         max_memory_mib=env_int("MAX_MEMORY_MIB", 16384, minimum=128),
         max_disk_mib=env_int("MAX_DISK_MIB", 65536, minimum=256),
     )
-    token = internal_token(base)
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         instance_pb2_grpc.add_InstanceServiceServicer_to_server(

@@ -7,15 +7,14 @@ shared internal secret as `x-cyberdesk-internal-token`.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from cyberdesk_common.metadata import INTERNAL_TOKEN_METADATA, TENANT_METADATA
-from cyberdesk_common.status import RpcError, invalid_argument
+from cyberdesk_common.internal_auth import InternalAuth
+from cyberdesk_common.status import invalid_argument
 from cyberdesk_proto.internal.v1 import routing_pb2, routing_pb2_grpc
 from cyberdesk_proto.v1 import instance_pb2, instance_pb2_grpc
 from instance_svc import events, paging
@@ -74,26 +73,6 @@ def snapshot_proto(snap: SnapshotRecord) -> instance_pb2.Snapshot:
     )
 
 
-class _Auth:
-    def __init__(self, internal_token: str) -> None:
-        self._expected = internal_token.encode()
-
-    def check(self, context: Context) -> dict[str, str]:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        presented = metadata.get(INTERNAL_TOKEN_METADATA, "").encode()
-        if not presented:
-            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, f"missing {INTERNAL_TOKEN_METADATA} metadata")
-        if not hmac.compare_digest(presented, self._expected):
-            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, f"{INTERNAL_TOKEN_METADATA} is not valid")
-        return metadata
-
-    def tenant(self, context: Context) -> str:
-        tenant = self.check(context).get(TENANT_METADATA, "")
-        if not tenant:
-            raise invalid_argument(f"missing {TENANT_METADATA} metadata (the caller's tenant)")
-        return tenant
-
-
 def _paging(size: int, token: str, kind: str) -> tuple[int, paging.Cursor | None]:
     try:
         return paging.page_size(size), paging.decode(token, kind)
@@ -112,7 +91,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServiceServicer):
 
     def __init__(self, lifecycle: Lifecycle, internal_token: str, limits: MachineLimits, redis_url: str) -> None:
         self._lc = lifecycle
-        self._auth = _Auth(internal_token)
+        self._auth = InternalAuth(internal_token)
         self._limits = limits
         self._redis_url = redis_url
 
@@ -269,7 +248,7 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
 
     def __init__(self, lifecycle: Lifecycle, internal_token: str) -> None:
         self._lc = lifecycle
-        self._auth = _Auth(internal_token)
+        self._auth = InternalAuth(internal_token)
 
     async def ResolveInstance(
         self, request: routing_pb2.ResolveInstanceRequest, context: Context

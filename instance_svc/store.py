@@ -220,6 +220,8 @@ class Store:
             memory_mib=rec.memory_mib,
             template=rec.template,
             state_message=rec.state_message,
+            disk_mib=rec.disk_mib,
+            desktop=rec.desktop is not None,
         )
         db.execute("INSERT INTO outbox(payload) VALUES (?)", (json.dumps(event.fields()),))
 

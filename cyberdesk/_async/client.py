@@ -4,6 +4,7 @@
 # ruff: noqa: ASYNC109
 from __future__ import annotations
 
+import datetime as _dt
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,10 +17,10 @@ from cyberdesk._async.snapshots import AsyncSnapshots
 from cyberdesk._async.watch import AsyncInstanceWatch
 from cyberdesk._config import resolve
 from cyberdesk._errors import Unavailable
-from cyberdesk._models import InstanceData, instance_started, unread_instance
-from cyberdesk._requests import create_request, state_filter
+from cyberdesk._models import InstanceData, Plan, UsageReport, instance_started, unread_instance, usage_report
+from cyberdesk._requests import create_request, state_filter, usage_request
 from cyberdesk._watch import Backoff
-from cyberdesk_proto.v1 import instance_pb2
+from cyberdesk_proto.v1 import billing_pb2, instance_pb2
 
 # How long create() keeps retrying UNAVAILABLE: long enough for a gateway or instance_svc to be
 # restarted (a rolling update, a crash and its supervisor's restart), short enough that a stack
@@ -176,6 +177,33 @@ class AsyncCyberdesk:
         self.instances = AsyncInstances(self._t)
         self.snapshots = AsyncSnapshots(self._t)
         self.keys = AsyncKeys(self._t)
+
+    async def usage(
+        self,
+        *,
+        since: _dt.datetime | None = None,
+        until: _dt.datetime | None = None,
+        instance_id: str | None = None,
+    ) -> UsageReport:
+        """The tenant's metered usage from `since` (default: the start of this month, UTC) to `until` (default now).
+
+        In total and by instance (every page). A running instance's usage is counted up to now.
+        Naive datetimes are taken as UTC; an unknown `instance_id` raises NotFound.
+        """
+        pages = []
+        token = ""
+        while True:
+            request = usage_request(since, until, instance_id or "", token)
+            reply = await self._t.unary(self._t.billing.GetUsage, request)
+            pages.append(reply)
+            token = reply.next_page_token
+            if not token:
+                return usage_report(pages)
+
+    async def plan(self) -> Plan:
+        """The tenant's plan: its limits and how much of each is used now."""
+        reply = await self._t.unary(self._t.billing.GetPlan, billing_pb2.GetPlanRequest())
+        return Plan.from_proto(reply)
 
     async def close(self) -> None:
         """Close the connection."""

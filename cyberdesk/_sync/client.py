@@ -4,14 +4,15 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cyberdesk._config import resolve
 from cyberdesk._errors import Unavailable
-from cyberdesk._models import InstanceData, instance_started, unread_instance
-from cyberdesk._requests import create_request, state_filter
+from cyberdesk._models import InstanceData, Plan, UsageReport, instance_started, unread_instance, usage_report
+from cyberdesk._requests import create_request, state_filter, usage_request
 from cyberdesk._sync import _retry
 from cyberdesk._sync._transport import Transport
 from cyberdesk._sync.instance import Instance
@@ -19,7 +20,7 @@ from cyberdesk._sync.keys import Keys
 from cyberdesk._sync.snapshots import Snapshots
 from cyberdesk._sync.watch import InstanceWatch
 from cyberdesk._watch import Backoff
-from cyberdesk_proto.v1 import instance_pb2
+from cyberdesk_proto.v1 import billing_pb2, instance_pb2
 
 # How long create() keeps retrying UNAVAILABLE: long enough for a gateway or instance_svc to be
 # restarted (a rolling update, a crash and its supervisor's restart), short enough that a stack
@@ -174,6 +175,33 @@ class Cyberdesk:
         self.instances = Instances(self._t)
         self.snapshots = Snapshots(self._t)
         self.keys = Keys(self._t)
+
+    def usage(
+        self,
+        *,
+        since: _dt.datetime | None = None,
+        until: _dt.datetime | None = None,
+        instance_id: str | None = None,
+    ) -> UsageReport:
+        """The tenant's metered usage from `since` (default: the start of this month, UTC) to `until` (default now).
+
+        In total and by instance (every page). A running instance's usage is counted up to now.
+        Naive datetimes are taken as UTC; an unknown `instance_id` raises NotFound.
+        """
+        pages = []
+        token = ""
+        while True:
+            request = usage_request(since, until, instance_id or "", token)
+            reply = self._t.unary(self._t.billing.GetUsage, request)
+            pages.append(reply)
+            token = reply.next_page_token
+            if not token:
+                return usage_report(pages)
+
+    def plan(self) -> Plan:
+        """The tenant's plan: its limits and how much of each is used now."""
+        reply = self._t.unary(self._t.billing.GetPlan, billing_pb2.GetPlanRequest())
+        return Plan.from_proto(reply)
 
     def close(self) -> None:
         """Close the connection."""

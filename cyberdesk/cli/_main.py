@@ -401,6 +401,92 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- usage and plan ------------------------------------------------------------------------
+
+_AGO = re.compile(r"^(\d+)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: Any = None) -> Any:
+    """`--since`: an ISO date or time (UTC unless it says otherwise), or an age: 90s, 30m, 2h, 7d."""
+    import datetime as dt
+
+    now = now or dt.datetime.now(dt.UTC)
+    ago = _AGO.match(text.strip())
+    if ago:
+        return now - dt.timedelta(seconds=int(ago.group(1)) * _UNIT_SECONDS[ago.group(2)])
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r} is not a date, a time or an age (2026-12-01, 2026-12-01T10:00:00Z, 90s, 30m, 2h, 7d)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _seconds(value: int) -> str:
+    hours, rest = divmod(value, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    since = parse_since(args.since) if args.since else None
+    with _client(args) as client:
+        report = client.usage(since=since, instance_id=args.instance)
+    if args.json:
+        emit_json(report.to_dict())
+        return 0
+    total = report.total
+    print(f"period   {_when(report.start_time)} .. {_when(report.end_time)} UTC (running instances counted to now)")
+    run = f"{total.instance_seconds} instance-s ({_seconds(total.instance_seconds)})"
+    print(f"compute  {run}, {total.vcpu_seconds} vCPU-s,")
+    print(f"         {total.memory_gib_seconds:.1f} GiB-s memory, {total.desktop_seconds} desktop-s")
+    print(f"storage  {total.disk_gib_seconds:.1f} GiB-s disk ({total.paused_seconds} s paused)")
+    if report.instances:
+        print()
+        rows = [
+            [
+                i.instance_id,
+                i.state + ("*" if i.open else ""),
+                str(i.vcpus),
+                str(i.memory_mib),
+                str(i.usage.instance_seconds),
+                str(i.usage.vcpu_seconds),
+                f"{i.usage.memory_gib_seconds:.1f}",
+                str(i.usage.paused_seconds),
+                f"{i.usage.disk_gib_seconds:.1f}",
+            ]
+            for i in report.instances
+        ]
+        table(rows, ["ID", "STATE", "VCPUS", "MEM_MIB", "RUN_S", "VCPU_S", "MEM_GIB_S", "PAUSED_S", "DISK_GIB_S"])
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        plan = client.plan()
+    if args.json:
+        emit_json(plan.to_dict())
+        return 0
+    monthly = "unlimited" if not plan.monthly_instance_seconds else f"{plan.monthly_instance_seconds} instance-s"
+    rows = [
+        ["instances", str(plan.used_instances), str(plan.max_instances)],
+        ["vcpus", str(plan.used_vcpus), str(plan.max_vcpus)],
+        ["memory_mib", str(plan.used_memory_mib), str(plan.max_memory_mib)],
+        ["disk_mib", str(plan.used_disk_mib), str(plan.max_disk_mib)],
+        ["monthly_instance_seconds", str(plan.used_monthly_instance_seconds), monthly],
+        ["max_timeout_seconds", "-", str(plan.max_timeout_seconds)],
+        ["desktops", str(plan.used_desktops), "allowed" if plan.desktops_allowed else "not included"],
+    ]
+    then = f"{plan.credit_policy} after {plan.credit_grace_seconds} s"
+    print(f"plan {plan.name}: when the monthly allowance is used up, {then}")
+    table(rows, ["LIMIT", "USED", "ALLOWED"])
+    if plan.credits_exhausted_time:
+        print(f"the monthly allowance was used up at {_when(plan.credits_exhausted_time)} UTC")
+    return 0
+
+
 # --- keys and config -----------------------------------------------------------------------
 
 
@@ -609,6 +695,16 @@ def build_parser() -> argparse.ArgumentParser:
     s_rm = snap_sub.add_parser("rm", help="delete snapshots")
     s_rm.add_argument("ids", nargs="+", metavar="SNAPSHOT_ID")
     snap.set_defaults(func=cmd_snapshot)
+
+    usage = sub.add_parser("usage", help="metered usage of your instances (this month unless --since)")
+    usage.add_argument("--since", help="from a date or time (UTC), or an age: 2026-12-01, 90s, 30m, 2h, 7d")
+    usage.add_argument("--instance", help="only this instance")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    usage.set_defaults(func=cmd_usage)
+
+    plan = sub.add_parser("plan", help="your plan's limits and how much of each is used")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.set_defaults(func=cmd_plan)
 
     keys = sub.add_parser("keys", help="manage API keys (needs an admin key)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="create|list|revoke")

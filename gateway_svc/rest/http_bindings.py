@@ -49,9 +49,9 @@ OPERATOR_SERVICES = frozenset({"cyberdesk.internal.v1.AuthService"})
 
 def public_modules() -> list[ModuleType]:
     """The generated modules of the public API, cyberdesk.v1."""
-    from cyberdesk_proto.v1 import desktop_pb2, filesystem_pb2, instance_pb2, ports_pb2, process_pb2
+    from cyberdesk_proto.v1 import billing_pb2, desktop_pb2, filesystem_pb2, instance_pb2, ports_pb2, process_pb2
 
-    return [instance_pb2, process_pb2, filesystem_pb2, desktop_pb2, ports_pb2]
+    return [instance_pb2, process_pb2, filesystem_pb2, desktop_pb2, ports_pb2, billing_pb2]
 
 
 def default_modules() -> list[ModuleType]:

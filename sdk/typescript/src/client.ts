@@ -1,5 +1,6 @@
 /** `Cyberdesk`, the client: `client.instances`, `client.snapshots` and (operators) `client.keys`. */
 
+import { type Plan, type UsageOptions, type UsageReport, plan, usage } from "./billing.js";
 import { InvalidArgument } from "./errors.js";
 import { Instance } from "./instance.js";
 import { Keys } from "./keys.js";
@@ -222,6 +223,16 @@ export class Cyberdesk {
     this.instances = new Instances(this.t);
     this.snapshots = new Snapshots(this.t);
     this.keys = new Keys(this.t);
+  }
+
+  /** The tenant's metered usage, this month unless `since`/`until` say otherwise, in total and by instance. */
+  async usage(options: UsageOptions = {}): Promise<UsageReport> {
+    return usage(this.t, options);
+  }
+
+  /** The tenant's plan: its limits and how much of each is used now. */
+  async plan(options: CallOptions = {}): Promise<Plan> {
+    return plan(this.t, options);
   }
 
   /** The endpoint and key this client uses (ConfigurationError when there is no key). */

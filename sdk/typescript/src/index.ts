@@ -1,6 +1,7 @@
 /** The Cyberdesk SDK for TypeScript: the client, its handles, models and typed errors. */
 
 export { Cyberdesk, Instances, Snapshots, createBody } from "./client.js";
+export type { InstanceUsage, Plan, Usage, UsageOptions, UsageReport } from "./billing.js";
 export type { CreateOptions, CyberdeskOptions, ListOptions } from "./client.js";
 export { InstanceWatch } from "./watch.js";
 export type { InstanceWatchOptions } from "./watch.js";

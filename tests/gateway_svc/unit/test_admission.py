@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from cyberdesk_common.status import RpcError, not_found
-from gateway_svc.admission import AGENT_SERVICES, INSTANCE_SERVICE, Admission, Target, forwardable
+from gateway_svc.admission import AGENT_SERVICES, BILLING_SERVICE, INSTANCE_SERVICE, Admission, Target, forwardable
 from gateway_svc.auth import Principal
 from gateway_svc.gate import RateLimited
 from gateway_svc.ratelimit import Limit
@@ -24,6 +24,7 @@ T = TypeVar("T")
 PROCESSES = "cyberdesk.v1.ProcessService"
 INSTANCE_CHANNEL = cast(grpc.aio.Channel, object())
 AGENT_CHANNEL = cast(grpc.aio.Channel, object())
+BILLING_CHANNEL = cast(grpc.aio.Channel, object())
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -99,6 +100,24 @@ def test_instance_service_calls_go_to_instance_svc_with_the_verified_tenant() ->
         7.5,
     )
     assert routes.resolved == []
+
+
+def test_billing_calls_go_to_billing_svc_with_the_verified_tenant_or_are_unimplemented_without_it() -> None:
+    admission = Admission(
+        FakeGate(), FakeRoutes(), INSTANCE_CHANNEL, "internal-secret", billing_channel=BILLING_CHANNEL
+    )
+    target = _run(admission.admit(BILLING_SERVICE, GOOD, lambda: "unused", 2.0, forwardable(GOOD)))
+    assert target.channel is BILLING_CHANNEL and target.upstream_name == "billing"
+    assert ("x-cyberdesk-tenant", "tenant-a") in target.metadata
+    assert ("x-cyberdesk-internal-token", "internal-secret") in target.metadata
+    # An unreachable billing_svc is named as such to the tenant, without its address.
+    code, message = admission.upstream_failed(
+        target, grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: ipv4:10.0.0.9:50071"
+    )
+    assert (code, message) == (grpc.StatusCode.UNAVAILABLE, "billing is unreachable; retry shortly")
+    with pytest.raises(RpcError) as err:
+        _run(_admission().admit(BILLING_SERVICE, GOOD, lambda: "unused", 2.0, forwardable(GOOD)))
+    assert err.value.code is grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_agent_calls_go_to_the_instances_agent_with_its_token_only() -> None:

@@ -881,6 +881,47 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/usage": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Returns the tenant's usage in a period (default: the current calendar month, UTC, up to now), in total and by instance.
+         * @description Returns the tenant's usage in a period (default: the current calendar month, UTC, up to
+         *     now), in total and by instance. INVALID_ARGUMENT when end_time is before start_time.
+         */
+        get: operations["BillingService_GetUsage"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/plan": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Returns the tenant's plan: its limits and how much of each is used now.
+         * @description Returns the tenant's plan: its limits and how much of each is used now.
+         */
+        get: operations["BillingService_GetPlan"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/keys": {
         parameters: {
             query?: never;
@@ -1063,6 +1104,19 @@ export interface components {
             /** @description The snapshot taken. */
             snapshot?: components["schemas"]["cyberdesk.v1.Snapshot"];
         };
+        /**
+         * @description What happens to a tenant's running instances once its monthly allowance is used up.
+         *
+         *     Given by name; the number is accepted on input.
+         *
+         *     - `CREDIT_POLICY_UNSPECIFIED` (0): Default: pause.
+         *     - `CREDIT_POLICY_PAUSE` (1): Running instances are paused after the grace period (they keep their disk, billed as storage);
+         *     where the runtime cannot pause, they are terminated.
+         *     - `CREDIT_POLICY_TERMINATE` (2): Running instances are terminated after the grace period.
+         *     - `CREDIT_POLICY_REFUSE_NEW` (3): Nothing happens to running instances; only new creates and timeouts are refused.
+         * @enum {string}
+         */
+        "cyberdesk.v1.CreditPolicy": "CREDIT_POLICY_UNSPECIFIED" | "CREDIT_POLICY_PAUSE" | "CREDIT_POLICY_TERMINATE" | "CREDIT_POLICY_REFUSE_NEW";
         /** @description Response of DeleteInstance. */
         "cyberdesk.v1.DeleteInstanceResponse": {
             /** @description The instance as it is after deletion (TERMINATED). */
@@ -1230,10 +1284,46 @@ export interface components {
             /** @description The instance. */
             instance?: components["schemas"]["cyberdesk.v1.Instance"];
         };
+        /** @description Response of GetPlan. */
+        "cyberdesk.v1.GetPlanResponse": {
+            /** @description The tenant's plan. */
+            plan?: components["schemas"]["cyberdesk.v1.Plan"];
+            /** @description How much of each limit is used now. */
+            used?: components["schemas"]["cyberdesk.v1.PlanUsage"];
+            /**
+             * Format: date-time
+             * @description Start of the calendar month monthly_instance_seconds counts from.
+             */
+            periodStartTime?: string;
+        };
         /** @description Response of GetSnapshot. */
         "cyberdesk.v1.GetSnapshotResponse": {
             /** @description The snapshot. */
             snapshot?: components["schemas"]["cyberdesk.v1.Snapshot"];
+        };
+        /** @description Response of GetUsage. */
+        "cyberdesk.v1.GetUsageResponse": {
+            /**
+             * Format: date-time
+             * @description The period counted (the request's, with defaults applied).
+             */
+            startTime?: string;
+            /**
+             * Format: date-time
+             * @description End of the period counted.
+             */
+            endTime?: string;
+            /**
+             * Format: date-time
+             * @description The moment open intervals were counted up to (now, or end_time when that is earlier).
+             */
+            asOf?: string;
+            /** @description The tenant's usage in the period, over all its instances (or the one asked for). */
+            total?: components["schemas"]["cyberdesk.v1.Usage"];
+            /** @description One page of the instances that used anything in the period, newest first. */
+            instances?: components["schemas"]["cyberdesk.v1.InstanceUsage"][];
+            /** @description Token of the next page; empty on the last page. */
+            nextPageToken?: string;
         };
         /**
          * @description Encoding of a screenshot.
@@ -1321,6 +1411,36 @@ export interface components {
          * @enum {string}
          */
         "cyberdesk.v1.InstanceState": "INSTANCE_STATE_UNSPECIFIED" | "INSTANCE_STATE_PENDING" | "INSTANCE_STATE_STARTING" | "INSTANCE_STATE_RUNNING" | "INSTANCE_STATE_PAUSED" | "INSTANCE_STATE_STOPPING" | "INSTANCE_STATE_TERMINATED" | "INSTANCE_STATE_FAILED";
+        /** @description The usage of one instance in the period. */
+        "cyberdesk.v1.InstanceUsage": {
+            /** @description The instance. */
+            instanceId?: string;
+            /** @description Its template. */
+            template?: string;
+            /**
+             * Format: int32
+             * @description Its virtual CPUs.
+             */
+            vcpus?: number;
+            /**
+             * Format: int32
+             * @description Its memory in MiB.
+             */
+            memoryMib?: number;
+            /**
+             * Format: int32
+             * @description Its disk in MiB.
+             */
+            diskMib?: number;
+            /** @description Whether it has a desktop. */
+            desktop?: boolean;
+            /** @description Its last state the ledger knows of. */
+            state?: components["schemas"]["cyberdesk.v1.InstanceState"];
+            /** @description Whether it is still accruing usage (RUNNING or PAUSED): its usage is counted up to as_of. */
+            open?: boolean;
+            /** @description What it used in the period. */
+            usage?: components["schemas"]["cyberdesk.v1.Usage"];
+        };
         /** @description Sent while a process produces no output, so that proxies and clients know the stream is alive. */
         "cyberdesk.v1.Keepalive": Record<string, never>;
         /** @description Response of ListDirectory. */
@@ -1386,6 +1506,91 @@ export interface components {
         "cyberdesk.v1.PauseInstanceResponse": {
             /** @description The paused instance. */
             instance?: components["schemas"]["cyberdesk.v1.Instance"];
+        };
+        /**
+         * @description A tenant's plan: what it may hold at once and use per month. A limit of 0 means "none allowed"
+         *     for counts and "unlimited" only where the field says so.
+         */
+        "cyberdesk.v1.Plan": {
+            /** @description Name of the plan, e.g. "free", "pro", "local". */
+            name?: string;
+            /**
+             * Format: int32
+             * @description Instances that may be live (not TERMINATED or FAILED) at once.
+             */
+            maxInstances?: number;
+            /**
+             * Format: int32
+             * @description vCPUs summed over live instances.
+             */
+            maxVcpus?: number;
+            /**
+             * Format: int32
+             * @description Memory in MiB summed over live instances.
+             */
+            maxMemoryMib?: number;
+            /**
+             * Format: int32
+             * @description Disk in MiB summed over live instances.
+             */
+            maxDiskMib?: number;
+            /**
+             * Format: int64
+             * @description RUNNING instance-seconds per calendar month (UTC); 0 means unlimited.
+             */
+            monthlyInstanceSeconds?: string;
+            /**
+             * @description Longest timeout a create or SetInstanceTimeout may ask for.
+             * @example 1.5s
+             */
+            maxTimeout?: string;
+            /** @description Whether instances with a desktop may be created. */
+            desktopsAllowed?: boolean;
+            /** @description What happens to running instances once monthly_instance_seconds is used up. */
+            creditPolicy?: components["schemas"]["cyberdesk.v1.CreditPolicy"];
+            /**
+             * @description How long running instances go on after the allowance is used up, before credit_policy acts.
+             * @example 1.5s
+             */
+            creditGrace?: string;
+        };
+        /** @description How much of each limit of a plan is used. */
+        "cyberdesk.v1.PlanUsage": {
+            /**
+             * Format: int32
+             * @description Live instances (reservations of creates in flight included).
+             */
+            instances?: number;
+            /**
+             * Format: int32
+             * @description vCPUs of live instances.
+             */
+            vcpus?: number;
+            /**
+             * Format: int32
+             * @description Memory in MiB of live instances.
+             */
+            memoryMib?: number;
+            /**
+             * Format: int32
+             * @description Disk in MiB of live instances.
+             */
+            diskMib?: number;
+            /**
+             * Format: int64
+             * @description RUNNING instance-seconds this calendar month, counted up to now.
+             */
+            monthlyInstanceSeconds?: string;
+            /**
+             * Format: int32
+             * @description Live instances with a desktop.
+             */
+            desktops?: number;
+            /**
+             * Format: date-time
+             * @description When the monthly allowance was found used up; unset while some is left.
+             */
+            creditsExhaustedTime?: string;
         };
         /** @description A position on the screen, in pixels from the top-left corner. */
         "cyberdesk.v1.Point": {
@@ -1692,6 +1897,57 @@ export interface components {
             size?: string;
             /** @description sha256 (hex) of the whole file. */
             sha256?: string;
+        };
+        /**
+         * @description Metered quantities, each a whole number of seconds (or unit-seconds) under the rounding rule
+         *     of docs/billing.md: an interval from a to b is billed floor(b) - floor(a) seconds.
+         */
+        "cyberdesk.v1.Usage": {
+            /**
+             * Format: int64
+             * @description Seconds of RUNNING (compute) time, summed over instances.
+             */
+            instanceSeconds?: string;
+            /**
+             * Format: int64
+             * @description vCPU-seconds: each RUNNING second times the instance's vCPUs.
+             */
+            vcpuSeconds?: string;
+            /**
+             * Format: int64
+             * @description MiB-seconds of memory: each RUNNING second times the instance's memory in MiB.
+             */
+            memoryMibSeconds?: string;
+            /**
+             * Format: double
+             * @description GiB-seconds of memory (memory_mib_seconds / 1024), for display.
+             */
+            memoryGibSeconds?: number;
+            /**
+             * Format: int64
+             * @description Seconds of RUNNING time of instances with a desktop.
+             */
+            desktopSeconds?: string;
+            /**
+             * Format: int64
+             * @description Seconds of PAUSED time (no compute is billed while paused).
+             */
+            pausedSeconds?: string;
+            /**
+             * Format: int64
+             * @description MiB-seconds of disk: each RUNNING or PAUSED second times the instance's disk in MiB.
+             */
+            diskMibSeconds?: string;
+            /**
+             * Format: double
+             * @description GiB-seconds of disk (disk_mib_seconds / 1024), for display.
+             */
+            diskGibSeconds?: number;
+            /**
+             * Format: int64
+             * @description MiB-seconds of disk held while PAUSED (part of disk_mib_seconds): the storage-only time.
+             */
+            pausedDiskMibSeconds?: string;
         };
         /**
          * @description Response of WatchDirectory: one event.
@@ -3788,6 +4044,81 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["cyberdesk.v1.CreatePreviewUrlResponse"];
+                };
+            };
+            /** @description An error (google.rpc.Status). */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["google.rpc.Status"];
+                };
+            };
+        };
+    };
+    BillingService_GetUsage: {
+        parameters: {
+            query?: {
+                /**
+                 * @description Start of the period (inclusive); default: the first second of the current month, UTC.
+                 *     Truncated to whole seconds.
+                 */
+                startTime?: string;
+                /** @description End of the period (exclusive); default (and at most): now. Truncated to whole seconds. */
+                endTime?: string;
+                /**
+                 * @description Only this instance (every instance of the tenant when empty). An instance the tenant never
+                 *     had is NOT_FOUND.
+                 */
+                instanceId?: string;
+                /** @description Largest number of instances in `instances` (default 100, at most 1000). */
+                pageSize?: number;
+                /** @description next_page_token of the previous page; empty for the first page. */
+                pageToken?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Success. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["cyberdesk.v1.GetUsageResponse"];
+                };
+            };
+            /** @description An error (google.rpc.Status). */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["google.rpc.Status"];
+                };
+            };
+        };
+    };
+    BillingService_GetPlan: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Success. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["cyberdesk.v1.GetPlanResponse"];
                 };
             };
             /** @description An error (google.rpc.Status). */
