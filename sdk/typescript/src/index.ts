@@ -21,5 +21,6 @@ export type { PreviewLink } from "./ports.js";
 export { Process } from "./process.js";
 export { Shell } from "./shell.js";
 export type { ShellStart } from "./shell.js";
-export type { CallOptions } from "./transport.js";
+export type { CallOptions, CookieSession } from "./transport.js";
+export { CSRF_HEADER } from "./transport.js";
 export type { components, operations, paths } from "./generated/openapi.js";
