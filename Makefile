@@ -9,23 +9,25 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 TS := sdk/typescript
 NPM_STAMP := $(TS)/node_modules/.setup-stamp
+WEB_STAMP := web/node_modules/.setup-stamp
 AGAINST ?= HEAD~1
 PYTEST_ARGS ?=
 
 .PHONY: setup system proto proto-check lint format test run bench breaking clean
 
-setup: system $(STAMP) $(NPM_STAMP)
+setup: system $(STAMP) $(NPM_STAMP) $(WEB_STAMP)
 
 # Debian packages the stack runs: bubblewrap (sandboxes), redis-server, and for desktops Xvfb, xdotool,
 # a small window manager (matchbox) and xdpyinfo (x11-utils); for INTERNET instances slirp4netns
 # (user-mode networking), nft (nftables: egress rules inside each instance's network namespace) and
 # ip (iproute2); mkfs.ext4 (e2fsprogs) for the file system that bounds each instance's disk; chromium, the
-# headless browser the TypeScript SDK's browser test drives (playwright-core, with no browser download).
+# headless browser the TypeScript SDK's browser test drives (playwright-core, with no browser download);
+# x11vnc, the VNC server of a desktop instance that the live desktop viewer streams (guest_agent/vnc.py).
 system:
 	@missing=""; \
 	for pair in bwrap:bubblewrap redis-server:redis-server Xvfb:xvfb xdotool:xdotool \
 	    matchbox-window-manager:matchbox-window-manager xdpyinfo:x11-utils zstd:zstd \
-	    slirp4netns:slirp4netns nft:nftables ip:iproute2 mkfs.ext4:e2fsprogs chromium:chromium; do \
+	    slirp4netns:slirp4netns nft:nftables ip:iproute2 mkfs.ext4:e2fsprogs chromium:chromium x11vnc:x11vnc; do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -51,6 +53,11 @@ $(STAMP): pyproject.toml sdk/python/pyproject.toml
 $(NPM_STAMP): $(TS)/package.json $(TS)/package-lock.json
 	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null || { echo "Node.js 20 or newer is needed for sdk/typescript"; exit 1; }
 	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The live desktop viewer's one browser dependency, noVNC (web/package.json), exactly as locked.
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 proto: setup
