@@ -9,13 +9,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 TS := sdk/typescript
 NPM_STAMP := $(TS)/node_modules/.setup-stamp
+CONSOLE := console
+CONSOLE_NPM_STAMP := $(CONSOLE)/node_modules/.setup-stamp
+CONSOLE_DIST := $(CONSOLE)/dist/index.html
 WEB_STAMP := web/node_modules/.setup-stamp
 AGAINST ?= HEAD~1
 PYTEST_ARGS ?=
 
-.PHONY: setup system proto proto-check lint format test run bench breaking clean
+.PHONY: setup system proto proto-check lint format test run bench breaking clean console
 
-setup: system $(STAMP) $(NPM_STAMP) $(WEB_STAMP)
+setup: system $(STAMP) $(NPM_STAMP) $(WEB_STAMP) $(CONSOLE_DIST)
 
 # Debian packages the stack runs: bubblewrap (sandboxes), redis-server, and for desktops Xvfb, xdotool,
 # a small window manager (matchbox) and xdpyinfo (x11-utils); for INTERNET instances slirp4netns
@@ -60,6 +63,18 @@ $(WEB_STAMP): web/package.json web/package-lock.json
 	cd web && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The web console's build tools (esbuild, xterm.js, typescript; the SDK by a file: link), as locked.
+$(CONSOLE_NPM_STAMP): $(CONSOLE)/package.json $(CONSOLE)/package-lock.json
+	cd $(CONSOLE) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The console's bundle in console/dist (served by the gateway at /; built here, never committed),
+# rebuilt when its sources or the SDK's change: esbuild takes about a second.
+$(CONSOLE_DIST): $(CONSOLE_NPM_STAMP) $(CONSOLE)/build.mjs $(CONSOLE)/tsconfig.json $(shell find $(CONSOLE)/src $(TS)/src -type f 2>/dev/null)
+	cd $(CONSOLE) && node build.mjs
+
+console: $(CONSOLE_DIST)
+
 proto: setup
 	$(PY) tools/gen_proto.py
 	$(PY) tools/gen_openapi.py
@@ -80,6 +95,7 @@ lint: proto-check
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd $(TS) && node_modules/.bin/tsc --noEmit -p tsconfig.json
+	cd $(CONSOLE) && node_modules/.bin/tsc --noEmit -p tsconfig.json
 
 format: setup
 	$(BIN)/ruff check --fix .
