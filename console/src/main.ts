@@ -36,7 +36,8 @@ export function go(route: string): void {
  */
 export function sessionEnded(err: unknown): void {
   forget();
-  endedMessage = sentence(err);
+  const text = sentence(err);
+  endedMessage = /^The console session/.test(text) ? text : `The console session has ended: ${text[0]!.toLowerCase()}${text.slice(1)}`;
   go("/signin");
 }
 
