@@ -113,14 +113,18 @@ class Tunnel:
         self.instance_id, self.port = instance_id, port
 
     @classmethod
-    async def open(cls, access: Access, first: bytes) -> Tunnel:
-        """Open the tunnel with `first` bytes on their way, and wait until the agent connected to the port."""
+    async def open(cls, access: Access, first: bytes, *, desktop: bool = False) -> Tunnel:
+        """Open the tunnel with `first` bytes on their way, and wait until the agent connected to the port.
+
+        `desktop`: to the instance's VNC server instead of the target's port (the live desktop, desktop_stream).
+        """
         factory: Any = access.channel.stream_stream(OPEN_PORT, _serialize, agent_pb2.OpenPortResponse.FromString)
         call = factory(metadata=access.metadata)
         tunnel = cls(call, access.target.instance_id, access.target.port)
+        target = access.target
         try:
             await call.write(
-                agent_pb2.OpenPortRequest(instance_id=access.target.instance_id, port=access.target.port, data=first)
+                agent_pb2.OpenPortRequest(instance_id=target.instance_id, port=target.port, data=first, desktop=desktop)
             )
             reply: Any = await call.read()
         except grpc.aio.AioRpcError as err:
