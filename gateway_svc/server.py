@@ -31,6 +31,7 @@ from gateway_svc.proxy import Proxy, public_service_names
 from gateway_svc.ratelimit import RateLimiter
 from gateway_svc.rest.app import RestApp
 from gateway_svc.rest.console_static import ConsoleFiles
+from gateway_svc.rest.desktop_stream import DesktopViewers, DesktopViewerServicer
 from gateway_svc.rest.preview import Previews, PreviewServicer, websocket_protocol
 from gateway_svc.rest.preview_links import PreviewTokens
 from gateway_svc.rest.upstream import GatewayUpstream
@@ -61,6 +62,7 @@ class Gateway:
         self._events: asyncio.Task[None] | None = None
         self.admission: Admission | None = None
         self.previews: Previews | None = None
+        self.desktop: DesktopViewers | None = None
         self.keys: AuthServicer | None = None
         self.sessions: Sessions | None = None  # the web console's sign-ins (REST face only)
         self.http: Any = None  # uvicorn.Server once the REST face serves
@@ -101,10 +103,14 @@ class Gateway:
         tokens = PreviewTokens.from_state_dir(config.state_dir, config.preview_secret)
         self.previews = Previews(self.admission, tokens, config.preview_domain, config.public_http_url)
         ports_pb2_grpc.add_PreviewServiceServicer_to_server(PreviewServicer(self.previews), server)
+        # The live desktop: its viewer tokens are signed like preview tokens, with the same secret.
+        self.desktop = DesktopViewers(self.admission, tokens, config.public_http_url, self.open_calls, config.cors)
+        ports_pb2_grpc.add_DesktopViewerServiceServicer_to_server(DesktopViewerServicer(self.desktop), server)
         return [
             *public_service_names(),
             auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
             ports_pb2.DESCRIPTOR.services_by_name["PreviewService"].full_name,
+            ports_pb2.DESCRIPTOR.services_by_name["DesktopViewerService"].full_name,
         ]
 
     async def on_started(self, running: RunningServer) -> None:
@@ -138,6 +144,7 @@ class Gateway:
                 previews=self.previews,
                 keys=self.keys,
                 cors=self.config.cors,
+                desktop=self.desktop,
                 sessions=self.sessions,
                 console=ConsoleFiles(),
             ),

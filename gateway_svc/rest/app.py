@@ -12,6 +12,8 @@ and hands the HTTP headers to (as gRPC metadata would be). What it dispatches to
 - `GET /openapi.json`: the committed document (`openapi` builds it);
 - CORS for browsers on other origins (`cors`): preflights answered, allowed origins' responses
   marked readable, WebSocket handshakes from other origins refused;
+- the live desktop (`desktop_stream`): its WebSocket `/v1/instances/{id}/desktop:stream`, the
+  viewer page `/desktop/{id}` and its files (`desktop_page`), and CreateDesktopViewerUrl;
 - previews of ports inside instances, by host or by `/v1/instances/{id}/ports/{port}/` (matched
   first), and CreatePreviewUrl, which the gateway serves itself (`preview`);
 - key management (`/v1/keys`, AuthService), which the gateway serves itself too: the call goes to
@@ -58,6 +60,9 @@ from gateway_svc.rest.asgi import (
 from gateway_svc.rest.console_session import SESSION_PATH, serve_session
 from gateway_svc.rest.console_static import ConsoleFiles
 from gateway_svc.rest.cors import CorsPolicy
+from gateway_svc.rest.desktop_links import match_stream
+from gateway_svc.rest.desktop_page import DesktopPages
+from gateway_svc.rest.desktop_stream import DESKTOP_VIEWER_SERVICE, DesktopViewers
 from gateway_svc.rest.http_bindings import BindingTable, build_binding_table
 from gateway_svc.rest.path_templates import PathDecodeError
 from gateway_svc.rest.preview import PREVIEW_SERVICE, Previews
@@ -79,6 +84,7 @@ class RestApp:
         previews: Previews | None = None,
         keys: AuthServicer | None = None,
         cors: CorsPolicy | None = None,
+        desktop: DesktopViewers | None = None,
         sessions: Sessions | None = None,
         console: ConsoleFiles | None = None,
     ) -> None:
@@ -87,6 +93,8 @@ class RestApp:
         self.previews = previews  # ports inside instances (`preview`); None: no previews, e.g. in unit tests
         self.keys = keys  # key management (`keys_api`); None: its routes are UNIMPLEMENTED
         self.cors = cors or CorsPolicy()  # default: no origin allowed, no CORS header sent
+        self.desktop = desktop  # the live desktop's stream and viewer URLs; None: not served
+        self.desktop_pages = DesktopPages()
         self.sessions = sessions  # console sign-in by cookie (`gateway_svc.sessions`); None: keys only
         self.console = console  # the console's files; None: not served
         self._openapi: bytes | None = None
@@ -103,6 +111,10 @@ class RestApp:
                     await pty_relay.reject_handshake(scope, send, http_errors.from_rpc_error(exc))
                     return
                 receive = _replaying(connect, receive)
+            stream_of = match_stream(request_path(scope)) if self.desktop is not None else None
+            if stream_of is not None and self.desktop is not None:
+                await self.desktop.serve_websocket(scope, receive, send, stream_of)
+                return
             await pty_relay.serve_pty_websocket(self.upstream, self.table, scope, receive, send, self.cors)
         elif scope["type"] == "http":
             await self._serve_http(scope, receive, send)
@@ -121,6 +133,9 @@ class RestApp:
             return
         if self.sessions is not None and path == SESSION_PATH:
             await serve_session(self.sessions, scope, receive, send)
+            return
+        if self.desktop_pages.matches(method, path):
+            await self.desktop_pages.serve(scope, send)
             return
         headers = request_headers(scope)
         if cors_rules.is_preflight(method, headers):
@@ -180,6 +195,8 @@ class RestApp:
             reply: Message | None
             if binding.service == PREVIEW_SERVICE and self.previews is not None:
                 reply = await self.previews.create_url(request, credentials(headers))  # type: ignore[arg-type]
+            elif binding.service == DESKTOP_VIEWER_SERVICE and self.desktop is not None:
+                reply = await self.desktop.create_url(request, credentials(headers))  # type: ignore[arg-type]
             elif binding.service == AUTH_SERVICE:
                 # Never forwarded: admission would refuse a service it does not route.
                 if self.keys is None:
