@@ -84,3 +84,4 @@ class Stubs:
         self.desktop = desktop_pb2_grpc.DesktopServiceStub(channel)
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
         self.previews = ports_pb2_grpc.PreviewServiceStub(channel)
+        self.viewers = ports_pb2_grpc.DesktopViewerServiceStub(channel)
