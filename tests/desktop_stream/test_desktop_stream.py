@@ -1,0 +1,273 @@
+"""The live desktop end to end: `cyberdesk up`, a real desktop sandbox with real x11vnc, Debian's chromium.
+
+One stack and one desktop instance for the module. A small X program inside the instance paints
+its window a known colour; the noVNC canvas in the browser must show the same pixels as a
+screenshot taken through the API, a click in the canvas must move the instance's pointer there,
+and the gateway must refuse who may not watch and drop what a view-only viewer sends.
+
+Screenshots of the viewer pages are saved under `artifacts/desktop_stream/` in the checkout
+(ignored by git).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from PIL import Image, ImageChops
+from playwright.sync_api import Browser, Page, sync_playwright
+from websockets.exceptions import InvalidStatus
+
+from cyberdesk import Cyberdesk, FailedPrecondition, Instance, NotFound
+from tests.cli.stack import RunningStack, running_stack
+from tests.desktop_stream._rfb_client import RfbClient
+from tests.support.procs import ROOT
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.desktop, pytest.mark.timeout(300)]
+
+ARTIFACTS = ROOT / "artifacts" / "desktop_stream"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WIDTH, HEIGHT = 640, 400
+COLOUR = (255, 128, 0)
+# A window of one colour, mapped and kept (python3 and libX11 of the instance; no toolkit needed).
+PAINT = r"""
+import ctypes, sys, time
+x = ctypes.CDLL("libX11.so.6")
+x.XOpenDisplay.restype = ctypes.c_void_p
+x.XDefaultRootWindow.restype = ctypes.c_ulong
+x.XDefaultRootWindow.argtypes = [ctypes.c_void_p]
+x.XCreateSimpleWindow.restype = ctypes.c_ulong
+ints, uints, ulongs = [ctypes.c_int] * 2, [ctypes.c_uint] * 3, [ctypes.c_ulong] * 2
+x.XCreateSimpleWindow.argtypes = [ctypes.c_void_p, ctypes.c_ulong] + ints + uints + ulongs
+x.XMapWindow.argtypes = [ctypes.c_void_p, ctypes.c_ulong]
+x.XFlush.argtypes = [ctypes.c_void_p]
+d = x.XOpenDisplay(None)
+w = x.XCreateSimpleWindow(d, x.XDefaultRootWindow(d), 0, 0, 2000, 2000, 0, 0, int(sys.argv[1], 16))
+x.XMapWindow(d, w)
+x.XFlush(d)
+print("painted", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    with running_stack(tmp_path_factory.mktemp("desktop-stack")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(stack: RunningStack) -> str:
+    return stack.env_config()["http_endpoint"]
+
+
+@pytest.fixture(scope="module")
+def client(stack: RunningStack) -> Iterator[Cyberdesk]:
+    config = stack.env_config()
+    with Cyberdesk(api_key=config["api_key"], endpoint=config["endpoint"]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def desk(client: Cyberdesk) -> Iterator[Instance]:
+    instance = client.instances.create(desktop=True, width=WIDTH, height=HEIGHT, timeout=600)
+    try:
+        instance.files.write("/tmp/paint.py", PAINT)
+        instance.start(["/usr/bin/python3", "/tmp/paint.py", "".join(f"{c:02x}" for c in COLOUR)], tag="paint")
+        yield instance
+    finally:
+        instance.delete()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _wait(predicate: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _screen_colour(desk: Instance) -> bool:
+    shot = Image.open(io.BytesIO(desk.desktop.screenshot().image)).convert("RGB")
+    return shot.getpixel((WIDTH // 2, HEIGHT // 2)) == COLOUR
+
+
+def _canvas(page: Page) -> Image.Image:
+    data_url = page.evaluate("() => document.querySelector('#screen canvas').toDataURL('image/png')")
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+
+
+def _open_viewer(browser: Browser, url: str) -> Page:
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    page.goto(url)
+    page.wait_for_function("() => window.cyberdeskViewer && window.cyberdeskViewer.connected", timeout=30_000)
+    return page
+
+
+def _close_to(a: tuple[int, ...], b: tuple[int, ...], tolerance: int = 24) -> bool:
+    return all(abs(x - y) <= tolerance for x, y in zip(a, b, strict=True))
+
+
+def test_the_canvas_shows_the_screen_and_a_click_moves_the_pointer(desk: Instance, browser: Browser) -> None:
+    _wait(lambda: _screen_colour(desk), "the painted window on the screen")
+    url = desk.desktop.stream_url()
+    assert "#token=" in url
+    page = _open_viewer(browser, url)
+    try:
+        centre = (WIDTH // 2, HEIGHT // 2)
+        _wait(lambda: _close_to(_canvas(page).getpixel(centre), COLOUR), "the colour in the canvas")
+        canvas = _canvas(page)
+        shot = Image.open(io.BytesIO(desk.desktop.screenshot().image)).convert("RGB")
+        assert canvas.size == shot.size == (WIDTH, HEIGHT)
+        # The stream may encode lossily (tight/JPEG): compare per pixel with a tolerance.
+        diff = ImageChops.difference(canvas, shot).tobytes()
+        differing = sum(1 for i in range(0, len(diff), 3) if max(diff[i : i + 3]) > 24)
+        assert differing <= WIDTH * HEIGHT // 100, f"{differing} pixels differ between the canvas and the screenshot"
+        page.screenshot(path=str(ARTIFACTS / "viewer-control.png"))
+        canvas.save(ARTIFACTS / "canvas.png")
+        shot.save(ARTIFACTS / "api-screenshot.png")
+
+        # A click at instance pixel (123, 77): the canvas is scaled to the page, so map through its box.
+        box = page.locator("#screen canvas").bounding_box()
+        assert box is not None
+        target = (123, 77)
+        scale_x, scale_y = box["width"] / WIDTH, box["height"] / HEIGHT
+        page.mouse.click(box["x"] + (target[0] + 0.5) * scale_x, box["y"] + (target[1] + 0.5) * scale_y)
+        _wait(lambda: _close_to(desk.desktop.cursor(), target, 1), f"the pointer at {target}")
+    finally:
+        page.close()
+
+
+def test_two_viewers_at_once_one_view_only(desk: Instance, browser: Browser) -> None:
+    _wait(lambda: _screen_colour(desk), "the painted window on the screen")
+    control = _open_viewer(browser, desk.desktop.stream_url())
+    watcher = _open_viewer(browser, desk.desktop.stream_url(view_only=True))
+    try:
+        centre = (WIDTH // 2, HEIGHT // 2)
+        for page in (control, watcher):
+            _wait(lambda page=page: _close_to(_canvas(page).getpixel(centre), COLOUR), "the colour in both canvases")
+        assert watcher.evaluate("() => document.getElementById('mode').textContent") == "view only"
+        watcher.screenshot(path=str(ARTIFACTS / "viewer-view-only.png"))
+        # Both stay connected while the other one is open (x11vnc -shared; ClientInit made shared).
+        assert control.evaluate("() => window.cyberdeskViewer.connected")
+        assert watcher.evaluate("() => window.cyberdeskViewer.connected")
+    finally:
+        control.close()
+        watcher.close()
+
+
+def test_view_only_input_is_dropped_by_the_gateway(desk: Instance) -> None:
+    """A client that ignores the view-only mode (not noVNC) still cannot move the pointer."""
+    desk.desktop.move(10, 10)
+    watch = desk.desktop.viewer_link(view_only=True)
+    viewer = RfbClient.open(watch.stream_url, ["binary", f"cyberdesk.viewer.{watch.token}"])
+    try:
+        viewer.pointer(300, 200)
+        viewer.key(0x61, True)
+        viewer.key(0x61, False)
+        viewer.update()  # answered after the server handled (or never got) the events before it
+        assert desk.desktop.cursor() == (10, 10)
+    finally:
+        viewer.close()
+    # The same bytes from a control viewer do move it: the check above can fail.
+    drive = desk.desktop.viewer_link(view_only=False)
+    driver = RfbClient.open(drive.stream_url, ["binary", f"cyberdesk.viewer.{drive.token}"])
+    try:
+        driver.pointer(300, 200)
+        driver.update()
+        assert desk.desktop.cursor() == (300, 200)
+    finally:
+        driver.close()
+
+
+def test_refused_without_access(desk: Instance, client: Cyberdesk, stack: RunningStack, http: str) -> None:
+    link = desk.desktop.viewer_link(ttl=1)
+    stream = link.stream_url
+    with pytest.raises(InvalidStatus) as nothing:
+        RfbClient.open(stream, ["binary"])
+    assert nothing.value.response.status_code == 401
+    # A forged token (the payload changed, MAC kept) and a token for another instance.
+    payload, mac = link.token.split(".")
+    forged = base64.urlsafe_b64encode(
+        json.dumps({**json.loads(base64.urlsafe_b64decode(payload + "==")), "v": False}).encode()
+    ).rstrip(b"=")
+    with pytest.raises(InvalidStatus) as bad:
+        RfbClient.open(stream, ["binary", f"cyberdesk.viewer.{forged.decode()}.{mac}"])
+    assert bad.value.response.status_code == 401
+    other_stream = stream.replace(desk.id, "i-000000000000")
+    with pytest.raises(InvalidStatus) as elsewhere:
+        RfbClient.open(other_stream, ["binary", f"cyberdesk.viewer.{link.token}"])
+    assert elsewhere.value.response.status_code == 401
+    # Expired: wait out the one-second link.
+    assert link.expire_time is not None
+    _wait(lambda: time.time() > link.expire_time.timestamp() + 0.05, "the link's expiry", 5)  # type: ignore[union-attr]
+    with pytest.raises(InvalidStatus) as expired:
+        RfbClient.open(stream, ["binary", f"cyberdesk.viewer.{link.token}"])
+    assert expired.value.response.status_code == 401
+    assert b"expired" in expired.value.response.body
+
+    # Another tenant: its key sees no such instance, to mint a link or to stream.
+    _, other_key = client.keys.create("tenant-other", "other")
+    with Cyberdesk(api_key=other_key, endpoint=stack.env_config()["endpoint"]) as other, pytest.raises(NotFound):
+        other.instances.handle(desk.id).desktop.stream_url()
+    with pytest.raises(InvalidStatus) as foreign:
+        RfbClient.open(stream, ["binary", f"cyberdesk.key.{other_key}"])
+    assert foreign.value.response.status_code == 404
+
+    # The tenant's own key opens it directly (subprotocol, as the WebSocket shell takes it).
+    own = RfbClient.open(stream, ["binary", f"cyberdesk.key.{stack.env_config()['api_key']}"])
+    assert (own.width, own.height) == (WIDTH, HEIGHT)
+    own.close()
+
+
+def test_an_instance_without_desktop_has_no_viewer(client: Cyberdesk) -> None:
+    box = client.instances.create(timeout=120)
+    try:
+        with pytest.raises(FailedPrecondition):
+            box.desktop.stream_url()
+    finally:
+        box.delete()
+
+
+def test_the_page_is_served_with_a_policy(http: str, desk: Instance) -> None:
+    import httpx
+
+    page = httpx.get(f"{http}/desktop/{desk.id}")
+    assert page.status_code == 200
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'self'" in policy
+    assert page.headers["cache-control"] == "no-cache"
+    again = httpx.get(f"{http}/desktop/{desk.id}", headers={"if-none-match": page.headers["etag"]})
+    assert again.status_code == 304
+    script = httpx.get(f"{http}/desktop/static/viewer.js").text
+    module = script.split('from "', 1)[1].split('"', 1)[0]
+    rfb = httpx.get(f"{http}{module}")
+    assert rfb.status_code == 200 and "immutable" in rfb.headers["cache-control"]
+    assert httpx.get(f"{http}/desktop/static/novnc/1.7.0/../../../../pyproject.toml").status_code == 404
