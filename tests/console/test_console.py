@@ -279,3 +279,32 @@ def test_revoking_the_key_ends_the_session(browser: Browser, stack: RunningStack
         assert status == 401, body
     finally:
         context.close()
+
+
+def test_console_files_are_served_with_cache_headers_and_a_strict_csp(base: str) -> None:
+    with urllib.request.urlopen(base + "/", timeout=30) as response:
+        page = response.read().decode()
+        headers = response.headers
+    assert headers["cache-control"] == "no-cache" and headers["x-content-type-options"] == "nosniff"
+    csp = headers["content-security-policy"]
+    host = base.split("://", 1)[1]
+    for rule in ("script-src 'self'", f"connect-src 'self' ws://{host} wss://{host}", "frame-ancestors 'none'"):
+        assert rule in csp, csp
+    assert "<script>" not in page and "unsafe-inline" not in csp.split("script-src", 1)[1].split(";", 1)[0]
+    (script,) = re.findall(r'src="(/assets/main-[A-Z0-9]+\.js)"', page)
+    with urllib.request.urlopen(base + script, timeout=30) as response:
+        assert response.headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert response.headers["content-type"].startswith("text/javascript")
+        etag = response.headers["etag"]
+    revalidate = urllib.request.Request(base + script, headers={"if-none-match": etag})
+    with pytest.raises(urllib.error.HTTPError) as not_modified:
+        urllib.request.urlopen(revalidate, timeout=30)
+    assert not_modified.value.code == 304
+    # Only the built files are served (from memory: no path reaches the disk), and a path that is
+    # not the console's is the API's, with its JSON 404.
+    for missing in ("/assets/nothing.js", "/assets/../index.html", "/assets/%2e%2e/build.mjs"):
+        with pytest.raises(urllib.error.HTTPError) as not_found:
+            urllib.request.urlopen(base + missing, timeout=30)
+        assert not_found.value.code == 404, missing
+    status, body = _request(base + "/v1/nothing")
+    assert status == 404 and "message" in body
