@@ -150,8 +150,14 @@ def test_console_end_to_end(browser: Browser, stack: RunningStack, base: str, ad
         assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"]) == ("cyberdesk_session", True, "Strict")
         assert admin_key not in cookie["value"]
 
-        # Create a desktop instance from the page.
+        # Create a desktop instance from the page (after a refused one: its error in one sentence).
         page.locator("#create-panel summary").click()
+        page.locator("#create-template").fill("nope")
+        page.locator("#create").click()
+        expect(page.locator("#instances-error")).to_have_text(
+            "Template 'nope' is unknown; use one of base, desktop.", timeout=WAIT_MS
+        )
+        page.locator("#create-template").fill("base")
         page.locator("#create-desktop").check()
         page.locator("#create-width").fill(str(DESKTOP[0]))
         page.locator("#create-height").fill(str(DESKTOP[1]))
@@ -238,6 +244,15 @@ def test_console_end_to_end(browser: Browser, stack: RunningStack, base: str, ad
         _shot(page, "keys")
         page.goto(base + "/#/usage")
         expect(page.locator("main h1")).to_have_text("Usage and plan")
+        with urllib.request.urlopen(base + "/openapi.json", timeout=30) as response:
+            billed = "/v1/plan" in json.loads(response.read())["paths"]
+        if billed:  # the gateway serves billing: the plan's limits and this month's usage
+            expect(page.locator("#plan")).to_contain_text("Live instances", timeout=WAIT_MS)
+            expect(page.locator(f'#usage-instances tr[data-usage="{instance_id}"]')).to_be_visible()
+        else:
+            expect(page.locator("#usage-missing")).to_have_text(
+                "Usage and plan are not available: this gateway does not serve billing."
+            )
         _shot(page, "usage")
         page.goto(base + "/#/api")
         op = page.locator('[id="op-InstanceService_ListInstances"]')

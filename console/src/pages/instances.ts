@@ -16,6 +16,7 @@ function short(state: string | undefined): string {
 
 export async function instancesPage(main: HTMLElement): Promise<() => void> {
   const error = errorLine();
+  error.id = "instances-error";
   const progress = h("div", {});
   const rows = h("tbody", {});
   const table = h(
