@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from PIL import Image, ImageChops
 from playwright.sync_api import Browser, Page, sync_playwright
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from cyberdesk import Cyberdesk, FailedPrecondition, Instance, NotFound
 from tests.cli.stack import RunningStack, running_stack
@@ -65,7 +65,9 @@ time.sleep(3600)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    with running_stack(tmp_path_factory.mktemp("desktop-stack")) as running:
+    # Revoked keys' streams end within the auth cache's TTL: one second here.
+    extra = {"CYBERDESK_AUTH_CACHE_SECONDS": "1"}
+    with running_stack(tmp_path_factory.mktemp("desktop-stack"), extra) as running:
         yield running
 
 
@@ -271,3 +273,53 @@ def test_the_page_is_served_with_a_policy(http: str, desk: Instance) -> None:
     rfb = httpx.get(f"{http}{module}")
     assert rfb.status_code == 200 and "immutable" in rfb.headers["cache-control"]
     assert httpx.get(f"{http}/desktop/static/novnc/1.7.0/../../../../pyproject.toml").status_code == 404
+
+
+def test_a_revoked_key_ends_its_stream(desk: Instance, client: Cyberdesk, stack: RunningStack) -> None:
+    tenant = stack.env_config()["tenant"]
+    key, secret = client.keys.create(tenant, "viewer")
+    viewer = RfbClient.open(desk.desktop.viewer_link().stream_url, ["binary", f"cyberdesk.key.{secret}"])
+    try:
+        viewer.update()
+        client.keys.revoke(key.key_id)
+        with pytest.raises(ConnectionClosed) as ended:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                viewer.update(incremental=True)
+        assert ended.value.rcvd is not None and ended.value.rcvd.code == 4016  # 4000 + UNAUTHENTICATED
+    finally:
+        viewer.close()
+
+
+def test_what_is_not_rfb_ends_the_stream(desk: Instance) -> None:
+    link = desk.desktop.viewer_link()
+    viewer = RfbClient.open(link.stream_url, ["binary", f"cyberdesk.viewer.{link.token}"])
+    try:
+        viewer.ws.send(b"\x07garbage")
+        with pytest.raises(ConnectionClosed) as ended:
+            viewer.update()
+        assert ended.value.rcvd is not None and ended.value.rcvd.code == 1008
+        assert "message type 7" in ended.value.rcvd.reason
+    finally:
+        viewer.close()
+    texting = RfbClient.open(link.stream_url, ["binary", f"cyberdesk.viewer.{link.token}"])
+    try:
+        texting.ws.send("not binary")
+        with pytest.raises(ConnectionClosed) as ended:
+            texting.update()
+        assert ended.value.rcvd is not None and ended.value.rcvd.code == 1003
+    finally:
+        texting.close()
+
+
+def test_no_token_or_key_in_the_logs(stack: RunningStack, desk: Instance) -> None:
+    """Runs last in the module: every token and key the tests used so far is absent from every log."""
+    link = desk.desktop.viewer_link()
+    viewer = RfbClient.open(link.stream_url, ["binary", f"cyberdesk.viewer.{link.token}"])
+    viewer.update()
+    viewer.close()
+    logs = b"".join(p.read_bytes() for p in (stack.state_dir / "logs").glob("*") if p.is_file())
+    assert b"desktop viewer connected" in logs
+    payload, mac = link.token.split(".")
+    assert mac.encode() not in logs and payload.encode() not in logs
+    assert stack.env_config()["api_key"].encode() not in logs
