@@ -323,3 +323,48 @@ def test_console_files_are_served_with_cache_headers_and_a_strict_csp(base: str)
         assert not_found.value.code == 404, missing
     status, body = _request(base + "/v1/nothing")
     assert status == 404 and "message" in body
+
+
+_COOKIE_ECHO = """
+import http.server
+
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (self.headers.get("cookie") or "").encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+http.server.HTTPServer(("127.0.0.1", 8000), Echo).serve_forever()
+"""
+
+
+def test_previews_never_see_the_session_cookie_and_run_sandboxed(
+    stack: RunningStack, base: str, admin_key: str
+) -> None:
+    # A path-form preview shares the console's origin: the gateway strips the session cookie
+    # from what it relays to the instance, and sandboxes the page it answers.
+    client = Cyberdesk(api_key=admin_key, endpoint=stack.gateway)
+    box = client.instances.create(timeout=120)
+    try:
+        box.files.write("/tmp/echo.py", _COOKIE_ECHO)
+        box.start("python3 /tmp/echo.py", tag="echo")
+        url = f"{base}/v1/instances/{box.id}/ports/8000/"
+        headers = {"x-api-key": admin_key, "cookie": "cyberdesk_session=s3cret; theme=dark"}
+        deadline = time.monotonic() + 30
+        while True:
+            request = urllib.request.Request(url, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    seen, csp = response.read().decode(), response.headers["content-security-policy"]
+                break
+            except urllib.error.HTTPError as err:
+                if err.code != 502 or time.monotonic() > deadline:  # 502: nothing listening yet
+                    raise
+                time.sleep(0.2)
+        assert seen == "theme=dark"
+        assert csp.startswith("sandbox ") and "allow-same-origin" not in csp
+    finally:
+        box.delete()
+        client.close()
