@@ -7,7 +7,7 @@ export type { InstanceWatchOptions } from "./watch.js";
 export { DEFAULT_HTTP_ENDPOINT, configPath, loadConfigFile, parseHttpEndpoint, resolveConfig } from "./config.js";
 export type { ResolvedConfig } from "./config.js";
 export { Desktop } from "./desktop.js";
-export type { Button, Direction, Screenshot } from "./desktop.js";
+export type { Button, DesktopViewerLink, Direction, Screenshot } from "./desktop.js";
 export * from "./errors.js";
 export { Files, Watch } from "./files.js";
 export type { DownloadOptions, DownloadResult, Progress, UploadOptions, UploadSource } from "./files.js";
