@@ -220,6 +220,10 @@ class Sessions:
             raise RpcError(
                 grpc.StatusCode.UNAUTHENTICATED, "the console session has ended (signed out or expired); sign in again"
             )
+        if self.authenticator.metered(session.secret):
+            # Each verification of a metered key spends a credit: admission's own check of the
+            # call is the only one (a revoked key then fails each call, and the console signs out).
+            return session
         verification = await self.authenticator.verify(session.secret)
         error = verification.to_error()
         if error is not None and error.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

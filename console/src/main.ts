@@ -23,6 +23,7 @@ export type Page = (main: HTMLElement) => Cleanup | void | Promise<Cleanup | voi
 const app = document.getElementById("app")!;
 let cleanup: Cleanup | undefined;
 let endedMessage = "";
+let generation = 0; // which render is current: a page that finishes loading after it was left is closed at once
 
 /** Go to a route (hash). */
 export function go(route: string): void {
@@ -72,6 +73,7 @@ function nav(active: string): HTMLElement {
 async function render(): Promise<void> {
   cleanup?.();
   cleanup = undefined;
+  const mine = ++generation;
   const route = location.hash.replace(/^#/, "") || "/instances";
   if (!session() && route !== "/signin") {
     try {
@@ -110,9 +112,10 @@ async function render(): Promise<void> {
   replace(app, nav(active), main);
   try {
     const done = await page(main);
-    if (done) cleanup = done;
+    if (done && mine === generation) cleanup = done;
+    else done?.(); // left while it loaded: its streams close now
   } catch (err) {
-    if (!handleEnded(err)) main.append(errorLine(err));
+    if (mine === generation && !handleEnded(err)) main.append(errorLine(err));
   }
 }
 
