@@ -35,8 +35,10 @@ _log = logging.getLogger("guest_agent.vnc")
 FIRST_PORT = 5900
 START_TIMEOUT = 15.0
 # Poll the screen every 10 ms and send a change after at most 10 ms (x11vnc's defaults are 20
-# and 20): the viewer's latency from a screen change to its pixels is what these bound.
-_TUNING = ("-wait", "10", "-defer", "10")
+# and 20), and never "nap": by default x11vnc polls ever more slowly while no viewer sends input,
+# so a watched screen lagged 1.5 to 2.5 s behind (bench/desktop_stream.py). It polls only while a
+# viewer is connected.
+_TUNING = ("-wait", "10", "-defer", "10", "-nonap")
 _NO_DESKTOP = "this instance has no desktop; create it with desktop enabled"
 
 
