@@ -224,6 +224,9 @@ def test_console_end_to_end(browser: Browser, stack: RunningStack, base: str, ad
         for hidden in (foreign.id, late.id):
             assert page.locator(f'tr[data-instance="{hidden}"]').count() == 0
         _shot(page, "instances")
+        # Nor can its page be opened by id: to this tenant it does not exist.
+        page.goto(base + f"/#/instances/{foreign.id}")
+        expect(page.locator("main .error")).to_have_text(f"Instance {foreign.id} not found.", timeout=WAIT_MS)
 
         # CSRF: the cookie alone does not make a state-changing call; from another origin, nothing.
         refused = page.evaluate(
