@@ -220,7 +220,17 @@ def test_console_end_to_end(browser: Browser, stack: RunningStack, base: str, ad
         expect(page.locator(f'tr[data-instance="{instance_id}"]')).to_be_visible(timeout=WAIT_MS)
         late = other.instances.create(timeout=300)
         ours = Cyberdesk(api_key=admin_key, endpoint=stack.gateway).instances.create(timeout=300)
-        expect(page.locator(f'tr[data-instance="{ours.id}"]')).to_be_visible(timeout=WAIT_MS)  # the watch works
+        row = page.locator(f'tr[data-instance="{ours.id}"]')
+        expect(row).to_be_visible(timeout=WAIT_MS)  # the watch works
+        # Its actions, each seen back through the watch: pause, resume, delete (after confirming).
+        row.get_by_role("button", name="Pause").click()
+        expect(row.locator(".state")).to_have_text("PAUSED", timeout=WAIT_MS)
+        row = page.locator(f'tr[data-instance="{ours.id}"]')
+        row.get_by_role("button", name="Resume").click()
+        expect(row.locator(".state")).to_have_text("RUNNING", timeout=WAIT_MS)
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.locator(f'tr[data-instance="{ours.id}"] [data-delete]').click()
+        expect(page.locator(f'tr[data-instance="{ours.id}"]')).to_have_count(0, timeout=WAIT_MS)
         for hidden in (foreign.id, late.id):
             assert page.locator(f'tr[data-instance="{hidden}"]').count() == 0
         _shot(page, "instances")
@@ -270,7 +280,6 @@ def test_console_end_to_end(browser: Browser, stack: RunningStack, base: str, ad
         expect(page.locator("#sign-in-form")).to_be_visible(timeout=WAIT_MS)
         status, body = _request(base + "/v1/instances", headers={"cookie": jar})
         assert status == 401 and "session has ended" in body["message"], body
-        ours.delete()
         late.delete()
         foreign.delete()
     finally:
