@@ -254,7 +254,24 @@ def test_console_end_to_end(browser: Browser, stack: RunningStack, base: str, ad
 
         page.goto(base + "/#/keys")
         expect(page.locator("#keys tbody tr").first).to_be_visible(timeout=WAIT_MS)
+        # A key made on the page: its secret shown once and valid; revoked on the page: refused.
+        page.locator("#key-name").fill("from-the-console")
+        page.locator("#create-key").click()
+        secret = page.locator("#secret-value")
+        expect(secret).to_have_text(re.compile(r"^cd_\S{40,}$"), timeout=WAIT_MS)
+        made = secret.inner_text()
+        assert Cyberdesk(api_key=made, endpoint=stack.gateway).instances.list() is not None
         _shot(page, "keys")
+        new_row = page.locator("#keys tbody tr", has_text="from-the-console")
+        page.once("dialog", lambda dialog: dialog.accept())
+        new_row.get_by_role("button", name="Revoke").click()
+        expect(new_row).to_contain_text("revoked", timeout=WAIT_MS)
+        # Refused once the gateway's auth cache (1 s in this stack) has let go of it.
+        deadline = time.monotonic() + 15
+        while (status := _request(base + "/v1/instances", headers={"authorization": f"Bearer {made}"})[0]) == 200:
+            assert time.monotonic() < deadline, "the revoked key still works"
+            time.sleep(0.2)
+        assert status == 401
         page.goto(base + "/#/usage")
         expect(page.locator("main h1")).to_have_text("Usage and plan")
         with urllib.request.urlopen(base + "/openapi.json", timeout=30) as response:
