@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +26,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from cyberdesk import Cyberdesk, FailedPrecondition, Instance, NotFound
-from tests.cli.stack import RunningStack, running_stack
+from tests.cli.stack import CLI, RunningStack, running_stack
 from tests.desktop_stream._rfb_client import RfbClient
 from tests.support.procs import ROOT
 
@@ -310,6 +312,30 @@ def test_what_is_not_rfb_ends_the_stream(desk: Instance) -> None:
         assert ended.value.rcvd is not None and ended.value.rcvd.code == 1003
     finally:
         texting.close()
+
+
+def test_cli_view_opens_or_prints_the_link(stack: RunningStack, desk: Instance, tmp_path: Path) -> None:
+    printed = stack.cli("view", desk.id, "--view-only", "--print")
+    assert printed.returncode == 0, printed.stderr
+    url = printed.stdout.decode().strip()
+    assert f"/desktop/{desk.id}#token=" in url
+    claims = json.loads(base64.urlsafe_b64decode(url.split("#token=")[1].split(".")[0] + "=="))
+    assert claims["v"] is True and claims["i"] == desk.id
+    # Without --print it opens a browser: webbrowser runs $BROWSER with the URL.
+    opened = tmp_path / "opened"
+    recorder = tmp_path / "browser"
+    recorder.write_text(f'#!/bin/sh\nprintf %s "$1" > {opened}\n')
+    recorder.chmod(0o755)
+    env = {**stack.env, "BROWSER": str(recorder)}  # one executable: webbrowser runs it with the URL
+    run = subprocess.run([CLI, "view", desk.id], env=env, capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert f"/desktop/{desk.id}#token=" in opened.read_text()
+    assert b"opened the viewer" in run.stderr
+    as_json = json.loads(stack.cli("view", desk.id, "--json").stdout)
+    assert as_json["stream_url"].endswith(f"/v1/instances/{desk.id}/desktop:stream") and not as_json["view_only"]
+    missing = stack.cli("view", "i-000000000000", "--print")
+    assert missing.returncode != 0
+    assert b"i-000000000000" in missing.stderr and b"Traceback" not in missing.stderr
 
 
 def test_no_token_or_key_in_the_logs(stack: RunningStack, desk: Instance) -> None:
