@@ -101,8 +101,8 @@ function operationView(doc: Document, method: string, path: string, op: Operatio
         ? h(
             "table",
             { class: "list params" },
-            h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "In"), h("th", { class: "wide" }, "Type"), h("th", {}, "Description"))),
-            h("tbody", {}, ...paramRows.map((p) => h("tr", {}, h("td", {}, h("code", {}, p.name)), h("td", {}, p.in), h("td", { class: "wide" }, p.schema?.type ?? (p.schema?.$ref ? p.schema.$ref.split(".").pop() : "")), h("td", {}, p.description ?? "")))),
+            h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", { class: "wide" }, "In"), h("th", { class: "wide" }, "Type"), h("th", {}, "Description"))),
+            h("tbody", {}, ...paramRows.map((p) => h("tr", {}, h("td", {}, h("code", {}, p.name)), h("td", { class: "wide" }, p.in), h("td", { class: "wide" }, p.schema?.type ?? (p.schema?.$ref ? p.schema.$ref.split(".").pop() : "")), h("td", {}, p.description ?? "")))),
           )
         : null,
       h("h4", {}, "curl"),
