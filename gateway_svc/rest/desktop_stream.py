@@ -54,6 +54,10 @@ from gateway_svc.rfb import ClientStream, RfbViolation
 _log = logging.getLogger("gateway_svc.desktop")
 
 DESKTOP_VIEWER_SERVICE = "cyberdesk.v1.DesktopViewerService"
+# Viewers of one instance at once, per gateway (CYBERDESK_DESKTOP_MAX_VIEWERS): each is a tunnel
+# and a client of the instance's x11vnc, and a viewer token (unlike a key) is not rate limited.
+# 64 were measured to be served (bench/desktop_stream.py).
+MAX_VIEWERS_PER_INSTANCE = 64
 _TRUE = frozenset({"1", "true", "yes"})
 
 
@@ -75,13 +79,16 @@ class DesktopViewers:
         public_url: str,
         open_calls: OpenCalls | None = None,
         cors: CorsPolicy | None = None,
+        max_viewers: int = MAX_VIEWERS_PER_INSTANCE,
     ) -> None:
         self.admission = admission
+        self.max_viewers = max_viewers
         self.tokens = tokens
         self.public_url = public_url
         self.open_calls = open_calls or OpenCalls()
         self.cors = cors or CorsPolicy()
         self.active = 0  # viewers connected now (bench, logs)
+        self._per_instance: dict[str, int] = {}
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -138,7 +145,19 @@ class DesktopViewers:
         query = scope.get("query_string", b"").decode("latin-1")
         try:
             viewer = await self.authorize(instance_id, headers, offered, query)
-            tunnel = await Tunnel.open(viewer.access, b"", desktop=True)
+            if self._per_instance.get(instance_id, 0) >= self.max_viewers:
+                raise RpcError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"instance {instance_id} has {self.max_viewers} viewers already; close one first",
+                )
+            # Counted from here (before the tunnel is open), so that viewers arriving together
+            # cannot pass the limit while their tunnels open.
+            self._per_instance[instance_id] = self._per_instance.get(instance_id, 0) + 1
+            try:
+                tunnel = await Tunnel.open(viewer.access, b"", desktop=True)
+            except BaseException:
+                self._release(instance_id)
+                raise
         except RpcError as exc:
             if isinstance(exc, AgentUnreachable):
                 self.admission.routes.invalidate(instance_id)
@@ -160,7 +179,7 @@ class DesktopViewers:
         )
         tracked = self.open_calls.track(credentials(headers)) if viewer.by_key else contextlib.nullcontext()
         try:
-            await send(accept)
+            await relay.send(accept)  # a client that left meanwhile makes the relay end at once
             async with tracked:
                 await relay.run()
         except RpcError as exc:
@@ -169,6 +188,7 @@ class DesktopViewers:
         finally:
             tunnel.cancel()
             self.active -= 1
+            self._release(instance_id)
             _log.info(
                 "desktop viewer left",
                 extra={
@@ -178,6 +198,11 @@ class DesktopViewers:
                     "reason": relay.reason,
                 },
             )
+
+    def _release(self, instance_id: str) -> None:
+        left = self._per_instance.pop(instance_id, 1) - 1
+        if left > 0:
+            self._per_instance[instance_id] = left
 
     # -- CreateDesktopViewerUrl --------------------------------------------------------------------
 

@@ -67,8 +67,8 @@ time.sleep(3600)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    # Revoked keys' streams end within the auth cache's TTL: one second here.
-    extra = {"CYBERDESK_AUTH_CACHE_SECONDS": "1"}
+    # Revoked keys' streams end within the auth cache's TTL: one second here; three viewers at most.
+    extra = {"CYBERDESK_AUTH_CACHE_SECONDS": "1", "CYBERDESK_DESKTOP_MAX_VIEWERS": "3"}
     with running_stack(tmp_path_factory.mktemp("desktop-stack"), extra) as running:
         yield running
 
@@ -339,7 +339,7 @@ def test_cli_view_opens_or_prints_the_link(stack: RunningStack, desk: Instance, 
 
 
 def test_no_token_or_key_in_the_logs(stack: RunningStack, desk: Instance) -> None:
-    """Runs last in the module: every token and key the tests used so far is absent from every log."""
+    """Every token and key the tests before it used is absent from every log of the stack."""
     link = desk.desktop.viewer_link()
     viewer = RfbClient.open(link.stream_url, ["binary", f"cyberdesk.viewer.{link.token}"])
     viewer.update()
@@ -349,3 +349,28 @@ def test_no_token_or_key_in_the_logs(stack: RunningStack, desk: Instance) -> Non
     payload, mac = link.token.split(".")
     assert mac.encode() not in logs and payload.encode() not in logs
     assert stack.env_config()["api_key"].encode() not in logs
+
+
+def test_viewers_of_one_instance_are_bounded(desk: Instance) -> None:
+    link = desk.desktop.viewer_link(view_only=True)
+    protocols = ["binary", f"cyberdesk.viewer.{link.token}"]
+    viewers = [RfbClient.open(link.stream_url, protocols) for _ in range(3)]
+    try:
+        with pytest.raises(InvalidStatus) as full:
+            RfbClient.open(link.stream_url, protocols)
+        assert full.value.response.status_code == 429
+        assert b"3 viewers already" in full.value.response.body
+        viewers.pop().close()
+        # The place is free again once the gateway saw the close (it reads it asynchronously).
+        again = _wait(lambda: _try_open(link.stream_url, protocols), "a free viewer place", 10)
+        viewers.append(again)
+    finally:
+        for viewer in viewers:
+            viewer.close()
+
+
+def _try_open(url: str, protocols: list[str]) -> RfbClient | None:
+    try:
+        return RfbClient.open(url, protocols)
+    except InvalidStatus:
+        return None
