@@ -104,7 +104,9 @@ class Gateway:
         self.previews = Previews(self.admission, tokens, config.preview_domain, config.public_http_url)
         ports_pb2_grpc.add_PreviewServiceServicer_to_server(PreviewServicer(self.previews), server)
         # The live desktop: its viewer tokens are signed like preview tokens, with the same secret.
-        self.desktop = DesktopViewers(self.admission, tokens, config.public_http_url, self.open_calls, config.cors)
+        self.desktop = DesktopViewers(
+            self.admission, tokens, config.public_http_url, self.open_calls, config.cors, config.desktop_max_viewers
+        )
         ports_pb2_grpc.add_DesktopViewerServiceServicer_to_server(DesktopViewerServicer(self.desktop), server)
         return [
             *public_service_names(),
