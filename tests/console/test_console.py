@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from cyberdesk import Cyberdesk
 from gateway_svc.keystore import KeyStore, create_key, store_path
@@ -397,3 +399,20 @@ def test_previews_never_see_the_session_cookie_and_run_sandboxed(
     finally:
         box.delete()
         client.close()
+
+
+def test_the_cookie_opens_no_websocket_from_another_origin(base: str, admin_key: str) -> None:
+    # Sign in as a script would (no browser: no Origin, so allowed), then try the terminal's
+    # WebSocket with the cookie: from another origin refused at the handshake, from the gateway's
+    # own origin admitted (a made-up instance: admission passed, so it is the instance's 404).
+    sign_in = urllib.request.Request(
+        base + "/console/session", data=json.dumps({"apiKey": admin_key}).encode(), method="POST"
+    )
+    with urllib.request.urlopen(sign_in, timeout=30) as response:
+        jar = response.headers["set-cookie"].split(";", 1)[0]
+        assert admin_key not in response.read().decode()
+    url = base.replace("http", "ws", 1) + "/v1/instances/i-000000000000/pty"
+    for origin, status in (("http://evil.example", 403), (base, 404)):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, additional_headers={"cookie": jar, "origin": origin}, open_timeout=30)
+        assert refused.value.response.status_code == status, (origin, refused.value.response.body)
