@@ -18,7 +18,8 @@ Headers on every console response:
   same-origin, and a Permissions-Policy that turns off what the console never uses.
 
 The files are read once, at the first request, and kept in memory (the whole build is a few
-hundred KiB); a missing build is a 503 saying how to make it.
+hundred KiB and its source map); a missing build is a 503 saying how to make it. They come from
+this checkout's console/dist, or from CYBERDESK_CONSOLE_DIR where a deployment put them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cyberdesk_common.config import env_str
 from gateway_svc.rest.asgi import Scope, Send, request_headers
 
 DEFAULT_DIST = Path(__file__).resolve().parents[2] / "console" / "dist"
@@ -90,8 +92,9 @@ def security_headers(host: str) -> list[tuple[bytes, bytes]]:
 class ConsoleFiles:
     """The built console in `dist` (index.html and assets/), served from memory."""
 
-    def __init__(self, dist: Path = DEFAULT_DIST) -> None:
-        self.dist = dist
+    def __init__(self, dist: Path | None = None) -> None:
+        # CYBERDESK_CONSOLE_DIR: where a deployment put the build (default: this checkout's).
+        self.dist = dist or Path(env_str("CONSOLE_DIR", str(DEFAULT_DIST)))
         self._files: dict[str, _File] | None = None
 
     def _load(self) -> dict[str, _File]:
