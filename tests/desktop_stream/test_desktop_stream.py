@@ -187,6 +187,23 @@ def test_two_viewers_at_once_one_view_only(desk: Instance, browser: Browser) -> 
         watcher.close()
 
 
+def test_the_page_reconnects_after_the_vnc_server_is_killed(desk: Instance, browser: Browser) -> None:
+    """A tenant can kill x11vnc (same uid): the page's stream ends, it reconnects, the agent starts a new one."""
+    page = _open_viewer(browser, desk.desktop.stream_url())
+    try:
+        before = desk.exec(["pgrep", "-x", "x11vnc"]).stdout_text.split()
+        assert len(before) == 1
+        desk.exec(["kill", "-9", before[0]])
+        page.wait_for_function("() => window.cyberdeskViewer.disconnects >= 1", timeout=30_000)
+        page.wait_for_function("() => window.cyberdeskViewer.connected", timeout=30_000)
+        after = desk.exec(["pgrep", "-x", "x11vnc"]).stdout_text.split()
+        assert len(after) == 1 and after != before
+        centre = (WIDTH // 2, HEIGHT // 2)
+        _wait(lambda: _close_to(_canvas(page).getpixel(centre), COLOUR), "the colour after the reconnect")
+    finally:
+        page.close()
+
+
 def test_view_only_input_is_dropped_by_the_gateway(desk: Instance) -> None:
     """A client that ignores the view-only mode (not noVNC) still cannot move the pointer."""
     desk.desktop.move(10, 10)
