@@ -169,6 +169,12 @@ def test_console_end_to_end(browser: Browser, stack: RunningStack, base: str, ad
         instance_id = page.url.rsplit("/", 1)[-1]
         assert instance_id.startswith("i-"), page.url
 
+        # Its actions on its own page, the state seen back through its watch.
+        page.locator("#instance-actions").get_by_role("button", name="Pause").click()
+        expect(page.locator("#instance-state")).to_have_text("PAUSED", timeout=WAIT_MS)
+        page.locator("#instance-actions").get_by_role("button", name="Resume").click()
+        expect(page.locator("#instance-state")).to_have_text("RUNNING", timeout=WAIT_MS)
+
         # Its live desktop, embedded: the viewer's canvas takes the instance's screen size once
         # the RFB stream is connected.
         viewer = page.frame_locator("#desktop-viewer")

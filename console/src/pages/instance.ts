@@ -7,7 +7,7 @@
 import { FitAddon } from "@xterm/addon-fit";
 import { Terminal } from "@xterm/xterm";
 import type { FileInfo, Instance, Shell } from "@cyberdesk/sdk";
-import { handleEnded } from "../main.js";
+import { go, handleEnded } from "../main.js";
 import { apiFetch, client } from "../session.js";
 import { busy, button, bytes, errorLine, h, replace, sentence, showError, when, withProgress } from "../ui.js";
 
@@ -33,7 +33,41 @@ export async function instancePage(main: HTMLElement, id: string): Promise<() =>
     state.textContent = s;
     state.className = `state state-${s.toLowerCase()}`;
   };
-  setState(box.state);
+  const actions = h("div", { class: "actions", id: "instance-actions" });
+  const act = (label: string, work: () => Promise<unknown>, attrs: Record<string, string> = {}) => {
+    const btn: HTMLButtonElement = button(label, () => {
+      showError(error);
+      void busy(btn, work).catch((err) => failed(error, err));
+    }, { class: "secondary", ...attrs });
+    return btn;
+  };
+  const pause = act("Pause", () => box.pause());
+  const resume = act("Resume", () => box.resume());
+  actions.append(
+    pause,
+    resume,
+    act("Timeout…", async () => {
+      const answer = prompt("New timeout in seconds from now", "600");
+      if (answer === null) return;
+      const seconds = Number(answer);
+      if (!Number.isFinite(seconds) || seconds <= 0) throw new Error(`the timeout must be a positive number of seconds, not “${answer}”`);
+      await box.setTimeout(seconds);
+    }),
+    act("Delete", async () => {
+      if (!confirm(`Delete ${id}? Its files and processes are gone for good.`)) return;
+      await box.delete();
+      go("/instances");
+    }, { class: "danger" }),
+  );
+  const setActions = (s: string) => {
+    pause.hidden = s !== "RUNNING";
+    resume.hidden = s !== "PAUSED";
+  };
+  const setStateAndActions = (s: string) => {
+    setState(s);
+    setActions(s);
+  };
+  setStateAndActions(box.state);
   const data = box.data;
   main.append(
     h("p", {}, h("a", { href: "#/instances" }, "← Instances")),
@@ -45,13 +79,16 @@ export async function instancePage(main: HTMLElement, id: string): Promise<() =>
       data.desktop?.enabled ? ` · desktop ${data.desktop.width}×${data.desktop.height}` : "",
       data.expireTime ? ` · expires ${when(data.expireTime)}` : "",
     ),
+    actions,
     error,
   );
   const tabs = h("div", { class: "tabs", role: "tablist" });
   const panel = h("section", { class: "panel", role: "tabpanel" });
   main.append(tabs, panel);
   let closeTab: (() => void) | void;
+  let current: Tab | undefined;
   const choose = async (tab: Tab) => {
+    current = tab;
     closeTab?.();
     closeTab = undefined;
     for (const b of tabs.children) b.setAttribute("aria-selected", String((b as HTMLElement).dataset["tab"] === tab.name));
@@ -70,7 +107,11 @@ export async function instancePage(main: HTMLElement, id: string): Promise<() =>
   const watch = await client.instances.watch({ instanceId: id });
   void (async () => {
     try {
-      for await (const event of watch) setState(event.state);
+      for await (const event of watch) {
+        setStateAndActions(event.state);
+        // A pause froze the desktop's VNC server and the viewer lost its stream: connect anew.
+        if (event.state === "RUNNING" && event.previousState === "PAUSED" && current?.name === "desktop") void choose(current);
+      }
     } catch (err) {
       failed(error, err);
     }
