@@ -60,7 +60,7 @@ from gateway_svc.rest.asgi import (
 from gateway_svc.rest.console_session import SESSION_PATH, serve_session
 from gateway_svc.rest.console_static import ConsoleFiles
 from gateway_svc.rest.cors import CorsPolicy
-from gateway_svc.rest.desktop_links import match_stream
+from gateway_svc.rest.desktop_links import match_stream, token_from_subprotocols
 from gateway_svc.rest.desktop_page import DesktopPages
 from gateway_svc.rest.desktop_stream import DESKTOP_VIEWER_SERVICE, DesktopViewers
 from gateway_svc.rest.http_bindings import BindingTable, build_binding_table
@@ -103,7 +103,11 @@ class RestApp:
         if scope["type"] == "lifespan":
             await serve_lifespan(receive, send)
         elif scope["type"] == "websocket":
-            if self.sessions is not None:
+            stream_of = match_stream(request_path(scope)) if self.desktop is not None else None
+            # A viewer token is a credential of its own: a stale console cookie beside it must not
+            # refuse the link (the stream prefers the token over any key anyway).
+            by_token = stream_of is not None and bool(token_from_subprotocols(list(scope.get("subprotocols") or [])))
+            if self.sessions is not None and not by_token:
                 connect = await receive()
                 try:
                     scope = await self.sessions.admit_scope(scope)
@@ -111,7 +115,6 @@ class RestApp:
                     await pty_relay.reject_handshake(scope, send, http_errors.from_rpc_error(exc))
                     return
                 receive = _replaying(connect, receive)
-            stream_of = match_stream(request_path(scope)) if self.desktop is not None else None
             if stream_of is not None and self.desktop is not None:
                 await self.desktop.serve_websocket(scope, receive, send, stream_of)
                 return
