@@ -262,6 +262,13 @@ def test_refused_without_access(desk: Instance, client: Cyberdesk, stack: Runnin
         RfbClient.open(stream, ["binary", f"cyberdesk.key.{other_key}"])
     assert foreign.value.response.status_code == 404
 
+    # A stale console session cookie beside a valid token does not refuse the link.
+    fresh = desk.desktop.viewer_link()
+    with_cookie = RfbClient.open(
+        stream, ["binary", f"cyberdesk.viewer.{fresh.token}"], headers={"cookie": "cyberdesk_session=ended"}
+    )
+    with_cookie.close()
+
     # The tenant's own key opens it directly (subprotocol, as the WebSocket shell takes it).
     own = RfbClient.open(stream, ["binary", f"cyberdesk.key.{stack.env_config()['api_key']}"])
     assert (own.width, own.height) == (WIDTH, HEIGHT)
