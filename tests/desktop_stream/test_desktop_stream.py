@@ -58,10 +58,26 @@ x.XMapWindow.argtypes = [ctypes.c_void_p, ctypes.c_ulong]
 x.XFlush.argtypes = [ctypes.c_void_p]
 d = x.XOpenDisplay(None)
 w = x.XCreateSimpleWindow(d, x.XDefaultRootWindow(d), 0, 0, 2000, 2000, 0, 0, int(sys.argv[1], 16))
+x.XSelectInput.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_long]
+x.XSelectInput(d, w, 1 | 4)  # KeyPressMask | ButtonPressMask
 x.XMapWindow(d, w)
 x.XFlush(d)
 print("painted", flush=True)
-time.sleep(3600)
+# Every key typed into the window, as text, to a file the test reads (clicks focus the window).
+x.XNextEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+x.XLookupString.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+x.XSetInputFocus.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_ulong]
+event, text, log = ctypes.create_string_buffer(192), ctypes.create_string_buffer(8), open("/tmp/keys.log", "a")
+while True:
+    x.XNextEvent(d, event)
+    kind = ctypes.c_int.from_buffer(event).value
+    if kind == 4:  # ButtonPress
+        x.XSetInputFocus(d, w, 1, 0)
+        x.XFlush(d)
+    elif kind == 2:  # KeyPress
+        n = x.XLookupString(event, text, 8, None, None)
+        log.write(text.raw[:n].decode(errors="replace"))
+        log.flush()
 """
 
 
@@ -123,6 +139,13 @@ def _screen_colour(desk: Instance) -> bool:
     return shot.getpixel((WIDTH // 2, HEIGHT // 2)) == COLOUR
 
 
+def _read(desk: Instance, path: str) -> str:
+    try:
+        return desk.files.read(path).decode()
+    except NotFound:
+        return ""
+
+
 def _canvas(page: Page) -> Image.Image:
     data_url = page.evaluate("() => document.querySelector('#screen canvas').toDataURL('image/png')")
     return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
@@ -165,6 +188,9 @@ def test_the_canvas_shows_the_screen_and_a_click_moves_the_pointer(desk: Instanc
         scale_x, scale_y = box["width"] / WIDTH, box["height"] / HEIGHT
         page.mouse.click(box["x"] + (target[0] + 0.5) * scale_x, box["y"] + (target[1] + 0.5) * scale_y)
         _wait(lambda: _close_to(desk.desktop.cursor(), target, 1), f"the pointer at {target}")
+        # Keys typed into the page reach the window inside (the click focused it).
+        page.keyboard.type("hi there")
+        _wait(lambda: _read(desk, "/tmp/keys.log").endswith("hi there"), "the typed text in the window")
     finally:
         page.close()
 
@@ -205,26 +231,33 @@ def test_the_page_reconnects_after_the_vnc_server_is_killed(desk: Instance, brow
 
 
 def test_view_only_input_is_dropped_by_the_gateway(desk: Instance) -> None:
-    """A client that ignores the view-only mode (not noVNC) still cannot move the pointer."""
-    desk.desktop.move(10, 10)
+    """A client that ignores the view-only mode (not noVNC) still cannot move the pointer or type."""
+    drive = desk.desktop.viewer_link(view_only=False)
+    driver = RfbClient.open(drive.stream_url, ["binary", f"cyberdesk.viewer.{drive.token}"])
     watch = desk.desktop.viewer_link(view_only=True)
     viewer = RfbClient.open(watch.stream_url, ["binary", f"cyberdesk.viewer.{watch.token}"])
     try:
+        driver.pointer(10, 10, buttons=1)  # a click: the window inside takes the keyboard focus
+        driver.pointer(10, 10, buttons=0)
+        driver.update()
+        assert desk.desktop.cursor() == (10, 10)
+        typed = len(_read(desk, "/tmp/keys.log"))
         viewer.pointer(300, 200)
-        viewer.key(0x61, True)
-        viewer.key(0x61, False)
+        viewer.key(ord("z"), True)
+        viewer.key(ord("z"), False)
         viewer.update()  # answered after the server handled (or never got) the events before it
         assert desk.desktop.cursor() == (10, 10)
-    finally:
-        viewer.close()
-    # The same bytes from a control viewer do move it: the check above can fail.
-    drive = desk.desktop.viewer_link(view_only=False)
-    driver = RfbClient.open(drive.stream_url, ["binary", f"cyberdesk.viewer.{drive.token}"])
-    try:
+        # The same bytes from the control viewer do act: the checks can fail. X delivers input in
+        # the order it was injected, so once the window has the "y" it would have had the "z".
         driver.pointer(300, 200)
+        driver.key(ord("y"), True)
+        driver.key(ord("y"), False)
         driver.update()
         assert desk.desktop.cursor() == (300, 200)
+        _wait(lambda: _read(desk, "/tmp/keys.log")[typed:].endswith("y"), "the control viewer's key")
+        assert _read(desk, "/tmp/keys.log")[typed:] == "y"
     finally:
+        viewer.close()
         driver.close()
 
 
