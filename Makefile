@@ -9,6 +9,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 TS := sdk/typescript
 NPM_STAMP := $(TS)/node_modules/.setup-stamp
+CONSOLE := console
+CONSOLE_NPM_STAMP := $(CONSOLE)/node_modules/.setup-stamp
+CONSOLE_DIST := $(CONSOLE)/dist/index.html
+WEB_STAMP := web/node_modules/.setup-stamp
 AGAINST ?= HEAD~1
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist; 0 runs in one process). Each test file stays in one process
@@ -16,9 +20,9 @@ PYTEST_ARGS ?=
 # addresses (the egress hosts) never run at the same time.
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup system proto proto-check lint format test run bench breaking clean
+.PHONY: setup system proto proto-check lint format test run bench breaking clean console
 
-setup: system $(STAMP) $(NPM_STAMP)
+setup: system $(STAMP) $(NPM_STAMP) $(WEB_STAMP) $(CONSOLE_DIST)
 
 # Debian packages the stack runs: bubblewrap (sandboxes), redis-server, and for desktops Xvfb, xdotool,
 # a small window manager (matchbox) and xdpyinfo (x11-utils); for INTERNET instances slirp4netns
@@ -27,13 +31,14 @@ setup: system $(STAMP) $(NPM_STAMP)
 # headless browser the TypeScript SDK's browser test drives (playwright-core, with no browser download).
 # The validators of tests/k8s/manifests: kubectl (kubectl kustomize k8s/), systemd-analyze (verify of the
 # guest image's units), cloud-init (`cloud-init schema` of its cloud-configs; about 3 MB with its Python
-# deps, kept from ever running at this machine's boot by /etc/cloud/cloud-init.disabled) and shellcheck.
+# deps, kept from ever running at this machine's boot by /etc/cloud/cloud-init.disabled) and shellcheck;
+# x11vnc, the VNC server of a desktop instance that the live desktop viewer streams (guest_agent/vnc.py).
 system:
 	@missing=""; \
 	for pair in bwrap:bubblewrap redis-server:redis-server Xvfb:xvfb xdotool:xdotool \
 	    matchbox-window-manager:matchbox-window-manager xdpyinfo:x11-utils zstd:zstd \
 	    slirp4netns:slirp4netns nft:nftables ip:iproute2 mkfs.ext4:e2fsprogs chromium:chromium \
-	    kubectl:kubernetes-client systemd-analyze:systemd cloud-init:cloud-init shellcheck:shellcheck; do \
+	    kubectl:kubernetes-client systemd-analyze:systemd cloud-init:cloud-init shellcheck:shellcheck x11vnc:x11vnc; do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -64,6 +69,23 @@ $(NPM_STAMP): $(TS)/package.json $(TS)/package-lock.json
 	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The live desktop viewer's one browser dependency, noVNC (web/package.json), exactly as locked.
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The web console's build tools (esbuild, xterm.js, typescript; the SDK by a file: link), as locked.
+$(CONSOLE_NPM_STAMP): $(CONSOLE)/package.json $(CONSOLE)/package-lock.json
+	cd $(CONSOLE) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The console's bundle in console/dist (served by the gateway at /; built here, never committed),
+# rebuilt when its sources or the SDK's change: esbuild takes about a second.
+$(CONSOLE_DIST): $(CONSOLE_NPM_STAMP) $(CONSOLE)/build.mjs $(CONSOLE)/tsconfig.json $(shell find $(CONSOLE)/src $(TS)/src -type f 2>/dev/null)
+	cd $(CONSOLE) && node build.mjs
+
+console: $(CONSOLE_DIST)
+
 proto: setup
 	$(PY) tools/gen_proto.py
 	$(PY) tools/gen_openapi.py
@@ -84,6 +106,7 @@ lint: proto-check
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd $(TS) && node_modules/.bin/tsc --noEmit -p tsconfig.json
+	cd $(CONSOLE) && node_modules/.bin/tsc --noEmit -p tsconfig.json
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -57,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "ApiKey": "cyberdesk._models",
     "ProcessInfo": "cyberdesk._models",
     "PreviewLink": "cyberdesk._models",
+    "DesktopViewerLink": "cyberdesk._models",
     "EgressPolicy": "cyberdesk._models",
     "Usage": "cyberdesk._models",
     "InstanceUsage": "cyberdesk._models",
@@ -110,6 +111,7 @@ if TYPE_CHECKING:
     from cyberdesk._errors import Unavailable as Unavailable
     from cyberdesk._malloc import keep_large_blocks as keep_large_blocks
     from cyberdesk._models import ApiKey as ApiKey
+    from cyberdesk._models import DesktopViewerLink as DesktopViewerLink
     from cyberdesk._models import EgressPolicy as EgressPolicy
     from cyberdesk._models import ExecEvent as ExecEvent
     from cyberdesk._models import ExecResult as ExecResult

@@ -86,3 +86,4 @@ class Stubs:
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
         self.previews = ports_pb2_grpc.PreviewServiceStub(channel)
         self.billing = billing_pb2_grpc.BillingServiceStub(channel)
+        self.viewers = ports_pb2_grpc.DesktopViewerServiceStub(channel)

@@ -50,6 +50,8 @@ class GatewayConfig:
     preview_secret: str = ""
     # Browser origins allowed to call the REST face (gateway_svc/rest/cors.py); default none.
     cors: CorsPolicy = field(default_factory=CorsPolicy)
+    # Live desktop viewers of one instance at once, per gateway (gateway_svc/rest/desktop_stream.py).
+    desktop_max_viewers: int = 64
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
@@ -97,6 +99,7 @@ class GatewayConfig:
             ).rstrip("/"),
             preview_secret=env_str("PREVIEW_SECRET", ""),
             cors=cors,
+            desktop_max_viewers=env_int("DESKTOP_MAX_VIEWERS", 64, minimum=1),
         )
 
 

@@ -30,11 +30,14 @@ from gateway_svc.lost_calls import ExplainingUpstream
 from gateway_svc.proxy import Proxy, public_service_names
 from gateway_svc.ratelimit import RateLimiter
 from gateway_svc.rest.app import RestApp
+from gateway_svc.rest.console_static import ConsoleFiles
+from gateway_svc.rest.desktop_stream import DesktopViewers, DesktopViewerServicer
 from gateway_svc.rest.preview import Previews, PreviewServicer, websocket_protocol
 from gateway_svc.rest.preview_links import PreviewTokens
 from gateway_svc.rest.upstream import GatewayUpstream
 from gateway_svc.revocation import OpenCalls, RevocableUpstream, RevocationInterceptor
 from gateway_svc.routing import RouteCache, follow_events
+from gateway_svc.sessions import Sessions
 from gateway_svc.unkey_plans import PlanSync
 
 if TYPE_CHECKING:
@@ -63,7 +66,9 @@ class Gateway:
         self._events: asyncio.Task[None] | None = None
         self.admission: Admission | None = None
         self.previews: Previews | None = None
+        self.desktop: DesktopViewers | None = None
         self.keys: AuthServicer | None = None
+        self.sessions: Sessions | None = None  # the web console's sign-ins (REST face only)
         self.http: Any = None  # uvicorn.Server once the REST face serves
         self._http_task: asyncio.Task[None] | None = None
         # Open calls per key, ended when their key is revoked (within the auth cache's TTL).
@@ -111,15 +116,22 @@ class Gateway:
         server.add_generic_rpc_handlers((Proxy(self.admission),))
         # One servicer for both faces: REST's /v1/keys calls it with the HTTP credentials.
         self.keys = AuthServicer(gate, self.store)
+        self.sessions = Sessions.from_env(gate, config.public_http_url)
         auth_pb2_grpc.add_AuthServiceServicer_to_server(self.keys, server)
         # Previews are the gateway's own: it holds the token secret and relays the ports' bytes.
         tokens = PreviewTokens.from_state_dir(config.state_dir, config.preview_secret)
         self.previews = Previews(self.admission, tokens, config.preview_domain, config.public_http_url)
         ports_pb2_grpc.add_PreviewServiceServicer_to_server(PreviewServicer(self.previews), server)
+        # The live desktop: its viewer tokens are signed like preview tokens, with the same secret.
+        self.desktop = DesktopViewers(
+            self.admission, tokens, config.public_http_url, self.open_calls, config.cors, config.desktop_max_viewers
+        )
+        ports_pb2_grpc.add_DesktopViewerServiceServicer_to_server(DesktopViewerServicer(self.desktop), server)
         return [
             *public_service_names(),
             auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
             ports_pb2.DESCRIPTOR.services_by_name["PreviewService"].full_name,
+            ports_pb2.DESCRIPTOR.services_by_name["DesktopViewerService"].full_name,
         ]
 
     async def on_started(self, running: RunningServer) -> None:
@@ -148,7 +160,15 @@ class Gateway:
         explaining = ExplainingUpstream(GatewayUpstream(self.admission), self.route_cache)
         upstream = RevocableUpstream(explaining, self.open_calls)
         config = uvicorn.Config(
-            RestApp(upstream, previews=self.previews, keys=self.keys, cors=self.config.cors),
+            RestApp(
+                upstream,
+                previews=self.previews,
+                keys=self.keys,
+                cors=self.config.cors,
+                desktop=self.desktop,
+                sessions=self.sessions,
+                console=ConsoleFiles(),
+            ),
             host=host.strip("[]"),
             port=int(port),
             lifespan="off",

@@ -24,6 +24,7 @@ import grpc
 from cyberdesk_common.status import RpcError, invalid_argument
 from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
 from guest_agent.identity import Identity
+from guest_agent.vnc import VncServer, unreachable
 
 # One read of the service's bytes per response message: big enough that a large download costs
 # few messages, small enough that a streamed response (server-sent events) is never held back,
@@ -51,8 +52,9 @@ async def dial(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
 class PortServicer(agent_pb2_grpc.PortServiceServicer):
     """Serves cyberdesk.agent.v1.PortService."""
 
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, vnc: VncServer | None = None) -> None:
         self._identity = identity
+        self._vnc = vnc or VncServer(identity)
 
     async def OpenPort(
         self, request_iterator: AsyncIterator[agent_pb2.OpenPortRequest], context: Context
@@ -63,9 +65,18 @@ class PortServicer(agent_pb2_grpc.PortServiceServicer):
         except StopAsyncIteration:
             raise invalid_argument("the stream was empty: the first message must name the port") from None
         self._identity.check(first.instance_id)
-        if not 1 <= first.port <= 65535:
-            raise invalid_argument(f"port must be 1 to 65535, got {first.port}")
-        reader, writer = await dial(first.port)
+        if first.desktop:
+            # The desktop's VNC server (guest_agent/vnc.py), started here when it is not running.
+            port = await self._vnc.port()
+            try:
+                reader, writer = await dial(port)
+            except RpcError as err:
+                raise unreachable(err) from None
+        else:
+            if not 1 <= first.port <= 65535:
+                raise invalid_argument(f"port must be 1 to 65535, got {first.port}")
+            port = first.port
+            reader, writer = await dial(port)
         if first.data:
             writer.write(first.data)
         pump = asyncio.create_task(_pump(request_iterator, writer))
@@ -75,7 +86,7 @@ class PortServicer(agent_pb2_grpc.PortServiceServicer):
                 try:
                     data = await reader.read(READ_SIZE)
                 except OSError as err:
-                    raise _reset(first.port, err) from None
+                    raise _reset(port, err) from None
                 if not data:
                     break
                 yield agent_pb2.OpenPortResponse(data=data)
@@ -86,7 +97,7 @@ class PortServicer(agent_pb2_grpc.PortServiceServicer):
             try:
                 await pump
             except OSError as err:
-                raise _reset(first.port, err) from None
+                raise _reset(port, err) from None
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from cyberdesk._models import Screenshot, screenshot_from_proto
-from cyberdesk._requests import Button, Direction, button, direction, point, screenshot_request
+from cyberdesk._models import DesktopViewerLink, Screenshot, screenshot_from_proto
+from cyberdesk._requests import Button, Direction, button, direction, duration, point, screenshot_request
 from cyberdesk._sync._transport import Transport
-from cyberdesk_proto.v1 import desktop_pb2
+from cyberdesk_proto.v1 import desktop_pb2, ports_pb2
 
 
 class Desktop:
@@ -86,6 +86,22 @@ class Desktop:
         request = desktop_pb2.GetDisplayInfoRequest(instance_id=self._id)
         reply = self._t.unary(self._t.desktop.GetDisplayInfo, request)
         return reply.width, reply.height
+
+    def stream_url(self, *, view_only: bool = False, ttl: float = 3600.0) -> str:
+        """A link to watch the desktop live in a browser (and drive it, unless `view_only`), valid `ttl` seconds.
+
+        Anyone holding the link gets in until it expires, so an agent can hand it to a person.
+        `viewer_link()` gives the token and the WebSocket URL as well.
+        """
+        return (self.viewer_link(view_only=view_only, ttl=ttl)).url
+
+    def viewer_link(self, *, view_only: bool = False, ttl: float = 3600.0) -> DesktopViewerLink:
+        """Mint a viewer token valid `ttl` seconds: the viewer page's URL, the stream's WebSocket URL, the token."""
+        request = ports_pb2.CreateDesktopViewerUrlRequest(
+            instance_id=self._id, view_only=view_only, ttl=duration(ttl, "ttl")
+        )
+        reply = self._t.unary(self._t.viewers.CreateDesktopViewerUrl, request)
+        return DesktopViewerLink.from_proto(reply)
 
 
 # The methods' parameters shadow the request builders' names.

@@ -376,6 +376,25 @@ def cmd_port(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        link = client.instances.handle(args.id).desktop.viewer_link(view_only=args.view_only, ttl=args.ttl)
+    if args.json:
+        emit_json(link.to_dict())
+        return 0
+    if not args.print:
+        import webbrowser
+
+        # webbrowser tries xdg-open and the browsers it knows; without any (a server), print instead.
+        if webbrowser.open(link.url):
+            mode = "view-only " if args.view_only else ""
+            print(f"opened the {mode}viewer of {args.id} in a browser", file=sys.stderr)
+            return 0
+        print("no browser to open; the link:", file=sys.stderr)
+    print(link.url)
+    return 0
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.snap_command == "create":
@@ -682,6 +701,16 @@ def build_parser() -> argparse.ArgumentParser:
     port.add_argument("--path", action="store_true", help="the path form under the gateway's origin")
     port.add_argument("--json", action="store_true", help="both URLs, the token and its expiry")
     port.set_defaults(func=cmd_port)
+
+    view = sub.add_parser(
+        "view", help="watch and drive an instance's desktop live in a browser (opens or prints a link)"
+    )
+    view.add_argument("id")
+    view.add_argument("--view-only", action="store_true", help="the link only watches: its input is dropped")
+    view.add_argument("--print", action="store_true", help="print the link instead of opening a browser")
+    view.add_argument("--ttl", type=float, default=3600.0, help="seconds the link is valid (default 3600)")
+    view.add_argument("--json", action="store_true", help="the link, the stream's WebSocket URL, the token, its expiry")
+    view.set_defaults(func=cmd_view)
 
     snap = sub.add_parser("snapshot", help="create, list or delete snapshots")
     snap_sub = snap.add_subparsers(dest="snap_command", required=True, metavar="create|list|rm")

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63yberdesk/v1/ports.proto\x12\x0c\x63yberdesk.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"t\n\x17\x43reatePreviewUrlRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06public\x18\x04 \x01(\x08\"y\n\x18\x43reatePreviewUrlResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x10\n\x08path_url\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa8\x01\n\x0ePreviewService\x12\x95\x01\n\x10\x43reatePreviewUrl\x12%.cyberdesk.v1.CreatePreviewUrlRequest\x1a&.cyberdesk.v1.CreatePreviewUrlResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/instances/{instance_id}/previewUrls:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63yberdesk/v1/ports.proto\x12\x0c\x63yberdesk.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"t\n\x17\x43reatePreviewUrlRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06public\x18\x04 \x01(\x08\"y\n\x18\x43reatePreviewUrlResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x10\n\x08path_url\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"o\n\x1d\x43reateDesktopViewerUrlRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\tview_only\x18\x02 \x01(\x08\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x94\x01\n\x1e\x43reateDesktopViewerUrlResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x12\n\nstream_url\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tview_only\x18\x05 \x01(\x08\x32\xa8\x01\n\x0ePreviewService\x12\x95\x01\n\x10\x43reatePreviewUrl\x12%.cyberdesk.v1.CreatePreviewUrlRequest\x1a&.cyberdesk.v1.CreatePreviewUrlResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/instances/{instance_id}/previewUrls:\x01*2\xc6\x01\n\x14\x44\x65sktopViewerService\x12\xad\x01\n\x16\x43reateDesktopViewerUrl\x12+.cyberdesk.v1.CreateDesktopViewerUrlRequest\x1a,.cyberdesk.v1.CreateDesktopViewerUrlResponse\"8\x82\xd3\xe4\x93\x02\x32\"-/v1/instances/{instance_id}/desktopViewerUrls:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREVIEWSERVICE'].methods_by_name['CreatePreviewUrl']._loaded_options = None
   _globals['_PREVIEWSERVICE'].methods_by_name['CreatePreviewUrl']._serialized_options = b'\202\323\344\223\002,\"\'/v1/instances/{instance_id}/previewUrls:\001*'
+  _globals['_DESKTOPVIEWERSERVICE'].methods_by_name['CreateDesktopViewerUrl']._loaded_options = None
+  _globals['_DESKTOPVIEWERSERVICE'].methods_by_name['CreateDesktopViewerUrl']._serialized_options = b'\202\323\344\223\0022\"-/v1/instances/{instance_id}/desktopViewerUrls:\001*'
   _globals['_CREATEPREVIEWURLREQUEST']._serialized_start=137
   _globals['_CREATEPREVIEWURLREQUEST']._serialized_end=253
   _globals['_CREATEPREVIEWURLRESPONSE']._serialized_start=255
   _globals['_CREATEPREVIEWURLRESPONSE']._serialized_end=376
-  _globals['_PREVIEWSERVICE']._serialized_start=379
-  _globals['_PREVIEWSERVICE']._serialized_end=547
+  _globals['_CREATEDESKTOPVIEWERURLREQUEST']._serialized_start=378
+  _globals['_CREATEDESKTOPVIEWERURLREQUEST']._serialized_end=489
+  _globals['_CREATEDESKTOPVIEWERURLRESPONSE']._serialized_start=492
+  _globals['_CREATEDESKTOPVIEWERURLRESPONSE']._serialized_end=640
+  _globals['_PREVIEWSERVICE']._serialized_start=643
+  _globals['_PREVIEWSERVICE']._serialized_end=811
+  _globals['_DESKTOPVIEWERSERVICE']._serialized_start=814
+  _globals['_DESKTOPVIEWERSERVICE']._serialized_end=1012
 # @@protoc_insertion_point(module_scope)

@@ -99,3 +99,83 @@ class CreatePreviewUrlResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreatePreviewUrlResponse: _TypeAlias = CreatePreviewUrlResponse  # noqa: Y015
+
+@_typing.final
+class CreateDesktopViewerUrlRequest(_message.Message):
+    """Request of CreateDesktopViewerUrl."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    VIEW_ONLY_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The instance, e.g. "i-7f3a9c2e1b4d"."""
+    view_only: _builtins.bool
+    """Whether the viewer only watches: the gateway drops its keyboard, mouse and clipboard input."""
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the token is valid; default 1 hour, at most 7 days. A viewer already connected when
+        it expires stays connected.
+        """
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        view_only: _builtins.bool = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "ttl", b"ttl", "view_only", b"view_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDesktopViewerUrlRequest: _TypeAlias = CreateDesktopViewerUrlRequest  # noqa: Y015
+
+@_typing.final
+class CreateDesktopViewerUrlResponse(_message.Message):
+    """Response of CreateDesktopViewerUrl."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    STREAM_URL_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    VIEW_ONLY_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """The viewer page, `<gateway>/desktop/{instance_id}#token=<token>`: anyone holding it watches
+    (and, unless view-only, drives) the desktop until it expires. The token is in the fragment,
+    which a browser never sends, so it is in no request line or log.
+    """
+    stream_url: _builtins.str
+    """The WebSocket of the stream, `ws(s)://<gateway>/v1/instances/{instance_id}/desktop:stream`,
+    for a VNC client of one's own: offer the subprotocols `binary` and
+    `cyberdesk.viewer.<token>`.
+    """
+    token: _builtins.str
+    """The signed token (names the tenant, instance, mode and expiry)."""
+    view_only: _builtins.bool
+    """Whether the token is view-only."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token stops being accepted for new connections."""
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        stream_url: _builtins.str = ...,
+        token: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        view_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "stream_url", b"stream_url", "token", b"token", "url", b"url", "view_only", b"view_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDesktopViewerUrlResponse: _TypeAlias = CreateDesktopViewerUrlResponse  # noqa: Y015

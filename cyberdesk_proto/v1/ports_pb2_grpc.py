@@ -116,3 +116,102 @@ class PreviewService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class DesktopViewerServiceStub:
+    """DesktopViewerService mints links to an instance's live desktop: a page of the gateway
+    (`/desktop/{instance_id}`) that shows the screen with noVNC and, unless the link is view-only,
+    passes the viewer's mouse and keyboard on. The page streams the desktop over the WebSocket
+    `/v1/instances/{instance_id}/desktop:stream` (RFB in binary frames, as websockify speaks it),
+    which the gateway relays to a VNC server inside the instance through its guest agent. A
+    caller holding the tenant's API key may open that WebSocket directly; a link's token lets a
+    browser or a colleague in without the key until it expires, and a view-only token's input is
+    dropped by the gateway itself.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateDesktopViewerUrl = channel.unary_unary(
+                '/cyberdesk.v1.DesktopViewerService/CreateDesktopViewerUrl',
+                request_serializer=cyberdesk_dot_v1_dot_ports__pb2.CreateDesktopViewerUrlRequest.SerializeToString,
+                response_deserializer=cyberdesk_dot_v1_dot_ports__pb2.CreateDesktopViewerUrlResponse.FromString,
+                _registered_method=True)
+
+
+class DesktopViewerServiceServicer:
+    """DesktopViewerService mints links to an instance's live desktop: a page of the gateway
+    (`/desktop/{instance_id}`) that shows the screen with noVNC and, unless the link is view-only,
+    passes the viewer's mouse and keyboard on. The page streams the desktop over the WebSocket
+    `/v1/instances/{instance_id}/desktop:stream` (RFB in binary frames, as websockify speaks it),
+    which the gateway relays to a VNC server inside the instance through its guest agent. A
+    caller holding the tenant's API key may open that WebSocket directly; a link's token lets a
+    browser or a colleague in without the key until it expires, and a view-only token's input is
+    dropped by the gateway itself.
+    """
+
+    def CreateDesktopViewerUrl(self, request, context):
+        """Returns the viewer URL of the desktop of one of the caller's instances and the signed token in
+        it, which expires after `ttl`. The instance must exist for the caller's tenant (another
+        tenant's instance is NOT_FOUND) and have a desktop (FAILED_PRECONDITION otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DesktopViewerServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateDesktopViewerUrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDesktopViewerUrl,
+                    request_deserializer=cyberdesk_dot_v1_dot_ports__pb2.CreateDesktopViewerUrlRequest.FromString,
+                    response_serializer=cyberdesk_dot_v1_dot_ports__pb2.CreateDesktopViewerUrlResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cyberdesk.v1.DesktopViewerService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cyberdesk.v1.DesktopViewerService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class DesktopViewerService:
+    """DesktopViewerService mints links to an instance's live desktop: a page of the gateway
+    (`/desktop/{instance_id}`) that shows the screen with noVNC and, unless the link is view-only,
+    passes the viewer's mouse and keyboard on. The page streams the desktop over the WebSocket
+    `/v1/instances/{instance_id}/desktop:stream` (RFB in binary frames, as websockify speaks it),
+    which the gateway relays to a VNC server inside the instance through its guest agent. A
+    caller holding the tenant's API key may open that WebSocket directly; a link's token lets a
+    browser or a colleague in without the key until it expires, and a view-only token's input is
+    dropped by the gateway itself.
+    """
+
+    @staticmethod
+    def CreateDesktopViewerUrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyberdesk.v1.DesktopViewerService/CreateDesktopViewerUrl',
+            cyberdesk_dot_v1_dot_ports__pb2.CreateDesktopViewerUrlRequest.SerializeToString,
+            cyberdesk_dot_v1_dot_ports__pb2.CreateDesktopViewerUrlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -83,3 +83,67 @@ class PreviewServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_PreviewServiceServicer_to_server(servicer: PreviewServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class DesktopViewerServiceStub:
+    """DesktopViewerService mints links to an instance's live desktop: a page of the gateway
+    (`/desktop/{instance_id}`) that shows the screen with noVNC and, unless the link is view-only,
+    passes the viewer's mouse and keyboard on. The page streams the desktop over the WebSocket
+    `/v1/instances/{instance_id}/desktop:stream` (RFB in binary frames, as websockify speaks it),
+    which the gateway relays to a VNC server inside the instance through its guest agent. A
+    caller holding the tenant's API key may open that WebSocket directly; a link's token lets a
+    browser or a colleague in without the key until it expires, and a view-only token's input is
+    dropped by the gateway itself.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> DesktopViewerServiceAsyncStub: ...
+    CreateDesktopViewerUrl: _grpc.UnaryUnaryMultiCallable[_ports_pb2.CreateDesktopViewerUrlRequest, _ports_pb2.CreateDesktopViewerUrlResponse]
+    """Returns the viewer URL of the desktop of one of the caller's instances and the signed token in
+    it, which expires after `ttl`. The instance must exist for the caller's tenant (another
+    tenant's instance is NOT_FOUND) and have a desktop (FAILED_PRECONDITION otherwise).
+    """
+
+@_typing.type_check_only
+class DesktopViewerServiceAsyncStub(DesktopViewerServiceStub):
+    """DesktopViewerService mints links to an instance's live desktop: a page of the gateway
+    (`/desktop/{instance_id}`) that shows the screen with noVNC and, unless the link is view-only,
+    passes the viewer's mouse and keyboard on. The page streams the desktop over the WebSocket
+    `/v1/instances/{instance_id}/desktop:stream` (RFB in binary frames, as websockify speaks it),
+    which the gateway relays to a VNC server inside the instance through its guest agent. A
+    caller holding the tenant's API key may open that WebSocket directly; a link's token lets a
+    browser or a colleague in without the key until it expires, and a view-only token's input is
+    dropped by the gateway itself.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateDesktopViewerUrl: _aio.UnaryUnaryMultiCallable[_ports_pb2.CreateDesktopViewerUrlRequest, _ports_pb2.CreateDesktopViewerUrlResponse]  # type: ignore[assignment]
+    """Returns the viewer URL of the desktop of one of the caller's instances and the signed token in
+    it, which expires after `ttl`. The instance must exist for the caller's tenant (another
+    tenant's instance is NOT_FOUND) and have a desktop (FAILED_PRECONDITION otherwise).
+    """
+
+class DesktopViewerServiceServicer(metaclass=_abc_1.ABCMeta):
+    """DesktopViewerService mints links to an instance's live desktop: a page of the gateway
+    (`/desktop/{instance_id}`) that shows the screen with noVNC and, unless the link is view-only,
+    passes the viewer's mouse and keyboard on. The page streams the desktop over the WebSocket
+    `/v1/instances/{instance_id}/desktop:stream` (RFB in binary frames, as websockify speaks it),
+    which the gateway relays to a VNC server inside the instance through its guest agent. A
+    caller holding the tenant's API key may open that WebSocket directly; a link's token lets a
+    browser or a colleague in without the key until it expires, and a view-only token's input is
+    dropped by the gateway itself.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateDesktopViewerUrl(
+        self,
+        request: _ports_pb2.CreateDesktopViewerUrlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ports_pb2.CreateDesktopViewerUrlResponse, _abc.Awaitable[_ports_pb2.CreateDesktopViewerUrlResponse]]:
+        """Returns the viewer URL of the desktop of one of the caller's instances and the signed token in
+        it, which expires after `ttl`. The instance must exist for the caller's tenant (another
+        tenant's instance is NOT_FOUND) and have a desktop (FAILED_PRECONDITION otherwise).
+        """
+
+def add_DesktopViewerServiceServicer_to_server(servicer: DesktopViewerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,11 +12,17 @@ and hands the HTTP headers to (as gRPC metadata would be). What it dispatches to
 - `GET /openapi.json`: the committed document (`openapi` builds it);
 - CORS for browsers on other origins (`cors`): preflights answered, allowed origins' responses
   marked readable, WebSocket handshakes from other origins refused;
+- the live desktop (`desktop_stream`): its WebSocket `/v1/instances/{id}/desktop:stream`, the
+  viewer page `/desktop/{id}` and its files (`desktop_page`), and CreateDesktopViewerUrl;
 - previews of ports inside instances, by host or by `/v1/instances/{id}/ports/{port}/` (matched
   first), and CreatePreviewUrl, which the gateway serves itself (`preview`);
 - key management (`/v1/keys`, AuthService), which the gateway serves itself too: the call goes to
   its own AuthServicer with the caller's credential headers as metadata, so the admin scope is
-  checked by the same code as over gRPC.
+  checked by the same code as over gRPC;
+- the web console: its files at `/` and `/assets/` (`console_static`), sign-in at
+  `/console/session` (`console_session`), and its session cookie on every other request and
+  WebSocket handshake (`gateway_svc.sessions`: the cookie becomes the session's key, after the
+  same-origin and CSRF checks), so every route accepts a signed-in console as it accepts a key.
 
 Every body is read incrementally; no file is ever held whole in memory.
 """
@@ -51,11 +57,17 @@ from gateway_svc.rest.asgi import (
     serve_lifespan,
     until_disconnect,
 )
+from gateway_svc.rest.console_session import SESSION_PATH, serve_session
+from gateway_svc.rest.console_static import ConsoleFiles
 from gateway_svc.rest.cors import CorsPolicy
+from gateway_svc.rest.desktop_links import match_stream, token_from_subprotocols
+from gateway_svc.rest.desktop_page import DesktopPages
+from gateway_svc.rest.desktop_stream import DESKTOP_VIEWER_SERVICE, DesktopViewers
 from gateway_svc.rest.http_bindings import BindingTable, build_binding_table
 from gateway_svc.rest.path_templates import PathDecodeError
 from gateway_svc.rest.preview import PREVIEW_SERVICE, Previews
 from gateway_svc.rest.upstream import Upstream, credentials
+from gateway_svc.sessions import Sessions
 
 _log = logging.getLogger("gateway_svc.rest")
 
@@ -72,18 +84,40 @@ class RestApp:
         previews: Previews | None = None,
         keys: AuthServicer | None = None,
         cors: CorsPolicy | None = None,
+        desktop: DesktopViewers | None = None,
+        sessions: Sessions | None = None,
+        console: ConsoleFiles | None = None,
     ) -> None:
         self.upstream = upstream
         self.table = table or build_binding_table()
         self.previews = previews  # ports inside instances (`preview`); None: no previews, e.g. in unit tests
         self.keys = keys  # key management (`keys_api`); None: its routes are UNIMPLEMENTED
         self.cors = cors or CorsPolicy()  # default: no origin allowed, no CORS header sent
+        self.desktop = desktop  # the live desktop's stream and viewer URLs; None: not served
+        self.desktop_pages = DesktopPages()
+        self.sessions = sessions  # console sign-in by cookie (`gateway_svc.sessions`); None: keys only
+        self.console = console  # the console's files; None: not served
         self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await serve_lifespan(receive, send)
         elif scope["type"] == "websocket":
+            stream_of = match_stream(request_path(scope)) if self.desktop is not None else None
+            # A viewer token is a credential of its own: a stale console cookie beside it must not
+            # refuse the link (the stream prefers the token over any key anyway).
+            by_token = stream_of is not None and bool(token_from_subprotocols(list(scope.get("subprotocols") or [])))
+            if self.sessions is not None and not by_token:
+                connect = await receive()
+                try:
+                    scope = await self.sessions.admit_scope(scope)
+                except RpcError as exc:
+                    await pty_relay.reject_handshake(scope, send, http_errors.from_rpc_error(exc))
+                    return
+                receive = _replaying(connect, receive)
+            if stream_of is not None and self.desktop is not None:
+                await self.desktop.serve_websocket(scope, receive, send, stream_of)
+                return
             await pty_relay.serve_pty_websocket(self.upstream, self.table, scope, receive, send, self.cors)
         elif scope["type"] == "http":
             await self._serve_http(scope, receive, send)
@@ -97,6 +131,15 @@ class RestApp:
             if target is not None:
                 await self.previews.serve_http(scope, receive, send, target)
                 return
+        if self.console is not None and self.console.matches(method, path):
+            await self.console.serve(scope, send)
+            return
+        if self.sessions is not None and path == SESSION_PATH:
+            await serve_session(self.sessions, scope, receive, send)
+            return
+        if self.desktop_pages.matches(method, path):
+            await self.desktop_pages.serve(scope, send)
+            return
         headers = request_headers(scope)
         if cors_rules.is_preflight(method, headers):
             await self._preflight(send, headers)
@@ -107,6 +150,13 @@ class RestApp:
         if method in ("GET", "HEAD") and path == "/openapi.json":
             await respond(send, 200, self._openapi_bytes(), "application/json")
             return
+        if self.sessions is not None:
+            try:
+                scope = await self.sessions.admit_scope(scope)
+            except RpcError as exc:
+                await respond_error(send, http_errors.from_rpc_error(exc))
+                return
+            headers = request_headers(scope)
         try:
             found = self.table.match(method, path)
         except PathDecodeError as exc:
@@ -148,6 +198,8 @@ class RestApp:
             reply: Message | None
             if binding.service == PREVIEW_SERVICE and self.previews is not None:
                 reply = await self.previews.create_url(request, credentials(headers))  # type: ignore[arg-type]
+            elif binding.service == DESKTOP_VIEWER_SERVICE and self.desktop is not None:
+                reply = await self.desktop.create_url(request, credentials(headers))  # type: ignore[arg-type]
             elif binding.service == AUTH_SERVICE:
                 # Never forwarded: admission would refuse a service it does not route.
                 if self.keys is None:
@@ -195,6 +247,16 @@ class RestApp:
 
                 self._openapi = json.dumps(build_document(self.table)).encode("utf-8")
         return self._openapi
+
+
+def _replaying(first: MutableMapping[str, Any], receive: Receive) -> Receive:
+    """`receive` that hands out `first` (a message already taken) once before the rest."""
+    pending = [first]
+
+    async def receiving() -> MutableMapping[str, Any]:
+        return pending.pop() if pending else await receive()
+
+    return receiving
 
 
 def _adding_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -68,6 +68,7 @@ from gateway_svc.rest.preview_links import (
     upstream_headers,
 )
 from gateway_svc.rest.upstream import credentials
+from gateway_svc.sessions import PREVIEW_PATH_FORM_CSP, without_session_cookie
 
 _log = logging.getLogger("gateway_svc.preview")
 
@@ -112,14 +113,18 @@ class Tunnel:
         self.instance_id, self.port = instance_id, port
 
     @classmethod
-    async def open(cls, access: Access, first: bytes) -> Tunnel:
-        """Open the tunnel with `first` bytes on their way, and wait until the agent connected to the port."""
+    async def open(cls, access: Access, first: bytes, *, desktop: bool = False) -> Tunnel:
+        """Open the tunnel with `first` bytes on their way, and wait until the agent connected to the port.
+
+        `desktop`: to the instance's VNC server instead of the target's port (the live desktop, desktop_stream).
+        """
         factory: Any = access.channel.stream_stream(OPEN_PORT, _serialize, agent_pb2.OpenPortResponse.FromString)
         call = factory(metadata=access.metadata)
         tunnel = cls(call, access.target.instance_id, access.target.port)
+        target = access.target
         try:
             await call.write(
-                agent_pb2.OpenPortRequest(instance_id=access.target.instance_id, port=access.target.port, data=first)
+                agent_pb2.OpenPortRequest(instance_id=target.instance_id, port=target.port, data=first, desktop=desktop)
             )
             reply: Any = await call.read()
         except grpc.aio.AioRpcError as err:
@@ -210,6 +215,8 @@ class Previews:
         """Key or token -> tenant -> the instance's agent; raises the precise RpcError."""
         query_token, query = split_token_query(query)
         cookie_value, cookie_rest = cookie_token(headers.get("cookie", ""))
+        # The console's session cookie is the gateway's: the service in the instance never sees it.
+        cookie_rest, had_session = without_session_cookie(cookie_rest)
         header_token = headers.get(TOKEN_HEADER, "")
         token = header_token or query_token or cookie_value
         drop = set(_ALWAYS_DROPPED)
@@ -249,7 +256,7 @@ class Previews:
             metadata=tuple(inject_metadata(list(agent_metadata(route.token)))),
             target=target,
             drop=frozenset(drop),
-            cookie=cookie_rest if cookie_value else None,
+            cookie=cookie_rest if cookie_value or had_session else None,
             request_target=f"{path}?{query}" if query else path,
             set_cookie=set_cookie,
         )
@@ -477,6 +484,8 @@ class _HttpRelay:
                 headers = [(k, v) for k, v in event.headers if k not in _RESPONSE_HOP_BY_HOP]  # names lower-cased
                 if self.access.set_cookie:
                     headers.append((b"set-cookie", self.access.set_cookie.encode("latin-1")))
+                if self.access.target.path_prefix:
+                    headers.append((b"content-security-policy", PREVIEW_PATH_FORM_CSP.encode()))
                 await self.send({"type": "http.response.start", "status": event.status_code, "headers": headers})
                 self.started = True
             elif isinstance(event, h11.Data):

@@ -23,6 +23,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import grpc
@@ -106,18 +107,36 @@ class PreviewTokens:
 
     def mint(self, grant: PreviewGrant) -> str:
         """The token of `grant`."""
-        body = {"t": grant.tenant_id, "i": grant.instance_id, "p": grant.port, "e": grant.expires, "pub": grant.public}
-        payload = _b64(json.dumps(body, separators=(",", ":")).encode("utf-8"))
+        return self.seal(
+            {"t": grant.tenant_id, "i": grant.instance_id, "p": grant.port, "e": grant.expires, "pub": grant.public}
+        )
+
+    def seal(self, claims: dict[str, Any]) -> str:
+        """A signed token of `claims` (compact JSON). Other kinds of token (the desktop viewer's,
+        gateway_svc/rest/desktop_links.py) carry a `k` claim, which a preview token never has."""
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
         return f"{payload}.{self._mac(payload)}"
 
-    def verify(self, token: str, now: float) -> PreviewGrant:
-        """The grant of a valid, unexpired token; UNAUTHENTICATED otherwise (never saying more than why)."""
+    def open(self, token: str, what: str = "preview token") -> dict[str, Any]:
+        """The claims of a token whose MAC is valid; UNAUTHENTICATED "the <what> is not valid" otherwise."""
         payload, dot, mac = token.strip().partition(".")
         expected = self._mac(payload).encode() if dot and payload else b""
         if not expected or not hmac.compare_digest(mac.encode("ascii", "replace"), expected):
-            raise unauthenticated("the preview token is not valid")
+            raise unauthenticated(f"the {what} is not valid")
         try:
-            body = json.loads(_unb64(payload))
+            claims = json.loads(_unb64(payload))
+        except (ValueError, binascii.Error):
+            raise unauthenticated(f"the {what} is not valid") from None
+        if not isinstance(claims, dict):
+            raise unauthenticated(f"the {what} is not valid")
+        return claims
+
+    def verify(self, token: str, now: float) -> PreviewGrant:
+        """The grant of a valid, unexpired token; UNAUTHENTICATED otherwise (never saying more than why)."""
+        body: dict[str, Any] = self.open(token)
+        try:
+            if "k" in body:
+                raise KeyError("k")  # another kind of token
             grant = PreviewGrant(str(body["t"]), str(body["i"]), int(body["p"]), int(body["e"]), bool(body["pub"]))
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise unauthenticated("the preview token is not valid") from None

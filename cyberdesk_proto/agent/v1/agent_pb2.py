@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63yberdesk/agent/v1/agent.proto\x12\x12\x63yberdesk.agent.v1\"\x15\n\x13GetAgentInfoRequest\"\x8d\x01\n\x14GetAgentInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x19\n\x11\x64\x65sktop_available\x18\x03 \x01(\x08\x12\x0f\n\x07\x64isplay\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\"\x99\x01\n\x15\x43onfigureAgentRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12?\n\x03\x65nv\x18\x02 \x03(\x0b\x32\x32.cyberdesk.agent.v1.ConfigureAgentRequest.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16\x43onfigureAgentResponse\"B\n\x0fOpenPortRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x10OpenPortResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0b\n\x03\x65of\x18\x03 \x01(\x08\x32\xda\x01\n\x0c\x41gentService\x12\x61\n\x0cGetAgentInfo\x12\'.cyberdesk.agent.v1.GetAgentInfoRequest\x1a(.cyberdesk.agent.v1.GetAgentInfoResponse\x12g\n\x0e\x43onfigureAgent\x12).cyberdesk.agent.v1.ConfigureAgentRequest\x1a*.cyberdesk.agent.v1.ConfigureAgentResponse2h\n\x0bPortService\x12Y\n\x08OpenPort\x12#.cyberdesk.agent.v1.OpenPortRequest\x1a$.cyberdesk.agent.v1.OpenPortResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63yberdesk/agent/v1/agent.proto\x12\x12\x63yberdesk.agent.v1\"\x15\n\x13GetAgentInfoRequest\"\x8d\x01\n\x14GetAgentInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x19\n\x11\x64\x65sktop_available\x18\x03 \x01(\x08\x12\x0f\n\x07\x64isplay\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\"\x99\x01\n\x15\x43onfigureAgentRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12?\n\x03\x65nv\x18\x02 \x03(\x0b\x32\x32.cyberdesk.agent.v1.ConfigureAgentRequest.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16\x43onfigureAgentResponse\"S\n\x0fOpenPortRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07\x64\x65sktop\x18\x04 \x01(\x08\"@\n\x10OpenPortResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0b\n\x03\x65of\x18\x03 \x01(\x08\x32\xda\x01\n\x0c\x41gentService\x12\x61\n\x0cGetAgentInfo\x12\'.cyberdesk.agent.v1.GetAgentInfoRequest\x1a(.cyberdesk.agent.v1.GetAgentInfoResponse\x12g\n\x0e\x43onfigureAgent\x12).cyberdesk.agent.v1.ConfigureAgentRequest\x1a*.cyberdesk.agent.v1.ConfigureAgentResponse2h\n\x0bPortService\x12Y\n\x08OpenPort\x12#.cyberdesk.agent.v1.OpenPortRequest\x1a$.cyberdesk.agent.v1.OpenPortResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,11 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONFIGUREAGENTRESPONSE']._serialized_start=377
   _globals['_CONFIGUREAGENTRESPONSE']._serialized_end=401
   _globals['_OPENPORTREQUEST']._serialized_start=403
-  _globals['_OPENPORTREQUEST']._serialized_end=469
-  _globals['_OPENPORTRESPONSE']._serialized_start=471
-  _globals['_OPENPORTRESPONSE']._serialized_end=535
-  _globals['_AGENTSERVICE']._serialized_start=538
-  _globals['_AGENTSERVICE']._serialized_end=756
-  _globals['_PORTSERVICE']._serialized_start=758
-  _globals['_PORTSERVICE']._serialized_end=862
+  _globals['_OPENPORTREQUEST']._serialized_end=486
+  _globals['_OPENPORTRESPONSE']._serialized_start=488
+  _globals['_OPENPORTRESPONSE']._serialized_end=552
+  _globals['_AGENTSERVICE']._serialized_start=555
+  _globals['_AGENTSERVICE']._serialized_end=773
+  _globals['_PORTSERVICE']._serialized_start=775
+  _globals['_PORTSERVICE']._serialized_end=879
 # @@protoc_insertion_point(module_scope)

@@ -151,22 +151,30 @@ class OpenPortRequest(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    DESKTOP_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """The instance the agent serves; required in the first message (checked like every instance_id)."""
     port: _builtins.int
     """The TCP port inside the instance, 1 to 65535; required in the first message, ignored later."""
     data: _builtins.bytes
     """Bytes for the service, in order; may be empty."""
+    desktop: _builtins.bool
+    """Instead of `port`: the instance's VNC server (RFB) on its desktop's X display, listening on
+    the instance's loopback only; the agent starts it on first use and again after it died.
+    Required in the first message, ignored later. FAILED_PRECONDITION when the instance has no
+    desktop or the VNC server cannot start.
+    """
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
         port: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        desktop: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "instance_id", b"instance_id", "port", b"port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "desktop", b"desktop", "instance_id", b"instance_id", "port", b"port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

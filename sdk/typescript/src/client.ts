@@ -5,7 +5,7 @@ import { InvalidArgument } from "./errors.js";
 import { Instance } from "./instance.js";
 import { Keys } from "./keys.js";
 import { type Snapshot, duration, protoState, snapshotFrom, started } from "./models.js";
-import { type CallOptions, Transport, type TransportOptions } from "./transport.js";
+import { type CallOptions, type CookieSession, Transport, type TransportOptions } from "./transport.js";
 import { Backoff, InstanceWatch, type InstanceWatchOptions, resumable } from "./watch.js";
 
 /** Every option of CreateInstance, in the Python SDK's terms. */
@@ -198,6 +198,12 @@ export class Snapshots {
 export interface CyberdeskOptions {
   /** Falls back to CYBERDESK_API_KEY, then the CLI config file (Node only). */
   apiKey?: string;
+  /**
+   * Signed in by the web console's session cookie instead of a key (a page served by the
+   * gateway): requests go with the browser's cookie and this CSRF token; `httpEndpoint`
+   * defaults to the page's origin. See docs/console.md.
+   */
+  session?: CookieSession;
   /** The gateway's HTTP origin; falls back to CYBERDESK_HTTP_ENDPOINT, the config file, http://127.0.0.1:8080. */
   httpEndpoint?: string;
   /** Bound of every unary call in ms (default 60 000); exec and streams have none. */

@@ -2,7 +2,7 @@
 
 import { InvalidArgument } from "./errors.js";
 import type { components } from "./generated/openapi.js";
-import { fromBase64 } from "./models.js";
+import { duration, fromBase64 } from "./models.js";
 import type { CallOptions, Transport } from "./transport.js";
 
 type Schemas = components["schemas"];
@@ -15,6 +15,19 @@ export interface Screenshot {
   format: "png" | "jpeg";
   width: number;
   height: number;
+}
+
+/**
+ * A link to the live desktop: `url` is the viewer page (the token in its fragment, so it reaches
+ * no server log), `streamUrl` the stream's WebSocket (RFB; offer the subprotocols `binary` and
+ * `cyberdesk.viewer.<token>`). A `viewOnly` link's input is dropped by the gateway.
+ */
+export interface DesktopViewerLink {
+  url: string;
+  streamUrl: string;
+  token: string;
+  expireTime: string | undefined;
+  viewOnly: boolean;
 }
 
 function button(name: Button): Schemas["cyberdesk.v1.MouseButton"] {
@@ -149,6 +162,30 @@ export class Desktop {
   async cursor(options: CallOptions = {}): Promise<{ x: number; y: number }> {
     const reply = await this.t.json("get", "/v1/instances/{instance_id}/desktop/cursor", { path: this.p, signal: options.signal });
     return { x: reply.position?.x ?? 0, y: reply.position?.y ?? 0 };
+  }
+
+  /**
+   * Mint a link to watch (and, unless `viewOnly`, drive) the desktop live in a browser, valid for
+   * `ttl` seconds (default 3600): anyone holding it gets in until it expires.
+   */
+  async viewerLink(options: CallOptions & { viewOnly?: boolean; ttl?: number } = {}): Promise<DesktopViewerLink> {
+    const reply = await this.t.json("post", "/v1/instances/{instance_id}/desktopViewerUrls", {
+      path: this.p,
+      body: { viewOnly: options.viewOnly ?? false, ttl: duration(options.ttl ?? 3600, "ttl") },
+      signal: options.signal,
+    });
+    return {
+      url: reply.url ?? "",
+      streamUrl: reply.streamUrl ?? "",
+      token: reply.token ?? "",
+      expireTime: reply.expireTime,
+      viewOnly: reply.viewOnly ?? false,
+    };
+  }
+
+  /** The viewer page's URL of a new link (see `viewerLink`), as the Python SDK's `stream_url()`. */
+  async streamUrl(options: CallOptions & { viewOnly?: boolean; ttl?: number } = {}): Promise<string> {
+    return (await this.viewerLink(options)).url;
   }
 
   /** The screen size. */

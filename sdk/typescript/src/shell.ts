@@ -39,7 +39,7 @@ function isNode(): boolean {
 async function connectSocket(url: string, key: string): Promise<Socket> {
   if (isNode()) {
     const { WebSocket } = await import("ws");
-    const socket = new WebSocket(url, ["cyberdesk.v1"], { headers: { authorization: `Bearer ${key}` } });
+    const socket = new WebSocket(url, ["cyberdesk.v1"], key ? { headers: { authorization: `Bearer ${key}` } } : {});
     socket.on("unexpected-response", (_request, response) => {
       // A refused handshake is an ordinary HTTP answer with a Status body: surface it as the
       // typed error it is (Unauthenticated, NotFound...), not as a bare closed socket.
@@ -61,7 +61,8 @@ async function connectSocket(url: string, key: string): Promise<Socket> {
   }
   const Native = (globalThis as { WebSocket?: new (url: string, protocols: string[]) => Socket }).WebSocket;
   if (!Native) throw new Unavailable("this runtime has no WebSocket", "UNAVAILABLE");
-  return new Native(url, ["cyberdesk.v1", `cyberdesk.key.${key}`]);
+  // No key: a console's cookie session, which the browser sends with the handshake itself.
+  return new Native(url, key ? ["cyberdesk.v1", `cyberdesk.key.${key}`] : ["cyberdesk.v1"]);
 }
 
 /**

@@ -8,8 +8,8 @@
  * deadline, streams none (a long command or a big download must never be cut off).
  */
 
-import { type ResolvedConfig, resolveConfig } from "./config.js";
-import { CyberdeskError, DeadlineExceeded, Unavailable, errorFromResponse, errorFromStatus } from "./errors.js";
+import { type ResolvedConfig, parseHttpEndpoint, resolveConfig } from "./config.js";
+import { ConfigurationError, CyberdeskError, DeadlineExceeded, Unavailable, errorFromResponse, errorFromStatus } from "./errors.js";
 import type { StatusDetail } from "./errors.js";
 import type { paths } from "./generated/openapi.js";
 
@@ -44,12 +44,34 @@ export interface RequestSpec<O> extends CallOptions {
   idempotent?: boolean;
 }
 
+/**
+ * A browser signed in through the web console: the gateway's session cookie stands for the key
+ * (sent by the browser itself, same origin only), and every request carries the session's CSRF
+ * token. The key is never in the page.
+ */
+export interface CookieSession {
+  /** From `POST /console/session` or `GET /console/session`; a getter, so a new sign-in takes effect at once. */
+  csrfToken: string | (() => string);
+}
+
+/** The header that carries the session's CSRF token (gateway_svc/sessions.py). */
+export const CSRF_HEADER = "x-cyberdesk-csrf";
+
 /** Options of the client's connection (see `Cyberdesk`). */
 export interface TransportOptions {
   apiKey?: string | undefined;
+  session?: CookieSession | undefined;
   httpEndpoint?: string | undefined;
   timeoutMs?: number | undefined;
   fetch?: typeof fetch | undefined;
+}
+
+/** The gateway of a cookie session: the given origin, else the page's own (cookies are same-origin only). */
+function sessionEndpoint(given: string | undefined): string {
+  if (given) return parseHttpEndpoint(given);
+  const origin = (globalThis as { location?: { origin?: string } }).location?.origin;
+  if (!origin || origin === "null") throw new ConfigurationError("a cookie session needs httpEndpoint outside a page of the gateway");
+  return origin;
 }
 
 /** Fills `{name}` of a path template; `path` (a file path) keeps its `/` between segments. */
@@ -145,8 +167,15 @@ export class Transport {
 
   /** Endpoint and key, resolved once (the environment and config file are read at the first call). */
   resolved(): Promise<ResolvedConfig> {
-    this.config ??= resolveConfig(this.options.apiKey, this.options.httpEndpoint);
+    this.config ??= this.options.session
+      ? Promise.resolve({ apiKey: "", httpEndpoint: sessionEndpoint(this.options.httpEndpoint) })
+      : resolveConfig(this.options.apiKey, this.options.httpEndpoint);
     return this.config;
+  }
+
+  /** Whether this client is signed in by the console's cookie rather than a key. */
+  get cookieSession(): boolean {
+    return this.options.session !== undefined;
   }
 
   async url(template: string, params?: Record<string, unknown>, query?: Record<string, unknown>): Promise<string> {
@@ -159,7 +188,13 @@ export class Transport {
     const { apiKey } = await this.resolved();
     const { idempotent, ...request } = init;
     const headers = new Headers(request.headers);
-    headers.set("authorization", `Bearer ${apiKey}`);
+    const session = this.options.session;
+    if (session) {
+      headers.set(CSRF_HEADER, typeof session.csrfToken === "function" ? session.csrfToken() : session.csrfToken);
+      request.credentials = "same-origin";
+    } else {
+      headers.set("authorization", `Bearer ${apiKey}`);
+    }
     let response: Response;
     try {
       response = await this.fetchImpl(url, { ...request, headers });

@@ -2,6 +2,7 @@
 
 import assert from "node:assert/strict";
 import { inflateSync } from "node:zlib";
+import WebSocket from "ws";
 import { after, before, test } from "node:test";
 
 import { FailedPrecondition, type Instance, type Shell } from "../src/index.js";
@@ -95,6 +96,20 @@ test("a desktop: screenshot decoded as PNG, mouse, keyboard, cursor", async () =
   await desk.desktop.type("hello");
   await desk.desktop.press(["ctrl+a", "Return"]);
   await assert.rejects(box.desktop.screenshot(), FailedPrecondition);
+  // The live desktop: a view-only link, and its stream speaks RFB from the instance's x11vnc.
+  const link = await desk.desktop.viewerLink({ viewOnly: true, ttl: 60 });
+  assert.ok(link.url.includes(`/desktop/${desk.id}#token=`) && link.viewOnly && link.expireTime);
+  assert.ok((await desk.desktop.streamUrl()).includes("#token="));
+  const greeting = await new Promise<string>((resolve, reject) => {
+    const socket = new WebSocket(link.streamUrl, ["binary", `cyberdesk.viewer.${link.token}`]);
+    socket.on("message", (data: Buffer) => {
+      resolve(data.subarray(0, 12).toString("latin1"));
+      socket.close();
+    });
+    socket.on("error", reject);
+  });
+  assert.equal(greeting, "RFB 003.008\n");
+  await assert.rejects(box.desktop.streamUrl(), FailedPrecondition);
 });
 
 test("ports: a server inside is reached through a signed link and with the key", async () => {

@@ -881,6 +881,28 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/instances/{instance_id}/desktopViewerUrls": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Returns the viewer URL of the desktop of one of the caller's instances and the signed token in it, which expires after `ttl`.
+         * @description Returns the viewer URL of the desktop of one of the caller's instances and the signed token in
+         *     it, which expires after `ttl`. The instance must exist for the caller's tenant (another
+         *     tenant's instance is NOT_FOUND) and have a desktop (FAILED_PRECONDITION otherwise).
+         */
+        post: operations["DesktopViewerService_CreateDesktopViewerUrl"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/usage": {
         parameters: {
             query?: never;
@@ -1069,6 +1091,30 @@ export interface components {
              *     Member of oneof `event`; excludes `started`, `output`, `keepalive`.
              */
             exited?: components["schemas"]["cyberdesk.v1.ProcessExited"];
+        };
+        /** @description Response of CreateDesktopViewerUrl. */
+        "cyberdesk.v1.CreateDesktopViewerUrlResponse": {
+            /**
+             * @description The viewer page, `<gateway>/desktop/{instance_id}#token=<token>`: anyone holding it watches
+             *     (and, unless view-only, drives) the desktop until it expires. The token is in the fragment,
+             *     which a browser never sends, so it is in no request line or log.
+             */
+            url?: string;
+            /**
+             * @description The WebSocket of the stream, `ws(s)://<gateway>/v1/instances/{instance_id}/desktop:stream`,
+             *     for a VNC client of one's own: offer the subprotocols `binary` and
+             *     `cyberdesk.viewer.<token>`.
+             */
+            streamUrl?: string;
+            /** @description The signed token (names the tenant, instance, mode and expiry). */
+            token?: string;
+            /**
+             * Format: date-time
+             * @description When the token stops being accepted for new connections.
+             */
+            expireTime?: string;
+            /** @description Whether the token is view-only. */
+            viewOnly?: boolean;
         };
         /** @description Response of CreateInstance. */
         "cyberdesk.v1.CreateInstanceResponse": {
@@ -4044,6 +4090,51 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["cyberdesk.v1.CreatePreviewUrlResponse"];
+                };
+            };
+            /** @description An error (google.rpc.Status). */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["google.rpc.Status"];
+                };
+            };
+        };
+    };
+    DesktopViewerService_CreateDesktopViewerUrl: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The instance, e.g. "i-7f3a9c2e1b4d". Sets `instance_id`. */
+                instance_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": {
+                    /** @description Whether the viewer only watches: the gateway drops its keyboard, mouse and clipboard input. */
+                    viewOnly?: boolean;
+                    /**
+                     * @description How long the token is valid; default 1 hour, at most 7 days. A viewer already connected when
+                     *     it expires stays connected.
+                     * @example 1.5s
+                     */
+                    ttl?: string;
+                };
+            };
+        };
+        responses: {
+            /** @description Success. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["cyberdesk.v1.CreateDesktopViewerUrlResponse"];
                 };
             };
             /** @description An error (google.rpc.Status). */

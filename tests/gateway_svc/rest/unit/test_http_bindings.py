@@ -20,7 +20,8 @@ GRPC_ONLY = {"cyberdesk.internal.v1.AuthService.VerifyKey"}
 
 
 def test_every_rpc_of_cyberdesk_v1_has_a_route(api_table: BindingTable) -> None:
-    assert len(api_table.services) == 7  # instance, process, filesystem, desktop, preview, billing; operators' auth
+    # instance, process, filesystem, desktop, preview, billing, desktop viewer; operators' auth
+    assert len(api_table.services) == 8
     assert {r.qualified_name for r in api_table.bindings} == _rpcs(api_table.services) - GRPC_ONLY
 
 
