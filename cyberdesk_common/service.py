@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from cyberdesk import keep_large_blocks
 from cyberdesk_common.config import ConfigError, env_str
@@ -35,3 +36,34 @@ def run(
         provider.shutdown()
         logging.shutdown()
     return 0
+
+
+class ServiceApp(Protocol):
+    """What a service's `build_app()` returns: its server spec and what runs around serving."""
+
+    spec: ServerSpec
+
+    async def on_started(self, running: RunningServer) -> None:
+        """Called once the server listens."""
+        ...
+
+    async def on_stopping(self) -> None:
+        """Called when SIGTERM arrives, before the server drains."""
+        ...
+
+
+def run_app(name: str, build_app: Callable[[], ServiceApp]) -> int:
+    """`run` for a service built as one object (instance_svc, billing_svc): `python -m <service>`."""
+    built: list[ServiceApp] = []
+
+    def build() -> ServerSpec:
+        built.append(build_app())
+        return built[0].spec
+
+    async def started(running: RunningServer) -> None:
+        await built[0].on_started(running)
+
+    async def stopping() -> None:
+        await built[0].on_stopping()
+
+    return run(name, build, started, stopping)

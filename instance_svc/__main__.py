@@ -2,24 +2,8 @@
 
 import sys
 
-from cyberdesk_common.service import run
-from instance_svc.server import App, build_app
-
-_app: list[App] = []
-
-
-def _build() -> object:
-    _app.append(build_app())
-    return _app[0].spec
-
-
-async def _started(running: object) -> None:
-    await _app[0].on_started(running)  # type: ignore[arg-type]
-
-
-async def _stopping() -> None:
-    await _app[0].on_stopping()
-
+from cyberdesk_common.service import run_app
+from instance_svc.server import build_app
 
 if __name__ == "__main__":
-    sys.exit(run("instance_svc", _build, _started, _stopping))  # type: ignore[arg-type]
+    sys.exit(run_app("instance_svc", build_app))
