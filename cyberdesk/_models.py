@@ -517,6 +517,42 @@ class PreviewLink:
         }
 
 
+# --- the live desktop ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DesktopViewerLink:
+    """A link to an instance's live desktop, and the signed token in it, valid until `expire_time`.
+
+    `url` is the viewer page (`<gateway>/desktop/<instance>#token=...`: open it in a browser);
+    `stream_url` the WebSocket of the stream itself (RFB, for a VNC client of one's own: offer the
+    subprotocols `binary` and `cyberdesk.viewer.<token>`). A `view_only` link's input is dropped
+    by the gateway.
+    """
+
+    url: str
+    stream_url: str
+    token: str
+    expire_time: _dt.datetime | None
+    view_only: bool
+
+    @classmethod
+    def from_proto(cls, reply: Any) -> DesktopViewerLink:
+        """Build from a CreateDesktopViewerUrlResponse."""
+        expires = _time(reply.expire_time, reply.HasField("expire_time"))
+        return cls(reply.url, reply.stream_url, reply.token, expires, reply.view_only)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "url": self.url,
+            "stream_url": self.stream_url,
+            "token": self.token,
+            "expire_time": self.expire_time.isoformat() if self.expire_time else None,
+            "view_only": self.view_only,
+        }
+
+
 # --- usage and plan ------------------------------------------------------------------------
 
 
@@ -557,32 +593,6 @@ class Usage:
             msg.disk_mib_seconds,
             msg.paused_disk_mib_seconds,
         )
-
-
-# --- the live desktop ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DesktopViewerLink:
-    """A link to an instance's live desktop, and the signed token in it, valid until `expire_time`.
-
-    `url` is the viewer page (`<gateway>/desktop/<instance>#token=...`: open it in a browser);
-    `stream_url` the WebSocket of the stream itself (RFB, for a VNC client of one's own: offer the
-    subprotocols `binary` and `cyberdesk.viewer.<token>`). A `view_only` link's input is dropped
-    by the gateway.
-    """
-
-    url: str
-    stream_url: str
-    token: str
-    expire_time: _dt.datetime | None
-    view_only: bool
-
-    @classmethod
-    def from_proto(cls, reply: Any) -> DesktopViewerLink:
-        """Build from a CreateDesktopViewerUrlResponse."""
-        expires = _time(reply.expire_time, reply.HasField("expire_time"))
-        return cls(reply.url, reply.stream_url, reply.token, expires, reply.view_only)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -749,11 +759,3 @@ def usage_report(pages: list[Any]) -> UsageReport:
         Usage.from_proto(first.total),
         [instance_usage_from_proto(i) for page in pages for i in page.instances],
     )
-
-
-            "url": self.url,
-            "stream_url": self.stream_url,
-            "token": self.token,
-            "expire_time": self.expire_time.isoformat() if self.expire_time else None,
-            "view_only": self.view_only,
-        }
