@@ -16,6 +16,7 @@ function num(value: unknown): number {
 
 function hours(seconds: unknown): string {
   const s = num(seconds);
+  if (s < 60) return `${s} s`;
   if (s < 3600) return `${Math.round(s / 60)} min`;
   return `${(s / 3600).toFixed(s < 36_000 ? 1 : 0)} h`;
 }
