@@ -34,21 +34,13 @@ from typing import Any
 
 from bench._report import latency_summary, report
 from bench.typescript_sdk import _stack
+from cyberdesk_stack.browser import launch_chromium
 
 WIDTH, HEIGHT = 1024, 768
 CHANGES = int(os.environ.get("BENCH_DESKTOP_CHANGES", "60"))
 PERIOD_MS = int(os.environ.get("BENCH_DESKTOP_PERIOD_MS", "300"))
 SECONDS = float(os.environ.get("BENCH_DESKTOP_SECONDS", "5"))
 VIEWERS = [int(n) for n in os.environ.get("BENCH_DESKTOP_VIEWERS", "1,8,32,64").split(",")]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PALETTE = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0)]
 
 # Inside the instance: `paint.py MODE LOG`. MODE "cycle": the palette in turn every PERIOD_MS ms,
@@ -234,7 +226,7 @@ def main() -> None:
         try:
             box.files.write("/tmp/paint.py", PAINTER)
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+                browser = launch_chromium(p)
                 try:
                     latency = _latency(box, browser)
                     static, static_cpu = _bytes_per_second(box, browser, "still")

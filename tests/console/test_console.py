@@ -19,7 +19,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +32,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from cyberdesk import Cyberdesk
+from cyberdesk_stack.browser import launch_chromium
 from gateway_svc.keystore import KeyStore, create_key, store_path
 from tests.cli.stack import RunningStack, running_stack
 from tests.support.procs import ROOT
@@ -40,14 +40,6 @@ from tests.support.procs import ROOT
 pytestmark = [pytest.mark.timeout(240), pytest.mark.sandbox, pytest.mark.desktop]
 
 ARTIFACTS = Path(os.environ.get("CYBERDESK_TEST_ARTIFACTS", ROOT / "artifacts")) / "console"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 DESKTOP = (1024, 768)
 WAIT_MS = 30_000  # a loaded 2-core machine: generous, never a sleep
 
@@ -63,9 +55,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
     with sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        launched = launch_chromium(pw)
         yield launched
         launched.close()
 

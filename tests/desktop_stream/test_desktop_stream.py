@@ -26,6 +26,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from cyberdesk import Cyberdesk, FailedPrecondition, Instance, NotFound
+from cyberdesk_stack.browser import launch_chromium
 from tests.cli.stack import CLI, RunningStack, running_stack
 from tests.desktop_stream._rfb_client import RfbClient
 from tests.support.procs import ROOT
@@ -33,15 +34,6 @@ from tests.support.procs import ROOT
 pytestmark = [pytest.mark.sandbox, pytest.mark.desktop, pytest.mark.timeout(300)]
 
 ARTIFACTS = ROOT / "artifacts" / "desktop_stream"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 WIDTH, HEIGHT = 640, 400
 COLOUR = (255, 128, 0)
 # A window of one colour, mapped and kept (python3 and libX11 of the instance; no toolkit needed).
@@ -116,7 +108,7 @@ def desk(client: Cyberdesk) -> Iterator[Instance]:
 def browser() -> Iterator[Browser]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        b = launch_chromium(p)
         try:
             yield b
         finally:
