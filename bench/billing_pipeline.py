@@ -128,7 +128,7 @@ def main() -> None:
                 "CYBERDESK_STRIPE_SECRET_KEY": KEY,
                 "CYBERDESK_STRIPE_API_BASE": url,
                 "CYBERDESK_STRIPE_POLL_SECONDS": "0.02",
-                "CYBERDESK_STRIPE_CONCURRENCY": "8",
+                "CYBERDESK_STRIPE_CONCURRENCY": os.environ.get("BENCH_STRIPE_CONCURRENCY", "16"),
                 "CYBERDESK_BILLING_WINDOW_SECONDS": "1",
             }
             _wait_standin(control, standin)

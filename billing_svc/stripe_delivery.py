@@ -70,7 +70,7 @@ class StripeSettings:
     api_base: str = DEFAULT_API_BASE
     meter_events_base: str = DEFAULT_METER_EVENTS_BASE
     stream: str = "v2"  # "v2": the meter event stream, v1 as fallback; "v1": v1 only
-    concurrency: int = 4
+    concurrency: int = 16
     timeout: float = 10.0
     backoff_cap: float = 60.0
     poll_interval: float = 0.2
@@ -92,7 +92,7 @@ class StripeSettings:
             api_base=api_base,
             meter_events_base=env_str("STRIPE_METER_EVENTS_BASE", meter_default).rstrip("/"),
             stream=stream,
-            concurrency=env_int("STRIPE_CONCURRENCY", 4, minimum=1),
+            concurrency=env_int("STRIPE_CONCURRENCY", 16, minimum=1),
             timeout=env_float("STRIPE_TIMEOUT_SECONDS", 10.0),
             backoff_cap=env_float("STRIPE_BACKOFF_CAP_SECONDS", 60.0),
             poll_interval=env_float("STRIPE_POLL_SECONDS", 0.2),

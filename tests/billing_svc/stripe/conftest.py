@@ -80,6 +80,9 @@ class StripeStack:
             "CYBERDESK_STRIPE_API_BASE": self.standin.url,
             "CYBERDESK_STRIPE_BACKOFF_CAP_SECONDS": "0.5",
             "CYBERDESK_STRIPE_POLL_SECONDS": "0.05",
+            # One batch at a time: the faults queued at the stand-in meet the requests in order,
+            # so each kill point of test_exactly_once is hit by the process it was meant for.
+            "CYBERDESK_STRIPE_CONCURRENCY": "1",
             "CYBERDESK_BILLING_WINDOW_SECONDS": str(WINDOW_S),
             "CYBERDESK_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "CYBERDESK_BILLING_WEBHOOK_ADDR": self.webhook_url.removeprefix("http://").split("/", 1)[0],

@@ -7,7 +7,9 @@ billing_svc process of the package's stack; the plan is read back through PlanSe
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,15 +49,22 @@ def _answers(client: httpx.Client, url: str) -> bool:
 @pytest.fixture(scope="module")
 def mapped(stripe_stack: StripeStack) -> str:
     """The Stripe customer billing_svc made for tenant t-hooks (by reporting its usage)."""
-    now = time.time()
-    stripe_stack.publish(
-        lifecycle(
-            "t-hooks",
-            "i-hooks",
-            [(now - 20, InstanceState.RUNNING), (now - 15, InstanceState.TERMINATED)],
-        )
-        + lifecycle("t-hooks", "i-hooks-sentinel", [(now - 0.2, InstanceState.PENDING)])
+    # An instance that runs now for a second and a half: its windows are later than every window
+    # the stack closed before (windows in the past may be closed already, and are never reopened).
+    events = lifecycle("t-hooks", "i-hooks", [(time.time(), InstanceState.RUNNING)])
+    stripe_stack.publish(events)
+    time.sleep(1.5)  # its run time, not a wait for anything
+    ended = dataclasses.replace(
+        events[0],
+        event_id=str(uuid.uuid4()),
+        old_state=InstanceState.RUNNING,
+        new_state=InstanceState.TERMINATED,
+        time_us=time.time_ns() // 1000,
     )
+    stripe_stack.publish([ended])
+    # The next change on the platform (here a new instance) moves the ledger's watermark past it.
+    time.sleep(1.2)
+    stripe_stack.publish(lifecycle("t-hooks", "i-hooks-sentinel", [(time.time(), InstanceState.PENDING)]))
 
     def customer() -> str | None:
         made = stripe_stack.standin.customers.values()
