@@ -249,6 +249,11 @@ def test_no_secret_is_committed() -> None:
     assert _example_secret_keys()
 
 
+# Keys a deploy may leave out: billing_svc without Stripe meters into its ledger only and sends
+# nothing (docs/billing.md, "Nothing leaves the machine without a key").
+OPTIONAL_SECRET_KEYS = {"stripe-secret-key", "stripe-webhook-secret"}
+
+
 def test_every_secret_reference_names_a_documented_key() -> None:
     documented = _example_secret_keys()
     readme = (K8S / "README.md").read_text()
@@ -259,9 +264,13 @@ def test_every_secret_reference_names_a_documented_key() -> None:
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     assert ref["name"] == SECRET_NAME, f"{workload}: Secret {ref['name']} is not documented"
-                    assert not ref.get("optional"), f"{workload}: {env['name']} must not start without its secret"
+                    if ref["key"] in OPTIONAL_SECRET_KEYS:
+                        assert ref.get("optional") is True, f"{workload}: {env['name']} stops the pod without Stripe"
+                    else:
+                        assert not ref.get("optional"), f"{workload}: {env['name']} must not start without its secret"
                     used.add(ref["key"])
     assert used == documented
+    assert used >= OPTIONAL_SECRET_KEYS
     for key in used:
         assert f"--from-literal={key}=" in readme, f"k8s/README.md does not show how to set {key}"
 
@@ -355,6 +364,21 @@ _NOT_RUN = {"instance_svc": ("instance_svc/runtime/local", "instance_svc/operato
 _LOCAL_RUNTIME_ONLY = {"EGRESS_ALLOW_RANGES", "EGRESS_DNS_UPSTREAM", "WARM_POOL"}
 
 
+def _module_constants(tree: ast.Module) -> dict[str, Any]:
+    """The module's top-level `NAME = <constant>` assignments (a default given by such a name is that constant)."""
+    found: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            target, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            target, value = node.target.id, node.value
+        else:
+            continue
+        if isinstance(value, ast.Constant):
+            found[target] = value.value
+    return found
+
+
 @functools.cache
 def _reads(module: str) -> list[EnvRead]:
     """The CYBERDESK_* variables read by `module` and by the shared code it runs."""
@@ -367,13 +391,20 @@ def _reads(module: str) -> list[EnvRead]:
     files += [p for p in sorted((ROOT / "cyberdesk_common").glob("*.py")) if p.name != "config.py"]
     reads: list[EnvRead] = []
     for path in files:
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        constants = _module_constants(tree)
+        for node in ast.walk(tree):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
                 continue
             where = f"{path.relative_to(ROOT)}:{node.lineno}"
             if node.func.id in _ENV_FUNCS and node.args and isinstance(node.args[0], ast.Constant):
                 default = node.args[1] if len(node.args) > 1 else None
-                literal = default.value if isinstance(default, ast.Constant) else None
+                if isinstance(default, ast.Constant):
+                    literal = default.value
+                elif isinstance(default, ast.Name):
+                    literal = constants.get(default.id)  # e.g. DEFAULT_WEBHOOK_ADDR = "127.0.0.1:50072"
+                else:
+                    literal = None
                 reads.append(EnvRead(str(node.args[0].value), literal, where))
             # config.py's helpers that read a variable of their own.
             elif node.func.id == "state_dir":
@@ -394,6 +425,8 @@ _COMPUTED_DEFAULT_IS_RIGHT = {
     # Random per operator replica: kopf's peering pauses every replica but the highest, and replicas
     # of equal priority would all pause.
     "OPERATOR_PRIORITY",
+    # Stripe's meter event host, or STRIPE_API_BASE when that is moved (billing_svc/stripe_delivery.py).
+    "STRIPE_METER_EVENTS_BASE",
 }
 
 
@@ -468,19 +501,79 @@ def _port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1].rsplit("/", 1)[0])
 
 
+# Each Deployment's addresses: where it listens (variable -> its container port's name), and the
+# other services it dials (variable -> that Service). The shared ConfigMap holds the Services'
+# addresses; a pod overrides its own with a listen address.
+LISTENS = {
+    "gateway": {"CYBERDESK_GATEWAY_ADDR": "grpc", "CYBERDESK_GATEWAY_HTTP_ADDR": "http"},
+    "billing": {"CYBERDESK_BILLING_ADDR": "grpc", "CYBERDESK_BILLING_WEBHOOK_ADDR": "webhook"},
+    "instance-svc": {"CYBERDESK_INSTANCE_ADDR": "grpc"},
+}
+DIALS = {
+    "gateway": {"CYBERDESK_INSTANCE_ADDR": "instance-svc", "CYBERDESK_BILLING_ADDR": "billing"},
+    "billing": {"CYBERDESK_INSTANCE_ADDR": "instance-svc"},
+    "instance-svc": {"CYBERDESK_BILLING_ADDR": "billing"},
+}
+
+
 def test_listen_addresses_are_the_container_ports() -> None:
-    expected = {
-        "gateway": {"CYBERDESK_GATEWAY_ADDR": "grpc", "CYBERDESK_GATEWAY_HTTP_ADDR": "http"},
-        "billing": {"CYBERDESK_BILLING_ADDR": "grpc"},
-        "instance-svc": {"CYBERDESK_INSTANCE_ADDR": "grpc"},
-    }
-    for name, addresses in expected.items():
+    for name, addresses in LISTENS.items():
         container, env = _container_env(_one("Deployment", name))
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         for variable, port_name in addresses.items():
             value = env[variable]
             assert value is not None and value.startswith("0.0.0.0:"), f"{variable}={value} is not reachable"
             assert _port_of(value) == ports[port_name], f"{variable}={value} but port {port_name} is {ports[port_name]}"
+
+
+def test_dialled_addresses_are_the_services() -> None:
+    """What a service dials is the other's Service and port, never a listen address like 0.0.0.0."""
+    for name, targets in DIALS.items():
+        _, env = _container_env(_one("Deployment", name))
+        for variable, service_name in targets.items():
+            value = env[variable]
+            assert value is not None, f"{name}: {variable} comes from a Secret"
+            host, port = value.rsplit(":", 1)
+            assert host in (service_name, f"{service_name}.{NAMESPACE}.svc"), f"{name}: {variable}={value}"
+            ports = {p["port"] for p in _one("Service", service_name)["spec"]["ports"]}
+            assert int(port) in ports, f"{name}: {variable}={value}, Service {service_name} has {ports}"
+    # Every *_ADDR a service reads is one of the two (a new one must be added above).
+    for workload, package in _service_workloads():
+        if package == "instance_svc.operator":
+            continue
+        read = {f"CYBERDESK_{r.name}" for r in _reads(package) if r.name.endswith("_ADDR")}
+        component = _pod_labels(workload.obj)[COMPONENT]
+        assert read == set(LISTENS[component]) | set(DIALS[component]), f"{workload}: {read}"
+
+
+def test_instance_svc_asks_billing_and_fails_closed() -> None:
+    """A create or SetInstanceTimeout is refused (UNAVAILABLE) while billing cannot answer, never let past a plan."""
+    from instance_svc.billing import MODE_ENV, MODES
+
+    _, env = _container_env(_one("Deployment", "instance-svc"))
+    assert "closed" in MODES
+    assert env.get(MODE_ENV) == "closed"
+
+
+def test_billing_keeps_its_ledger_on_a_volume_with_one_writer() -> None:
+    """The SQLite ledger: on a PersistentVolumeClaim, one replica, never two pods at once (Recreate)."""
+    deployment = _one("Deployment", "billing")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container, env = _container_env(deployment)
+    ledger = Path(env["CYBERDESK_BILLING_DB"] or "")
+    assert ledger.is_absolute()
+    pod = _pod_spec(deployment)
+    volumes = pod["volumes"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
+    (mount,) = [m for m in container["volumeMounts"] if ledger.is_relative_to(m["mountPath"])]
+    assert mount["name"] in claims and not mount.get("readOnly"), "the ledger is not on the claim"
+    claim = _one("PersistentVolumeClaim", claims[mount["name"]])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    # The non-root uid writes the volume through the pod's group.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    # A fixed consumer name: a replacing pod reads what its predecessor left pending at once.
+    assert env["CYBERDESK_BILLING_CONSUMER"]
 
 
 def _redis_urls() -> Iterator[tuple[Doc, list[Obj], str, str]]:
@@ -502,8 +595,9 @@ def test_no_configmap_carries_a_redis_url() -> None:
 def test_every_redis_url_is_the_redis_service_with_the_secrets_password() -> None:
     service = _one("Service", "redis")
     urls = list(_redis_urls())
-    # The gateway's rate limits and route cache; instance_svc's lifecycle event outbox.
-    assert {w.name for w, *_ in urls} == {"gateway", "instance-svc"}
+    # The gateway's rate limits and route cache; instance_svc's lifecycle event outbox; billing's
+    # consumer group on that stream.
+    assert {w.name for w, *_ in urls} == {"gateway", "instance-svc", "billing"}
     for workload, env, name, url in urls:
         assert name in ("CYBERDESK_REDIS_URL", "REDIS_URL"), f"{workload}: {name} is read by no service"
         found = re.fullmatch(r"redis://:\$\((\w+)\)@([^:/]+):(\d+)/0", url)
@@ -879,15 +973,22 @@ PLATFORM = ("gateway", "instance-svc", "instance-operator", "billing", "redis")
 # Who may open which port on whom, and nothing else (networkpolicies.yaml's header).
 EXPECTED = {
     ("gateway", "instance-svc", 50061),
+    ("gateway", "billing", 50071),
     ("gateway", "redis", 6379),
     ("gateway", "guest-agent", AGENT_PORT),
+    ("instance-svc", "billing", 50071),
     ("instance-svc", "redis", 6379),
     ("instance-svc", "guest-agent", AGENT_PORT),
     ("instance-operator", "guest-agent", AGENT_PORT),
+    ("billing", "instance-svc", 50061),
+    ("billing", "redis", 6379),
     # The public entry, from outside the namespace (a load balancer, an ingress controller, a client
     # pod). Nothing of ours calls it: our pods' egress does not allow it, nor does a VM's.
     ("stranger", "gateway", 50051),
     ("stranger", "gateway", 8080),
+    # Stripe's webhooks into billing (through an ingress controller, or from Stripe itself); the
+    # signature is their authentication. Again no pod of ours, and no VM, reaches it.
+    ("stranger", "billing", 50072),
 }
 
 
@@ -924,18 +1025,23 @@ def test_no_agent_reaches_another_agent_or_anything_else() -> None:
 
 def test_outside_the_namespace() -> None:
     gateway, instance_svc, operator = _pod("gateway"), _pod("instance-svc"), _pod("instance-operator")
-    for pod in (gateway, instance_svc, operator):
+    billing, redis = _pod("billing"), _pod("redis")
+    for pod in (gateway, instance_svc, operator, billing):
         assert _allowed(pod, KUBE_DNS, 53, "UDP") and _allowed(pod, KUBE_DNS, 53, "TCP")
         assert not _allowed(pod, METADATA, 80) and not _allowed(pod, METADATA, 443)
         assert not _allowed(pod, STRANGER, 8080)
-    for pod in (_pod("billing"), _pod("redis")):
-        for target, port in [(KUBE_DNS, 53), (API_SERVER, 443), (INTERNET, 443)]:
-            assert not _allowed(pod, target, port), f"{pod.pod_labels[COMPONENT]} -> {target.ip}:{port}"
-    # The gateway: Unkey's HTTPS, never a private, link-local or metadata address, nor the API.
-    assert _allowed(gateway, INTERNET, 443)
-    assert not _allowed(gateway, INTERNET, 80)
-    for target in (METADATA, PRIVATE, API_SERVER):
-        assert not _allowed(gateway, target, 443), target.ip
+    for target, port in [(KUBE_DNS, 53), (API_SERVER, 443), (INTERNET, 443)]:
+        assert not _allowed(redis, target, port), f"redis -> {target.ip}:{port}"
+    assert not _allowed(redis, KUBE_DNS, 53, "UDP")
+    # The gateway (Unkey) and billing (Stripe): HTTPS outside, never a private, link-local or
+    # metadata address, nor the API server, nor plain HTTP.
+    for pod in (gateway, billing):
+        name = pod.pod_labels[COMPONENT]
+        assert _allowed(pod, INTERNET, 443), name
+        assert not _allowed(pod, INTERNET, 80), name
+        for target in (METADATA, PRIVATE, API_SERVER):
+            assert not _allowed(pod, target, 443), f"{name} -> {target.ip}"
+        assert not _allowed(pod, API_SERVER, 6443), name
     # The API clients reach the API server (on 443 or 6443), not the metadata service.
     for pod in (instance_svc, operator):
         assert _allowed(pod, API_SERVER, 443) and _allowed(pod, API_SERVER, 6443)
