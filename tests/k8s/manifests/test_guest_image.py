@@ -288,9 +288,11 @@ def test_build_script_installs_what_the_units_run() -> None:
     assert re.search(r"desktop_packages=\(.*\bxvfb\b.*\bmatchbox-window-manager\b", script)
     # The agent's environment file lives in the directory the image makes root-only.
     assert "--chmod '0700:/etc/cyberdesk/agent'" in script
-    # Everything the platform image copies for the two distributions, the guest copies too.
-    containerfile = (ROOT / "k8s" / "Containerfile").read_text()
-    for copied in re.findall(r"^COPY (\S+) ", containerfile, re.MULTILINE):
+    # Everything the platform image copies for the two distributions, the guest copies too (its
+    # last stage: the one before builds the web console, which the guest does not serve).
+    containerfile = re.split(r"^FROM ", (ROOT / "k8s" / "Containerfile").read_text(), flags=re.MULTILINE)[-1]
+    # (COPY --from=... takes another stage's output, not the checkout's files.)
+    for copied in re.findall(r"^COPY ([^-\s]\S*) ", containerfile, re.MULTILINE):
         if copied != "pyproject.toml":
             assert f" {copied}" in script, copied
 

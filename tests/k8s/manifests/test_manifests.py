@@ -364,6 +364,16 @@ _NOT_RUN = {"instance_svc": ("instance_svc/runtime/local", "instance_svc/operato
 _LOCAL_RUNTIME_ONLY = {"EGRESS_ALLOW_RANGES", "EGRESS_DNS_UPSTREAM", "WARM_POOL"}
 
 
+def _constant(node: ast.expr | None) -> Any:
+    """The value of a constant expression (`"x"`, `2 * 3600.0`, `-1`), else None."""
+    if node is None:
+        return None
+    allowed = (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop)
+    if not all(isinstance(n, allowed) for n in ast.walk(node)):
+        return None
+    return eval(compile(ast.Expression(node), "<default>", "eval"), {"__builtins__": {}})
+
+
 def _module_constants(tree: ast.Module) -> dict[str, Any]:
     """The module's top-level `NAME = <constant>` assignments (a default given by such a name is that constant)."""
     found: dict[str, Any] = {}
@@ -374,8 +384,9 @@ def _module_constants(tree: ast.Module) -> dict[str, Any]:
             target, value = node.target.id, node.value
         else:
             continue
-        if isinstance(value, ast.Constant):
-            found[target] = value.value
+        constant = _constant(value)
+        if constant is not None:
+            found[target] = constant
     return found
 
 
@@ -399,12 +410,8 @@ def _reads(module: str) -> list[EnvRead]:
             where = f"{path.relative_to(ROOT)}:{node.lineno}"
             if node.func.id in _ENV_FUNCS and node.args and isinstance(node.args[0], ast.Constant):
                 default = node.args[1] if len(node.args) > 1 else None
-                if isinstance(default, ast.Constant):
-                    literal = default.value
-                elif isinstance(default, ast.Name):
-                    literal = constants.get(default.id)  # e.g. DEFAULT_WEBHOOK_ADDR = "127.0.0.1:50072"
-                else:
-                    literal = None
+                # A module constant's name (DEFAULT_WEBHOOK_ADDR = "127.0.0.1:50072") counts as its value.
+                literal = constants.get(default.id) if isinstance(default, ast.Name) else _constant(default)
                 reads.append(EnvRead(str(node.args[0].value), literal, where))
             # config.py's helpers that read a variable of their own.
             elif node.func.id == "state_dir":
@@ -854,6 +861,15 @@ def test_platform_containers_use_the_project_image() -> None:
             top = pattern.rstrip("*").rstrip(".")
             assert top in copied, f"k8s/Containerfile does not copy {top} (from {project.relative_to(ROOT)})"
     assert "sdk/python" in copied and re.search(r"^RUN pip install \./sdk/python \. ", containerfile, re.MULTILINE)
+
+
+def test_the_gateway_serves_the_console_the_image_builds() -> None:
+    """CYBERDESK_CONSOLE_DIR is where the Containerfile puts the console built as `make console` builds it."""
+    containerfile = (K8S / "Containerfile").read_text()
+    assert re.search(r"^RUN cd console && npm ci .*&& node build\.mjs$", containerfile, re.MULTILINE)
+    (destination,) = re.findall(r"^COPY --from=console /src/console/dist (\S+)$", containerfile, re.MULTILINE)
+    _, env = _container_env(_one("Deployment", "gateway"))
+    assert env["CYBERDESK_CONSOLE_DIR"] == destination
 
 
 # --- network policies -----------------------------------------------------------------------------
