@@ -7,6 +7,7 @@ else only keeps the indexes they read and wakes them when something they care ab
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -186,6 +187,13 @@ async def _loop(
     logger: Any,
 ) -> None:
     state.waker(kind, namespace, name)
+
+    async def wake_when_stopped() -> None:
+        # kopf raises `stopped` on deletion or shutdown; the reconciler sleeps on its own event.
+        await stopped.wait()
+        state.wake(kind, namespace, name)
+
+    bridge = asyncio.ensure_future(wake_when_stopped())
     try:
         while not stopped:
             try:
@@ -200,6 +208,7 @@ async def _loop(
                 break
             await state.sleep(kind, namespace, name, delay)
     finally:
+        bridge.cancel()
         state.forget(kind, namespace, name)
 
 

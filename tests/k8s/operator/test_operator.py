@@ -170,8 +170,8 @@ def test_expiry_fires_at_the_deadline_and_follows_a_moved_deadline(
 ) -> None:
     # One instance's deadline is moved earlier (the timer re-arms sooner), one's is moved later.
     create(custom, instance_body("i-sooner", deadline=600))
-    first_deadline = time.time() + 4
-    create(custom, instance_body("i-later", deadline=4))
+    first_deadline = time.time() + 3
+    create(custom, instance_body("i-later", deadline=3))
     wait_phase(cluster, "i-sooner", contract.PHASE_RUNNING)
     wait_phase(cluster, "i-later", contract.PHASE_RUNNING)
     custom.patch_namespaced_custom_object(

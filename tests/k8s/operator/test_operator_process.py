@@ -122,7 +122,7 @@ def test_killed_mid_reconcile_and_restarted_makes_exactly_one_vm_per_instance(
 def test_two_replicas_with_peering_only_one_acts_and_the_other_takes_over(
     cluster: EmulatedCluster, tmp_path: Path
 ) -> None:
-    env = {"CYBERDESK_OPERATOR_PEERING_LIFETIME": "3", "CYBERDESK_OPERATOR_STANDALONE": "0"}
+    env = {"CYBERDESK_OPERATOR_PEERING_LIFETIME": "2", "CYBERDESK_OPERATOR_STANDALONE": "0"}
     high = start_operator(cluster, tmp_path, PEERS_NS, "replica-high", CYBERDESK_OPERATOR_PRIORITY="200", **env)
     low = start_operator(cluster, tmp_path, PEERS_NS, "replica-low", CYBERDESK_OPERATOR_PRIORITY="100", **env)
     try:
