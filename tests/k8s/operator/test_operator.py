@@ -374,3 +374,17 @@ def test_bad_specs_are_refused_or_fail_with_a_reason(
     assert (
         wait_phase(cluster, "i-nosnap", contract.PHASE_FAILED)["status"]["reason"] == contract.REASON_SNAPSHOT_NOT_FOUND
     )
+
+
+def test_the_operator_resumes_its_watches_after_the_api_server_drops_them(
+    cluster: EmulatedCluster, operator: OperatorThread, custom: kubernetes.client.CustomObjectsApi
+) -> None:
+    """Every watch connection is closed (as an API server restart does); kopf re-watches from its resourceVersion."""
+    before = cluster.call(lambda em: em.stats()["by_verb"].get("watch", 0))
+    cluster.call(lambda em: em.close_watches())
+    wait_for(
+        lambda: cluster.call(lambda em: em.stats()["by_verb"].get("watch", 0)) > before, what="kopf to watch again"
+    )
+    create(custom, instance_body("i-rewatched"))
+    obj = wait_phase(cluster, "i-rewatched", contract.PHASE_RUNNING)
+    assert agent_info(endpoint_of(cluster, obj)).instance_id == "i-rewatched"
