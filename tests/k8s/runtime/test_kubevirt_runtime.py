@@ -37,9 +37,9 @@ from tests.k8s.runtime.conftest import (
     VMS,
     Stack,
     channel,
-    wait_until,
 )
 from tests.support.kube_schemas import load_crds, validate_against_crd
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 # Instances that ended early in the module: the last test sees their records let go after the
