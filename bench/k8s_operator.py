@@ -269,6 +269,16 @@ def main() -> None:
             }
 
             # -- idle: all of them Running, nothing changes -------------------------------------
+            # First let kopf finish its own trailing writes of the burst (finalizers, annotations):
+            # until two quiet seconds in a row.
+            settle_start = time.perf_counter()
+            quiet, last_total = 0, stats()["total"]
+            while quiet < 2 and time.perf_counter() - settle_start < 120:
+                time.sleep(1)
+                total = stats()["total"]
+                quiet = quiet + 1 if total == last_total else 0
+                last_total = total
+            burst["settled_s"] = round(time.perf_counter() - t0, 3)
             before = stats()
             time.sleep(IDLE_S)
             idle = _by_verb(stats(), before)

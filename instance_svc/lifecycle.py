@@ -380,6 +380,14 @@ class Lifecycle:
             await asyncio.shield(pending)
         fresh = self.store.get(rec.id)
         assert fresh is not None
+        if pending is None and getattr(self.runtime, "shared_records", False):
+            # Another replica runs this create: wait for its outcome as for one of our own (or for
+            # the end the orphan check writes should that replica die).
+            while fresh.state in (State.PENDING, State.STARTING):
+                await asyncio.sleep(0.05)
+                found = self.store.get(rec.id)
+                assert found is not None
+                fresh = found
         return fresh
 
     def _sandbox_id(self, instance_id: str) -> str:

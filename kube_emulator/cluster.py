@@ -88,8 +88,11 @@ class OperatorThread:
         self.memo: Any = None
 
     def start(self, timeout: float = 60.0) -> OperatorThread:
-        # The operator reads its settings from the environment (as in a pod); set before it starts.
-        os.environ.update({"KUBECONFIG": str(self.kubeconfig), **self.env})
+        # The operator reads its settings from the environment (as in a pod); set before it starts,
+        # restored at the stop (processes started later must not inherit them).
+        wanted = {"KUBECONFIG": str(self.kubeconfig), **self.env}
+        self._saved = {k: os.environ.get(k) for k in wanted}
+        os.environ.update(wanted)
         import kopf
 
         self.memo = kopf.Memo()
@@ -115,6 +118,11 @@ class OperatorThread:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        for key, value in getattr(self, "_saved", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     def __enter__(self) -> OperatorThread:
         return self.start()

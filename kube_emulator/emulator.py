@@ -154,6 +154,16 @@ def _merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+def _subresource_entries(payload: Any) -> Any:
+    """As the API server lists a subresource ("plural/status"): no short names or categories (kmock
+    copies the resource's, and kubectl then finds "cdi" ambiguous), only the verbs it serves."""
+    for entry in payload.get("resources", []):
+        if "/" in entry.get("name", ""):
+            entry["shortNames"], entry["categories"] = [], []
+            entry["verbs"] = ["get", "patch", "update"]
+    return payload
+
+
 def _without(obj: Obj, *keys: str) -> Obj:
     return {k: v for k, v in obj.items() if k not in keys}
 
@@ -904,11 +914,13 @@ class Emulator:
             elif parts[0] == "apis" and len(parts) == 2:
                 payload = await sc._serve_group(kmock.Request(resource=kmock.resource(group=parts[1])))
             elif parts[0] == "apis" and len(parts) == 3:
-                payload = await sc._serve_version(
-                    kmock.Request(resource=kmock.resource(group=parts[1], version=parts[2]))
+                payload = _subresource_entries(
+                    await sc._serve_version(kmock.Request(resource=kmock.resource(group=parts[1], version=parts[2])))
                 )
             elif parts == ["api", "v1"]:
-                payload = await sc._serve_version(kmock.Request(resource=kmock.resource(group="", version="v1")))
+                payload = _subresource_entries(
+                    await sc._serve_version(kmock.Request(resource=kmock.resource(group="", version="v1")))
+                )
             else:
                 raise ApiError(
                     404, "NotFound", f"the server could not find the requested resource (/{'/'.join(parts)})"

@@ -176,5 +176,4 @@ class AgentGuests:
         return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
 
     async def close(self) -> None:
-        for ns, name in list(self.vms):
-            await self.shutdown(ns, name)
+        await asyncio.gather(*(self.shutdown(ns, name) for ns, name in list(self.vms)))

@@ -11,6 +11,7 @@ import grpc
 
 from cyberdesk_common.agent_channel import agent_metadata, open_agent_channel
 from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
+from instance_svc import agent_client
 from instance_svc.runtime.base import AgentEndpoint
 
 
@@ -40,13 +41,7 @@ async def probe(endpoint: AgentEndpoint, call_seconds: float) -> str:
 async def bind(endpoint: AgentEndpoint, instance_id: str, env: dict[str, str], call_seconds: float) -> None:
     """ConfigureAgent: the agent serves `instance_id` with `env` from now on (idempotent for the same id)."""
     try:
-        async with open_agent_channel(endpoint) as chan:
-            stub = agent_pb2_grpc.AgentServiceStub(chan)
-            await stub.ConfigureAgent(
-                agent_pb2.ConfigureAgentRequest(instance_id=instance_id, env=env),
-                metadata=agent_metadata(endpoint.token),
-                timeout=call_seconds,
-            )
+        await agent_client.configure(endpoint, instance_id, env, call_seconds)
     except grpc.aio.AioRpcError as e:
         if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED):
             raise AgentRefused(e.details() or e.code().name) from None

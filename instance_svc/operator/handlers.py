@@ -7,6 +7,7 @@ else only keeps the indexes they read and wakes them when something they care ab
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -65,10 +66,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 # -- indexes (kopf fills them from its watches before any daemon starts) ---------------------------
+# Every handler below is async although it does not await: kopf runs a sync handler in a thread
+# pool, and a hop to a thread per watch event cost more than half of the operator's CPU in a burst.
 
 
 @kopf.index(*KV, contract.VM_PLURAL, labels=MANAGED)
-def vms(namespace: str | None, name: str, meta: kopf.Meta, **_: Any) -> dict[Any, Any]:
+async def vms(namespace: str | None, name: str, meta: kopf.Meta, **_: Any) -> dict[Any, Any]:
     annotations = meta.get("annotations") or {}
     return {
         (namespace, name): {
@@ -81,13 +84,15 @@ def vms(namespace: str | None, name: str, meta: kopf.Meta, **_: Any) -> dict[Any
 
 
 @kopf.index(*KV, contract.VM_PLURAL, labels=MANAGED)
-def vm_owners(name: str, meta: kopf.Meta, **_: Any) -> dict[Any, Any] | None:
+async def vm_owners(name: str, meta: kopf.Meta, **_: Any) -> dict[Any, Any] | None:
     uid = (meta.get("annotations") or {}).get(contract.ANNOTATION_INSTANCE_UID)
     return {uid: name} if uid else None
 
 
 @kopf.index(*KV, contract.VM_PLURAL, labels={contract.LABEL_POOL: kopf.PRESENT})
-def pool_members(namespace: str | None, name: str, meta: kopf.Meta, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+async def pool_members(
+    namespace: str | None, name: str, meta: kopf.Meta, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
     return {
         (namespace, labels[contract.LABEL_POOL]): {
             "name": name,
@@ -99,7 +104,7 @@ def pool_members(namespace: str | None, name: str, meta: kopf.Meta, labels: kopf
 
 
 @kopf.index(*KV, contract.VMI_PLURAL, labels={contract.LABEL_VM: kopf.PRESENT})
-def vmis(namespace: str | None, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+async def vmis(namespace: str | None, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any) -> dict[Any, Any]:
     interfaces = status.get("interfaces") or []
     conditions = status.get("conditions") or []
     return {
@@ -118,17 +123,17 @@ def vmis(namespace: str | None, name: str, meta: kopf.Meta, status: kopf.Status,
 
 
 @kopf.on.event(*INSTANCES)
-def instance_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def instance_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     _state(memo).wake(INSTANCE, namespace, name)
 
 
 @kopf.on.event(*POOLS)
-def pool_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def pool_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     _state(memo).wake(POOL, namespace, name)
 
 
 @kopf.on.event(*SNAPSHOTS)
-def snapshot_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def snapshot_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     _state(memo).wake(SNAPSHOT, namespace, name)
 
 
@@ -147,27 +152,27 @@ def _wake_for_vm(state: OperatorState, ns: str | None, name: str, labels: Any, a
 
 
 @kopf.on.event(*KV, contract.VM_PLURAL, labels=MANAGED)
-def vm_event(
+async def vm_event(
     namespace: str | None, name: str, labels: kopf.Labels, annotations: kopf.Annotations, memo: kopf.Memo, **_: Any
 ) -> None:
     _wake_for_vm(_state(memo), namespace, name, labels, annotations)
 
 
 @kopf.on.event(*KV, contract.VMI_PLURAL, labels={contract.LABEL_VM: kopf.PRESENT})
-def vmi_event(
+async def vmi_event(
     namespace: str | None, name: str, labels: kopf.Labels, annotations: kopf.Annotations, memo: kopf.Memo, **_: Any
 ) -> None:
     _wake_for_vm(_state(memo), namespace, name, labels, annotations)
 
 
 @kopf.on.event(contract.SNAPSHOT_GROUP, contract.SNAPSHOT_VERSION, contract.VM_SNAPSHOT_PLURAL, labels=MANAGED)
-def vm_snapshot_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def vm_snapshot_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     if labels.get(contract.LABEL_SNAPSHOT):
         _state(memo).wake(SNAPSHOT, namespace, labels[contract.LABEL_SNAPSHOT])
 
 
 @kopf.on.event(contract.SNAPSHOT_GROUP, contract.SNAPSHOT_VERSION, contract.VM_RESTORE_PLURAL, labels=MANAGED)
-def vm_restore_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def vm_restore_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     if labels.get(contract.LABEL_INSTANCE):
         _state(memo).wake(INSTANCE, namespace, labels[contract.LABEL_INSTANCE])
 
@@ -186,6 +191,13 @@ async def _loop(
     logger: Any,
 ) -> None:
     state.waker(kind, namespace, name)
+
+    async def wake_when_stopped() -> None:
+        # kopf raises `stopped` on deletion or shutdown; the reconciler sleeps on its own event.
+        await stopped.wait()
+        state.wake(kind, namespace, name)
+
+    bridge = asyncio.ensure_future(wake_when_stopped())
     try:
         while not stopped:
             try:
@@ -200,6 +212,7 @@ async def _loop(
                 break
             await state.sleep(kind, namespace, name, delay)
     finally:
+        bridge.cancel()
         state.forget(kind, namespace, name)
 
 

@@ -21,7 +21,7 @@ from billing_svc.meter import GROUP
 from cyberdesk_common.lifecycle_events import STREAM
 from cyberdesk_stack import processes
 from tests.billing_svc.events import lifecycles
-from tests.billing_svc.stack import wait_for
+from tests.support.waiting import wait_until as wait_for
 
 
 @pytest.fixture

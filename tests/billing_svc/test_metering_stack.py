@@ -25,8 +25,9 @@ import pytest
 
 from cyberdesk import Cyberdesk, FailedPrecondition, InstanceEvent, NotFound, RateLimited, Unavailable
 from cyberdesk_stack import processes
-from tests.billing_svc.stack import BillingStack, us, wait_for
+from tests.billing_svc.stack import BillingStack, us
 from tests.cli.stack import CLI, running_stack
+from tests.support.waiting import wait_until as wait_for
 
 pytestmark = pytest.mark.sandbox
 

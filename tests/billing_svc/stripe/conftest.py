@@ -14,9 +14,8 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -36,18 +35,6 @@ T = TypeVar("T")
 KEY = "sk_test_" + secrets.token_hex(8)
 WEBHOOK_SECRET = "whsec_" + secrets.token_hex(16)
 WINDOW_S = 1
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, every: float = 0.05) -> T:
-    """Poll `probe` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"{what} did not happen within {timeout} s (last: {last!r})")
 
 
 @dataclass

@@ -29,7 +29,8 @@ from billing_svc.stripe_standin import Fault, Hold
 from cyberdesk_common.lifecycle_events import InstanceState, LifecycleEvent
 from cyberdesk_common.metadata import INTERNAL_TOKEN_METADATA, TENANT_METADATA
 from cyberdesk_proto.v1 import billing_pb2, billing_pb2_grpc
-from tests.billing_svc.stripe.conftest import StripeStack, lifecycle, wait_for
+from tests.billing_svc.stripe.conftest import StripeStack, lifecycle
+from tests.support.waiting import wait_until as wait_for
 
 R, P = InstanceState.RUNNING, InstanceState.PAUSED
 METERS = ("instance_seconds", "vcpu_seconds", "memory_mib_seconds", "desktop_seconds", "disk_mib_seconds")

@@ -18,7 +18,8 @@ import pytest
 
 from billing_svc.stripe_standin import sign_webhook, webhook_event
 from cyberdesk_common.lifecycle_events import InstanceState
-from tests.billing_svc.stripe.conftest import WEBHOOK_SECRET, StripeStack, lifecycle, wait_for
+from tests.billing_svc.stripe.conftest import WEBHOOK_SECRET, StripeStack, lifecycle
+from tests.support.waiting import wait_until as wait_for
 
 
 def _subscription(customer: str, status: str, plan: str, tenant: str = "") -> dict[str, Any]:

@@ -187,9 +187,11 @@ def test_watch_from_a_resource_version_replays_only_later_events(client: kuberne
     core.delete_namespaced_config_map("w-before", NS)
     seen: list[tuple[str, str]] = []
     for event in kubernetes.watch.Watch().stream(
-        core.list_namespaced_config_map, NS, label_selector="w=1", resource_version=rv, timeout_seconds=1
+        core.list_namespaced_config_map, NS, label_selector="w=1", resource_version=rv, timeout_seconds=10
     ):
         seen.append((event["type"], event["object"].metadata.name))
+        if len(seen) == 3:
+            break
     assert seen == [("ADDED", "w-after"), ("MODIFIED", "w-after"), ("DELETED", "w-before")]
 
 

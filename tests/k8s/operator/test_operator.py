@@ -21,6 +21,7 @@ from kubernetes.client import ApiException
 
 from cyberdesk_common.agent_channel import agent_metadata, open_agent_channel
 from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
+from cyberdesk_proto.v1 import process_pb2, process_pb2_grpc
 from instance_svc.operator import contract
 from instance_svc.runtime.base import AgentEndpoint
 from kube_emulator.cluster import EmulatedCluster, OperatorThread
@@ -93,6 +94,20 @@ def agent_info(endpoint: AgentEndpoint, token: str | None = None) -> agent_pb2.G
     return asyncio.run(call())
 
 
+def run_in(endpoint: AgentEndpoint, instance: str, argv: list[str]) -> bytes:
+    async def call() -> bytes:
+        async with open_agent_channel(endpoint) as chan:
+            stub = process_pb2_grpc.ProcessServiceStub(chan)
+            reply = await stub.RunProcess(
+                process_pb2.RunProcessRequest(instance_id=instance, argv=argv),
+                metadata=agent_metadata(endpoint.token),
+                timeout=30,
+            )
+            return bytes(reply.stdout)
+
+    return asyncio.run(call())
+
+
 def create(custom: kubernetes.client.CustomObjectsApi, body: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = custom.create_namespaced_custom_object(G, V, NS, contract.INSTANCE_PLURAL, body)
     return result
@@ -101,8 +116,15 @@ def create(custom: kubernetes.client.CustomObjectsApi, body: dict[str, Any]) -> 
 def test_create_writes_secret_vm_and_policy_then_runs_with_the_agent_answering(
     cluster: EmulatedCluster, operator: OperatorThread, custom: kubernetes.client.CustomObjectsApi
 ) -> None:
+    env_secret = {
+        "metadata": {"name": "i-create-env"},
+        "data": {"GREETING": base64.b64encode(b"hello from the CR").decode()},
+    }
+    kubernetes.client.CoreV1Api(custom.api_client).create_namespaced_secret(NS, env_secret)
     body = instance_body(
-        "i-create", network={"mode": "Internet", "egress": {"allow": ["203.0.113.0/24"], "deny": ["203.0.113.7"]}}
+        "i-create",
+        network={"mode": "Internet", "egress": {"allow": ["203.0.113.0/24"], "deny": ["203.0.113.7"]}},
+        envSecret="i-create-env",
     )
     validate_against_crd(body, CRD_DIR / f"{contract.INSTANCE_PLURAL}.yaml")
     created = create(custom, body)
@@ -163,6 +185,10 @@ def test_create_writes_secret_vm_and_policy_then_runs_with_the_agent_answering(
     with pytest.raises(grpc.aio.AioRpcError) as e:
         agent_info(endpoint, token="not-the-token-of-this-instance")
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The env Secret reached the agent (ConfigureAgent) and is now the instance's to clean up.
+    assert run_in(endpoint, "i-create", ["printenv", "GREETING"]) == b"hello from the CR\n"
+    env_refs = (cluster.get(SECRETS, "i-create-env") or {})["metadata"]["ownerReferences"]
+    assert [r["uid"] for r in env_refs] == [uid]
 
 
 def test_expiry_fires_at_the_deadline_and_follows_a_moved_deadline(
@@ -170,8 +196,8 @@ def test_expiry_fires_at_the_deadline_and_follows_a_moved_deadline(
 ) -> None:
     # One instance's deadline is moved earlier (the timer re-arms sooner), one's is moved later.
     create(custom, instance_body("i-sooner", deadline=600))
-    first_deadline = time.time() + 4
-    create(custom, instance_body("i-later", deadline=4))
+    first_deadline = time.time() + 3
+    create(custom, instance_body("i-later", deadline=3))
     wait_phase(cluster, "i-sooner", contract.PHASE_RUNNING)
     wait_phase(cluster, "i-later", contract.PHASE_RUNNING)
     custom.patch_namespaced_custom_object(
@@ -348,3 +374,17 @@ def test_bad_specs_are_refused_or_fail_with_a_reason(
     assert (
         wait_phase(cluster, "i-nosnap", contract.PHASE_FAILED)["status"]["reason"] == contract.REASON_SNAPSHOT_NOT_FOUND
     )
+
+
+def test_the_operator_resumes_its_watches_after_the_api_server_drops_them(
+    cluster: EmulatedCluster, operator: OperatorThread, custom: kubernetes.client.CustomObjectsApi
+) -> None:
+    """Every watch connection is closed (as an API server restart does); kopf re-watches from its resourceVersion."""
+    before = cluster.call(lambda em: em.stats()["by_verb"].get("watch", 0))
+    cluster.call(lambda em: em.close_watches())
+    wait_for(
+        lambda: cluster.call(lambda em: em.stats()["by_verb"].get("watch", 0)) > before, what="kopf to watch again"
+    )
+    create(custom, instance_body("i-rewatched"))
+    obj = wait_phase(cluster, "i-rewatched", contract.PHASE_RUNNING)
+    assert agent_info(endpoint_of(cluster, obj)).instance_id == "i-rewatched"

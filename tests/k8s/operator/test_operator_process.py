@@ -66,7 +66,7 @@ def phases(cluster: EmulatedCluster, namespace: str, names: list[str]) -> dict[s
     return out
 
 
-def test_killed_mid_reconcile_and_restarted_makes_exactly_one_vm_per_instance(
+def test_killed_mid_reconcile_and_restarted_twice_over_makes_exactly_one_vm_per_instance(
     cluster: EmulatedCluster, tmp_path: Path
 ) -> None:
     names = [f"i-crash-{n}" for n in range(6)]
@@ -96,9 +96,19 @@ def test_killed_mid_reconcile_and_restarted_makes_exactly_one_vm_per_instance(
         cluster.call(lambda em: em.request_hooks.remove(kill_at_the_third_vm_create))
     assert first.returncode == -signal.SIGKILL
     at_kill = len(cluster.list(VMS, namespace=CRASH_NS))
+    # Two restarted operators at once, both standalone (no peering): every event is handled twice,
+    # concurrently, which the deterministic names must make harmless.
     second = start_operator(cluster, tmp_path, CRASH_NS, "crash-2", CYBERDESK_OPERATOR_STANDALONE="1")
+    third = start_operator(cluster, tmp_path, CRASH_NS, "crash-3", CYBERDESK_OPERATOR_STANDALONE="1")
     try:
         wait_for(lambda: len(cluster.list(VMS, namespace=CRASH_NS)) == len(names), timeout=60, what="a VM per instance")
+
+        def both_serving() -> bool:
+            logs = [(tmp_path / f"crash-{n}.log").read_text() for n in (2, 3)]
+            return all("Activity 'startup' succeeded" in log for log in logs)
+
+        # Both are up before the VMs may run: both then race to dial, bind and write every status.
+        wait_for(both_serving, timeout=60, what="both restarted operators serving")
         for name in names:
             cluster.call(lambda em, n=name: controller.release(CRASH_NS, n))
         wait_for(
@@ -108,6 +118,7 @@ def test_killed_mid_reconcile_and_restarted_makes_exactly_one_vm_per_instance(
         )
     finally:
         processes.stop(second)
+        processes.stop(third)
     for name in names:
         selector = f"{contract.LABEL_INSTANCE}={name}"
         assert len(cluster.list(VMS, selector, CRASH_NS)) == 1, name
@@ -115,14 +126,14 @@ def test_killed_mid_reconcile_and_restarted_makes_exactly_one_vm_per_instance(
         assert len(cluster.list(POLICIES, selector, CRASH_NS)) == 1, name
     assert len(cluster.list(VMS, namespace=CRASH_NS)) == len(names)
     # The first operator was killed with its third VM create in flight (some VMs may have been
-    # in flight in parallel): the second one finished the work without a duplicate.
+    # in flight in parallel): the two after it finished the work without a duplicate.
     assert 3 <= at_kill <= len(names)
 
 
 def test_two_replicas_with_peering_only_one_acts_and_the_other_takes_over(
     cluster: EmulatedCluster, tmp_path: Path
 ) -> None:
-    env = {"CYBERDESK_OPERATOR_PEERING_LIFETIME": "3"}
+    env = {"CYBERDESK_OPERATOR_PEERING_LIFETIME": "2", "CYBERDESK_OPERATOR_STANDALONE": "0"}
     high = start_operator(cluster, tmp_path, PEERS_NS, "replica-high", CYBERDESK_OPERATOR_PRIORITY="200", **env)
     low = start_operator(cluster, tmp_path, PEERS_NS, "replica-low", CYBERDESK_OPERATOR_PRIORITY="100", **env)
     try:

@@ -52,18 +52,6 @@ SECRETS = "/v1/secrets"
 CONFIGMAPS = "/v1/configmaps"
 
 
-def wait_until(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
-    """Poll `check` until it returns something truthy (AssertionError naming `what` after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
 @dataclass
 class Cluster:
     """The emulated cluster (kube_emulator.cluster.EmulatedCluster) and the operator on it."""

@@ -37,9 +37,9 @@ from tests.k8s.runtime.conftest import (
     VMS,
     Stack,
     channel,
-    wait_until,
 )
 from tests.support.kube_schemas import load_crds, validate_against_crd
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 # Instances that ended early in the module: the last test sees their records let go after the
@@ -173,6 +173,25 @@ def test_delete_goes_through_the_finalizer_and_keeps_the_record(stack: Stack) ->
         assert data.state == "TERMINATED" and data.state_message == "deleted"
         assert box.id in [i.id for i in client.instances.list(states=["TERMINATED"])]
         ENDED.append(box.id)
+
+
+def test_one_request_id_sent_to_both_replicas_at_once_makes_one_instance(stack: Stack) -> None:
+    assert stack.replica is not None
+    request = instance_pb2.CreateInstanceRequest(template="base", memory_mib=320, request_id=f"idem-{uuid.uuid4()}")
+
+    def create(target: str) -> instance_pb2.Instance:
+        with channel(target) as chan:
+            stub = instance_pb2_grpc.InstanceServiceStub(chan)
+            return stub.CreateInstance(request, metadata=stack.metadata("idem"), timeout=120).instance
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(create, [stack.instance_addr, stack.replica.target]))
+    assert got[0].instance_id == got[1].instance_id
+    # The replica that found the other's create waits for it, as a retry on one replica does.
+    assert [g.state for g in got] == [instance_pb2.INSTANCE_STATE_RUNNING] * 2
+    mine = [o for o in stack.cluster.objects(INSTANCES) if o["spec"]["tenant"] == "idem"]
+    assert [o["metadata"]["name"] for o in mine] == [got[0].instance_id]
+    assert mine[0]["metadata"]["annotations"][contract.ANNOTATION_REQUEST_ID] == request.request_id
 
 
 def _create(target: str, stack: Stack, n: int, tenant: str = RACE_TENANT) -> str:
