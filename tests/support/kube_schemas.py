@@ -9,7 +9,7 @@ them (``validate_*``):
   the oldest release the deploy supports (docs/kubernetes.md), so a field added later fails too.
 - `validate_kubevirt(obj)`: a KubeVirt object (VirtualMachine, VirtualMachineInstance,
   VirtualMachinePool, VirtualMachineSnapshot, VirtualMachineRestore, ...) against KubeVirt's own
-  OpenAPI document (``../shared/schemas/kubevirt-openapi.json``, KubeVirt's
+  OpenAPI document (``k8s/schemas/kubevirt-openapi.json``, KubeVirt's
   ``api/openapi-spec/swagger.json``). That document never says ``additionalProperties: false``, yet
   KubeVirt's CRDs are structural: the API server drops an unknown field (with a warning only, for a
   client such as the Python one that does not ask for strict field validation). An object with
@@ -57,7 +57,7 @@ from celpy.celparser import CELParseError
 from celpy.evaluation import CELEvalError
 
 ROOT = Path(__file__).resolve().parents[2]
-KUBEVIRT_OPENAPI = ROOT.parent / "shared" / "schemas" / "kubevirt-openapi.json"
+KUBEVIRT_OPENAPI = ROOT / "k8s" / "schemas" / "kubevirt-openapi.json"
 CRD_DIR = ROOT / "k8s" / "crds"
 # The oldest Kubernetes release the deploy supports (docs/kubernetes.md: the CRDs' CEL rules use
 # isCIDR/isIP, new in 1.31); built-in objects are validated against its schemas.
@@ -200,7 +200,7 @@ _COLLECTION_PATH = re.compile(r"/apis/([^/]+)/([^/]+)/namespaces/\{namespace\}/(
 def _kubevirt() -> tuple[dict[tuple[str, str], str], referencing.Registry[Any]]:
     """(apiVersion, kind) -> definition name, and a registry holding the converted definitions."""
     if not KUBEVIRT_OPENAPI.is_file():
-        raise FileNotFoundError(f"KubeVirt's OpenAPI document is not at {KUBEVIRT_OPENAPI} (../shared/schemas)")
+        raise FileNotFoundError(f"KubeVirt's OpenAPI document is not at {KUBEVIRT_OPENAPI} (k8s/schemas)")
     document = json.loads(KUBEVIRT_OPENAPI.read_text())
     kinds: dict[tuple[str, str], str] = {}
     # The kinds a client may create: each namespaced collection's POST body names its definition.
