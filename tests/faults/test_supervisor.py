@@ -15,7 +15,9 @@ the session in another state than it expects (an earlier one failed) starts its 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -212,21 +214,33 @@ def test_a_crash_looping_service_is_retried_with_backoff_and_up_stays(session: S
     port = up.ports["billing"]
     mark = len(up.output)
     with socket.socket() as squatter:
-        os.kill(up.pids()["billing_svc"], signal.SIGKILL)
-        # Without SO_REUSEPORT: the new billing_svc's gRPC server cannot bind beside it.
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                squatter.bind(("127.0.0.1", port))
-                break
-            except OSError:  # the killed one's socket may linger a moment
-                assert time.monotonic() < deadline
-                time.sleep(0.005)
+        # SO_REUSEADDR: the killed billing_svc's connections (the gateway's, instance_svc's) leave
+        # TIME-WAIT sockets on its port, which would refuse a plain bind for a minute.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Without SO_REUSEPORT: the new billing_svc's gRPC server cannot bind beside it. The
+        # supervisor may restart billing_svc before the squatter binds (it listens again within
+        # its back-off); then that one is killed too, and the growing back-off leaves a gap.
+        deadline = time.monotonic() + 30
+        bound = False
+        while not bound:
+            assert time.monotonic() < deadline, "the port was never free between billing_svc's restarts"
+            with contextlib.suppress(ProcessLookupError, KeyError):
+                os.kill(up.pids()["billing_svc"], signal.SIGKILL)
+            gap = time.monotonic() + 2
+            while time.monotonic() < gap:
+                try:
+                    squatter.bind(("127.0.0.1", port))
+                    bound = True
+                    break
+                except OSError:  # the killed one's socket lingering, or its successor listening
+                    time.sleep(0.005)
         squatter.listen()
         up.wait_output("billing_svc is crash-looping (3 deaths in a row", 60, after=mark)
         assert up.proc.poll() is None
     looped = up.output[mark:]
-    assert "exited with code 1 before it became healthy; restarting in 0.4 s" in looped  # 0.1, 0.2, 0.4...
+    assert "exited with code 1 before it became healthy; restarting in" in looped
+    delays = [float(d) for d in re.findall(r"restarting in ([0-9.]+) s", looped)]
+    assert len(delays) >= 3 and delays == sorted(delays) and delays[-1] >= 4 * delays[0], delays  # 0.1, 0.2, 0.4...
     assert "Address already in use" in looped or "Failed to bind" in looped  # its log's last lines
     up.wait_output("billing_svc is back", 60, after=mark)
     wait_healthy(f"127.0.0.1:{port}", timeout=1)

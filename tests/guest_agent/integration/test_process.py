@@ -90,7 +90,7 @@ def alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: the process went between open and read
         return False
     return stat[stat.rfind(b")") + 2 :].split()[0] != b"Z"
 

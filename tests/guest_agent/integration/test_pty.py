@@ -116,7 +116,7 @@ def attach_request(tag: str) -> process_pb2.ConnectPtyRequest:
 def gone(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: the process went between open and read
         return True
     return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
 

@@ -113,7 +113,21 @@ def rest_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iter
     state = tmp / "gw-state"
     with ExitStack() as ctx:
         svc = ctx.enter_context(running(tmp, redis_url))
-        gateway = ctx.enter_context(gateway_process(tmp / "gw", state, svc.target, redis_url))
+        # billing_svc too: the REST face serves its routes (GET /v1/usage, /v1/plan), which would
+        # otherwise answer 503, and the schemathesis run checks every route for server errors.
+        billing_addr = f"127.0.0.1:{free_port()}"
+        (tmp / "billing").mkdir()
+        billing_env = {
+            "CYBERDESK_STATE_DIR": str(tmp / "billing"),
+            "CYBERDESK_BILLING_ADDR": billing_addr,
+            "CYBERDESK_INTERNAL_TOKEN": INTERNAL_TOKEN,
+            "CYBERDESK_INSTANCE_ADDR": svc.target,
+            "CYBERDESK_REDIS_URL": redis_url,
+        }
+        ctx.enter_context(service("billing_svc", billing_addr, billing_env, tmp / "billing"))
+        gateway = ctx.enter_context(
+            gateway_process(tmp / "gw", state, svc.target, redis_url, CYBERDESK_BILLING_ADDR=billing_addr)
+        )
         st = RestStack(tmp, state, gateway.target, gateway.http_addr, svc.target, redis_url, gateway)  # type: ignore[attr-defined]
         st.keys["main"] = st.new_key(TENANT)
         st.keys["other"] = st.new_key(OTHER_TENANT)
@@ -124,7 +138,9 @@ def rest_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iter
 def rest_instance(rest_stack: RestStack) -> Iterator[str]:
     """A running base instance of TENANT, created through REST; deleted at the end."""
     with rest_stack.client() as client:
-        r = client.post("/v1/instances", json={"labels": {"suite": "rest"}})
+        # A session-long instance: with the suite in two processes its files may run far apart, so it
+        # must outlive the default 300 s lifetime.
+        r = client.post("/v1/instances", json={"labels": {"suite": "rest"}, "timeout": "7200s"})
         assert r.status_code == 200, r.text
         instance = r.json()["instance"]
         assert instance["state"] == "INSTANCE_STATE_RUNNING", instance
