@@ -227,7 +227,7 @@ def test_an_agent_that_cannot_start_fails_create_with_its_log(tmp_path: Path) ->
     runtime = LocalRuntime(base, LocalOptions(python=Path("/usr/bin/false"), ready_timeout=10))
     # Which of the two is seen depends on how soon the sandbox is gone: before its start time is
     # read ("exited at once") or while the agent is awaited ("exited with").
-    with pytest.raises(RuntimeError_, match="exited with|exited at once"):
+    with pytest.raises(RuntimeError_, match=r"exited with|exited at once"):
         asyncio.run(runtime.create(SandboxSpec(sandbox_id="sb-f")))
     assert not (base / "sb-f").exists()
 
