@@ -74,7 +74,9 @@ class StripeSettings:
     api_base: str = DEFAULT_API_BASE
     meter_events_base: str = DEFAULT_METER_EVENTS_BASE
     stream: str = "v2"  # "v2": the meter event stream, v1 as fallback; "v1": v1 only
-    concurrency: int = 16
+    # 32 stream batches in flight: the bench measured 3,954 to 4,725 meter events/s with 16 and 5,042
+    # with 32 on this (loaded, 2-core) machine; Stripe's stream takes 10,000 requests/s.
+    concurrency: int = 32
     timeout: float = 10.0
     backoff_cap: float = 60.0
     poll_interval: float = 0.2
@@ -96,7 +98,7 @@ class StripeSettings:
             api_base=api_base,
             meter_events_base=env_str("STRIPE_METER_EVENTS_BASE", meter_default).rstrip("/"),
             stream=stream,
-            concurrency=env_int("STRIPE_CONCURRENCY", 16, minimum=1),
+            concurrency=env_int("STRIPE_CONCURRENCY", 32, minimum=1),
             timeout=env_float("STRIPE_TIMEOUT_SECONDS", 10.0),
             backoff_cap=env_float("STRIPE_BACKOFF_CAP_SECONDS", 60.0),
             poll_interval=env_float("STRIPE_POLL_SECONDS", 0.2),
@@ -346,6 +348,8 @@ class StripeDelivery:
 
             async def one(batch: Sequence[OutboxRow]) -> None:
                 async with gate:
+                    if self.clock() < self._paused_until:
+                        return  # a 429 met by another batch of this pass: these stay due, sent after the pause
                     await self._stream_batch(batch, customers)
 
             try:
