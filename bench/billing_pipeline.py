@@ -1,7 +1,8 @@
 """Billing pipeline: lifecycle events through billing_svc into the ledger and out to the Stripe stand-in.
 
 `python -m bench billing_pipeline` (BENCH_INSTANCES, default 400, and BENCH_LAG_N to size it;
-BENCH_LOG_LEVEL=DEBUG logs each outbox pass of billing_svc, BENCH_KEEP=1 keeps its directory). Real processes: a
+BENCH_LOG_LEVEL=DEBUG logs each outbox pass of billing_svc, BENCH_KEEP=1 keeps its directory,
+BENCH_STRIPE_CONCURRENCY overrides billing_svc's CYBERDESK_STRIPE_CONCURRENCY default). Real processes: a
 redis-server, billing_svc (`python -m billing_svc`, its SQLite ledger, the real stripe library),
 and the Stripe stand-in as a process of its own (`python -m billing_svc.stripe_standin`), so the
 stand-in's work is not charged to billing_svc or to this process.
@@ -128,9 +129,10 @@ def main() -> None:
                 "CYBERDESK_STRIPE_SECRET_KEY": KEY,
                 "CYBERDESK_STRIPE_API_BASE": url,
                 "CYBERDESK_STRIPE_POLL_SECONDS": "0.02",
-                "CYBERDESK_STRIPE_CONCURRENCY": os.environ.get("BENCH_STRIPE_CONCURRENCY", "16"),
                 "CYBERDESK_BILLING_WINDOW_SECONDS": "1",
             }
+            if os.environ.get("BENCH_STRIPE_CONCURRENCY"):  # else billing_svc's own default
+                env["CYBERDESK_STRIPE_CONCURRENCY"] = os.environ["BENCH_STRIPE_CONCURRENCY"]
             _wait_standin(control, standin)
             billing = spawn([sys.executable, "-m", "billing_svc"], env, tmp / "billing_svc.log")
             wait_healthy(addr, timeout=60, proc=billing)
