@@ -48,7 +48,8 @@ def _count(db: Path) -> int:
 
 
 def test_kill_9_mid_backlog_then_restart_loses_nothing_and_doubles_nothing(stream_url: str, tmp_path: Path) -> None:
-    events, expected = lifecycles(800, tenants=10)
+    # Large enough that the kill lands inside it: a quiet machine applies ~10,000 events a second.
+    events, expected = lifecycles(4000, tenants=10)
     client = redis.Redis.from_url(stream_url, decode_responses=True)
     pipe = client.pipeline(transaction=False)
     for event in events + events[::10]:  # every tenth published twice
