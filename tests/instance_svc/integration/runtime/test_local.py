@@ -120,7 +120,11 @@ def test_limits_are_reported_and_memory_is_enforced(sandboxes: Sandboxes) -> Non
     python = LocalOptions().python
     small = sandboxes.sh("sb-mem", f"{python} -c 'b = bytearray(8 << 20); print(len(b))'")
     assert small.stdout.strip() == str(8 << 20), small.stderr
-    big = sandboxes.sh("sb-mem", f"{python} -c 'b = bytearray(256 << 20); print(len(b))'")
+    # Entered directly, not through the agent, so it lacks the oom_score_adj the agent gives its
+    # commands (500): raised here as the agent would, or the OOM killer may pick the agent instead.
+    big = sandboxes.sh(
+        "sb-mem", f"echo 500 > /proc/self/oom_score_adj; exec {python} -c 'b = bytearray(256 << 20); print(len(b))'"
+    )
     assert big.returncode != 0 and not big.stdout.strip()
     # The agent survived: the OOM killer took the process that went past the limit.
     assert sandboxes.run(sandboxes.runtime.list())[0].running
