@@ -638,9 +638,11 @@ def test_redis_requires_the_secrets_password_and_its_probe_sends_it() -> None:
 
 def test_the_redis_start_command_refuses_clients_without_the_password(tmp_path: Path) -> None:
     """The manifest's own command and args, run here against the real redis-server (data dir and port swapped)."""
+    import contextlib
     import os
     import secrets
     import shutil
+    import signal
     import socket
     import time
 
@@ -656,7 +658,11 @@ def test_the_redis_start_command_refuses_clients_without_the_password(tmp_path: 
     args[args.index("--dir") + 1] = str(tmp_path)
     port, password = free_port(), secrets.token_urlsafe(24)
     argv = [*command, *args, "--port", str(port), "--bind", "127.0.0.1"]
-    proc = subprocess.Popen(argv, env={**os.environ, "REDIS_PASSWORD": password}, stdout=subprocess.DEVNULL)
+    # A session of its own: the command is `sh -c "printf ... | exec redis-server ..."`, so redis-server
+    # is sh's child, and stopping sh alone left it running after every suite run.
+    proc = subprocess.Popen(
+        argv, env={**os.environ, "REDIS_PASSWORD": password}, stdout=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         client = redis.Redis(host="127.0.0.1", port=port, password=password)
         deadline = time.monotonic() + 10
@@ -677,6 +683,8 @@ def test_the_redis_start_command_refuses_clients_without_the_password(tmp_path: 
                 continue  # ended meanwhile
         client.close()
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         stop(proc)
 
 
