@@ -658,8 +658,7 @@ def test_the_redis_start_command_refuses_clients_without_the_password(tmp_path: 
     args[args.index("--dir") + 1] = str(tmp_path)
     port, password = free_port(), secrets.token_urlsafe(24)
     argv = [*command, *args, "--port", str(port), "--bind", "127.0.0.1"]
-    # A session of its own: the command is `sh -c "printf ... | exec redis-server ..."`, so redis-server
-    # is sh's child, and stopping sh alone left it running after every suite run.
+    # A session of its own, killed as a group at the end: whatever the command starts goes with it.
     proc = subprocess.Popen(
         argv, env={**os.environ, "REDIS_PASSWORD": password}, stdout=subprocess.DEVNULL, start_new_session=True
     )
@@ -682,6 +681,12 @@ def test_the_redis_start_command_refuses_clients_without_the_password(tmp_path: 
             except OSError:
                 continue  # ended meanwhile
         client.close()
+        # The process the container starts (its PID 1) is redis-server itself, not a shell in front
+        # of it: the kubelet's SIGTERM reaches redis-server, which exits cleanly, well within the
+        # pod's grace period (a shell as PID 1 forwards nothing, and SIGKILL follows 30 s later).
+        assert Path(f"/proc/{proc.pid}/exe").resolve() == Path(binary).resolve()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
