@@ -28,7 +28,6 @@ seen on the same clock:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._k8s import Moments
 from bench._report import latency_summary, report
 from cyberdesk_stack.processes import free_port, redis_server, spawn, stop
 from instance_svc.events import Publisher
@@ -48,14 +48,10 @@ from instance_svc.quotas import Limits, QuotaTable
 from instance_svc.runtime.kubevirt import KubeStore, KubevirtOptions, KubevirtRuntime, kube
 from instance_svc.validation import CreateSpec
 from kube_emulator.cluster import EmulatedCluster
-from kube_emulator.emulator import Emulator
 from kube_emulator.guest import AgentGuests
 
 N = int(os.environ.get("BENCH_N", "10"))
 NS = contract.DEFAULT_NAMESPACE
-INSTANCES = f"{contract.GROUP}/{contract.VERSION}/{contract.INSTANCE_PLURAL}"
-VMS = f"{contract.KUBEVIRT_GROUP}/{contract.KUBEVIRT_VERSION}/{contract.VM_PLURAL}"
-VMIS = f"{contract.KUBEVIRT_GROUP}/{contract.KUBEVIRT_VERSION}/{contract.VMI_PLURAL}"
 
 
 def _template(agent_port: int) -> dict[str, Any]:
@@ -70,36 +66,6 @@ def _template(agent_port: int) -> dict[str, Any]:
             "defaults": {"vcpu": 1, "memoryMiB": 512, "diskMiB": 2048},
         },
     }
-
-
-class Moments:
-    """When the operator wrote each VM, and when the stand-in made each VMI and instance status Running."""
-
-    def __init__(self) -> None:
-        self.vm_written: dict[str, float] = {}
-        self.vmi_running: dict[str, float] = {}
-        self.status_running: dict[str, float] = {}
-        # Size of each CyberdeskInstance (JSON) once Running: what every replica's watch cache holds.
-        self.object_bytes: dict[str, int] = {}
-
-    def install(self, em: Emulator) -> None:
-        def on_vm(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-            if kind == "ADDED":
-                self.vm_written.setdefault(obj["metadata"]["name"], time.perf_counter())
-
-        def on_vmi(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-            if (obj.get("status") or {}).get("phase") == "Running":
-                self.vmi_running.setdefault(obj["metadata"]["name"], time.perf_counter())
-
-        def on_instance(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-            st = obj.get("status") or {}
-            if st.get("phase") == contract.PHASE_RUNNING and st.get("agentEndpoint"):
-                self.status_running.setdefault(obj["metadata"]["name"], time.perf_counter())
-                self.object_bytes.setdefault(obj["metadata"]["name"], len(json.dumps(obj)))
-
-        em.listeners[VMS].append(on_vm)
-        em.listeners[VMIS].append(on_vmi)
-        em.listeners[INSTANCES].append(on_instance)
 
 
 async def _samples(lifecycle: Lifecycle, k: kube.Kube, api: EmulatedCluster, moments: Moments) -> list[dict[str, Any]]:

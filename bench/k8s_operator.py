@@ -37,12 +37,12 @@ from typing import Any
 
 import grpc
 
+from bench._k8s import INSTANCES, VMIS, VMS, Moments
 from bench._report import latency_summary, report
 from cyberdesk_proto.agent.v1 import agent_pb2, agent_pb2_grpc
 from cyberdesk_stack.processes import free_port, spawn, stop
 from instance_svc.operator import contract
 from kube_emulator import EmulatorThread
-from kube_emulator.emulator import Emulator
 from kube_emulator.virt_controller import VirtController
 
 N = int(os.environ.get("BENCH_N", "20"))
@@ -50,9 +50,6 @@ BURST = int(os.environ.get("BENCH_BURST", "200"))
 IDLE_S = float(os.environ.get("BENCH_IDLE_S", "10"))
 NS = contract.DEFAULT_NAMESPACE
 G = f"{contract.GROUP}/{contract.VERSION}"
-INSTANCES = f"{G}/{contract.INSTANCE_PLURAL}"
-VMS = f"{contract.KUBEVIRT_GROUP}/{contract.KUBEVIRT_VERSION}/{contract.VM_PLURAL}"
-VMIS = f"{contract.KUBEVIRT_GROUP}/{contract.KUBEVIRT_VERSION}/{contract.VMI_PLURAL}"
 RESOURCES = {"vcpu": 1, "memoryMiB": 512, "diskMiB": 2048}
 
 
@@ -116,37 +113,6 @@ class StubGuests:
     async def close(self) -> None:
         for ns, name in list(self.servers):
             await self.shutdown(ns, name)
-
-
-class Moments:
-    """When each CR, VM, VMI Running and status Running appeared (the emulator's loop, one clock)."""
-
-    def __init__(self) -> None:
-        self.vm_written: dict[str, float] = {}
-        self.vmi_running: dict[str, float] = {}
-        self.status_running: dict[str, float] = {}
-        self.gone: dict[str, float] = {}
-
-    def install(self, em: Emulator) -> None:
-        def on_vm(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-            if kind == "ADDED":
-                self.vm_written.setdefault(obj["metadata"]["name"], time.perf_counter())
-
-        def on_vmi(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-            if (obj.get("status") or {}).get("phase") == "Running":
-                self.vmi_running.setdefault(obj["metadata"]["name"], time.perf_counter())
-
-        def on_instance(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-            st = obj.get("status") or {}
-            name = obj["metadata"]["name"]
-            if st.get("phase") == contract.PHASE_RUNNING and st.get("agentEndpoint"):
-                self.status_running.setdefault(name, time.perf_counter())
-            if kind == "DELETED":
-                self.gone.setdefault(name, time.perf_counter())
-
-        em.listeners[VMS].append(on_vm)
-        em.listeners[VMIS].append(on_vmi)
-        em.listeners[INSTANCES].append(on_instance)
 
 
 def _deadline(seconds: float) -> str:

@@ -26,6 +26,7 @@ from billing_svc import plans, usage
 from billing_svc.plans import CreditPolicy, Held, Plan, Refusal
 from billing_svc.usage import Interval, Totals, Transition, WindowValue
 from cyberdesk_common.lifecycle_events import InstanceState, LifecycleEvent
+from cyberdesk_common.sqlite import write_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transitions (
@@ -179,13 +180,8 @@ class Ledger:
             if not durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+                with write_transaction(self._db) as db:
+                    yield db
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from cyberdesk_common.lifecycle_events import LifecycleEvent
+from cyberdesk_common.sqlite import write_transaction
 from instance_svc import paging, quotas
 from instance_svc.expiry import TimeoutAction
 from instance_svc.states import LIVE, State, check_transition
@@ -198,15 +198,8 @@ class Store:
         """Close the database."""
         self._db.close()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._db)
 
     def _outbox(self, db: sqlite3.Connection, rec: InstanceRecord, old: State | None, now_us: int) -> None:
         event = Event(

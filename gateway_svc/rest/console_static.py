@@ -24,20 +24,17 @@ this checkout's console/dist, or from CYBERDESK_CONSOLE_DIR where a deployment p
 
 from __future__ import annotations
 
-import hashlib
 import mimetypes
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from cyberdesk_common.config import env_str
-from gateway_svc.rest.asgi import Scope, Send, request_headers
+from gateway_svc.rest.asgi import Scope, Send, request_headers, respond
+from gateway_svc.rest.static_files import IMMUTABLE, REVALIDATE, StaticFile, send_file, static_file, websocket_sources
 
 DEFAULT_DIST = Path(__file__).resolve().parents[2] / "console" / "dist"
 ASSET_PREFIX = "/assets/"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-_HOST = re.compile(r"^[A-Za-z0-9.\[\]:-]+$")
-IMMUTABLE = "public, max-age=31536000, immutable"
 _TYPES = {
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
@@ -50,16 +47,8 @@ _TYPES = {
 }
 
 
-@dataclass(frozen=True)
-class _File:
-    body: bytes
-    media: str
-    etag: str
-
-
 def content_security_policy(host: str) -> str:
     """The console's CSP; `host` (the request's Host, checked) names the WebSocket origins explicitly."""
-    sockets = f" ws://{host} wss://{host}" if host and _HOST.match(host) else ""
     return "; ".join(
         [
             "default-src 'none'",
@@ -67,7 +56,7 @@ def content_security_policy(host: str) -> str:
             "style-src 'self' 'unsafe-inline'",
             "img-src 'self' data: blob:",
             "font-src 'self'",
-            f"connect-src 'self'{sockets}",
+            f"connect-src 'self'{websocket_sources(host)}",
             "frame-src 'self'",
             "worker-src 'self'",
             "base-uri 'none'",
@@ -78,15 +67,15 @@ def content_security_policy(host: str) -> str:
     )
 
 
-def security_headers(host: str) -> list[tuple[bytes, bytes]]:
+def security_headers(host: str) -> dict[str, str]:
     """The headers every console response carries (see the module doc)."""
-    return [
-        (b"content-security-policy", content_security_policy(host).encode("latin-1")),
-        (b"x-content-type-options", b"nosniff"),
-        (b"referrer-policy", b"same-origin"),
-        (b"cross-origin-opener-policy", b"same-origin"),
-        (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), payment=(), usb=()"),
-    ]
+    return {
+        "content-security-policy": content_security_policy(host),
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "same-origin",
+        "cross-origin-opener-policy": "same-origin",
+        "permissions-policy": "camera=(), microphone=(), geolocation=(), payment=(), usb=()",
+    }
 
 
 class ConsoleFiles:
@@ -95,26 +84,25 @@ class ConsoleFiles:
     def __init__(self, dist: Path | None = None) -> None:
         # CYBERDESK_CONSOLE_DIR: where a deployment put the build (default: this checkout's).
         self.dist = dist or Path(env_str("CONSOLE_DIR", str(DEFAULT_DIST)))
-        self._files: dict[str, _File] | None = None
+        self._files: dict[str, StaticFile] | None = None
 
-    def _load(self) -> dict[str, _File]:
+    def _load(self) -> dict[str, StaticFile]:
         if self._files is None:
-            files: dict[str, _File] = {}
+            files: dict[str, StaticFile] = {}
             index = self.dist / "index.html"
             if index.is_file():
-                files["/"] = self._read(index)
+                files["/"] = self._read(index, REVALIDATE)
                 assets = self.dist / "assets"
                 for path in sorted(assets.iterdir()) if assets.is_dir() else []:
                     if path.is_file() and _SAFE_NAME.match(path.name):
-                        files[ASSET_PREFIX + path.name] = self._read(path)
+                        files[ASSET_PREFIX + path.name] = self._read(path, IMMUTABLE)
             self._files = files
         return self._files
 
     @staticmethod
-    def _read(path: Path) -> _File:
-        body = path.read_bytes()
+    def _read(path: Path, cache: str) -> StaticFile:
         media = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return _File(body, media, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+        return static_file(path.read_bytes(), media, cache)
 
     def matches(self, method: str, path: str) -> bool:
         """Whether this request is for the console's files (GET or HEAD of the page or an asset)."""
@@ -122,34 +110,17 @@ class ConsoleFiles:
 
     async def serve(self, scope: Scope, send: Send) -> None:
         """Answer a request that `matches`."""
-        headers = request_headers(scope)
         path = "/" if scope["path"] in ("/", "/index.html") else scope["path"]
         files = self._load()
         found = files.get(path)
-        extra = security_headers(headers.get("host", ""))
+        extra = security_headers(request_headers(scope).get("host", ""))
         if found is None:
             if not files:
                 status, body = 503, b"The console is not built: run `make setup` (or `make console`) in the checkout.\n"
             else:
                 status, body = 404, b"Not found.\n"
-            await self._send(
-                send, scope, status, body, "text/plain; charset=utf-8", [*extra, (b"cache-control", b"no-store")]
-            )
+            extra |= {"cache-control": "no-store", "content-length": str(len(body))}
+            head = scope["method"].upper() == "HEAD"
+            await respond(send, status, b"" if head else body, "text/plain; charset=utf-8", extra)
             return
-        cache = b"no-cache" if path == "/" else IMMUTABLE.encode()
-        extra += [(b"cache-control", cache), (b"etag", found.etag.encode())]
-        if headers.get("if-none-match") == found.etag:
-            await self._send(send, scope, 304, b"", found.media, extra)
-            return
-        await self._send(send, scope, 200, found.body, found.media, extra)
-
-    @staticmethod
-    async def _send(
-        send: Send, scope: Scope, status: int, body: bytes, media: str, extra: list[tuple[bytes, bytes]]
-    ) -> None:
-        head = scope["method"].upper() == "HEAD"
-        headers = [(b"content-type", media.encode()), *extra]
-        if status != 304:
-            headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if head or status == 304 else body})
+        await send_file(send, scope, found, extra)

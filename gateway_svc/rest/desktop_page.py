@@ -21,46 +21,33 @@ rectangles and the cursor that way) and framing by the gateway's own pages only
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from gateway_svc.rest import http_errors
-from gateway_svc.rest.asgi import Scope, Send, request_headers, respond, respond_error
+from gateway_svc.rest.asgi import Scope, Send, request_headers, respond_error
 from gateway_svc.rest.desktop_links import STATIC_PREFIX, match_page
+from gateway_svc.rest.static_files import IMMUTABLE, REVALIDATE, StaticFile, send_file, static_file, websocket_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE_DIR = Path(__file__).resolve().parent / "desktop_viewer"
 DEFAULT_NOVNC = ROOT / "web" / "node_modules" / "@novnc" / "novnc"
-IMMUTABLE = "public, max-age=31536000, immutable"
-REVALIDATE = "no-cache"
 _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 _NOVNC_FILE = re.compile(r"^(core|vendor)/[A-Za-z0-9_./-]+\.js$")
-_HOST = re.compile(r"^[A-Za-z0-9.\[\]:-]+$")
-
-
-@dataclass(frozen=True)
-class _File:
-    body: bytes
-    media: str
-    etag: str
-    cache: str
 
 
 def content_security_policy(host: str) -> str:
     """The viewer page's CSP; `host` (the request's Host, checked) names the stream's WebSocket origins."""
-    sockets = f" ws://{host} wss://{host}" if host and _HOST.match(host) else ""
     return "; ".join(
         [
             "default-src 'none'",
             "script-src 'self'",
             "style-src 'self'",
             "img-src 'self' data: blob:",
-            f"connect-src 'self'{sockets}",
+            f"connect-src 'self'{websocket_sources(host)}",
             "base-uri 'none'",
             "form-action 'none'",
             "object-src 'none'",
@@ -69,36 +56,33 @@ def content_security_policy(host: str) -> str:
     )
 
 
-def _file(body: bytes, media: str, cache: str) -> _File:
-    return _File(body, media, '"' + hashlib.sha256(body).hexdigest()[:32] + '"', cache)
-
-
 class DesktopPages:
     """The viewer page and its files; noVNC is read from `novnc_dir` (web/node_modules by default)."""
 
     def __init__(self, novnc_dir: Path = DEFAULT_NOVNC) -> None:
         self.novnc_dir = novnc_dir
-        self._files: dict[str, _File] | None = None
+        self._files: dict[str, StaticFile] | None = None
         self._version = ""
 
     def matches(self, method: str, path: str) -> bool:
         """Whether the request is for the viewer page or its files."""
         return method in ("GET", "HEAD") and (path.startswith(STATIC_PREFIX) or match_page(path) is not None)
 
-    def _load(self) -> dict[str, _File]:
+    def _load(self) -> dict[str, StaticFile]:
         if self._files is None:
             meta = json.loads((self.novnc_dir / "package.json").read_text())
             self._version = str(meta["version"])
             novnc = f"{STATIC_PREFIX}novnc/{self._version}"
             script = (PAGE_DIR / "viewer.js").read_text().replace("__NOVNC__", novnc).encode()
+            css = (PAGE_DIR / "viewer.css").read_bytes()
             self._files = {
-                "page": _file((PAGE_DIR / "viewer.html").read_bytes(), "text/html; charset=utf-8", REVALIDATE),
-                f"{STATIC_PREFIX}viewer.js": _file(script, _TYPES[".js"], REVALIDATE),
-                f"{STATIC_PREFIX}viewer.css": _file((PAGE_DIR / "viewer.css").read_bytes(), _TYPES[".css"], REVALIDATE),
+                "page": static_file((PAGE_DIR / "viewer.html").read_bytes(), "text/html; charset=utf-8", REVALIDATE),
+                f"{STATIC_PREFIX}viewer.js": static_file(script, _TYPES[".js"], REVALIDATE),
+                f"{STATIC_PREFIX}viewer.css": static_file(css, _TYPES[".css"], REVALIDATE),
             }
         return self._files
 
-    def _novnc(self, path: str) -> _File | None:
+    def _novnc(self, path: str) -> StaticFile | None:
         prefix = f"{STATIC_PREFIX}novnc/{self._version}/"
         if not path.startswith(prefix):
             return None
@@ -108,7 +92,7 @@ class DesktopPages:
         file = (self.novnc_dir / rel).resolve()
         if not file.is_relative_to(self.novnc_dir.resolve()) or not file.is_file():
             return None
-        found = _file(file.read_bytes(), _TYPES[".js"], IMMUTABLE)
+        found = static_file(file.read_bytes(), _TYPES[".js"], IMMUTABLE)
         assert self._files is not None
         self._files[path] = found  # the package is a few hundred KiB: kept once read
         return found
@@ -128,17 +112,7 @@ class DesktopPages:
         if found is None:
             await respond_error(send, http_errors.route_not_found(scope["method"], path))
             return
-        headers = request_headers(scope)
-        extra = {
-            "cache-control": found.cache,
-            "etag": found.etag,
-            "x-content-type-options": "nosniff",
-            "referrer-policy": "no-referrer",
-        }
+        extra = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
         if found.media.startswith("text/html"):
-            extra["content-security-policy"] = content_security_policy(headers.get("host", ""))
-        if headers.get("if-none-match") == found.etag:
-            await respond(send, 304, b"", found.media, extra)
-            return
-        body = b"" if scope["method"] == "HEAD" else found.body
-        await respond(send, 200, body, found.media, {**extra, "content-length": str(len(found.body))})
+            extra["content-security-policy"] = content_security_policy(request_headers(scope).get("host", ""))
+        await send_file(send, scope, found, extra)
