@@ -8,7 +8,10 @@
 - upload and download of BENCH_GATEWAY_MIB (default 1024) MiB in 1 MiB chunks, sha256 checked,
   MB/s through the gateway vs directly;
 - unary GetInstance calls per second through the gateway with auth and rate limiting on (one
-  channel, BENCH_GATEWAY_CONCURRENCY calls in flight).
+  channel, BENCH_GATEWAY_CONCURRENCY calls in flight);
+- RunProcess against StartProcess, interleaved, straight to the agent, through a do-nothing
+  grpc.aio proxy (bench/_bare_proxy.py) and through the gateway: how much of the unary path's
+  advantage is the hop's own (each extra stream message costs each hop), and how much is left.
 
 Behind the gateway: a real guest agent (bench._launch.agent), a real redis-server (rate limits),
 and, for routing and GetInstance, the RoutingService/InstanceService stand-in of the gateway
@@ -218,6 +221,53 @@ def _sdk_exec_rows(gw_addr: str, instance_id: str, metadata: tuple[tuple[str, st
     ]
 
 
+def _ceiling_rows(running: AgentProcess, gw_addr: str, gw_meta: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
+    """RunProcess against StartProcess (`echo hi`, interleaved) straight to the agent, through a do-nothing
+    proxy (bench/_bare_proxy.py) and through the gateway: how much of the unary path's advantage
+    any gRPC hop leaves, and how much of it the gateway's own work keeps."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="cdb-bare-") as tmp:
+        bare = spawn(
+            [sys.executable, "-m", "bench._bare_proxy", f"127.0.0.1:{port}", running.target], {}, Path(tmp) / "bare.log"
+        )
+        try:
+            targets = [
+                ("agent directly", running.target, running.metadata),
+                ("do-nothing grpc.aio proxy", f"127.0.0.1:{port}", running.metadata),
+                ("through gateway", gw_addr, gw_meta),
+            ]
+            with ExitStack() as channels:
+                calls = []
+                for name, addr, md in targets:
+                    channel = channels.enter_context(grpc.insecure_channel(addr))
+                    grpc.channel_ready_future(channel).result(timeout=20)
+                    calls += [(name, "RunProcess", _run_process(channel, running.instance_id, md))]
+                    calls += [(name, "StartProcess", _exec(channel, running.instance_id, md))]
+                for _ in range(WARMUP):
+                    for _, _, call in calls:
+                        call()
+                samples: dict[tuple[str, str], list[float]] = {(t, r): [] for t, r, _ in calls}
+                for _ in range(N):
+                    for target, rpc, call in calls:
+                        start = time.perf_counter()
+                        call()
+                        samples[(target, rpc)].append((time.perf_counter() - start) * 1000)
+        finally:
+            stop(bare)
+    rows = []
+    for name, _, _ in targets:
+        run, streamed = latency_summary(samples[(name, "RunProcess")]), latency_summary(samples[(name, "StartProcess")])
+        rows.append(
+            {
+                "target": name,
+                "RunProcess_p50_ms": run["p50_ms"],
+                "StartProcess_p50_ms": streamed["p50_ms"],
+                "unary_less_time": round(1 - run["p50_ms"] / streamed["p50_ms"], 3),
+            }
+        )
+    return rows
+
+
 def _transfer(
     channel: grpc.Channel,
     instance_id: str,
@@ -340,6 +390,7 @@ def main() -> None:
                     }
                 )
             sdk_rows = _sdk_exec_rows(gw_addr, running.instance_id, gw_meta)
+            ceiling = _ceiling_rows(running, gw_addr, gw_meta)
             file_rows += _transfer(direct, running.instance_id, running.metadata, path, expected, "agent directly")
             file_rows += _transfer(
                 via, running.instance_id, gw_meta, path, expected, "through gateway", pids["gateway"]
@@ -366,11 +417,13 @@ def main() -> None:
     }
     print_table(file_rows)
     print_table([{"target": "GetInstance via gateway", **unary}])
+    print_table(ceiling)
     report(
         "gateway_proxy",
         exec_rows,
         transfers=file_rows,
         unary=unary,
+        unary_vs_streaming_by_hop=ceiling,
         summary=summary,
         calls=N,
         loadavg_before=[round(x, 2) for x in load_before],
