@@ -37,10 +37,15 @@ test("a shell: input, output, resize, a signal, exit", async () => {
   shell.resize(132, 43);
   shell.send("stty size\n");
   await until(shell, "43 132");
-  shell.send("sleep 30\n");
-  shell.signal("INT"); // to the foreground group: sleep ends, the shell stays
-  shell.send("echo after-int\n");
-  await until(shell, "after-int");
+  // The signal goes to the terminal's foreground group: sent before bash has started the job, it
+  // would reach bash itself (seen under load: bash then read EOF and logged out). So the job says it
+  // runs first; the needles are computed ($((...))) so that the terminal's echo of the typed line
+  // never matches them.
+  shell.send("sh -c 'echo sleeping-$((40+2)); exec sleep 30'\n");
+  await until(shell, "sleeping-42");
+  shell.signal("INT"); // sleep ends, the shell stays
+  shell.send("echo after-int-$((3*3))\n");
+  await until(shell, "after-int-9");
   shell.send("exit 7\n");
   const exit = await shell.wait();
   assert.equal(exit?.exitCode, 7);

@@ -357,8 +357,10 @@ def test_websocket_shell_with_resize(rest_stack: RestStack, rest_instance: str) 
             await ws.send(json.dumps({"type": "resize", "cols": -1}))
             err = await _next_control(ws)
             assert err["type"] == "error" and err["code"] == 3 and "cols" in str(err["message"])
-            await ws.send(b"sleep 30\n")
-            await asyncio.sleep(0.3)
+            # SIGINT goes to the terminal's foreground group: the job says it runs before it is sent
+            # (sent earlier, bash itself would get it); the computed needle never matches the echo.
+            await ws.send(b"sh -c 'echo sleeping-$((40+2)); exec sleep 30'\n")
+            await _read_until(ws, b"sleeping-42")
             await ws.send(json.dumps({"type": "signal", "signal": "SIGINT"}))
             await ws.send(b"echo after-$((6*7))\n")
             await _read_until(ws, b"after-42")
