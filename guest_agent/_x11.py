@@ -1,4 +1,4 @@
-"""The few libX11 calls the desktop service needs, through ctypes: screen size, screen capture, keysyms.
+"""The few libX11 calls the desktop service needs, through ctypes: screen size, screen capture, the keyboard map.
 
 Capturing in-process with XGetImage costs a few milliseconds for a full 1280x800 screen, where
 spawning a capture tool costs tens. Every call opens its own connection and closes it: calls run
@@ -16,6 +16,8 @@ import ctypes
 import ctypes.util
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ZPIXMAP = 2
@@ -87,6 +89,18 @@ class _Lib:
         x.XStringToKeysym.restype = ctypes.c_ulong
         x.XKeysymToString.argtypes = [ctypes.c_ulong]
         x.XKeysymToString.restype = ctypes.c_char_p
+        x.XDisplayKeycodes.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+        x.XGetKeyboardMapping.argtypes = [ctypes.c_void_p, ctypes.c_ubyte, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+        x.XGetKeyboardMapping.restype = ctypes.POINTER(ctypes.c_ulong)
+        x.XChangeKeyboardMapping.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_ulong),
+            ctypes.c_int,
+        ]
+        x.XSync.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        x.XFree.argtypes = [ctypes.c_void_p]
         self.x = x
         self.errors = threading.local()
         # Kept as attributes: ctypes callbacks must outlive their registration.
@@ -176,6 +190,90 @@ def capture(display: str, region: tuple[int, int, int, int] | None) -> Capture:
             lib.x.XDestroyImage(image)
     finally:
         lib.x.XCloseDisplay(handle)
+
+
+class _KeyboardSlots:
+    """Keycodes this agent gave to keysyms the keyboard map lacked, per display, least recently used first.
+
+    xdotool types a character that is not on the keyboard by binding it to a spare keycode, sending
+    the key, and unbinding it again right away. A client translates a key event into a character
+    when it reads the event, through the map it fetches then; a client a few milliseconds behind
+    (any busy machine) fetches the map after the unbinding and drops the character (seen beside a
+    CPU hog; a Tk window that takes 40 ms per key lost every one of "äöü ✓ é"). So such keysyms
+    are bound here before xdotool starts, and stay bound: xdotool then finds them on the map and
+    never rebinds. One spare keycode is always left unbound for xdotool's own binding, for
+    whatever did not fit.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_display: dict[str, OrderedDict[int, int]] = {}  # keysym -> keycode, oldest use first
+
+
+_SLOTS = _KeyboardSlots()
+
+
+def bind_keysyms(display: str, keysyms: Iterable[int]) -> int:
+    """Put each of `keysyms` the keyboard map of `display` lacks on a keycode of its own; how many were bound.
+
+    A keysym that finds no keycode (more new keysyms than spare keycodes) is left to xdotool.
+    """
+    wanted = list(dict.fromkeys(k for k in keysyms if k))
+    if not wanted:
+        return 0
+    lib = _load()
+    with _SLOTS.lock:
+        handle = lib.open(display)
+        try:
+            low, high = ctypes.c_int(), ctypes.c_int()
+            lib.x.XDisplayKeycodes(handle, ctypes.byref(low), ctypes.byref(high))
+            count = high.value - low.value + 1
+            per = ctypes.c_int()
+            table = lib.x.XGetKeyboardMapping(handle, low.value, count, ctypes.byref(per))
+            if not table:
+                return 0
+            try:
+                width = per.value
+                codes = {low.value + i: tuple(table[i * width + j] for j in range(width)) for i in range(count)}
+            finally:
+                lib.x.XFree(table)
+            mapped = {sym for syms in codes.values() for sym in syms if sym}
+            ours = _SLOTS.by_display.setdefault(display, OrderedDict())
+            for sym, code in list(ours.items()):  # somebody else remapped it meanwhile: no longer ours
+                if sym not in codes.get(code, ()):
+                    del ours[sym]
+            for sym in wanted:
+                if sym in ours:
+                    ours.move_to_end(sym)
+            missing = [sym for sym in wanted if sym not in mapped]
+            spare = [code for code, syms in codes.items() if not any(syms)][:-1]  # the last is xdotool's
+            reusable = [code for sym, code in ours.items() if sym not in wanted]
+            slots = spare + reusable
+            lib.errors.failed = False
+            bound = 0
+            for sym, code in zip(missing, slots, strict=False):
+                for old, held in list(ours.items()):
+                    if held == code:
+                        del ours[old]
+                row = (ctypes.c_ulong * width)(*([sym] * width))
+                lib.x.XChangeKeyboardMapping(handle, code, width, row, 1)
+                ours[sym] = code
+                bound += 1
+            lib.x.XSync(handle, 0)
+            if lib.errors.failed:  # refused (another client's grab of the map?): xdotool binds them itself
+                ours.clear()
+                return 0
+            return bound
+        finally:
+            lib.x.XCloseDisplay(handle)
+
+
+def char_keysym(char: str) -> int:
+    """The keysym xdotool types `char` with: Latin-1 by its code, the rest as a Unicode keysym; 0 for a control."""
+    code = ord(char)
+    if code < 0x20 or 0x7F <= code < 0xA0:
+        return 0
+    return code if code <= 0xFF else 0x01000000 | code
 
 
 def keysym_exists(name: str) -> bool:

@@ -129,6 +129,15 @@ class DesktopServicer(desktop_pb2_grpc.DesktopServiceServicer):
         except _x11.DisplayUnavailable as err:
             raise failed_precondition(f"{_NO_DESKTOP} ({err})") from None
 
+    async def _bind_keys(self, display: str, keysyms: list[int]) -> None:
+        """Bind the keysyms the keyboard lacks before xdotool types them (why: `_x11._KeyboardSlots`)."""
+        if not any(keysyms):
+            return  # nothing but ASCII: no X round trip
+        try:
+            await asyncio.to_thread(_x11.bind_keysyms, display, keysyms)
+        except _x11.DisplayUnavailable as err:
+            raise failed_precondition(f"{_NO_DESKTOP} ({err})") from None
+
     async def _point(self, display: str, point: desktop_pb2.Point, field: str) -> tuple[int, int]:
         width, height = await self._screen(display)
         if not (0 <= point.x < width and 0 <= point.y < height):
@@ -312,6 +321,7 @@ class DesktopServicer(desktop_pb2_grpc.DesktopServiceServicer):
         if not request.text:
             await self._screen(display)  # Still say when there is no desktop.
             return desktop_pb2.TypeTextResponse()
+        await self._bind_keys(display, [_x11.char_keysym(c) for c in set(request.text) if not c.isascii()])
         # The text goes through stdin: no argv length limit, and a leading "-" is not an option.
         budget = 10 + len(request.text) * delay / 1000 * 2
         await self._xdotool(
@@ -329,6 +339,9 @@ class DesktopServicer(desktop_pb2_grpc.DesktopServiceServicer):
         if not request.keys:
             raise invalid_argument("keys is empty; give combinations such as 'ctrl+c' or 'Return'")
         combos = [parse_combo(combo) for combo in request.keys]
+        # Characters given as keys ("ö", "ctrl+é"); ASCII ones are on every keyboard map.
+        chars = {part for combo in request.keys for part in combo.split("+") if len(part) == 1 and not part.isascii()}
+        await self._bind_keys(display, [_x11.char_keysym(c) for c in chars])
         await self._xdotool(display, "key", "--delay", "20", *combos, limit=10 + len(combos) * 0.1)
         return desktop_pb2.PressKeysResponse()
 
