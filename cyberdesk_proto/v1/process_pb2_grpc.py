@@ -149,7 +149,9 @@ class ProcessServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendProcessSignal(self, request, context):
-        """Sends a signal to a process's whole process group.
+        """Sends a signal to a process's whole process group. A command line runs under `bash -lc`, which
+        catches SIGINT while it starts: a SIGINT sent right after the start can be lost there (bash
+        drops it when it then execs the command). Give an argv, or send SIGTERM, when that matters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,10 @@ class ProcessServiceStub:
     CloseProcessStdin: _grpc.UnaryUnaryMultiCallable[_process_pb2.CloseProcessStdinRequest, _process_pb2.CloseProcessStdinResponse]
     """Closes a process's stdin so that it reads end-of-file."""
     SendProcessSignal: _grpc.UnaryUnaryMultiCallable[_process_pb2.SendProcessSignalRequest, _process_pb2.SendProcessSignalResponse]
-    """Sends a signal to a process's whole process group."""
+    """Sends a signal to a process's whole process group. A command line runs under `bash -lc`, which
+    catches SIGINT while it starts: a SIGINT sent right after the start can be lost there (bash
+    drops it when it then execs the command). Give an argv, or send SIGTERM, when that matters.
+    """
     ConnectPty: _grpc.StreamStreamMultiCallable[_process_pb2.ConnectPtyRequest, _process_pb2.ConnectPtyResponse]
     """Opens (or attaches to) an interactive terminal. The first request is `open` or `attach`;
     later ones carry keystrokes, resizes and signals. Over REST this is a WebSocket.
@@ -104,7 +107,10 @@ class ProcessServiceAsyncStub(ProcessServiceStub):
     CloseProcessStdin: _aio.UnaryUnaryMultiCallable[_process_pb2.CloseProcessStdinRequest, _process_pb2.CloseProcessStdinResponse]  # type: ignore[assignment]
     """Closes a process's stdin so that it reads end-of-file."""
     SendProcessSignal: _aio.UnaryUnaryMultiCallable[_process_pb2.SendProcessSignalRequest, _process_pb2.SendProcessSignalResponse]  # type: ignore[assignment]
-    """Sends a signal to a process's whole process group."""
+    """Sends a signal to a process's whole process group. A command line runs under `bash -lc`, which
+    catches SIGINT while it starts: a SIGINT sent right after the start can be lost there (bash
+    drops it when it then execs the command). Give an argv, or send SIGTERM, when that matters.
+    """
     ConnectPty: _aio.StreamStreamMultiCallable[_process_pb2.ConnectPtyRequest, _process_pb2.ConnectPtyResponse]  # type: ignore[assignment]
     """Opens (or attaches to) an interactive terminal. The first request is `open` or `attach`;
     later ones carry keystrokes, resizes and signals. Over REST this is a WebSocket.
@@ -190,7 +196,10 @@ class ProcessServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _process_pb2.SendProcessSignalRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_process_pb2.SendProcessSignalResponse, _abc.Awaitable[_process_pb2.SendProcessSignalResponse]]:
-        """Sends a signal to a process's whole process group."""
+        """Sends a signal to a process's whole process group. A command line runs under `bash -lc`, which
+        catches SIGINT while it starts: a SIGINT sent right after the start can be lost there (bash
+        drops it when it then execs the command). Give an argv, or send SIGTERM, when that matters.
+        """
 
     @_abc_1.abstractmethod
     def ConnectPty(

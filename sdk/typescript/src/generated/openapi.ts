@@ -414,7 +414,9 @@ export interface paths {
         put?: never;
         /**
          * Sends a signal to a process's whole process group.
-         * @description Sends a signal to a process's whole process group.
+         * @description Sends a signal to a process's whole process group. A command line runs under `bash -lc`, which
+         *     catches SIGINT while it starts: a SIGINT sent right after the start can be lost there (bash
+         *     drops it when it then execs the command). Give an argv, or send SIGTERM, when that matters.
          */
         post: operations["ProcessService_SendProcessSignal"];
         delete?: never;
@@ -434,7 +436,9 @@ export interface paths {
         put?: never;
         /**
          * Sends a signal to a process's whole process group.
-         * @description Sends a signal to a process's whole process group.
+         * @description Sends a signal to a process's whole process group. A command line runs under `bash -lc`, which
+         *     catches SIGINT while it starts: a SIGINT sent right after the start can be lost there (bash
+         *     drops it when it then execs the command). Give an argv, or send SIGTERM, when that matters.
          */
         post: operations["ProcessService_SendProcessSignal_1"];
         delete?: never;
