@@ -195,11 +195,19 @@ def test_expiry_fires_at_the_deadline_and_follows_a_moved_deadline(
     cluster: EmulatedCluster, operator: OperatorThread, custom: kubernetes.client.CustomObjectsApi
 ) -> None:
     # One instance's deadline is moved earlier (the timer re-arms sooner), one's is moved later.
+    # i-later gets its near deadline only once it runs, and keeps it only until the operator has
+    # mirrored it: created with it, a loaded machine once took longer than it to start the VM.
     create(custom, instance_body("i-sooner", deadline=600))
-    first_deadline = time.time() + 3
-    create(custom, instance_body("i-later", deadline=3))
+    create(custom, instance_body("i-later", deadline=600))
     wait_phase(cluster, "i-sooner", contract.PHASE_RUNNING)
     wait_phase(cluster, "i-later", contract.PHASE_RUNNING)
+    first_deadline = time.time() + 4
+    near = in_seconds(4)
+    custom.patch_namespaced_custom_object(G, V, NS, contract.INSTANCE_PLURAL, "i-later", {"spec": {"deadline": near}})
+    wait_for(
+        lambda: (cluster.get(INSTANCES, "i-later") or {}).get("status", {}).get("expiry") == near,
+        what="the near deadline seen",
+    )
     custom.patch_namespaced_custom_object(
         G, V, NS, contract.INSTANCE_PLURAL, "i-later", {"spec": {"deadline": in_seconds(600)}}
     )
