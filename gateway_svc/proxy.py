@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from cyberdesk_common.client_stream import stream_unary_result
 from cyberdesk_common.status import invalid_argument
 from cyberdesk_proto.v1 import billing_pb2, desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 from gateway_svc.admission import AGENT_SERVICES, INSTANCE_SERVICE, Admission, Target, forwardable
@@ -151,7 +152,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             relay = _Requests(first, requests, _END_FIELDS.get(path))
             call = up.channel.stream_unary(path, None, None)(relay.messages(), metadata=up.metadata, timeout=up.timeout)
             try:
-                response: bytes = await call
+                response: bytes = await stream_unary_result(call)
             except grpc.aio.AioRpcError as err:
                 if relay.unfinished:
                     await _abort_unfinished(context)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import Message
 
+from cyberdesk_common.client_stream import stream_unary_result
 from cyberdesk_common.status import RpcError, decode_details
 from gateway_svc.admission import Admission, Target
 from gateway_svc.rest.http_bindings import HttpBinding
@@ -259,7 +260,7 @@ class GatewayUpstream:
 
         call = self._multi(binding, target, "stream_unary")(guarded(), metadata=target.metadata, timeout=target.timeout)
         try:
-            response: Message = await call
+            response: Message = await stream_unary_result(call)
             return response
         except grpc.aio.AioRpcError as err:
             if failure:
