@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from cyberdesk_common.client_stream import stream_unary_result
+from cyberdesk._client_stream import stream_unary_result
 from cyberdesk_common.status import invalid_argument
 from cyberdesk_proto.v1 import billing_pb2, desktop_pb2, filesystem_pb2, instance_pb2, process_pb2
 from gateway_svc.admission import AGENT_SERVICES, INSTANCE_SERVICE, Admission, Target, forwardable

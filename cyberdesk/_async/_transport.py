@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 
 from cyberdesk._channel import END, REPLY_WINDOW, Stubs, deadline_of, open_channel, settle
+from cyberdesk._client_stream import stream_unary_result
 from cyberdesk._config import ClientConfig
 from cyberdesk._errors import from_rpc_error
 
@@ -36,7 +37,8 @@ class AsyncTransport(Stubs):
         long as it runs).
         """
         try:
-            return await method(request, metadata=self.metadata, timeout=deadline_of(timeout, self.timeout, deadline))
+            call = method(request, metadata=self.metadata, timeout=deadline_of(timeout, self.timeout, deadline))
+            return await (stream_unary_result(call) if hasattr(request, "__aiter__") else call)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

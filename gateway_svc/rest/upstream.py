@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import Message
 
-from cyberdesk_common.client_stream import stream_unary_result
+from cyberdesk._client_stream import stream_unary_result
 from cyberdesk_common.status import RpcError, decode_details
 from gateway_svc.admission import Admission, Target
 from gateway_svc.rest.http_bindings import HttpBinding

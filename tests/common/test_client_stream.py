@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cyberdesk_common.client_stream import CORE_WRITE_FAILURE, stream_unary_result
+from cyberdesk._client_stream import CORE_WRITE_FAILURE, stream_unary_result
 
 CALLS = 2000  # plain `await call` got INTERNAL in 4-15 of 1,500-3,000 on this machine: the old way fails here
 

@@ -278,7 +278,7 @@ def _refused_write(box: Instance, path: str, data: bytes = b"data") -> Cyberdesk
     A known race on the SDK's own hop: when the gateway ends an upload with an error while the
     SDK's grpc.aio call is still writing the next message, grpc may end that call with INTERNAL
     "Internal error from Core" instead of the gateway's status (the gateway's own hops to the agent
-    keep the real status: `cyberdesk_common.client_stream`). That one answer is tried again (up to
+    keep the real status: `cyberdesk._client_stream`). That one answer is tried again (up to
     3 times), so this test checks the errno mapping and stays deterministic.
     """
     for _ in range(3):

@@ -7,6 +7,10 @@ server's status had already come in, so the caller saw INTERNAL instead of, say,
 8 of 1,500 refused uploads on loopback, and a REST PUT answered 500 instead of 409 beside a CPU
 hog. Every status grpc sets on a call passes through the call's done callbacks, so the server's
 own is kept there and raised in place of that INTERNAL.
+
+Shared by the async SDK (an upload the gateway refuses) and the gateway (an upload the agent
+refuses, on its gRPC and REST faces), which depends on this distribution. Blocking grpc does not
+do this (1,500 of 1,500 refusals kept their status), so the sync SDK needs nothing.
 """
 
 from __future__ import annotations
