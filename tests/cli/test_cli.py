@@ -273,8 +273,10 @@ def test_shell_under_a_pseudo_terminal(stack: RunningStack, box: str) -> None:
             time.sleep(0.3)
             while select.select([fd], [], [], 0.1)[0]:
                 buffer.extend(os.read(fd, 65536))
-        os.write(fd, b"sleep 60\r")
-        time.sleep(0.5)
+        # Ctrl-C only once the job says it runs (sent earlier it reaches bash, and the sleep then
+        # holds the terminal for 60 s); the needle is computed, so the typed line's echo never matches.
+        os.write(fd, b"sh -c 'echo sleeping-$((40+2)); exec sleep 60'\r")
+        read_until(b"sleeping-42")
         os.write(fd, b"\x03")  # Ctrl-C reaches the remote foreground job, not the local CLI
         os.write(fd, b"echo after-$((1+1))\r")
         read_until(b"after-2\r\n")
