@@ -9,7 +9,9 @@ for CYBERDESK_AGENT_PTY_STALL_SECONDS (30 s) or fell CYBERDESK_AGENT_PTY_BEHIND_
 behind while another client kept reading; it may attach again (the attach replays the recent
 output). When nobody reads, the terminal waits: a slow client never hangs a terminal up. When the
 last client leaves a terminal that was not opened in the background, the session is hung up
-(SIGHUP, SIGKILL after a grace period), the way closing a terminal window does.
+(SIGHUP, SIGKILL after a grace period), the way closing a terminal window does. A client leaves
+with `detach`, which ends its stream with OK after every message sent before it was applied; a
+cancelled call may lose keystrokes still in flight (gRPC drops a cancelled stream's unread messages).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from guest_agent.process_table import ManagedProcess, ProcessTable
 _MAX_SIZE = 10_000
 
 
+class _Detached(Exception):
+    """The client sent `detach`: its stream ends with OK."""
+
+
 def _size(size: process_pb2.PtySize, field: str) -> tuple[int, int]:
     cols, rows = size.cols or 80, size.rows or 24
     if cols > _MAX_SIZE or rows > _MAX_SIZE:
@@ -60,7 +66,8 @@ def _open(table: ProcessTable, identity: Identity, request: process_pb2.PtyOpen)
     return table.spawn_pty(spec)
 
 
-async def _pump_input(proc: ManagedProcess, requests: AsyncIterator[process_pb2.ConnectPtyRequest]) -> None:
+async def _pump_input(proc: ManagedProcess, requests: AsyncIterator[process_pb2.ConnectPtyRequest]) -> bool:
+    """Apply the client's messages in order; True once it detached, False when it half-closed."""
     async for message in requests:
         which = message.WhichOneof("event")
         if which == "input":
@@ -76,8 +83,11 @@ async def _pump_input(proc: ManagedProcess, requests: AsyncIterator[process_pb2.
             sig = check_signal(message.signal)
             if proc.exited is None:
                 proc.send_signal(sig, foreground=True)
+        elif which == "detach":
+            return True
         elif which in ("open", "attach"):
             raise invalid_argument(f"{which} is only allowed in the first message of the stream")
+    return False
 
 
 async def connect(
@@ -112,6 +122,8 @@ async def connect(
                 yield process_pb2.ConnectPtyResponse(exited=exited_pb(event))
             else:
                 yield process_pb2.ConnectPtyResponse(output=event.data)
+    except _Detached:
+        return
     finally:
         pump.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -121,11 +133,13 @@ async def connect(
             proc.kill_group("its last client disconnected")
 
 
-def _pump_done(task: asyncio.Task[None], sub: Subscriber) -> None:
+def _pump_done(task: asyncio.Task[bool], sub: Subscriber) -> None:
     if task.cancelled():
         return
     error = task.exception()
-    if isinstance(error, RpcError):
+    if error is None and task.result():
+        sub.interrupt(_Detached())
+    elif isinstance(error, RpcError):
         sub.interrupt(error)
     elif error is not None:
         sub.interrupt(RpcError(invalid_argument("bad input").code, f"input failed: {error}"))

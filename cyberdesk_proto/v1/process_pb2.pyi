@@ -952,6 +952,7 @@ class ConnectPtyRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     RESIZE_FIELD_NUMBER: _builtins.int
     SIGNAL_FIELD_NUMBER: _builtins.int
+    DETACH_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """The instance (first message)."""
     input: _builtins.bytes
@@ -970,6 +971,13 @@ class ConnectPtyRequest(_message.Message):
     def resize(self) -> Global___PtySize:
         """New window size."""
 
+    @_builtins.property
+    def detach(self) -> Global___PtyDetach:
+        """Leave the terminal: the agent applies every message sent before this one, then ends the
+        stream with OK. A terminal opened in the background goes on; any other is hung up once its
+        last client has left. Cancelling the call instead may lose input still in flight.
+        """
+
     def __init__(
         self,
         *,
@@ -979,16 +987,34 @@ class ConnectPtyRequest(_message.Message):
         input: _builtins.bytes = ...,
         resize: Global___PtySize | None = ...,
         signal: Global___Signal.ValueType = ...,
+        detach: Global___PtyDetach | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "event", b"event", "input", b"input", "open", b"open", "resize", b"resize", "signal", b"signal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "detach", b"detach", "event", b"event", "input", b"input", "open", b"open", "resize", b"resize", "signal", b"signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "event", b"event", "input", b"input", "instance_id", b"instance_id", "open", b"open", "resize", b"resize", "signal", b"signal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "detach", b"detach", "event", b"event", "input", b"input", "instance_id", b"instance_id", "open", b"open", "resize", b"resize", "signal", b"signal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["open", "attach", "input", "resize", "signal"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["open", "attach", "input", "resize", "signal", "detach"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___ConnectPtyRequest: _TypeAlias = ConnectPtyRequest  # noqa: Y015
+
+@_typing.final
+class PtyDetach(_message.Message):
+    """Leaving a terminal (ConnectPtyRequest.detach): no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PtyDetach: _TypeAlias = PtyDetach  # noqa: Y015
 
 @_typing.final
 class ConnectPtyResponse(_message.Message):

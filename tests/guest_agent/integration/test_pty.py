@@ -226,6 +226,31 @@ def test_background_terminal_survives_and_replays(agent: RunningAgent) -> None:
         again.close()
 
 
+def test_detach_applies_what_was_sent_before_and_ends_with_ok(agent: RunningAgent) -> None:
+    """A client that types and leaves at once: the keystrokes reach the terminal, its stream ends OK.
+
+    A cancelled call would lose keystrokes still in flight; `detach` is applied after them. The
+    terminal (background) goes on, and the next client finds what the keystrokes did.
+    """
+    term = Terminal(agent, open_request(argv=["bash", "--norc", "-i"], tag="leaver", background=True))
+    shell = term.started()
+    term.type("export MARK=kept-$((6*7))\n")
+    term.send(detach=process_pb2.PtyDetach())
+    term._reader.join(10)
+    term.close()
+    assert (term.error, term.exited) == (None, None), "the stream did not end with OK after detach"
+    assert not gone(shell)
+    again = Terminal(agent, attach_request("leaver"))
+    try:
+        assert again.started() == shell
+        since = len(again.output)
+        again.type("echo mark=$MARK; exit 0\n")
+        again.wait_for(rb"mark=kept-42", since)
+        assert again.wait_exit().exit_code == 0
+    finally:
+        again.close()
+
+
 def test_bad_terminal_requests(agent: RunningAgent) -> None:
     cases = [
         (process_pb2.ConnectPtyRequest(instance_id=INSTANCE_ID, input=b"ls\n"), grpc.StatusCode.INVALID_ARGUMENT),

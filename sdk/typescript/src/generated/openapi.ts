@@ -3165,7 +3165,7 @@ export interface operations {
                 /**
                  * @description Keystrokes.
                  *
-                 *     Member of oneof `event`; excludes `open`, `attach`, `resize`, `signal`.
+                 *     Member of oneof `event`; excludes `open`, `attach`, `resize`, `signal`, `detach`.
                  */
                 input?: string;
                 /** @description Columns (default 80). */
@@ -3175,7 +3175,7 @@ export interface operations {
                 /**
                  * @description A signal to the terminal's foreground process group.
                  *
-                 *     Member of oneof `event`; excludes `open`, `attach`, `input`, `resize`.
+                 *     Member of oneof `event`; excludes `open`, `attach`, `input`, `resize`, `detach`.
                  */
                 signal?: components["schemas"]["cyberdesk.v1.Signal"];
             };
