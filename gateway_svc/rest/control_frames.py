@@ -5,8 +5,9 @@ a `"type"`:
 
 - client, first: `open` (`cols`, `rows`, `argv`, `env`, `cwd`, `tag`, `background`, all optional)
   or `attach` (exactly one of `pid` and `tag`);
-- client, later: `resize` (`cols`, `rows`) and `signal` (`signal`: a name of cyberdesk.v1.Signal
-  with or without `SIGNAL_`, any case, or its number);
+- client, later: `resize` (`cols`, `rows`), `signal` (`signal`: a name of cyberdesk.v1.Signal
+  with or without `SIGNAL_`, any case, or its number) and `detach` (leave the terminal: the server
+  closes the socket with 1000 "detached" once every frame sent before it was applied);
 - server: `started` first, `exit` last, `error` (a google.rpc.Status) when something failed.
 
 A frame that breaks these rules is INVALID_ARGUMENT naming what is wrong (an unknown field, a
@@ -30,7 +31,7 @@ SIGNALS: dict[str, int] = {
     name.removeprefix("SIGNAL_"): number for name, number in process_pb2.Signal.items() if number
 }
 FIRST_FRAME_TYPES = frozenset({"open", "attach"})
-LATER_FRAME_TYPES = frozenset({"resize", "signal"})
+LATER_FRAME_TYPES = frozenset({"resize", "signal", "detach"})
 ERROR_CLOSE_BASE = 4000  # WebSocket close code of a failed call: 4000 + its gRPC code
 
 
@@ -75,6 +76,9 @@ def parse_control_frame(text: str, first: bool) -> process_pb2.ConnectPtyRequest
         elif kind == "resize":
             _no_unknown(frame, {"type", "cols", "rows"})
             request.resize.CopyFrom(process_pb2.PtySize(cols=_uint(frame, "cols"), rows=_uint(frame, "rows")))
+        elif kind == "detach":
+            _no_unknown(frame, {"type"})
+            request.detach.SetInParent()
         else:
             _no_unknown(frame, {"type", "signal"})
             name = frame.get("signal")

@@ -6,7 +6,11 @@ The handshake admits the caller before it is accepted: the key comes from the `a
 an HTTP error response with the usual JSON Status body. Frames (see `control_frames`): binary =
 terminal bytes both ways, text = JSON control. The socket closes with 1000 after `exit`, and with
 4000 + the gRPC code after an `error` that ends the call. A handshake whose Origin is another
-site's and not allowed by CYBERDESK_CORS_ORIGINS is refused with 403 (`cors`).
+site's and not allowed by CYBERDESK_CORS_ORIGINS is refused with 403 (`cors`). The relay leaves
+the terminal with `detach` rather than cancelling the call, so keystrokes sent just before still
+reach it (a cancelled call drops them in flight): on a `detach` frame, after which the socket
+closes with 1000 "detached" once the agent has applied everything before it, and when the client
+closes the socket (then the next client's keystrokes may overtake the last ones of this one).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from gateway_svc.rest.upstream import BidiStream, Upstream
 
 WS_SUBPROTOCOL = "cyberdesk.v1"
 WS_KEY_PREFIX = "cyberdesk.key."
+# How long the agent gets to end the call after a `detach` before it is cancelled (an older agent
+# ignores the detach and only ends the call for the cancel).
+DETACH_GRACE_SECONDS = 5.0
 
 
 async def serve_pty_websocket(
@@ -102,6 +109,8 @@ class PtyRelay:
         self._lock = asyncio.Lock()
         self.closed = False
         self.client_left = False
+        self._grace: asyncio.TimerHandle | None = None
+        self.detached = False
 
     async def send_text(self, text: str) -> None:
         """Send one text (control) frame."""
@@ -150,19 +159,22 @@ class PtyRelay:
                     await self.send({"type": "websocket.send", "bytes": frame})
                 elif frame is not None:
                     await self.send_text(frame)
-            await self.close(1000, "exit")
+            await self.close(1000, "detached" if self.detached else "exit")
         except RpcError as exc:
             await self.fail(exc)
         except asyncio.CancelledError:
-            # grpc.aio reports the call we cancelled because the client left as CancelledError;
-            # only a cancellation of this task itself must propagate.
+            # grpc.aio reports the call we cancelled (the client left, or the agent did not end a
+            # detached call in time) as CancelledError; only a cancellation of this task must propagate.
             task = asyncio.current_task()
-            if not self.client_left or (task is not None and task.cancelling()):
+            if not (self.client_left or self.detached) or (task is not None and task.cancelling()):
                 raise
+            await self.close(1000, "detached")
         finally:
             inbound.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await inbound
+            if self._grace is not None:
+                self._grace.cancel()
             self.call.cancel()
 
     async def _first_control(self) -> Any | None:
@@ -178,14 +190,25 @@ class PtyRelay:
             request.instance_id = self.first.instance_id
             return request
 
+    async def _detach(self) -> None:
+        self.detached = True
+        # The timer runs from before the write: the write itself waits while the agent reads nothing.
+        self._grace = asyncio.get_running_loop().call_later(DETACH_GRACE_SECONDS, self.call.cancel)
+        try:
+            await self.call.write(process_pb2.ConnectPtyRequest(detach=process_pb2.PtyDetach()))
+            await self.call.done_writing()
+        except RpcError:
+            self.call.cancel()
+
     async def _inbound(self) -> None:
         try:
             while True:
                 message = await self.receive()
                 if message["type"] == "websocket.disconnect":
-                    # The client left: end the call (the agent detaches this client only).
+                    # The client left: detach this client only (the terminal goes on if it is a
+                    # background one); `run` reads on until the agent ends the call.
                     self.client_left = self.closed = True
-                    self.call.cancel()
+                    await self._detach()
                     return
                 data = message.get("bytes")
                 if data is not None:
@@ -197,6 +220,9 @@ class PtyRelay:
                     # A bad control frame is reported and skipped; the terminal stays open.
                     await self.send_text(control_frames.error_frame(exc))
                     continue
+                if request.HasField("detach"):
+                    await self._detach()
+                    return
                 await self.call.write(request)
         except RpcError:
             return  # the call ended; the response side reports how

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -322,7 +323,10 @@ def _dead_port() -> int:
 async def _read_until(ws: websockets.ClientConnection, needle: bytes, limit: int = 200) -> bytes:
     seen = b""
     for _ in range(limit):
-        frame = await asyncio.wait_for(ws.recv(), 20)
+        try:
+            frame = await asyncio.wait_for(ws.recv(), 20)
+        except websockets.ConnectionClosed as closed:
+            raise AssertionError(f"{needle!r} not seen before the close ({closed}) in {seen[-500:]!r}") from None
         if isinstance(frame, bytes):
             seen += frame
             if needle in seen:
@@ -338,6 +342,53 @@ async def _next_control(ws: websockets.ClientConnection) -> dict[str, object]:
             value: dict[str, object] = json.loads(frame)
             return value
     raise AssertionError("no control frame")
+
+
+def test_websocket_close_keeps_the_keystrokes_sent_before_it(rest_stack: RestStack, rest_instance: str) -> None:
+    """Type, then leave at once, ten times: every last line reaches the background terminal.
+
+    The relay leaves the terminal with `detach`, which the agent applies after the keystrokes; a
+    cancelled call could drop a line still in flight. Half the clients just close the socket and
+    do not wait for that, so a line may reach the terminal after the next client's: the check
+    waits until all ten are in. The other half send a `detach` frame and see the socket closed
+    with 1000 "detached" once it was applied.
+    """
+
+    async def scenario() -> None:
+        url = f"{rest_stack.ws_url}/v1/instances/{rest_instance}/pty"
+        auth = {"authorization": f"Bearer {rest_stack.keys['main']}"}
+        opened = {"type": "open", "argv": ["bash", "--norc", "-i"], "tag": "ws-leaver", "background": True}
+        for n in range(10):
+            async with websockets.connect(url, additional_headers=auth) as ws:
+                await ws.send(json.dumps(opened if n == 0 else {"type": "attach", "tag": "ws-leaver"}))
+                assert (await _next_control(ws))["type"] == "started"
+                for _ in range(20):  # frames ahead of the line: it is the one still in flight at the close
+                    await ws.send(b":\n")
+                await ws.send(f"M{n}=k$((40+{n}))\n".encode())
+                if n % 2:  # half of them leave with a detach frame: the server closes once it is applied
+                    await ws.send(json.dumps({"type": "detach"}))
+                    with pytest.raises(websockets.ConnectionClosedOK):
+                        for _ in range(10_000):
+                            await asyncio.wait_for(ws.recv(), 20)
+                    assert (ws.close_code, ws.close_reason) == (1000, "detached")
+        async with websockets.connect(url, additional_headers=auth) as ws:
+            await ws.send(json.dumps({"type": "attach", "tag": "ws-leaver"}))
+            assert (await _next_control(ws))["type"] == "started"
+            line = "".join(f"$M{n}" for n in range(10))
+            seen, marks = b"", b""
+            for attempt in range(30):  # the echo of the typed line never matches: it has $M0, not k40
+                await ws.send(f"echo marks=[{line}]\n".encode())
+                while len(found := re.findall(rb"marks=\[((?:k4\d)*)\]\r\n", seen)) <= attempt:
+                    frame = await asyncio.wait_for(ws.recv(), 20)
+                    seen += frame if isinstance(frame, bytes) else b""
+                marks = found[-1]
+                if marks == b"k40k41k42k43k44k45k46k47k48k49":
+                    break
+                await asyncio.sleep(0.2)
+            assert marks == b"k40k41k42k43k44k45k46k47k48k49", seen[-800:]
+            await ws.send(b"exit 0\n")
+
+    asyncio.run(scenario())
 
 
 def test_websocket_shell_with_resize(rest_stack: RestStack, rest_instance: str) -> None:

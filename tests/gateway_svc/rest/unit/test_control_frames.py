@@ -1,4 +1,4 @@
-"""The JSON control frames of the WebSocket PTY: open/attach first, resize/signal later, bad frames, server frames."""
+"""The WebSocket PTY's JSON control frames: open/attach first, resize/signal/detach later, bad frames, server frames."""
 
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ def test_resize() -> None:
     assert request.WhichOneof("event") == "resize" and (request.resize.cols, request.resize.rows) == (132, 43)
 
 
+def test_detach() -> None:
+    request = parse_control_frame('{"type": "detach"}', first=False)
+    assert request.WhichOneof("event") == "detach"
+
+
 @pytest.mark.parametrize("name", ["SIGINT", "sigint", "SIGNAL_SIGINT", "signal_sigint", 2])
 def test_signal_by_name_with_or_without_prefix_or_by_number(name: str | int) -> None:
     request = parse_control_frame(json.dumps({"type": "signal", "signal": name}), first=False)
@@ -76,7 +81,9 @@ def test_unknown_signals_are_refused(name: object) -> None:
         ('{"type": 3}', False, 'a control frame is a JSON object with a "type"'),
         # open/attach only first, resize/signal only later
         ('{"type": "resize", "cols": 1, "rows": 1}', True, "type 'resize' is not allowed here; expected one of"),
-        ('{"type": "open"}', False, "type 'open' is not allowed here; expected one of ['resize', 'signal']"),
+        ('{"type": "open"}', False, "type 'open' is not allowed here; expected one of ['detach', 'resize', 'signal']"),
+        ('{"type": "detach"}', True, "type 'detach' is not allowed here"),
+        ('{"type": "detach", "now": true}', False, "control frame 'detach': unknown field 'now'"),
         ('{"type": "attach", "pid": 1}', False, "type 'attach' is not allowed here"),
         ('{"type": "close"}', False, "type 'close' is not allowed here"),
         ('{"type": "open", "colz": 80}', True, "control frame 'open': unknown field 'colz'"),
