@@ -34,6 +34,9 @@ def call_metadata(config: ClientConfig) -> tuple[tuple[str, str], ...]:
 END = object()
 """Put in a duplex stream's reply queue when the call has ended (or was closed by us)."""
 
+CLOSE_GRACE_SECONDS = 5.0
+"""How long a duplex stream closed with a farewell (a terminal's detach) waits for the server to end it."""
+
 REPLY_WINDOW = 64
 """Replies a duplex stream takes from the call ahead of its reader (a terminal's are at most 64 KiB).
 

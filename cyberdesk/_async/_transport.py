@@ -10,13 +10,14 @@ this file and its twin hold everything that differs between asyncio and threads 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from cyberdesk._channel import END, REPLY_WINDOW, Stubs, deadline_of, open_channel, settle
+from cyberdesk._channel import CLOSE_GRACE_SECONDS, END, REPLY_WINDOW, Stubs, deadline_of, open_channel, settle
 from cyberdesk._client_stream import stream_unary_result
 from cyberdesk._config import ClientConfig
 from cyberdesk._errors import from_rpc_error
@@ -108,6 +109,8 @@ class AsyncDuplexStream:
         try:
             await self._call.write(first)
             async for reply in self._call:
+                if self._closed:
+                    continue  # nobody reads any more: drain the call to its end
                 await self._room.acquire()
                 self._replies.put_nowait(reply)
             self._replies.put_nowait(END)
@@ -135,11 +138,26 @@ class AsyncDuplexStream:
             self._room.release()
         return reply
 
-    async def close(self) -> None:
-        """End the call and wait for the reader to stop."""
+    async def _leave(self, farewell: Any) -> None:
+        await self._call.write(farewell)
+        await self._call.done_writing()
+        await asyncio.shield(self._reader)  # a timeout must not cancel the reader
+
+    async def close(self, farewell: Any | None = None, grace: float = CLOSE_GRACE_SECONDS) -> None:
+        """End the call and wait for the reader to stop.
+
+        With `farewell`, the call is ended the way its service defines (a last request, then a
+        half-close) and the server gets up to `grace` s to end it before it is cancelled: a
+        cancelled call may drop requests still in flight.
+        """
         if self._closed:
             return
         self._closed = True
+        self._room.release()  # a reader waiting for room goes on (and drops what comes)
+        if farewell is not None and not self._reader.done():
+            # Bounded as a whole: the write itself waits while the server reads nothing. An error
+            # or a timeout means the call ended otherwise or the server took too long: cancel it.
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError, TimeoutError):
+                await asyncio.wait_for(self._leave(farewell), grace)
         self._call.cancel()
-        self._room.release()  # a reader waiting for room goes on, and finds the call cancelled
         await self._reader

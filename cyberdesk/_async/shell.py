@@ -127,7 +127,9 @@ class AsyncShell:
         if self._closed:
             return
         self._closed = True
-        await self._stream.close()
+        # Detach rather than cancel: keystrokes sent just before still reach the terminal.
+        detach = process_pb2.ConnectPtyRequest(detach=process_pb2.PtyDetach())
+        await self._stream.close(farewell=detach if self.pid and not self._ended else None)
 
     async def __aenter__(self) -> AsyncShell:
         return self

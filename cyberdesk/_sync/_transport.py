@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cyberdesk._channel import END, REPLY_WINDOW, Stubs, deadline_of, open_channel, settle
+from cyberdesk._channel import CLOSE_GRACE_SECONDS, END, REPLY_WINDOW, Stubs, deadline_of, open_channel, settle
 from cyberdesk._config import ClientConfig
 from cyberdesk._errors import from_rpc_error
 
@@ -108,6 +108,8 @@ class DuplexStream:
     def _read_all(self) -> None:
         try:
             for reply in self._call:
+                if self._closed:
+                    continue  # nobody reads any more: drain the call to its end
                 self._room.acquire()
                 self._replies.put(reply)
             self._replies.put(END)
@@ -129,12 +131,22 @@ class DuplexStream:
             self._room.release()
         return reply
 
-    def close(self) -> None:
-        """End the call and wait (up to 5 s) for the reader to stop."""
+    def close(self, farewell: Any | None = None, grace: float = CLOSE_GRACE_SECONDS) -> None:
+        """End the call and wait (up to 5 s) for the reader to stop.
+
+        With `farewell`, the call is ended the way its service defines (a last request, then a
+        half-close) and the server gets up to `grace` s to end it before it is cancelled: a
+        cancelled call may drop requests still in flight.
+        """
         if self._closed:
             return
         self._closed = True
-        self._requests.put(END)
+        self._room.release()  # a reader waiting for room goes on (and drops what comes)
+        if farewell is not None and self._reader.is_alive():
+            self._requests.put(farewell)
+            self._requests.put(END)
+            self._reader.join(grace)
+        else:
+            self._requests.put(END)
         self._call.cancel()
-        self._room.release()  # a reader waiting for room goes on, and finds the call cancelled
         self._reader.join(5)

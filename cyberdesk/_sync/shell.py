@@ -126,7 +126,9 @@ class Shell:
         if self._closed:
             return
         self._closed = True
-        self._stream.close()
+        # Detach rather than cancel: keystrokes sent just before still reach the terminal.
+        detach = process_pb2.ConnectPtyRequest(detach=process_pb2.PtyDetach())
+        self._stream.close(farewell=detach if self.pid and not self._ended else None)
 
     def __enter__(self) -> Shell:
         return self

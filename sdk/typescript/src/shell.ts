@@ -25,6 +25,8 @@ interface Socket {
 }
 
 const OPEN = 1;
+/** How long `close` waits for the gateway to close a detached session before closing it itself. */
+const DETACH_GRACE_MS = 5_000;
 
 /** The first frame: a new terminal, or an existing one by pid or tag. */
 export type ShellStart =
@@ -218,11 +220,22 @@ export class Shell implements AsyncIterable<Uint8Array> {
     return this.exited;
   }
 
-  /** Leave the terminal (it ends unless opened with `background: true`). */
+  /**
+   * Leave the terminal (it ends unless opened with `background: true`). Keystrokes sent before
+   * still reach it: the session detaches and the gateway closes the socket once the agent has
+   * applied them (at most DETACH_GRACE_MS later, the socket is closed from here).
+   */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    if (this.socket.readyState <= OPEN) this.socket.close(1000);
+    if (this.socket.readyState === OPEN && !this.ended) {
+      this.socket.send(JSON.stringify({ type: "detach" }));
+      const timer = setTimeout(() => this.socket.close(1000), DETACH_GRACE_MS);
+      while (!this.ended) await this.next();
+      clearTimeout(timer);
+    } else if (this.socket.readyState <= OPEN) {
+      this.socket.close(1000);
+    }
     this.notify();
   }
 
