@@ -17,6 +17,7 @@ REST and the SDK all end in this agent code). What is checked:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import threading
 import time
@@ -96,6 +97,17 @@ def _live(box: Sandboxes, sandbox_id: str, marker: str) -> list[int]:
     return found
 
 
+def _exactly(box: Sandboxes, sandbox_id: str, command: str) -> list[int]:
+    """The live processes of `_live` whose whole command line is `command` (split at spaces)."""
+    wanted = command.replace(" ", "\0").encode() + b"\0"
+    found = []
+    for pid in _live(box, sandbox_id, command):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == wanted:
+                found.append(pid)
+    return found
+
+
 def _wait_gone(box: Sandboxes, sandbox_id: str, marker: str, seconds: float = 5.0) -> list[int]:
     deadline = time.monotonic() + seconds
     while (left := _live(box, sandbox_id, marker)) and time.monotonic() < deadline:
@@ -165,10 +177,18 @@ def test_sigkill_through_the_api_ends_everything_a_background_process_started(sa
     )
     assert _first(stream).event.HasField("started")
     stream.cancel()  # type: ignore[no-untyped-call]
-    deadline = time.monotonic() + 5
-    while not _live(sandboxes, "sb-sigkill", "sleep 304") and time.monotonic() < deadline:
+    # A background process outlives its stream: every daemon comes up. Waited for by exact command
+    # line, as their own processes (bash's command line names them all until it execs `sleep 60`).
+    daemons = ("sleep 301", "sleep 302", "sleep 303", "sleep 304")
+    deadline = time.monotonic() + 30
+    while missing := [m for m in daemons if not _exactly(sandboxes, "sb-sigkill", m)]:
+        if time.monotonic() > deadline:
+            listed = agent.process.ListProcesses(
+                process_pb2.ListProcessesRequest(instance_id=agent.instance_id), metadata=agent.metadata
+            )
+            job = [p for p in listed.processes if p.tag == "job"]
+            raise AssertionError(f"{missing} not running 30 s after the start; the job: {job}")
         time.sleep(0.05)
-    assert _live(sandboxes, "sb-sigkill", "sleep 301")  # a background process outlives its stream
     agent.process.SendProcessSignal(
         process_pb2.SendProcessSignalRequest(
             instance_id=agent.instance_id,
