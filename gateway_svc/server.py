@@ -45,6 +45,13 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("gateway_svc")
 
+# How long the REST face keeps an idle HTTP/1.1 connection open (uvicorn's default is 5 s). Longer
+# than clients keep theirs (Node's undici 4 s, browsers about 60 s... and a load balancer's 60 s), so
+# the client is the one that closes: a server that closes first races a client reusing the
+# connection, which then fails with a reset (UND_ERR_SOCKET), most often on a loaded machine where
+# the client's own idle timer fires late.
+HTTP_IDLE_SECONDS = 75
+
 
 def key_store_path(config: GatewayConfig) -> str:
     """Where the local key store lives."""
@@ -179,6 +186,7 @@ class Gateway:
             ssl_certfile=self.config.tls_cert_file or None,
             ssl_keyfile=self.config.tls_key_file or None,
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=HTTP_IDLE_SECONDS,
         )
         server = uvicorn.Server(config)
         # Not Server.serve(): it installs its own signal handlers; the gRPC side owns SIGTERM.

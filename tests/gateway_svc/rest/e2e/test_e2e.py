@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import re
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -63,6 +65,44 @@ def test_create_get_list_pages_delete(rest_stack: RestStack) -> None:
     with rest_stack.client("other") as other:
         r = other.get(f"/v1/instances/{ids[0]}")
         assert r.status_code == 404 and r.json()["code"] == 5
+
+
+def _http_response(conn: socket.socket) -> bytes:
+    """One HTTP/1.1 response read off a raw connection (b"" if the server closed it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    # A body of known length, or a chunked one (ended by its empty last chunk).
+    while (len(body) < int(length.group(1))) if length else not body.endswith(b"0\r\n\r\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_an_idle_connection_outlives_a_clients_own_idle_timeout(rest_stack: RestStack) -> None:
+    """A keep-alive connection left idle for 6 s still answers on the same socket.
+
+    The gateway keeps idle connections HTTP_IDLE_SECONDS (75 s), longer than clients keep theirs
+    (undici 4 s), so the client closes first: with uvicorn's default of 5 s the server closed while
+    the TypeScript SDK, on a loaded machine, reused the connection, and its request was reset.
+    """
+    host, _, port = rest_stack.http_addr.rpartition(":")
+    request = f"GET /v1/instances HTTP/1.1\r\nHost: {rest_stack.http_addr}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=20) as conn:
+        conn.sendall(request)
+        first = _http_response(conn)
+        time.sleep(6)
+        conn.sendall(request)
+        second = _http_response(conn)
+    assert first.startswith(b"HTTP/1.1 401"), first[:200]
+    assert second.startswith(b"HTTP/1.1 401"), f"the idle connection was closed: {second[:200]!r}"
 
 
 def test_a_watch_answers_once_it_is_in_place_with_its_cursor(rest_stack: RestStack) -> None:
