@@ -13,7 +13,9 @@ import json
 from typing import Any
 
 import httpx
+import hypothesis
 import schemathesis
+from _pytest.assertion.rewrite import AssertionRewritingHook
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -81,3 +83,13 @@ def test_live_gateway_matches_its_document(rest_stack: RestStack) -> None:
     # Generated requests got past validation to real upstreams, not only 400s and 404s.
     assert statuses[200] >= 20, statuses
     assert not failures, "\n\n".join(failures)
+
+
+def test_pytest_leaves_the_librarys_modules_to_their_bytecode() -> None:
+    """pytest parses none of schemathesis's or hypothesis's modules itself (pyproject's addopts).
+
+    Rewritten, they are parsed into ASTs as this file's test first imports them, and CPython
+    3.11.7's AST builder can then fail with "SystemError: AST constructor recursion depth mismatch".
+    """
+    for module in (schemathesis, hypothesis, schemathesis.checks):
+        assert not isinstance(module.__loader__, AssertionRewritingHook), module.__name__
